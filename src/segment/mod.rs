@@ -1,0 +1,342 @@
+//! The Segment message model: typed views of untrusted Segment JSON.
+//!
+//! Parsing only; no I/O and no Totango knowledge. Every parse error names the
+//! field it is about, so ingest can answer `400` with it.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// A Segment call type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallType {
+    Identify,
+    Group,
+    Page,
+    Screen,
+    Track,
+    Alias,
+}
+
+impl CallType {
+    pub const ALL: [CallType; 6] = [
+        CallType::Identify,
+        CallType::Group,
+        CallType::Page,
+        CallType::Screen,
+        CallType::Track,
+        CallType::Alias,
+    ];
+
+    pub fn parse(s: &str) -> Option<CallType> {
+        CallType::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallType::Identify => "identify",
+            CallType::Group => "group",
+            CallType::Page => "page",
+            CallType::Screen => "screen",
+            CallType::Track => "track",
+            CallType::Alias => "alias",
+        }
+    }
+}
+
+impl fmt::Display for CallType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a JSON value is not a Segment message. `field` is a dotted path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("the message must be a JSON object")]
+    NotAnObject,
+    #[error(
+        "type: missing; every message needs a type (identify, group, page, screen, track, alias)"
+    )]
+    MissingType,
+    #[error("type: unknown call type {0:?}")]
+    UnknownType(String),
+    #[error("{field}: {reason}")]
+    InvalidField { field: String, reason: String },
+}
+
+impl ParseError {
+    /// A stable, searchable code for API answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ParseError::NotAnObject => "invalid_message",
+            ParseError::MissingType => "missing_type",
+            ParseError::UnknownType(_) => "unknown_type",
+            ParseError::InvalidField { .. } => "invalid_field",
+        }
+    }
+
+    /// The field the error is about, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ParseError::NotAnObject => None,
+            ParseError::MissingType | ParseError::UnknownType(_) => Some("type"),
+            ParseError::InvalidField { field, .. } => Some(field),
+        }
+    }
+}
+
+/// A parsed Segment message. Ids are kept in their text form (numbers in
+/// decimal), empty ids count as absent. Object fields default to empty.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub call: CallType,
+    pub message_id: Option<String>,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub group_id: Option<String>,
+    pub previous_id: Option<String>,
+    pub event: Option<String>,
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub traits: Map<String, Value>,
+    pub properties: Map<String, Value>,
+    pub context: Map<String, Value>,
+    pub integrations: Map<String, Value>,
+    pub timestamp: Option<String>,
+    pub original_timestamp: Option<String>,
+    pub sent_at: Option<String>,
+    pub received_at: Option<String>,
+}
+
+/// The wire form; field deserializers accept what Segment's libraries send.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire {
+    #[serde(rename = "type", default, deserialize_with = "opt_string")]
+    call: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    message_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    user_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    anonymous_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    group_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    previous_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    event: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    category: Option<String>,
+    #[serde(default, deserialize_with = "opt_object")]
+    traits: Map<String, Value>,
+    #[serde(default, deserialize_with = "opt_object")]
+    properties: Map<String, Value>,
+    #[serde(default, deserialize_with = "opt_object")]
+    context: Map<String, Value>,
+    #[serde(default, deserialize_with = "opt_object")]
+    integrations: Map<String, Value>,
+    #[serde(default, deserialize_with = "opt_string")]
+    timestamp: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    original_timestamp: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    sent_at: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    received_at: Option<String>,
+}
+
+impl Message {
+    /// Parses one message. Unknown call types are an error here; callers decide
+    /// whether that means `400` (ingest) or `unsupported` (translate).
+    pub fn from_value(value: &Value) -> Result<Message, ParseError> {
+        if !value.is_object() {
+            return Err(ParseError::NotAnObject);
+        }
+        let wire: Wire = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            ParseError::InvalidField {
+                field: if field == "." {
+                    "message".into()
+                } else {
+                    field
+                },
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        let call = match wire.call.as_deref() {
+            None | Some("") => return Err(ParseError::MissingType),
+            Some(t) => CallType::parse(t).ok_or_else(|| ParseError::UnknownType(t.to_owned()))?,
+        };
+        Ok(Message {
+            call,
+            message_id: wire.message_id,
+            user_id: wire.user_id,
+            anonymous_id: wire.anonymous_id,
+            group_id: wire.group_id,
+            previous_id: wire.previous_id,
+            event: wire.event,
+            name: wire.name,
+            category: wire.category,
+            traits: wire.traits,
+            properties: wire.properties,
+            context: wire.context,
+            integrations: wire.integrations,
+            timestamp: wire.timestamp,
+            original_timestamp: wire.original_timestamp,
+            sent_at: wire.sent_at,
+            received_at: wire.received_at,
+        })
+    }
+
+    /// `context.groupId` as text (string or number), empty counts as absent.
+    pub fn context_group_id(&self) -> Result<Option<String>, ParseError> {
+        match self.context.get("groupId") {
+            None => Ok(None),
+            Some(v) => scalar_text(v).map_err(|reason| ParseError::InvalidField {
+                field: "context.groupId".into(),
+                reason,
+            }),
+        }
+    }
+}
+
+/// Text of a JSON string or number (numbers in decimal form); `null` and ""
+/// are absent; anything else is an error.
+pub fn scalar_text(v: &Value) -> Result<Option<String>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Number(n) => Ok(Some(crate::mapping::values::number_text(n))),
+        other => Err(format!(
+            "invalid type: {}, expected a string or a number",
+            kind_of(other)
+        )),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn opt_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = Value::deserialize(d)?;
+    scalar_text(&v).map_err(serde::de::Error::custom)
+}
+
+fn opt_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        other => Err(serde::de::Error::custom(format!(
+            "invalid type: {}, expected a string",
+            kind_of(&other)
+        ))),
+    }
+}
+
+fn opt_object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(Map::new()),
+        Value::Object(m) => Ok(m),
+        other => Err(serde::de::Error::custom(format!(
+            "invalid type: {}, expected an object",
+            kind_of(&other)
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_ids_from_strings_and_numbers() {
+        let m = Message::from_value(&json!({
+            "type": "track", "userId": 12345, "event": "E", "anonymousId": "a",
+            "context": {"groupId": 987}, "messageId": 7
+        }))
+        .unwrap();
+        assert_eq!(m.call, CallType::Track);
+        assert_eq!(m.user_id.as_deref(), Some("12345"));
+        assert_eq!(m.message_id.as_deref(), Some("7"));
+        assert_eq!(m.context_group_id().unwrap().as_deref(), Some("987"));
+    }
+
+    #[test]
+    fn null_and_empty_ids_are_absent() {
+        let m = Message::from_value(&json!({
+            "type": "identify", "userId": null, "anonymousId": "", "traits": null
+        }))
+        .unwrap();
+        assert_eq!(m.user_id, None);
+        assert_eq!(m.anonymous_id, None);
+        assert!(m.traits.is_empty());
+    }
+
+    #[test]
+    fn float_ids_keep_their_decimal_form() {
+        let m = Message::from_value(&json!({"type": "group", "groupId": 1.5})).unwrap();
+        assert_eq!(m.group_id.as_deref(), Some("1.5"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = Message::from_value(&json!({"type": "identify", "traits": "x"})).unwrap_err();
+        assert_eq!(e.field(), Some("traits"));
+        assert!(
+            e.to_string().starts_with("traits: invalid type: string"),
+            "{e}"
+        );
+
+        let e = Message::from_value(&json!({"type": "track", "userId": {"a": 1}})).unwrap_err();
+        assert_eq!(e.field(), Some("userId"));
+        assert_eq!(e.code(), "invalid_field");
+
+        let e = Message::from_value(&json!({"type": "track", "timestamp": 5})).unwrap_err();
+        assert_eq!(e.field(), Some("timestamp"));
+
+        let e = Message::from_value(&json!({"type": "track", "context": {"groupId": true}}))
+            .unwrap()
+            .context_group_id()
+            .unwrap_err();
+        assert_eq!(e.field(), Some("context.groupId"));
+    }
+
+    #[test]
+    fn type_is_required_and_must_be_known() {
+        assert_eq!(
+            Message::from_value(&json!({"userId": "u"})),
+            Err(ParseError::MissingType)
+        );
+        assert_eq!(
+            Message::from_value(&json!({"type": "purchase"})),
+            Err(ParseError::UnknownType("purchase".into()))
+        );
+        let e = Message::from_value(&json!({"type": 3})).unwrap_err();
+        assert_eq!(e.field(), Some("type"));
+        assert_eq!(
+            Message::from_value(&json!([1])),
+            Err(ParseError::NotAnObject)
+        );
+    }
+
+    #[test]
+    fn every_call_type_round_trips() {
+        for c in CallType::ALL {
+            assert_eq!(CallType::parse(c.as_str()), Some(c));
+        }
+    }
+}
