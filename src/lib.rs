@@ -1,4 +1,12 @@
 //! totango-destination: a Segment-compatible destination server for Totango.
 
+pub mod config;
+pub mod delivery;
+pub mod ingest;
 pub mod mapping;
 pub mod segment;
+pub mod server;
+pub mod storage;
+pub mod telemetry;
+
+pub use server::run;

@@ -3,7 +3,10 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+use totango_destination::config::{Config, Runtime};
 use totango_destination::mapping::{SettingsPatch, translate_value};
 
 #[derive(Parser)]
@@ -19,6 +22,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server: ingest, durable queue, delivery to Totango.
+    Serve {
+        /// TOML configuration file (see config/totango-destination.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides `listen` and TD_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Read one Segment message (JSON) on stdin and print what would be sent to Totango.
     Translate {
         /// Totango settings as a JSON object with mapping.md's snake_case names,
@@ -32,6 +49,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Translate { settings } => translate(settings.as_deref()),
+        Command::Serve { config, listen } => serve(config.as_deref(), listen),
+        Command::CheckConfig { config } => check_config(config.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -70,4 +89,62 @@ fn translate(settings: Option<&str>) -> anyhow::Result<ExitCode> {
     let translation = translate_value(&message, &settings, None);
     println!("{}", translation.to_json(settings.base_url()));
     Ok(ExitCode::SUCCESS)
+}
+
+fn load(path: Option<&Path>, listen: Option<String>) -> anyhow::Result<Runtime> {
+    let mut config = Config::load(path).context("invalid configuration")?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    config.validate().context("invalid configuration")
+}
+
+fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let runtime = load(path, None)?;
+    print!("{}", runtime.config.redacted_toml());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(path: Option<&Path>, listen: Option<String>) -> anyhow::Result<ExitCode> {
+    totango_destination::telemetry::init();
+    let runtime = load(path, listen)?;
+    if runtime.sources.is_empty() {
+        tracing::warn!(
+            "NO WRITE KEYS CONFIGURED: every request is accepted whatever its key. \
+             Set TD_AUTH__WRITE_KEYS before exposing this server."
+        );
+    }
+    if runtime.config.totango.service_id.is_none() && runtime.config.sources.is_empty() {
+        tracing::warn!(
+            "totango.service_id is not set (TD_TOTANGO__SERVICE_ID): only requests that carry \
+             a serviceId in X-Segment-Settings can be accepted"
+        );
+    }
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(runtime.listen)
+            .await
+            .with_context(|| format!("listen: cannot bind {}", runtime.listen))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        totango_destination::run(runtime, listener, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("signal received");
+    shutdown.cancel();
 }

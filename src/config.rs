@@ -1,0 +1,595 @@
+//! Typed configuration: defaults → TOML file → `TD_` environment variables
+//! (nesting with `__`), validated at start with messages that name the setting.
+
+use crate::mapping::{Settings, SettingsError, SettingsPatch};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    pub storage: StorageConfig,
+    /// Default Totango settings (mapping.md), used by write keys without their own.
+    pub totango: SettingsPatch,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
+    pub delivery: DeliveryConfig,
+    pub limits: LimitsConfig,
+    /// Extra write keys, each with its own Totango settings (one server, several services).
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `sqlite://PATH` (embedded) or `postgres://…`.
+    pub url: String,
+    /// How long an accepted `messageId` is remembered for deduplication.
+    pub dedupe_window_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Write keys accepted with the default `[totango]` settings.
+    #[serde(default, deserialize_with = "comma_list")]
+    pub write_keys: Vec<String>,
+    /// Shared secret for `/webhook` signatures (`X-Signature`).
+    #[serde(default, deserialize_with = "opt_text")]
+    pub webhook_secret: Option<String>,
+    /// Allow starting without any write key on a non-loopback address.
+    #[serde(default)]
+    pub allow_open: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token for the admin API.
+    #[serde(default, deserialize_with = "opt_text")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_retry_age_secs: u64,
+    /// Outbound requests in flight at once.
+    pub concurrency: usize,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_message_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_batch_messages: usize,
+    /// Time a client has to send its request headers.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send its request body.
+    pub body_read_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Shown in logs and the operator view instead of the key.
+    pub name: String,
+    #[serde(deserialize_with = "text")]
+    pub write_key: String,
+    /// Overrides of the default `[totango]` settings for this key.
+    #[serde(default)]
+    pub totango: SettingsPatch,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            storage: StorageConfig {
+                url: "sqlite://data/totango-destination.db".into(),
+                dedupe_window_secs: 24 * 3600,
+            },
+            totango: SettingsPatch::default(),
+            auth: AuthConfig::default(),
+            admin: AdminConfig::default(),
+            delivery: DeliveryConfig {
+                retry_base_ms: 1_000,
+                retry_max_ms: 300_000,
+                max_retry_age_secs: 4 * 3600,
+                concurrency: 64,
+                request_timeout_ms: 10_000,
+            },
+            limits: LimitsConfig {
+                max_message_bytes: 32 * 1024,
+                max_body_bytes: 500 * 1024,
+                max_batch_messages: 2_500,
+                header_read_timeout_ms: 10_000,
+                body_read_timeout_ms: 30_000,
+            },
+            sources: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(String),
+    #[error("{setting}: {reason}")]
+    Invalid { setting: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The storage backend named by `storage.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// Validated, ready-to-use configuration.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub storage: StorageUrl,
+    /// Write key → source. Empty means "accept any key" (open).
+    pub sources: HashMap<String, Source>,
+    /// Settings for requests without a configured key (open mode, unsigned webhooks).
+    pub default_source: Source,
+}
+
+/// A configured write key's name and settings (not yet resolved: headers may
+/// add to them per request).
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub settings: SettingsPatch,
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file (when given), then `TD_` variables.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError::Load(format!(
+                    "--config: {} does not exist",
+                    p.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        // TD_LOG_FORMAT and the like belong to telemetry, not here.
+        let env = Env::prefixed("TD_").split("__").filter(|k| {
+            let k = k.as_str();
+            !k.starts_with("log") && !k.starts_with("test")
+        });
+        fig.merge(env).extract().map_err(|e| {
+            let setting = e.path.join(".");
+            let reason = e.kind.to_string();
+            if setting.is_empty() {
+                ConfigError::Load(e.to_string())
+            } else {
+                ConfigError::Invalid { setting, reason }
+            }
+        })
+    }
+
+    /// Checks every setting and builds the runtime view.
+    pub fn validate(self) -> Result<Runtime, ConfigError> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
+            )
+        })?;
+        let storage = parse_storage_url(&self.storage.url)?;
+        let d = &self.delivery;
+        if d.retry_base_ms == 0 {
+            return Err(ConfigError::invalid(
+                "delivery.retry_base_ms",
+                "must be at least 1",
+            ));
+        }
+        if d.retry_max_ms < d.retry_base_ms {
+            return Err(ConfigError::invalid(
+                "delivery.retry_max_ms",
+                "must be at least delivery.retry_base_ms",
+            ));
+        }
+        if d.concurrency == 0 || d.concurrency > 10_000 {
+            return Err(ConfigError::invalid(
+                "delivery.concurrency",
+                "must be between 1 and 10000",
+            ));
+        }
+        if d.request_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "delivery.request_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.max_batch_messages", l.max_batch_messages),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(name, "must be at least 1"));
+            }
+        }
+        let check = |setting: &str, patch: &SettingsPatch| -> Result<Settings, ConfigError> {
+            patch
+                .resolve()
+                .map_err(|SettingsError { setting: s, reason }| {
+                    ConfigError::invalid(format!("{setting}.{s}"), reason)
+                })
+        };
+        let mut sources = HashMap::new();
+        let default_source = Source {
+            name: "default".into(),
+            settings: self.totango.clone(),
+        };
+        for key in &self.auth.write_keys {
+            if key.is_empty() {
+                return Err(ConfigError::invalid(
+                    "auth.write_keys",
+                    "holds an empty key",
+                ));
+            }
+            sources.insert(key.clone(), default_source.clone());
+        }
+        if !self.auth.write_keys.is_empty() && self.totango.service_id.is_none() {
+            // Keys with default settings need a service ID, unless Segment sends it
+            // in X-Segment-Settings; checked per request then.
+            tracing::warn!(
+                "totango.service_id is not set: messages need a serviceId in X-Segment-Settings"
+            );
+        }
+        if self.totango.service_id.is_some() {
+            check("totango", &self.totango)?;
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            let merged = self.totango.merged(&s.totango);
+            let at = format!("sources[{i}]");
+            if s.write_key.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.write_key"),
+                    "must not be empty",
+                ));
+            }
+            if merged.service_id.is_some() {
+                check(&format!("{at}.totango"), &merged)?;
+            }
+            let prev = sources.insert(
+                s.write_key.clone(),
+                Source {
+                    name: s.name.clone(),
+                    settings: merged,
+                },
+            );
+            if prev.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.write_key"),
+                    "is configured twice",
+                ));
+            }
+        }
+        if sources.is_empty() && !listen.ip().is_loopback() && !self.auth.allow_open {
+            return Err(ConfigError::invalid(
+                "auth.write_keys",
+                format!(
+                    "no write key is configured and {listen} is not a loopback address; \
+                     set TD_AUTH__WRITE_KEYS, or TD_AUTH__ALLOW_OPEN=true to accept any key"
+                ),
+            ));
+        }
+        Ok(Runtime {
+            config: self,
+            listen,
+            storage,
+            sources,
+            default_source,
+        })
+    }
+
+    /// The configuration as TOML with secrets replaced by `[redacted]`.
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        let r = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("[redacted]".into());
+            }
+        };
+        r(&mut c.totango.api_token);
+        r(&mut c.auth.webhook_secret);
+        r(&mut c.admin.token);
+        c.auth.write_keys = c
+            .auth
+            .write_keys
+            .iter()
+            .map(|_| "[redacted]".into())
+            .collect();
+        for s in &mut c.sources {
+            s.write_key = "[redacted]".into();
+            r(&mut s.totango.api_token);
+        }
+        toml_string(&c)
+    }
+}
+
+fn toml_string(c: &Config) -> String {
+    // figment's own TOML support is read-only; serialise via serde_json → toml-ish lines.
+    let v = serde_json::to_value(c).unwrap_or_default();
+    let mut out = String::new();
+    write_toml(&mut out, "", &v);
+    out
+}
+
+fn write_toml(out: &mut String, table: &str, v: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(map) = v else { return };
+    for (k, val) in map {
+        match val {
+            Value::Object(_) | Value::Null => {}
+            Value::Array(items) if items.iter().any(Value::is_object) => {}
+            _ => out.push_str(&format!("{k} = {val}\n")),
+        }
+    }
+    for (k, val) in map {
+        let name = if table.is_empty() {
+            k.clone()
+        } else {
+            format!("{table}.{k}")
+        };
+        match val {
+            Value::Object(_) => {
+                out.push_str(&format!("\n[{name}]\n"));
+                write_toml(out, &name, val);
+            }
+            Value::Array(items) if items.iter().any(Value::is_object) => {
+                for item in items {
+                    out.push_str(&format!("\n[[{name}]]\n"));
+                    write_toml(out, &name, item);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+pub fn parse_storage_url(url: &str) -> Result<StorageUrl, ConfigError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(ConfigError::invalid(
+                "storage.url",
+                "sqlite:// needs a file path",
+            ));
+        }
+        return Ok(StorageUrl::Sqlite(PathBuf::from(path)));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(StorageUrl::Postgres(url.to_owned()));
+    }
+    Err(ConfigError::invalid(
+        "storage.url",
+        format!("{url:?}: expected sqlite://PATH or postgres://…"),
+    ))
+}
+
+/// A string, a number or a comma-separated list → list of strings.
+fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(Scalar),
+        Many(Vec<Scalar>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) => {
+            s.0.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        }
+        Raw::Many(v) => v.into_iter().map(|s| s.0).collect(),
+    })
+}
+
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Scalar::deserialize(d).map(|s| s.0)
+}
+
+fn opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Scalar>::deserialize(d)?
+        .map(|s| s.0)
+        .filter(|s| !s.is_empty()))
+}
+
+/// Environment values that look like numbers still mean text here.
+struct Scalar(String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            I(i64),
+            U(u64),
+            F(f64),
+            B(bool),
+        }
+        Ok(Scalar(match Raw::deserialize(d)? {
+            Raw::S(s) => s,
+            Raw::I(i) => i.to_string(),
+            Raw::U(u) => u.to_string(),
+            Raw::F(f) => f.to_string(),
+            Raw::B(b) => b.to_string(),
+        }))
+    }
+}
+
+#[cfg(test)]
+// figment's Jail closures return figment's (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_match_the_spec() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.listen, "127.0.0.1:8080");
+            assert_eq!(c.storage.url, "sqlite://data/totango-destination.db");
+            assert_eq!(
+                (
+                    c.delivery.retry_base_ms,
+                    c.delivery.retry_max_ms,
+                    c.delivery.max_retry_age_secs
+                ),
+                (1000, 300_000, 14_400)
+            );
+            assert_eq!(c.delivery.concurrency, 64);
+            assert_eq!(c.limits.max_message_bytes, 32 * 1024);
+            assert_eq!(c.limits.max_body_bytes, 500 * 1024);
+            assert_eq!(c.limits.max_batch_messages, 2500);
+            let rt = c.validate().unwrap();
+            assert!(rt.sources.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "td.toml",
+                r#"
+                listen = "127.0.0.1:9000"
+                [totango]
+                service_id = "SP-1111-01"
+                default_module = "Core"
+                [[sources]]
+                name = "eu-app"
+                write_key = "k-eu"
+                totango = { service_id = "SP-2222-02", region = "eu" }
+                "#,
+            )?;
+            jail.set_env("TD_TOTANGO__SERVICE_ID", "SP-3126-05");
+            jail.set_env("TD_AUTH__WRITE_KEYS", "a, 123 ,b");
+            jail.set_env("TD_DELIVERY__RETRY_BASE_MS", "50");
+            jail.set_env("TD_TOTANGO__TRACK_NAMED_PAGES", "false");
+            let c = Config::load(Some(Path::new("td.toml"))).unwrap();
+            assert_eq!(c.listen, "127.0.0.1:9000");
+            assert_eq!(c.totango.service_id.as_deref(), Some("SP-3126-05"));
+            assert_eq!(c.totango.default_module.as_deref(), Some("Core"));
+            assert_eq!(c.totango.track_named_pages, Some(false));
+            assert_eq!(c.auth.write_keys, vec!["a", "123", "b"]);
+            assert_eq!(c.delivery.retry_base_ms, 50);
+            let rt = c.validate().unwrap();
+            assert_eq!(rt.sources.len(), 4);
+            let eu = &rt.sources["k-eu"];
+            assert_eq!(eu.name, "eu-app");
+            let eu = eu.settings.resolve().unwrap();
+            assert_eq!(eu.service_id, "SP-2222-02");
+            assert_eq!(eu.default_module, "Core", "inherits the defaults");
+            assert_eq!(
+                rt.sources["123"].settings.resolve().unwrap().service_id,
+                "SP-3126-05"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_DELIVERY__CONCURRENCY", "many");
+            let e = Config::load(None).unwrap_err();
+            assert!(e.to_string().starts_with("delivery.concurrency"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_TOTANGO__REGION", "mars");
+            jail.set_env("TD_TOTANGO__SERVICE_ID", "SP-1234-01");
+            let e = Config::load(None).unwrap_err();
+            assert!(e.to_string().starts_with("totango.region"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_STORAGE__URL", "mysql://x");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with("storage.url"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_TOTANGO__SERVICE_ID", "SP-1234-01");
+            jail.set_env("TD_TOTANGO__ENDPOINT", "not a url");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with("totango.endpoint"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_LISTEN", "nowhere");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with("listen"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn refuses_to_start_open_on_a_public_address() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_LISTEN", "0.0.0.0:8080");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with("auth.write_keys"), "{e}");
+            jail.set_env("TD_AUTH__ALLOW_OPEN", "true");
+            assert!(Config::load(None).unwrap().validate().is_ok());
+            jail.set_env("TD_AUTH__ALLOW_OPEN", "false");
+            jail.set_env("TD_AUTH__WRITE_KEYS", "k1");
+            assert!(Config::load(None).unwrap().validate().is_ok());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redaction_hides_every_secret() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_TOTANGO__API_TOKEN", "tok-secret");
+            jail.set_env("TD_AUTH__WRITE_KEYS", "key-secret");
+            jail.set_env("TD_AUTH__WEBHOOK_SECRET", "hook-secret");
+            jail.set_env("TD_ADMIN__TOKEN", "admin-secret");
+            let text = Config::load(None).unwrap().redacted_toml();
+            for secret in ["tok-secret", "key-secret", "hook-secret", "admin-secret"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert!(text.contains("[redacted]"));
+            assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");
+            Ok(())
+        });
+    }
+}

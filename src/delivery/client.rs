@@ -1,0 +1,107 @@
+//! The Totango HTTP client: pooled, rustls, timeouts, no redirects.
+
+use super::retry::{Verdict, classify_status, parse_retry_after};
+use crate::storage::LastResponse;
+use std::time::{Duration, SystemTime};
+
+/// Longest response body kept for the operator.
+const MAX_KEPT_BODY: usize = 2048;
+
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub verdict: Verdict,
+    pub last: LastResponse,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Clone)]
+pub struct TotangoClient {
+    http: reqwest::Client,
+}
+
+impl TotangoClient {
+    pub fn new(timeout: Duration, max_idle_per_host: usize) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(max_idle_per_host)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_keepalive(Duration::from_secs(60))
+            .user_agent(concat!("totango-destination/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(TotangoClient { http })
+    }
+
+    /// One GET; never fails, the outcome says what happened.
+    pub async fn send(&self, url: &str) -> Attempt {
+        match self.http.get(url).send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let verdict = classify_status(status);
+                let body = match resp.bytes().await {
+                    Ok(b) if b.is_empty() => None,
+                    Ok(b) => Some(printable(&b)),
+                    Err(e) => Some(format!("(body unreadable: {e})")),
+                };
+                Attempt {
+                    verdict,
+                    last: LastResponse {
+                        status: Some(status),
+                        body,
+                        error: None,
+                    },
+                    retry_after,
+                }
+            }
+            Err(e) => Attempt {
+                // Timeouts and connection errors are transient by nature.
+                verdict: Verdict::Retry,
+                last: LastResponse {
+                    status: None,
+                    body: None,
+                    error: Some(describe(e)),
+                },
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// Response bodies are often a GIF: keep text, summarise binary.
+fn printable(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            let mut end = text.len().min(MAX_KEPT_BODY);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text[..end].to_owned()
+        }
+        Err(_) => format!("({} bytes of binary data)", bytes.len()),
+    }
+}
+
+fn describe(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection error"
+    } else {
+        "request error"
+    };
+    // Without the URL: it may carry the api-token.
+    let e = e.without_url();
+    let mut msg = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}

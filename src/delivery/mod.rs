@@ -1,0 +1,253 @@
+//! Delivery: claims due messages from storage, sends their Totango requests
+//! and reports back. Retry state lives in storage (`next_attempt_at`), never
+//! only in memory.
+
+pub mod client;
+pub mod retry;
+
+use crate::config::DeliveryConfig;
+use crate::mapping::{self, Outcome, Settings, TotangoRequest};
+use crate::segment::{CallType, Message};
+use crate::storage::{
+    Claimed, Disposition, LastResponse, Millis, Report, State, Storage, now_millis,
+};
+use client::TotangoClient;
+use retry::{Backoff, Verdict};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Longest idle wait between storage polls.
+const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
+/// Most messages claimed at once.
+const CLAIM_BATCH: usize = 256;
+
+pub struct Delivery {
+    storage: Arc<dyn Storage>,
+    client: TotangoClient,
+    backoff: Backoff,
+    max_retry_age_ms: Millis,
+    concurrency: usize,
+    grace: Duration,
+    wake: Arc<Notify>,
+    /// Endpoint → time until which a 429 paused sending to it.
+    paused: Mutex<HashMap<String, Millis>>,
+}
+
+impl Delivery {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        config: &DeliveryConfig,
+    ) -> Result<Arc<Delivery>, reqwest::Error> {
+        let timeout = Duration::from_millis(config.request_timeout_ms);
+        Ok(Arc::new(Delivery {
+            storage,
+            client: TotangoClient::new(timeout, config.concurrency)?,
+            backoff: Backoff {
+                base_ms: config.retry_base_ms,
+                max_ms: config.retry_max_ms,
+            },
+            max_retry_age_ms: (config.max_retry_age_secs as Millis).saturating_mul(1000),
+            concurrency: config.concurrency,
+            grace: timeout * 2 + Duration::from_secs(1),
+            wake: Arc::new(Notify::new()),
+            paused: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Wakes the dispatcher (new work was committed).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs until `shutdown`, then lets in-flight deliveries finish (within a
+    /// grace period). Unfinished work stays in storage.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks = JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let free = permits.available_permits().min(CLAIM_BATCH);
+            let mut wait = MAX_IDLE_WAIT;
+            if free > 0 {
+                let now = now_millis();
+                match self.storage.claim(free, now).await {
+                    Ok(batch) => {
+                        let full = batch.messages.len() == free;
+                        for m in batch.messages {
+                            let permit = permits
+                                .clone()
+                                .acquire_owned()
+                                .await
+                                .expect("semaphore open");
+                            let this = self.clone();
+                            tasks.spawn(async move {
+                                let report = this.deliver(m).await;
+                                if let Err(e) = this.storage.report(vec![report]).await {
+                                    tracing::error!(error = %e, "could not record a delivery result");
+                                }
+                                drop(permit);
+                                this.wake();
+                            });
+                        }
+                        if full {
+                            continue;
+                        }
+                        if let Some(due) = batch.next_due {
+                            wait =
+                                Duration::from_millis((due - now).max(1) as u64).min(MAX_IDLE_WAIT);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not claim messages"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.grace, drain).await.is_err() {
+            tracing::warn!("in-flight deliveries did not finish in time; they stay queued");
+            tasks.abort_all();
+        }
+    }
+
+    fn paused_until(&self, endpoint: &str, now: Millis) -> Option<Millis> {
+        let paused = self.paused.lock().expect("pause lock");
+        paused.get(endpoint).copied().filter(|until| *until > now)
+    }
+
+    fn pause(&self, endpoint: &str, until: Millis) {
+        let mut paused = self.paused.lock().expect("pause lock");
+        let entry = paused.entry(endpoint.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// Sends what is left of one message and says what became of it.
+    pub async fn deliver(&self, m: Claimed) -> Report {
+        let mut report = Report {
+            id: m.id,
+            requests: None,
+            sent: m.sent,
+            attempted: false,
+            disposition: Disposition::Delivered,
+            last: None,
+            page_category: None,
+        };
+        let settings: Settings = match serde_json::from_str(&m.settings) {
+            Ok(s) => s,
+            Err(e) => return report.dead("internal", format!("stored settings unreadable: {e}")),
+        };
+        let requests: Vec<TotangoRequest> = match &m.requests {
+            Some(text) => match serde_json::from_str(text) {
+                Ok(r) => r,
+                Err(e) => {
+                    return report.dead("internal", format!("stored requests unreadable: {e}"));
+                }
+            },
+            None => {
+                let msg = serde_json::from_str(&m.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| Message::from_value(&v).map_err(|e| e.to_string()));
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        return report.dead("internal", format!("stored message unreadable: {e}"));
+                    }
+                };
+                if msg.call == CallType::Page {
+                    report.page_category = Some(mapping::page_category(&msg));
+                }
+                let t = mapping::translate(&msg, &settings, m.latest_page_category.as_deref());
+                if t.outcome != Outcome::Send {
+                    report.disposition = Disposition::Final {
+                        state: match t.outcome {
+                            Outcome::Filtered => State::Filtered,
+                            Outcome::Unsupported => State::Unsupported,
+                            _ => State::Rejected,
+                        },
+                        code: t.code.map(|c| c.as_str().to_owned()),
+                        reason: t.message,
+                    };
+                    return report;
+                }
+                report.requests = serde_json::to_string(&t.requests).ok();
+                t.requests
+            }
+        };
+        let endpoint = settings.base_url();
+        while (report.sent as usize) < requests.len() {
+            let now = now_millis();
+            if let Some(until) = self.paused_until(endpoint, now) {
+                report.disposition = Disposition::Retry {
+                    next_attempt_at: until,
+                };
+                return report;
+            }
+            let attempt = self
+                .client
+                .send(&requests[report.sent as usize].url(endpoint))
+                .await;
+            report.attempted = true;
+            let status = attempt.last.status;
+            report.last = Some(attempt.last);
+            match attempt.verdict {
+                Verdict::Success => report.sent += 1,
+                Verdict::Dead => {
+                    let reason = format!("Totango answered HTTP {}", status.unwrap_or_default());
+                    return report.dead("rejected_by_totango", reason);
+                }
+                Verdict::Retry => {
+                    let now = now_millis();
+                    let delay =
+                        self.backoff
+                            .delay(m.attempts + 1, attempt.retry_after, &mut rand::rng());
+                    let next = now.saturating_add(delay.as_millis() as Millis);
+                    if status == Some(429) {
+                        if let Some(ra) = attempt.retry_after {
+                            self.pause(endpoint, now.saturating_add(ra.as_millis() as Millis));
+                        }
+                    }
+                    if next > m.received_at.saturating_add(self.max_retry_age_ms) {
+                        let reason = format!(
+                            "retries exhausted after {} attempts; last: {}",
+                            m.attempts + 1,
+                            describe(report.last.as_ref())
+                        );
+                        return report.dead("retries_exhausted", reason);
+                    }
+                    report.disposition = Disposition::Retry {
+                        next_attempt_at: next,
+                    };
+                    return report;
+                }
+            }
+        }
+        report
+    }
+}
+
+impl Report {
+    fn dead(mut self, code: &str, reason: String) -> Report {
+        self.disposition = Disposition::Dead {
+            code: code.to_owned(),
+            reason,
+        };
+        self
+    }
+}
+
+fn describe(last: Option<&LastResponse>) -> String {
+    match last {
+        Some(LastResponse {
+            status: Some(s), ..
+        }) => format!("HTTP {s}"),
+        Some(LastResponse { error: Some(e), .. }) => e.clone(),
+        _ => "no response".into(),
+    }
+}

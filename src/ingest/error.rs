@@ -1,0 +1,83 @@
+//! One error shape for every API answer: `{"message": "...", "code": "..."}`.
+
+use crate::segment::ParseError;
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// An extra field for the body (per-message outcomes).
+    pub extra: Option<Box<(&'static str, Value)>>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+
+    pub fn bad_request(field: &str, reason: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("{field}: {reason}"),
+        )
+    }
+
+    pub fn invalid_message(prefix: &str, e: &ParseError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e.code(), format!("{prefix}{e}"))
+    }
+
+    pub fn unauthorized(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn unavailable(message: &str) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("body: larger than {limit} bytes"),
+        )
+    }
+
+    pub fn with(mut self, key: &'static str, value: Value) -> Self {
+        self.extra = Some(Box::new((key, value)));
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, code = %self.code, "{}", self.message);
+        } else {
+            tracing::info!(status = %self.status, code = %self.code, "{}", self.message);
+        }
+        let mut body = json!({"message": self.message, "code": self.code});
+        if let Some(extra) = self.extra {
+            let (k, v) = *extra;
+            body[k] = v;
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"totango-destination\""),
+            );
+        }
+        resp
+    }
+}

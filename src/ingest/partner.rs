@@ -1,0 +1,92 @@
+//! Segment's partner-destination protocol: `POST /segment`, one message per
+//! request, Basic api key, settings in `X-Segment-Settings`. Status codes are
+//! what Segment's Event Delivery understands: 200, 400, 401, 501, 503.
+
+use super::*;
+use axum::Json;
+use axum::extract::State as Extract;
+use axum::response::{IntoResponse, Response};
+
+pub async fn handle(
+    Extract(state): Extract<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = basic_user(&headers)?;
+    let source = state.source_for(key.as_deref())?;
+    let header_settings = segment_settings(&headers)?;
+    let bytes = read_body(&state, &headers, body).await?;
+    check_message_size(&state, bytes.len(), "")?;
+    let mut obj: Map<String, Value> = parse_json(&bytes)?;
+    fill_message_id(&mut obj);
+    let received = crate::storage::now_millis();
+    let prepared = prepare(
+        Value::Object(obj),
+        source,
+        header_settings.as_ref(),
+        "",
+        received,
+    )?;
+    let accepted = state.store(std::slice::from_ref(&prepared)).await?;
+    let outcome = prepared.outcome_json(accepted[0]);
+    if matches!(accepted[0], Acceptance::Duplicate { .. }) {
+        return Ok(Json(outcome).into_response());
+    }
+    let reason = || prepared.message.clone().unwrap_or_default();
+    let code = prepared.code.map(Code::as_str).unwrap_or("rejected");
+    match prepared.outcome {
+        Outcome::Rejected => Err(ApiError::new(StatusCode::BAD_REQUEST, code, reason())),
+        Outcome::Unsupported => Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, code, reason())),
+        Outcome::Send | Outcome::Filtered => Ok(Json(outcome).into_response()),
+    }
+}
+
+/// Known settings from the base64 JSON `X-Segment-Settings` header. Other
+/// destination settings Segment sends are ignored; `endpoint` can only be set
+/// by configuration.
+fn segment_settings(headers: &HeaderMap) -> Result<Option<SettingsPatch>, ApiError> {
+    const NAME: &str = "X-Segment-Settings";
+    let Some(value) = headers.get(NAME) else {
+        return Ok(None);
+    };
+    let bad = |why: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_settings",
+            format!("{NAME}: {why}"),
+        )
+    };
+    let text = value.to_str().map_err(|_| bad("not ASCII".into()))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(text.trim()))
+        .map_err(|e| bad(format!("not base64: {e}")))?;
+    let json: Value =
+        serde_json::from_slice(&decoded).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let Value::Object(map) = json else {
+        return Err(bad("must be a JSON object".into()));
+    };
+    const KNOWN: [&str; 14] = [
+        "serviceId",
+        "service_id",
+        "region",
+        "apiToken",
+        "api_token",
+        "trackNamedPages",
+        "track_named_pages",
+        "trackCategorizedPages",
+        "track_categorized_pages",
+        "defaultModule",
+        "default_module",
+        "disableHeartbeat",
+        "disable_heartbeat",
+        "endpoint",
+    ];
+    let known: Map<String, Value> = map
+        .into_iter()
+        .filter(|(k, v)| KNOWN.contains(&k.as_str()) && k != "endpoint" && !v.is_null())
+        .collect();
+    SettingsPatch::from_json(&Value::Object(known))
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}

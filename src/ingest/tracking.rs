@@ -1,0 +1,236 @@
+//! Segment HTTP Tracking API: `POST /v1/{identify,group,page,screen,track,alias}`
+//! and `/v1/batch` (`/v1/import`), so Segment's libraries can point here.
+
+use super::*;
+use axum::Json;
+use axum::extract::{Path, State as Extract};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    batch: Vec<&'a RawValue>,
+    #[serde(default)]
+    context: Option<Map<String, Value>>,
+    #[serde(default)]
+    integrations: Option<Map<String, Value>>,
+    #[serde(default, rename = "writeKey")]
+    write_key: Option<String>,
+    #[serde(default, rename = "sentAt")]
+    sent_at: Option<String>,
+}
+
+fn success() -> Response {
+    Json(serde_json::json!({"success": true})).into_response()
+}
+
+pub async fn single(
+    Extract(state): Extract<Arc<AppState>>,
+    Path(call): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(call) = CallType::parse(&call) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "/v1/{call}: no such endpoint (identify, group, page, screen, track, alias, batch)"
+            ),
+        ));
+    };
+    let header_key = basic_user(&headers)?;
+    let bytes = read_body(&state, &headers, body).await?;
+    check_message_size(&state, bytes.len(), "")?;
+    let mut obj: Map<String, Value> = parse_json(&bytes)?;
+    let body_key = take_write_key(&mut obj)?;
+    let source = state.source_for(header_key.as_deref().or(body_key.as_deref()))?;
+    let received = Utc::now();
+    obj.insert("type".into(), Value::String(call.as_str().into()));
+    fill(&mut obj, received, None);
+    let prepared = prepare(
+        Value::Object(obj),
+        source,
+        None,
+        "",
+        received.timestamp_millis(),
+    )?;
+    state.store(std::slice::from_ref(&prepared)).await?;
+    Ok(success())
+}
+
+pub async fn batch(
+    Extract(state): Extract<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let header_key = basic_user(&headers)?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let body: BatchBody = parse_json(&bytes)?;
+    let source = state.source_for(header_key.as_deref().or(body.write_key.as_deref()))?;
+    let max = state.limits().max_batch_messages;
+    if body.batch.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "batch_too_large",
+            format!(
+                "batch: {} messages; a batch may hold at most {max}",
+                body.batch.len()
+            ),
+        ));
+    }
+    let received = Utc::now();
+    let mut prepared = Vec::with_capacity(body.batch.len());
+    for (i, raw) in body.batch.iter().enumerate() {
+        let field = format!("batch[{i}].");
+        check_message_size(&state, raw.get().len(), &field)?;
+        let value: Value = serde_json::from_str(raw.get())
+            .map_err(|e| ApiError::bad_request(&field[..field.len() - 1], e))?;
+        let Value::Object(mut obj) = value else {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_message",
+                format!("{}: must be a JSON object", &field[..field.len() - 1]),
+            ));
+        };
+        obj.remove("writeKey");
+        merge_defaults(&mut obj, "context", body.context.as_ref());
+        merge_defaults(&mut obj, "integrations", body.integrations.as_ref());
+        fill(&mut obj, received, body.sent_at.as_deref());
+        prepared.push(prepare(
+            Value::Object(obj),
+            source,
+            None,
+            &field,
+            received.timestamp_millis(),
+        )?);
+    }
+    state.store(&prepared).await?;
+    Ok(success())
+}
+
+/// Takes `writeKey` out of the message (it is a credential, not data).
+fn take_write_key(obj: &mut Map<String, Value>) -> Result<Option<String>, ApiError> {
+    match obj.remove("writeKey") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad_request("writeKey", "expected a string")),
+    }
+}
+
+/// Batch-level `context`/`integrations` apply to every item; the item's own keys win.
+fn merge_defaults(obj: &mut Map<String, Value>, key: &str, defaults: Option<&Map<String, Value>>) {
+    let Some(defaults) = defaults.filter(|d| !d.is_empty()) else {
+        return;
+    };
+    match obj.get_mut(key) {
+        Some(Value::Object(own)) => {
+            for (k, v) in defaults {
+                own.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        None | Some(Value::Null) => {
+            obj.insert(key.to_owned(), Value::Object(defaults.clone()));
+        }
+        // A wrong type is reported by the parser, naming the field.
+        Some(_) => {}
+    }
+}
+
+/// Fills what Segment's API fills: `messageId`, `receivedAt`, and `timestamp`
+/// corrected for client clock skew: receivedAt − (sentAt − originalTimestamp).
+fn fill(obj: &mut Map<String, Value>, received: DateTime<Utc>, batch_sent_at: Option<&str>) {
+    fill_message_id(obj);
+    let iso = |t: DateTime<Utc>| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true));
+    obj.insert("receivedAt".into(), iso(received));
+    if let (Some(s), false) = (batch_sent_at, obj.contains_key("sentAt")) {
+        obj.insert("sentAt".into(), Value::String(s.to_owned()));
+    }
+    let parse = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&Utc))
+    };
+    let sent_at = parse(obj.get("sentAt"));
+    match (obj.get("timestamp").cloned(), parse(obj.get("timestamp"))) {
+        (None | Some(Value::Null), _) => {
+            obj.insert("timestamp".into(), iso(received));
+        }
+        (Some(original), Some(ts)) => {
+            obj.entry("originalTimestamp").or_insert(original);
+            if let Some(sent) = sent_at {
+                obj.insert("timestamp".into(), iso(received - (sent - ts)));
+            }
+        }
+        // Unparseable timestamps are kept as sent (the parser checks the type).
+        (Some(_), None) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn fill_corrects_clock_skew() {
+        let received = DateTime::parse_from_rfc3339("2024-01-01T12:00:10Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        // Client clock 1 h ahead: it stamped the call 5 s before sending.
+        let mut m = obj(
+            json!({"type": "track", "timestamp": "2024-01-01T13:00:00Z", "sentAt": "2024-01-01T13:00:05Z"}),
+        );
+        fill(&mut m, received, None);
+        assert_eq!(m["timestamp"], "2024-01-01T12:00:05.000Z");
+        assert_eq!(m["originalTimestamp"], "2024-01-01T13:00:00Z");
+        assert_eq!(m["receivedAt"], "2024-01-01T12:00:10.000Z");
+        assert!(m["messageId"].as_str().unwrap().starts_with("td-"));
+    }
+
+    #[test]
+    fn fill_uses_batch_sent_at_and_defaults_timestamp() {
+        let received = DateTime::parse_from_rfc3339("2024-01-01T12:00:10Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut m = obj(json!({"timestamp": "2024-01-01T12:00:00Z", "messageId": "keep"}));
+        fill(&mut m, received, Some("2024-01-01T12:00:02Z"));
+        assert_eq!(m["timestamp"], "2024-01-01T12:00:08.000Z");
+        assert_eq!(m["messageId"], "keep");
+        let mut m = obj(json!({}));
+        fill(&mut m, received, None);
+        assert_eq!(m["timestamp"], "2024-01-01T12:00:10.000Z");
+        // Without sentAt the client's timestamp is kept.
+        let mut m = obj(json!({"timestamp": "2020-05-05T00:00:00Z"}));
+        fill(&mut m, received, None);
+        assert_eq!(m["timestamp"], "2020-05-05T00:00:00Z");
+    }
+
+    #[test]
+    fn batch_context_merges_under_item_keys() {
+        let mut m = obj(json!({"context": {"groupId": "own", "ip": "1.1.1.1"}}));
+        merge_defaults(
+            &mut m,
+            "context",
+            Some(&obj(json!({"groupId": "batch", "library": {"name": "x"}}))),
+        );
+        assert_eq!(
+            m["context"],
+            json!({"groupId": "own", "ip": "1.1.1.1", "library": {"name": "x"}})
+        );
+        let mut m = obj(json!({}));
+        merge_defaults(
+            &mut m,
+            "integrations",
+            Some(&obj(json!({"Totango": false}))),
+        );
+        assert_eq!(m["integrations"], json!({"Totango": false}));
+    }
+}

@@ -1,0 +1,174 @@
+//! Wires storage, delivery and the HTTP routes together and serves them
+//! until shutdown. `run` is what `main` and the integration tests call.
+
+use crate::config::{Runtime, StorageUrl};
+use crate::delivery::Delivery;
+use crate::ingest::{self, AppState};
+use crate::storage::{SqliteStorage, Storage, StorageError};
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+/// How long shutdown waits for open HTTP requests.
+const HTTP_DRAIN: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("storage.url: {0}")]
+    UnsupportedStorage(String),
+    #[error("outbound HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the configured storage backend.
+pub fn open_storage(runtime: &Runtime) -> Result<Arc<dyn Storage>, RunError> {
+    let window = (runtime.config.storage.dedupe_window_secs as i64).saturating_mul(1000);
+    match &runtime.storage {
+        StorageUrl::Sqlite(path) => Ok(Arc::new(SqliteStorage::open(path, window)?)),
+        StorageUrl::Postgres(_) => Err(RunError::UnsupportedStorage(
+            "postgres:// is not available in this build yet; use sqlite://PATH".into(),
+        )),
+    }
+}
+
+/// Serves on `listener` until `shutdown` is cancelled, then stops accepting,
+/// finishes open requests and in-flight deliveries, and closes storage.
+pub async fn run(
+    runtime: Runtime,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let storage = open_storage(&runtime)?;
+    let delivery = Delivery::new(storage.clone(), &runtime.config.delivery)?;
+    let stop_delivery = CancellationToken::new();
+    let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
+    let limits = runtime.config.limits.clone();
+    let state = Arc::new(AppState {
+        storage: storage.clone(),
+        delivery,
+        runtime: Arc::new(runtime),
+        shutting_down: false.into(),
+    });
+    let app = router(
+        state.clone(),
+        Duration::from_millis(limits.body_read_timeout_ms),
+    );
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+    let graceful = GracefulShutdown::new();
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()))
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    tracing::info!("shutting down: no new requests");
+    state.shutting_down.store(true, Ordering::Relaxed);
+    drop(listener);
+    if tokio::time::timeout(HTTP_DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open requests did not finish in time");
+    }
+    stop_delivery.cancel();
+    let _ = delivery_task.await;
+    storage.close().await;
+    tracing::info!("stopped; undelivered messages stay stored for the next start");
+    Ok(())
+}
+
+fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
+    Router::new()
+        .merge(ingest::routes())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting down"})),
+        );
+    }
+    match state.storage.ping().await {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "storage unavailable"})),
+            )
+        }
+    }
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"message": "no such endpoint", "code": "not_found"})),
+    )
+}

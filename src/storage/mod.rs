@@ -1,0 +1,222 @@
+//! Durable storage of accepted messages and the delivery queue, behind one
+//! trait so backends (embedded SQLite, PostgreSQL) are interchangeable.
+//!
+//! Storage knows nothing of Segment or Totango semantics: it stores what
+//! ingest accepted and what delivery reports.
+
+mod sqlite;
+
+pub use sqlite::SqliteStorage;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Where a message stands. `Pending` is the only state with queue work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Delivered,
+    Filtered,
+    Unsupported,
+    Duplicate,
+    Rejected,
+    Dead,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Pending,
+        State::Delivered,
+        State::Filtered,
+        State::Unsupported,
+        State::Duplicate,
+        State::Rejected,
+        State::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Delivered => "delivered",
+            State::Filtered => "filtered",
+            State::Unsupported => "unsupported",
+            State::Duplicate => "duplicate",
+            State::Rejected => "rejected",
+            State::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A message as ingest accepted it.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Configured source name (never the write key itself).
+    pub source: String,
+    pub message_id: String,
+    pub call: String,
+    pub service_id: String,
+    pub user_id: Option<String>,
+    pub account_id: Option<String>,
+    /// Messages with the same key are delivered in acceptance order.
+    pub ordering_key: String,
+    /// The Segment message as accepted (JSON).
+    pub payload: String,
+    /// The effective Totango settings for it (JSON).
+    pub settings: String,
+    /// `Pending` to deliver, or a final state decided at ingest.
+    pub state: State,
+    pub code: Option<String>,
+    pub reason: Option<String>,
+    pub received_at: Millis,
+}
+
+/// What became of one accepted message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acceptance {
+    Stored {
+        id: i64,
+    },
+    /// Its `messageId` was accepted within the dedupe window; recorded, not queued.
+    Duplicate {
+        id: i64,
+    },
+}
+
+/// A queued message handed to a delivery worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub payload: String,
+    pub settings: String,
+    /// Translated requests (JSON), once the first attempt has translated it.
+    pub requests: Option<String>,
+    /// How many of `requests` Totango already accepted.
+    pub sent: u32,
+    pub attempts: u32,
+    pub received_at: Millis,
+    /// The category of this user's latest page call, for track calls.
+    pub latest_page_category: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClaimBatch {
+    pub messages: Vec<Claimed>,
+    /// The earliest future time a queued message becomes due, if any.
+    pub next_due: Option<Millis>,
+}
+
+/// Totango's last answer to a message, kept for the operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LastResponse {
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    Delivered,
+    Retry {
+        next_attempt_at: Millis,
+    },
+    Dead {
+        code: String,
+        reason: String,
+    },
+    /// A final state found while delivering (for example `filtered`).
+    Final {
+        state: State,
+        code: Option<String>,
+        reason: Option<String>,
+    },
+}
+
+/// A delivery worker's report on one claimed message.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub id: i64,
+    /// Requests translated on this attempt (JSON), to keep for later attempts.
+    pub requests: Option<String>,
+    pub sent: u32,
+    /// Whether a request was sent (counts as an attempt).
+    pub attempted: bool,
+    pub disposition: Disposition,
+    pub last: Option<LastResponse>,
+    /// `Some(c)`: remember `c` as this user's latest page category.
+    pub page_category: Option<Option<String>>,
+}
+
+/// A stored message, for the operator view and tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub message_id: String,
+    pub source: String,
+    pub call: String,
+    pub service_id: String,
+    pub user_id: Option<String>,
+    pub account_id: Option<String>,
+    pub state: State,
+    pub code: Option<String>,
+    pub reason: Option<String>,
+    pub payload: serde_json::Value,
+    pub requests: Option<serde_json::Value>,
+    pub sent: u32,
+    pub attempts: u32,
+    pub last_response: Option<LastResponse>,
+    pub received_at: Millis,
+    pub updated_at: Millis,
+    pub next_attempt_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage is closed")]
+    Closed,
+    #[error("storage: {0}")]
+    Backend(String),
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        StorageError::Backend(e.to_string())
+    }
+}
+
+/// The durable queue. Every method that returns `Ok` has committed.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Stores a batch whole (all or nothing): dedupes by (source, messageId)
+    /// within the window and queues `Pending` messages.
+    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError>;
+
+    /// Leases up to `limit` due messages, at most one per ordering key, each
+    /// the oldest queued message of its key.
+    async fn claim(&self, limit: usize, now: Millis) -> Result<ClaimBatch, StorageError>;
+
+    /// Records delivery results and releases their leases.
+    async fn report(&self, reports: Vec<Report>) -> Result<(), StorageError>;
+
+    /// Storage is reachable.
+    async fn ping(&self) -> Result<(), StorageError>;
+
+    async fn get(&self, id: i64) -> Result<Option<StoredMessage>, StorageError>;
+
+    /// Counts by state.
+    async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError>;
+
+    /// Flushes and closes; later calls fail with `Closed`.
+    async fn close(&self);
+}

@@ -1,0 +1,546 @@
+//! Embedded storage: one SQLite file in WAL mode with `synchronous=FULL`.
+//!
+//! All writes go through one writer thread that commits in groups: every
+//! operation waiting when a transaction starts shares it, and its fsync.
+//! Callers are answered only after the commit. Reads use their own connection.
+
+use super::*;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Operations one transaction groups at most.
+const MAX_GROUP: usize = 1024;
+/// A claimed message's lease; leases are cleared at every start.
+const LEASE_MS: Millis = 10 * 60 * 1000;
+/// Delete expired dedupe entries this often.
+const PRUNE_EVERY_MS: Millis = 60 * 1000;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS messages (
+    id            INTEGER PRIMARY KEY,
+    message_id    TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    call          TEXT NOT NULL,
+    service_id    TEXT NOT NULL,
+    user_id       TEXT,
+    account_id    TEXT,
+    state         TEXT NOT NULL,
+    code          TEXT,
+    reason        TEXT,
+    payload       TEXT NOT NULL,
+    settings      TEXT NOT NULL,
+    requests      TEXT,
+    sent          INTEGER NOT NULL DEFAULT 0,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_status   INTEGER,
+    last_body     TEXT,
+    last_error    TEXT,
+    received_at   INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_state ON messages(state, id);
+CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
+CREATE TABLE IF NOT EXISTS queue (
+    seq             INTEGER PRIMARY KEY,
+    message         INTEGER NOT NULL UNIQUE REFERENCES messages(id),
+    ordering_key    TEXT NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    leased_until    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS queue_key ON queue(ordering_key, seq);
+CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt_at);
+CREATE TABLE IF NOT EXISTS dedupe (
+    source      TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    PRIMARY KEY (source, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedupe_age ON dedupe(accepted_at);
+CREATE TABLE IF NOT EXISTS page_categories (
+    service_id TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    category   TEXT NOT NULL,
+    PRIMARY KEY (service_id, user_id)
+) WITHOUT ROWID;
+"#;
+
+type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+
+enum Op {
+    Accept(Vec<NewMessage>, Reply<Vec<Acceptance>>),
+    Claim(usize, Millis, Reply<ClaimBatch>),
+    Report(Vec<Report>, Reply<()>),
+}
+
+pub struct SqliteStorage {
+    writer: Mutex<Option<mpsc::Sender<Op>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open(path: &Path) -> Result<Connection, StorageError> {
+    let conn = Connection::open(path)
+        .map_err(|e| StorageError::Backend(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsync'd at every commit, so a 2xx survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl SqliteStorage {
+    /// Opens (creating when needed) the database file and starts the writer.
+    pub fn open(path: &Path, dedupe_window_ms: Millis) -> Result<SqliteStorage, StorageError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StorageError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        // Leases belong to the process that took them; this one owns the file now.
+        conn.execute(
+            "UPDATE queue SET leased_until = 0 WHERE leased_until <> 0",
+            [],
+        )?;
+        let reader = open(path)?;
+        let (tx, rx) = mpsc::channel(4096);
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || {
+                Writer {
+                    conn,
+                    dedupe_window_ms,
+                    last_prune: 0,
+                }
+                .run(rx)
+            })
+            .map_err(|e| StorageError::Backend(format!("cannot start writer: {e}")))?;
+        Ok(SqliteStorage {
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StorageError> {
+        let sender = self.writer.lock().expect("writer lock").clone();
+        let Some(sender) = sender else {
+            return Err(StorageError::Closed);
+        };
+        let (tx, rx) = oneshot::channel();
+        sender
+            .send(make(tx))
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        if self.writer.lock().expect("writer lock").is_none() {
+            return Err(StorageError::Closed);
+        }
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock().expect("reader lock")))
+            .await
+            .map_err(|e| StorageError::Backend(format!("reader task: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+        self.call(|r| Op::Accept(batch, r)).await
+    }
+
+    async fn claim(&self, limit: usize, now: Millis) -> Result<ClaimBatch, StorageError> {
+        self.call(|r| Op::Claim(limit, now, r)).await
+    }
+
+    async fn report(&self, reports: Vec<Report>) -> Result<(), StorageError> {
+        self.call(|r| Op::Report(reports, r)).await
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<StoredMessage>, StorageError> {
+        self.read(move |c| {
+            Ok(c.query_row(
+                &format!("{SELECT_MESSAGE} WHERE m.id = ?1"),
+                [id],
+                stored_message,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM messages GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (state, n) = row?;
+                if let Some(s) = State::parse(&state) {
+                    out.push((s, n as u64));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        // Dropping the sender ends the writer after it has drained its queue.
+        self.writer.lock().expect("writer lock").take();
+        let thread = self.thread.lock().expect("thread lock").take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+const SELECT_MESSAGE: &str = "SELECT m.id, m.message_id, m.source, m.call, m.service_id, m.user_id, \
+    m.account_id, m.state, m.code, m.reason, m.payload, m.requests, m.sent, m.attempts, \
+    m.last_status, m.last_body, m.last_error, m.received_at, m.updated_at, q.next_attempt_at \
+    FROM messages m LEFT JOIN queue q ON q.message = m.id";
+
+fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let json = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
+        Ok(r.get::<_, Option<String>>(i)?
+            .and_then(|s| serde_json::from_str(&s).ok()))
+    };
+    let last_status: Option<i64> = r.get(14)?;
+    let last_body: Option<String> = r.get(15)?;
+    let last_error: Option<String> = r.get(16)?;
+    let last_response = (last_status.is_some() || last_body.is_some() || last_error.is_some())
+        .then(|| LastResponse {
+            status: last_status.map(|s| s as u16),
+            body: last_body,
+            error: last_error,
+        });
+    let state: String = r.get(7)?;
+    Ok(StoredMessage {
+        id: r.get(0)?,
+        message_id: r.get(1)?,
+        source: r.get(2)?,
+        call: r.get(3)?,
+        service_id: r.get(4)?,
+        user_id: r.get(5)?,
+        account_id: r.get(6)?,
+        state: State::parse(&state).unwrap_or(State::Pending),
+        code: r.get(8)?,
+        reason: r.get(9)?,
+        payload: json(10)?.unwrap_or_default(),
+        requests: json(11)?,
+        sent: r.get(12)?,
+        attempts: r.get(13)?,
+        last_response,
+        received_at: r.get(17)?,
+        updated_at: r.get(18)?,
+        next_attempt_at: r.get(19)?,
+    })
+}
+
+/// Sends a reply once the transaction's fate is known.
+type Deferred = Box<dyn FnOnce(Option<&StorageError>) + Send>;
+
+fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StorageError>) -> Deferred {
+    Box::new(move |commit_error| {
+        let _ = reply.send(match (result, commit_error) {
+            (Ok(_), Some(e)) => Err(e.clone()),
+            (r, _) => r,
+        });
+    })
+}
+
+struct Writer {
+    conn: Connection,
+    dedupe_window_ms: Millis,
+    last_prune: Millis,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut ops = vec![first];
+            while ops.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(ops);
+        }
+    }
+
+    fn commit_group(&mut self, ops: Vec<Op>) {
+        let now = now_millis();
+        let prune = now - self.last_prune >= PRUNE_EVERY_MS;
+        let window = self.dedupe_window_ms;
+        let tx = match self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = StorageError::from(e);
+                for op in ops {
+                    fail(op, &e);
+                }
+                return;
+            }
+        };
+        let mut replies: Vec<Deferred> = Vec::with_capacity(ops.len());
+        for op in ops {
+            replies.push(apply_in_savepoint(&tx, op, now, window));
+        }
+        if prune {
+            let _ = tx.execute("DELETE FROM dedupe WHERE accepted_at < ?1", [now - window]);
+        }
+        match tx.commit() {
+            Ok(()) => {
+                if prune {
+                    self.last_prune = now;
+                }
+                replies.into_iter().for_each(|r| r(None));
+            }
+            Err(e) => {
+                let e = StorageError::from(e);
+                tracing::error!(error = %e, "storage commit failed");
+                replies.into_iter().for_each(|r| r(Some(&e)));
+            }
+        }
+    }
+}
+
+fn fail(op: Op, e: &StorageError) {
+    match op {
+        Op::Accept(_, r) => drop(r.send(Err(e.clone()))),
+        Op::Claim(_, _, r) => drop(r.send(Err(e.clone()))),
+        Op::Report(_, r) => drop(r.send(Err(e.clone()))),
+    }
+}
+
+/// Runs one operation in a savepoint, so a failing one leaves the others intact.
+fn apply_in_savepoint(tx: &Transaction<'_>, op: Op, now: Millis, window: Millis) -> Deferred {
+    fn run<T: Send + 'static>(
+        tx: &Transaction<'_>,
+        reply: Reply<T>,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError>,
+    ) -> Deferred {
+        let result = (|| {
+            tx.execute_batch("SAVEPOINT op")?;
+            match f(tx) {
+                Ok(v) => {
+                    tx.execute_batch("RELEASE op")?;
+                    Ok(v)
+                }
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO op; RELEASE op")?;
+                    Err(e)
+                }
+            }
+        })();
+        defer(reply, result)
+    }
+    match op {
+        Op::Accept(batch, r) => run(tx, r, |c| accept(c, batch, now, window)),
+        Op::Claim(limit, at, r) => run(tx, r, |c| claim(c, limit, at)),
+        Op::Report(reports, r) => run(tx, r, |c| report(c, reports, now)),
+    }
+}
+
+fn accept(
+    c: &Connection,
+    batch: Vec<NewMessage>,
+    now: Millis,
+    window: Millis,
+) -> Result<Vec<Acceptance>, StorageError> {
+    let mut seen =
+        c.prepare_cached("SELECT accepted_at FROM dedupe WHERE source = ?1 AND message_id = ?2")?;
+    let mut remember = c.prepare_cached(
+        "INSERT INTO dedupe (source, message_id, accepted_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (source, message_id) DO UPDATE SET accepted_at = excluded.accepted_at",
+    )?;
+    let mut insert = c.prepare_cached(
+        "INSERT INTO messages (message_id, source, call, service_id, user_id, account_id, state, \
+         code, reason, payload, settings, received_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+    )?;
+    let mut enqueue = c.prepare_cached(
+        "INSERT INTO queue (message, ordering_key, next_attempt_at) VALUES (?1, ?2, ?3)",
+    )?;
+    let mut out = Vec::with_capacity(batch.len());
+    for m in batch {
+        let accepted_at: Option<Millis> = seen
+            .query_row(params![m.source, m.message_id], |r| r.get(0))
+            .optional()?;
+        let duplicate = accepted_at.is_some_and(|t| t >= now - window);
+        let (state, code, reason) = if duplicate {
+            (
+                State::Duplicate,
+                Some("duplicate".to_owned()),
+                Some(format!("messageId {:?} was already accepted", m.message_id)),
+            )
+        } else {
+            (m.state, m.code, m.reason)
+        };
+        insert.execute(params![
+            m.message_id,
+            m.source,
+            m.call,
+            m.service_id,
+            m.user_id,
+            m.account_id,
+            state.as_str(),
+            code,
+            reason,
+            m.payload,
+            m.settings,
+            m.received_at,
+        ])?;
+        let id = c.last_insert_rowid();
+        if duplicate {
+            out.push(Acceptance::Duplicate { id });
+            continue;
+        }
+        remember.execute(params![m.source, m.message_id, now])?;
+        if state == State::Pending {
+            enqueue.execute(params![id, m.ordering_key, m.received_at.min(now)])?;
+        }
+        out.push(Acceptance::Stored { id });
+    }
+    Ok(out)
+}
+
+fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, StorageError> {
+    let mut due = c.prepare_cached(
+        "SELECT q.seq FROM queue q \
+         WHERE q.next_attempt_at <= ?1 AND q.leased_until <= ?1 \
+           AND q.seq = (SELECT MIN(h.seq) FROM queue h WHERE h.ordering_key = q.ordering_key) \
+         ORDER BY q.next_attempt_at, q.seq LIMIT ?2",
+    )?;
+    let seqs: Vec<i64> = due
+        .query_map(params![now, limit as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut lease = c.prepare_cached("UPDATE queue SET leased_until = ?2 WHERE seq = ?1")?;
+    let mut load = c.prepare_cached(
+        "SELECT m.id, m.payload, m.settings, m.requests, m.sent, m.attempts, m.received_at, \
+                p.category \
+         FROM queue q JOIN messages m ON m.id = q.message \
+         LEFT JOIN page_categories p ON p.service_id = m.service_id AND p.user_id = m.user_id \
+         WHERE q.seq = ?1",
+    )?;
+    let mut messages = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        lease.execute(params![seq, now + LEASE_MS])?;
+        messages.push(load.query_row([seq], |r| {
+            Ok(Claimed {
+                id: r.get(0)?,
+                payload: r.get(1)?,
+                settings: r.get(2)?,
+                requests: r.get(3)?,
+                sent: r.get(4)?,
+                attempts: r.get(5)?,
+                received_at: r.get(6)?,
+                latest_page_category: r.get(7)?,
+            })
+        })?);
+    }
+    let next_due = c
+        .prepare_cached(
+            "SELECT MIN(next_attempt_at) FROM queue WHERE next_attempt_at > ?1 AND leased_until <= ?1",
+        )?
+        .query_row([now], |r| r.get(0))?;
+    Ok(ClaimBatch { messages, next_due })
+}
+
+fn report(c: &Connection, reports: Vec<Report>, now: Millis) -> Result<(), StorageError> {
+    let mut update = c.prepare_cached(
+        "UPDATE messages SET requests = COALESCE(?2, requests), sent = ?3, \
+         attempts = attempts + ?4, state = ?5, code = ?6, reason = ?7, \
+         last_status = CASE WHEN ?12 THEN ?8 ELSE last_status END, \
+         last_body = CASE WHEN ?12 THEN ?9 ELSE last_body END, \
+         last_error = CASE WHEN ?12 THEN ?10 ELSE last_error END, \
+         updated_at = ?11 WHERE id = ?1",
+    )?;
+    let mut dequeue = c.prepare_cached("DELETE FROM queue WHERE message = ?1")?;
+    let mut reschedule = c.prepare_cached(
+        "UPDATE queue SET next_attempt_at = ?2, leased_until = 0 WHERE message = ?1",
+    )?;
+    let mut remember = c.prepare_cached(
+        "INSERT INTO page_categories (service_id, user_id, category) \
+         SELECT service_id, user_id, ?2 FROM messages WHERE id = ?1 AND user_id IS NOT NULL \
+         ON CONFLICT (service_id, user_id) DO UPDATE SET category = excluded.category",
+    )?;
+    let mut forget = c.prepare_cached(
+        "DELETE FROM page_categories WHERE (service_id, user_id) IN \
+         (SELECT service_id, user_id FROM messages WHERE id = ?1)",
+    )?;
+    let mut queued = c.prepare_cached("SELECT 1 FROM queue WHERE message = ?1")?;
+    for r in reports {
+        // A report for a message no longer queued is stale (its lease ran out
+        // and another attempt finished it): it must not overwrite that result.
+        if !queued.exists([r.id])? {
+            tracing::warn!(id = r.id, "ignoring a stale delivery report");
+            continue;
+        }
+        let (state, code, reason) = match &r.disposition {
+            Disposition::Delivered => (State::Delivered, None, None),
+            Disposition::Retry { .. } => (State::Pending, None, None),
+            Disposition::Dead { code, reason } => {
+                (State::Dead, Some(code.clone()), Some(reason.clone()))
+            }
+            Disposition::Final {
+                state,
+                code,
+                reason,
+            } => (*state, code.clone(), reason.clone()),
+        };
+        let last = r.last.clone().unwrap_or_default();
+        update.execute(params![
+            r.id,
+            r.requests,
+            r.sent,
+            r.attempted as i64,
+            state.as_str(),
+            code,
+            reason,
+            last.status,
+            last.body,
+            last.error,
+            now,
+            r.last.is_some(),
+        ])?;
+        match r.disposition {
+            Disposition::Retry { next_attempt_at } => {
+                reschedule.execute(params![r.id, next_attempt_at])?;
+            }
+            _ => {
+                dequeue.execute([r.id])?;
+            }
+        }
+        match r.page_category {
+            Some(Some(category)) => {
+                remember.execute(params![r.id, category])?;
+            }
+            Some(None) => {
+                forget.execute([r.id])?;
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

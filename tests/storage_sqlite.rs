@@ -1,0 +1,895 @@
+//! Integration tests for the embedded SQLite storage backend: acceptance and
+//! dedupe, per-key ordering, retries, dead letters, persisted delivery
+//! progress, page categories, restart recovery, group commit and closing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use totango_destination::storage::{
+    Acceptance, Claimed, Disposition, LastResponse, NewMessage, Report, SqliteStorage, State,
+    Storage, StorageError, now_millis,
+};
+
+const WINDOW: i64 = 24 * 60 * 60 * 1000;
+
+fn db_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("data").join("queue.db")
+}
+
+fn open(path: &Path) -> SqliteStorage {
+    SqliteStorage::open(path, WINDOW).expect("open storage")
+}
+
+/// A pending track message of user `u1` in service `svc`, ordered by `key`.
+fn msg(message_id: &str, key: &str) -> NewMessage {
+    NewMessage {
+        source: "web".to_owned(),
+        message_id: message_id.to_owned(),
+        call: "track".to_owned(),
+        service_id: "svc".to_owned(),
+        user_id: Some("u1".to_owned()),
+        account_id: Some("acc1".to_owned()),
+        ordering_key: key.to_owned(),
+        payload: json!({"type": "track", "messageId": message_id, "event": "Clicked"}).to_string(),
+        settings: "{}".to_owned(),
+        state: State::Pending,
+        code: None,
+        reason: None,
+        received_at: now_millis(),
+    }
+}
+
+/// A message stored in a final state decided at ingest.
+fn final_msg(message_id: &str, key: &str, state: State, code: &str, reason: &str) -> NewMessage {
+    NewMessage {
+        state,
+        code: Some(code.to_owned()),
+        reason: Some(reason.to_owned()),
+        ..msg(message_id, key)
+    }
+}
+
+/// A message of user `user` in service `service`, keyed by both.
+fn user_msg(message_id: &str, service: &str, user: &str) -> NewMessage {
+    NewMessage {
+        service_id: service.to_owned(),
+        user_id: Some(user.to_owned()),
+        ..msg(message_id, &format!("{service}/{user}"))
+    }
+}
+
+fn report(id: i64, disposition: Disposition) -> Report {
+    Report {
+        id,
+        requests: None,
+        sent: 0,
+        attempted: true,
+        disposition,
+        last: None,
+        page_category: None,
+    }
+}
+
+fn stored_id(a: &Acceptance) -> i64 {
+    match *a {
+        Acceptance::Stored { id } => id,
+        Acceptance::Duplicate { id } => panic!("expected Stored, got Duplicate {{ id: {id} }}"),
+    }
+}
+
+async fn accept_one(s: &SqliteStorage, m: NewMessage) -> Acceptance {
+    let out = s.accept(vec![m]).await.expect("accept");
+    assert_eq!(out.len(), 1);
+    out[0]
+}
+
+async fn accept_ids(s: &SqliteStorage, batch: Vec<NewMessage>) -> Vec<i64> {
+    let n = batch.len();
+    let out = s.accept(batch).await.expect("accept");
+    assert_eq!(out.len(), n);
+    out.iter().map(stored_id).collect()
+}
+
+fn ids(claimed: &[Claimed]) -> Vec<i64> {
+    let mut v: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+    v.sort_unstable();
+    v
+}
+
+async fn counts(s: &SqliteStorage) -> HashMap<State, u64> {
+    s.counts().await.expect("counts").into_iter().collect()
+}
+
+#[tokio::test]
+async fn accept_stores_all_and_queues_only_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+
+    let mut pending = msg("m-pending", "k1");
+    pending.account_id = None;
+    let filtered = final_msg(
+        "m-filtered",
+        "k2",
+        State::Filtered,
+        "filtered",
+        "event filtered",
+    );
+    let rejected = final_msg("m-rejected", "k3", State::Rejected, "invalid", "no userId");
+    let received_at = pending.received_at;
+    let [p, f, r] = accept_ids(&s, vec![pending, filtered, rejected]).await[..] else {
+        unreachable!()
+    };
+    assert!(p < f && f < r, "ids follow acceptance order: {p} {f} {r}");
+
+    // Only the pending message is queued.
+    let batch = s.claim(10, now_millis() + 1).await.unwrap();
+    assert_eq!(ids(&batch.messages), vec![p]);
+    assert_eq!(batch.next_due, None);
+    let c = &batch.messages[0];
+    assert_eq!(c.received_at, received_at);
+    assert_eq!(c.settings, "{}");
+    assert_eq!(c.requests, None);
+    assert_eq!((c.sent, c.attempts), (0, 0));
+    let payload: serde_json::Value = serde_json::from_str(&c.payload).unwrap();
+    assert_eq!(payload["messageId"], "m-pending");
+
+    // Far in the future (after its lease expired) the pending message is
+    // claimable again, and still nothing else.
+    let later = s.claim(10, now_millis() + 365 * WINDOW).await.unwrap();
+    assert_eq!(ids(&later.messages), vec![p]);
+
+    let got = s.get(p).await.unwrap().expect("pending stored");
+    assert_eq!(got.id, p);
+    assert_eq!(got.state, State::Pending);
+    assert_eq!(got.message_id, "m-pending");
+    assert_eq!(got.source, "web");
+    assert_eq!(got.call, "track");
+    assert_eq!(got.service_id, "svc");
+    assert_eq!(got.user_id.as_deref(), Some("u1"));
+    assert_eq!(got.account_id, None);
+    assert_eq!((got.code, got.reason), (None, None));
+    assert_eq!(
+        got.payload,
+        json!({"type": "track", "messageId": "m-pending", "event": "Clicked"})
+    );
+    assert_eq!(got.received_at, received_at);
+    assert!(got.next_attempt_at.is_some(), "pending message is queued");
+    assert_eq!(got.last_response, None);
+
+    let got = s.get(f).await.unwrap().expect("filtered stored");
+    assert_eq!(got.state, State::Filtered);
+    assert_eq!(got.code.as_deref(), Some("filtered"));
+    assert_eq!(got.reason.as_deref(), Some("event filtered"));
+    assert_eq!(got.payload["messageId"], "m-filtered");
+    assert_eq!(got.next_attempt_at, None, "filtered message is not queued");
+
+    let got = s.get(r).await.unwrap().expect("rejected stored");
+    assert_eq!(got.state, State::Rejected);
+    assert_eq!(got.code.as_deref(), Some("invalid"));
+    assert_eq!(got.reason.as_deref(), Some("no userId"));
+    assert_eq!(got.next_attempt_at, None, "rejected message is not queued");
+
+    assert!(s.get(r + 1000).await.unwrap().is_none());
+
+    let c = counts(&s).await;
+    assert_eq!(c.get(&State::Pending), Some(&1));
+    assert_eq!(c.get(&State::Filtered), Some(&1));
+    assert_eq!(c.get(&State::Rejected), Some(&1));
+    assert_eq!(c.get(&State::Delivered), None);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn dedupe_by_source_and_message_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+
+    let first = stored_id(&accept_one(&s, msg("dup-1", "k1")).await);
+    let second = accept_one(&s, msg("dup-1", "k1")).await;
+    let Acceptance::Duplicate { id: dup } = second else {
+        panic!("second accept of the same messageId must be Duplicate, got {second:?}");
+    };
+    assert_ne!(dup, first, "the duplicate is recorded as its own row");
+
+    let got = s.get(dup).await.unwrap().expect("duplicate recorded");
+    assert_eq!(got.state, State::Duplicate);
+    assert_eq!(got.message_id, "dup-1");
+    assert!(got.code.is_some(), "duplicate carries a code");
+    assert_eq!(got.next_attempt_at, None, "duplicate is not queued");
+
+    // Same messageId from another source is a different message.
+    let other_source = NewMessage {
+        source: "mobile".to_owned(),
+        ..msg("dup-1", "k2")
+    };
+    let other = stored_id(&accept_one(&s, other_source).await);
+
+    // Only the first and the other-source message are queued.
+    let batch = s.claim(10, now_millis() + 1).await.unwrap();
+    assert_eq!(ids(&batch.messages), vec![first, other]);
+    // Even after their leases expired, only those two are ever claimed.
+    let again = s.claim(10, now_millis() + 365 * WINDOW).await.unwrap();
+    assert_eq!(ids(&again.messages), vec![first, other]);
+
+    let c = counts(&s).await;
+    assert_eq!(c.get(&State::Pending), Some(&2));
+    assert_eq!(c.get(&State::Duplicate), Some(&1));
+    s.close().await;
+}
+
+#[tokio::test]
+async fn dedupe_window_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStorage::open(&db_path(&dir), 1).unwrap();
+
+    let first = stored_id(&accept_one(&s, msg("again", "k1")).await);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = accept_one(&s, msg("again", "k1")).await;
+    let Acceptance::Stored { id: second } = second else {
+        panic!("outside the dedupe window the message is accepted again, got {second:?}");
+    };
+    assert_ne!(first, second);
+    assert_eq!(s.get(second).await.unwrap().unwrap().state, State::Pending);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn duplicate_within_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+
+    let out = s
+        .accept(vec![
+            msg("same", "k1"),
+            msg("same", "k1"),
+            msg("other", "k1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 3);
+    let first = stored_id(&out[0]);
+    let Acceptance::Duplicate { id: dup } = out[1] else {
+        panic!("second of the batch must be Duplicate, got {:?}", out[1]);
+    };
+    let third = stored_id(&out[2]);
+    assert_eq!(s.get(dup).await.unwrap().unwrap().state, State::Duplicate);
+
+    // The key holds exactly two queued messages: first, then third.
+    let now = now_millis() + 1;
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![first]);
+    s.report(vec![report(first, Disposition::Delivered)])
+        .await
+        .unwrap();
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![third]);
+    s.report(vec![report(third, Disposition::Delivered)])
+        .await
+        .unwrap();
+    let b = s.claim(10, now).await.unwrap();
+    assert!(b.messages.is_empty(), "claimed {:?}", ids(&b.messages));
+    s.close().await;
+}
+
+#[tokio::test]
+async fn claim_one_per_key_in_acceptance_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+
+    // A's messages arrive in separate batches, interleaved with B.
+    let a1 = stored_id(&accept_one(&s, msg("a1", "A")).await);
+    let b1 = stored_id(&accept_one(&s, msg("b1", "B")).await);
+    let [a2, a3] = accept_ids(&s, vec![msg("a2", "A"), msg("a3", "A")]).await[..] else {
+        unreachable!()
+    };
+    let now = now_millis() + 1;
+
+    let first = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&first.messages), vec![a1, b1]);
+
+    // The heads are leased: nothing more for A (nor B) until reported.
+    let second = s.claim(10, now).await.unwrap();
+    assert!(
+        second.messages.is_empty(),
+        "claimed {:?} while heads are leased",
+        ids(&second.messages)
+    );
+
+    s.report(vec![report(a1, Disposition::Delivered)])
+        .await
+        .unwrap();
+    let third = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&third.messages), vec![a2], "A's next, B still leased");
+    assert_eq!(s.get(a1).await.unwrap().unwrap().state, State::Delivered);
+    assert_eq!(s.get(a1).await.unwrap().unwrap().next_attempt_at, None);
+
+    // Drain everything: within A, strictly acceptance order.
+    s.report(vec![
+        report(a2, Disposition::Delivered),
+        report(b1, Disposition::Delivered),
+    ])
+    .await
+    .unwrap();
+    let mut order_a = vec![a1, a2];
+    loop {
+        let b = s.claim(10, now).await.unwrap();
+        if b.messages.is_empty() {
+            break;
+        }
+        assert_eq!(b.messages.len(), 1, "only A remains, one at a time");
+        order_a.push(b.messages[0].id);
+        s.report(vec![report(b.messages[0].id, Disposition::Delivered)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(order_a, vec![a1, a2, a3]);
+    assert_eq!(counts(&s).await.get(&State::Delivered), Some(&4));
+    assert_eq!(counts(&s).await.get(&State::Pending), None);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn claim_respects_limit_oldest_due_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    let all = accept_ids(
+        &s,
+        (0..5)
+            .map(|i| msg(&format!("m{i}"), &format!("K{i}")))
+            .collect(),
+    )
+    .await;
+    let now = now_millis() + 1;
+    let b = s.claim(2, now).await.unwrap();
+    assert_eq!(ids(&b.messages), all[..2].to_vec());
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), all[2..].to_vec());
+    s.close().await;
+}
+
+#[tokio::test]
+async fn retry_blocks_only_its_key_until_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+
+    let [a1, a2, b1] =
+        accept_ids(&s, vec![msg("a1", "A"), msg("a2", "A"), msg("b1", "B")]).await[..]
+    else {
+        unreachable!()
+    };
+    let now = now_millis() + 1;
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![a1, b1]);
+
+    let due = now + 60_000;
+    s.report(vec![Report {
+        last: Some(LastResponse {
+            status: Some(503),
+            body: Some("unavailable".to_owned()),
+            error: None,
+        }),
+        ..report(
+            a1,
+            Disposition::Retry {
+                next_attempt_at: due,
+            },
+        )
+    }])
+    .await
+    .unwrap();
+
+    let got = s.get(a1).await.unwrap().unwrap();
+    assert_eq!(got.state, State::Pending);
+    assert_eq!(got.attempts, 1);
+    assert_eq!(got.next_attempt_at, Some(due));
+    assert_eq!(got.last_response.and_then(|l| l.status), Some(503));
+
+    // Head-of-line: neither a1 nor a2 while a1 waits.
+    let b = s.claim(10, now).await.unwrap();
+    assert!(b.messages.is_empty(), "claimed {:?}", ids(&b.messages));
+    assert_eq!(b.next_due, Some(due));
+    let b = s.claim(10, due - 1).await.unwrap();
+    assert!(b.messages.is_empty(), "claimed {:?}", ids(&b.messages));
+
+    // Another key is not blocked meanwhile.
+    s.report(vec![report(b1, Disposition::Delivered)])
+        .await
+        .unwrap();
+    let b2 = stored_id(&accept_one(&s, msg("b2", "B")).await);
+    let b = s.claim(10, now_millis() + 1).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![b2]);
+    assert_eq!(b.next_due, Some(due));
+
+    // Once due, a1 comes back (and still not a2).
+    let b = s.claim(10, now + 60_001).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![a1]);
+    assert_eq!(b.messages[0].attempts, 1);
+
+    // An unattempted retry does not count as an attempt.
+    s.report(vec![Report {
+        attempted: false,
+        ..report(
+            a1,
+            Disposition::Retry {
+                next_attempt_at: now,
+            },
+        )
+    }])
+    .await
+    .unwrap();
+    let b = s.claim(10, now + 60_001).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![a1]);
+    assert_eq!(b.messages[0].attempts, 1);
+    let got = s.get(a1).await.unwrap().unwrap();
+    assert_eq!(
+        got.last_response.and_then(|l| l.status),
+        Some(503),
+        "a report without a response keeps the last one"
+    );
+
+    s.report(vec![report(a1, Disposition::Delivered)])
+        .await
+        .unwrap();
+    let b = s.claim(10, now + 60_001).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![a2]);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn dead_is_recorded_and_unblocks_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+
+    let [a1, a2] = accept_ids(&s, vec![msg("a1", "A"), msg("a2", "A")]).await[..] else {
+        unreachable!()
+    };
+    let now = now_millis() + 1;
+    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![a1]);
+
+    s.report(vec![Report {
+        last: Some(LastResponse {
+            status: Some(400),
+            body: Some("bad request: no such field".to_owned()),
+            error: None,
+        }),
+        ..report(
+            a1,
+            Disposition::Dead {
+                code: "totango_rejected".to_owned(),
+                reason: "Totango answered 400".to_owned(),
+            },
+        )
+    }])
+    .await
+    .unwrap();
+
+    let got = s.get(a1).await.unwrap().unwrap();
+    assert_eq!(got.state, State::Dead);
+    assert_eq!(got.code.as_deref(), Some("totango_rejected"));
+    assert_eq!(got.reason.as_deref(), Some("Totango answered 400"));
+    assert_eq!(
+        got.last_response,
+        Some(LastResponse {
+            status: Some(400),
+            body: Some("bad request: no such field".to_owned()),
+            error: None,
+        })
+    );
+    assert_eq!(got.attempts, 1);
+    assert_eq!(got.next_attempt_at, None, "dead message is dequeued");
+    assert!(got.updated_at >= got.received_at);
+
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(
+        ids(&b.messages),
+        vec![a2],
+        "the key's next message is claimable"
+    );
+    let c = counts(&s).await;
+    assert_eq!(c.get(&State::Dead), Some(&1));
+    assert_eq!(c.get(&State::Pending), Some(&1));
+    s.close().await;
+}
+
+#[tokio::test]
+async fn final_disposition_records_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    let [a1, a2] = accept_ids(&s, vec![msg("a1", "A"), msg("a2", "A")]).await[..] else {
+        unreachable!()
+    };
+    let now = now_millis() + 1;
+    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![a1]);
+    s.report(vec![Report {
+        attempted: false,
+        ..report(
+            a1,
+            Disposition::Final {
+                state: State::Unsupported,
+                code: Some("unsupported_call".to_owned()),
+                reason: Some("screen is not supported".to_owned()),
+            },
+        )
+    }])
+    .await
+    .unwrap();
+    let got = s.get(a1).await.unwrap().unwrap();
+    assert_eq!(got.state, State::Unsupported);
+    assert_eq!(got.code.as_deref(), Some("unsupported_call"));
+    assert_eq!(got.reason.as_deref(), Some("screen is not supported"));
+    assert_eq!(got.attempts, 0);
+    assert_eq!(got.next_attempt_at, None);
+    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![a2]);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn requests_and_sent_persist_across_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
+    let now = now_millis() + 1;
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![id]);
+    assert_eq!(
+        (b.messages[0].requests.clone(), b.messages[0].sent),
+        (None, 0)
+    );
+
+    let requests = json!([{"url": "/a", "body": "x=1"}, {"url": "/b", "body": "y=2"}]).to_string();
+    s.report(vec![Report {
+        requests: Some(requests.clone()),
+        sent: 1,
+        ..report(
+            id,
+            Disposition::Retry {
+                next_attempt_at: now,
+            },
+        )
+    }])
+    .await
+    .unwrap();
+
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![id]);
+    assert_eq!(b.messages[0].requests.as_deref(), Some(requests.as_str()));
+    assert_eq!(b.messages[0].sent, 1);
+    assert_eq!(b.messages[0].attempts, 1);
+
+    // A later report without requests keeps the stored ones.
+    s.report(vec![Report {
+        requests: None,
+        sent: 1,
+        ..report(
+            id,
+            Disposition::Retry {
+                next_attempt_at: now,
+            },
+        )
+    }])
+    .await
+    .unwrap();
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(b.messages[0].requests.as_deref(), Some(requests.as_str()));
+    assert_eq!(b.messages[0].attempts, 2);
+
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.requests, Some(serde_json::from_str(&requests).unwrap()));
+    assert_eq!(got.sent, 1);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn page_category_per_service_and_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+
+    let p = stored_id(&accept_one(&s, user_msg("page", "S", "U")).await);
+    let now = now_millis() + 1;
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![p]);
+    assert_eq!(b.messages[0].latest_page_category, None);
+    s.report(vec![Report {
+        page_category: Some(Some("Reports".to_owned())),
+        ..report(p, Disposition::Delivered)
+    }])
+    .await
+    .unwrap();
+
+    let [t1, other_service, other_user] = accept_ids(
+        &s,
+        vec![
+            user_msg("t1", "S", "U"),
+            user_msg("t-s2", "S2", "U"),
+            user_msg("t-u2", "S", "U2"),
+        ],
+    )
+    .await[..] else {
+        unreachable!()
+    };
+    let now = now_millis() + 1;
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![t1, other_service, other_user]);
+    let by_id: HashMap<i64, Option<String>> = b
+        .messages
+        .iter()
+        .map(|c| (c.id, c.latest_page_category.clone()))
+        .collect();
+    assert_eq!(by_id[&t1].as_deref(), Some("Reports"));
+    assert_eq!(
+        by_id[&other_service], None,
+        "another service does not see it"
+    );
+    assert_eq!(by_id[&other_user], None, "another user does not see it");
+
+    // A later page replaces it.
+    s.report(vec![Report {
+        page_category: Some(Some("Billing".to_owned())),
+        ..report(t1, Disposition::Delivered)
+    }])
+    .await
+    .unwrap();
+    let t2 = stored_id(&accept_one(&s, user_msg("t2", "S", "U")).await);
+    let b = s.claim(10, now_millis() + 1).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![t2]);
+    assert_eq!(
+        b.messages[0].latest_page_category.as_deref(),
+        Some("Billing")
+    );
+
+    // `Some(None)` clears it; `None` leaves it as is.
+    s.report(vec![Report {
+        page_category: Some(None),
+        ..report(t2, Disposition::Delivered)
+    }])
+    .await
+    .unwrap();
+    let t3 = stored_id(&accept_one(&s, user_msg("t3", "S", "U")).await);
+    let b = s.claim(10, now_millis() + 1).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![t3]);
+    assert_eq!(b.messages[0].latest_page_category, None);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn page_category_kept_when_report_does_not_mention_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    let p = stored_id(&accept_one(&s, user_msg("page", "S", "U")).await);
+    assert_eq!(
+        ids(&s.claim(10, now_millis() + 1).await.unwrap().messages),
+        vec![p]
+    );
+    s.report(vec![Report {
+        page_category: Some(Some("Reports".to_owned())),
+        ..report(p, Disposition::Delivered)
+    }])
+    .await
+    .unwrap();
+    let t1 = stored_id(&accept_one(&s, user_msg("t1", "S", "U")).await);
+    assert_eq!(
+        ids(&s.claim(10, now_millis() + 1).await.unwrap().messages),
+        vec![t1]
+    );
+    s.report(vec![report(t1, Disposition::Delivered)])
+        .await
+        .unwrap();
+    let t2 = stored_id(&accept_one(&s, user_msg("t2", "S", "U")).await);
+    let b = s.claim(10, now_millis() + 1).await.unwrap();
+    assert_eq!(ids(&b.messages), vec![t2]);
+    assert_eq!(
+        b.messages[0].latest_page_category.as_deref(),
+        Some("Reports")
+    );
+    s.close().await;
+}
+
+#[tokio::test]
+async fn reopen_clears_leases_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let s = open(&path);
+    let [a1, a2, b1, done] = accept_ids(
+        &s,
+        vec![
+            msg("a1", "A"),
+            msg("a2", "A"),
+            msg("b1", "B"),
+            msg("d", "D"),
+        ],
+    )
+    .await[..] else {
+        unreachable!()
+    };
+    let now = now_millis() + 1;
+    assert_eq!(
+        ids(&s.claim(10, now).await.unwrap().messages),
+        vec![a1, b1, done]
+    );
+    s.report(vec![report(done, Disposition::Delivered)])
+        .await
+        .unwrap();
+    // Leased: not claimable again in this process.
+    assert!(s.claim(10, now).await.unwrap().messages.is_empty());
+    s.close().await;
+    drop(s);
+
+    let s = open(&path);
+    let b = s.claim(10, now).await.unwrap();
+    assert_eq!(
+        ids(&b.messages),
+        vec![a1, b1],
+        "leases are cleared at start"
+    );
+    assert_eq!(s.get(done).await.unwrap().unwrap().state, State::Delivered);
+    assert_eq!(s.get(a2).await.unwrap().unwrap().state, State::Pending);
+    let c = counts(&s).await;
+    assert_eq!(c.get(&State::Pending), Some(&3));
+    assert_eq!(c.get(&State::Delivered), Some(&1));
+
+    // The dedupe memory survives the restart too.
+    let again = accept_one(&s, msg("a1", "A")).await;
+    assert!(
+        matches!(again, Acceptance::Duplicate { .. }),
+        "got {again:?}"
+    );
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_accepts_all_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(open(&db_path(&dir)));
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let out = s
+                    .accept(vec![msg(&format!("c{i}"), &format!("key{}", i % 7))])
+                    .await
+                    .expect("accept");
+                assert_eq!(out.len(), 1);
+                stored_id(&out[0])
+            })
+        })
+        .collect();
+    let mut ids = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        ids.push(t.await.expect("task"));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 200, "distinct ids");
+
+    let c = counts(&s).await;
+    assert_eq!(c.get(&State::Pending), Some(&200));
+    assert_eq!(c.len(), 1, "only pending: {c:?}");
+    let b = s.claim(1000, now_millis() + 1).await.unwrap();
+    assert_eq!(b.messages.len(), 7, "one head per key");
+    s.close().await;
+}
+
+#[tokio::test]
+async fn closed_storage_refuses_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    s.ping().await.expect("ping while open");
+    let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
+    s.close().await;
+
+    assert_eq!(
+        s.accept(vec![msg("m2", "A")]).await,
+        Err(StorageError::Closed)
+    );
+    assert_eq!(
+        s.claim(10, now_millis()).await.map(|b| b.messages.len()),
+        Err(StorageError::Closed)
+    );
+    assert_eq!(
+        s.report(vec![report(id, Disposition::Delivered)]).await,
+        Err(StorageError::Closed)
+    );
+    assert!(s.ping().await.is_err(), "ping after close");
+    // Closing twice is harmless.
+    s.close().await;
+    assert!(s.ping().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_keeps_every_acknowledged_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let s = Arc::new(open(&path));
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.accept(vec![msg(&format!("c{i}"), "K")]).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    s.close().await;
+    let mut ok = 0u64;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(out) => {
+                stored_id(&out[0]);
+                ok += 1;
+            }
+            Err(e) => assert_eq!(e, StorageError::Closed),
+        }
+    }
+    drop(s);
+
+    let s = open(&path);
+    let pending = counts(&s).await.get(&State::Pending).copied().unwrap_or(0);
+    assert_eq!(pending, ok, "every Ok accept is on disk, nothing else is");
+    s.close().await;
+}
+
+#[tokio::test]
+async fn reopen_after_drop_without_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let s = open(&path);
+    let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
+    let now = now_millis() + 1;
+    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![id]);
+    drop(s);
+
+    let s = open(&path);
+    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![id]);
+    s.close().await;
+}
+
+#[tokio::test]
+
+async fn reads_fail_after_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
+    s.close().await;
+    assert_eq!(
+        s.get(id).await.map(|m| m.map(|m| m.state)),
+        Err(StorageError::Closed)
+    );
+    assert_eq!(s.counts().await, Err(StorageError::Closed));
+}
+
+#[tokio::test]
+
+async fn stale_report_after_lease_expiry_does_not_resurrect() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
+    let now = now_millis() + 1;
+    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![id]);
+    // The first lease (10 minutes) expires; a second claim takes the message.
+    let later = now + 11 * 60 * 1000;
+    assert_eq!(ids(&s.claim(10, later).await.unwrap().messages), vec![id]);
+    s.report(vec![report(id, Disposition::Delivered)])
+        .await
+        .unwrap();
+    // The first worker's late report arrives.
+    s.report(vec![report(
+        id,
+        Disposition::Retry {
+            next_attempt_at: later,
+        },
+    )])
+    .await
+    .unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    // Either the stale report is ignored (Delivered), or the message is
+    // really queued again; a Pending message that is not queued is lost.
+    let requeued = !s.claim(10, later + 1).await.unwrap().messages.is_empty();
+    assert!(
+        got.state == State::Delivered || (got.state == State::Pending && requeued),
+        "state {:?}, next_attempt_at {:?}, claimable again: {requeued}",
+        got.state,
+        got.next_attempt_at
+    );
+    s.close().await;
+}
