@@ -118,6 +118,13 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
             if s.is::<http_body_util::LengthLimitError>() {
                 return ApiError::too_large(limit);
             }
+            if s.is::<tower_http::timeout::TimeoutError>() {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "body: not received in time",
+                );
+            }
             source = s.source();
         }
         ApiError::bad_request("body", format!("could not read the request body: {e}"))

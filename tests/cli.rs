@@ -1,0 +1,219 @@
+//! The real binary: `translate` exit codes, `check-config`, start-up refusal,
+//! graceful shutdown on SIGTERM that leaves undelivered work stored, and
+//! slow clients cut off by the read timeouts.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_totango-destination");
+
+fn translate(settings: &str, stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["translate", "--settings", settings])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn translate_prints_the_spec_shape() {
+    let (code, out, _) = translate(
+        r#"{"service_id":"SP-1234-01","endpoint":"http://fake.test/"}"#,
+        r#"{"type":"track","userId":"u","event":"E","context":{"groupId":"g"}}"#,
+    );
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["outcome"], "send");
+    assert_eq!(v["code"], serde_json::Value::Null);
+    assert_eq!(v["requests"][0]["method"], "GET");
+    assert_eq!(v["requests"][0]["url"], "http://fake.test/pixel.gif/");
+    assert_eq!(v["requests"][0]["params"]["sdr_a"], "E");
+}
+
+#[test]
+fn translate_exit_codes() {
+    let settings = r#"{"service_id":"SP-1234-01"}"#;
+    assert_eq!(translate(settings, "[1,2]").0, 1, "not an object");
+    assert_eq!(translate(settings, "{nope").0, 1, "not JSON");
+    // A rejected message is still a successful translation.
+    let (code, out, _) = translate(settings, r#"{"type":"identify","userId":"u"}"#);
+    assert_eq!(code, 0);
+    assert!(out.contains(r#""code":"missing_group_id""#), "{out}");
+    let (code, _, err) = translate(r#"{"region":"us"}"#, "{}");
+    assert_eq!(code, 2);
+    assert!(err.contains("service_id"), "{err}");
+    let (code, _, err) = translate(r#"{"service_id":"SP-1234-01","regoin":"eu"}"#, "{}");
+    assert_eq!(code, 2);
+    assert!(err.contains("regoin"), "{err}");
+}
+
+#[test]
+fn check_config_redacts_secrets() {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("TD_TOTANGO__API_TOKEN", "very-secret-token")
+        .env("TD_AUTH__WRITE_KEYS", "very-secret-key")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("very-secret"), "{text}");
+    assert!(text.contains("api_token = \"[redacted]\""), "{text}");
+}
+
+#[test]
+fn check_config_names_the_bad_setting() {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("TD_DELIVERY__RETRY_BASE_MS", "soon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("delivery.retry_base_ms"), "{err}");
+}
+
+#[test]
+fn refuses_to_start_open_on_a_public_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .env("TD_STORAGE__URL", format!("sqlite://{}", dir.path().join("x.db").display()))
+        .env_remove("TD_AUTH__WRITE_KEYS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("auth.write_keys") && err.contains("TD_AUTH__ALLOW_OPEN"), "{err}");
+}
+
+struct Served {
+    child: Child,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn serve(db: &std::path::Path, extra: &[(&str, &str)]) -> Served {
+    let port = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("TD_STORAGE__URL", format!("sqlite://{}", db.display()))
+        .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
+        // Nothing listens on port 9: every delivery attempt fails and is retried.
+        .env("TD_TOTANGO__ENDPOINT", "http://127.0.0.1:9")
+        .env("TD_AUTH__WRITE_KEYS", "k")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            let mut resp = String::new();
+            let _ = s.read_to_string(&mut resp);
+            if resp.starts_with("HTTP/1.1 200") {
+                return Served { child, port };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server not ready");
+}
+
+fn post(port: u16, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = "azo="; // base64("k:")
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_keeps_undelivered_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("td.db");
+    let mut served = serve(&db, &[]);
+    for i in 0..3 {
+        let body = format!(r#"{{"userId":"u{i}","event":"E","messageId":"m{i}","context":{{"groupId":"g"}}}}"#);
+        let resp = post(served.port, "/v1/track", &body);
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    let pid = served.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let pending: i64 = conn
+        .query_row("SELECT COUNT(*) FROM messages m JOIN queue q ON q.message = m.id WHERE m.state = 'pending'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(pending, 3, "accepted messages stay queued for the next start");
+}
+
+/// Reads until the server closes the connection or `limit` passes.
+fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Duration) {
+    let start = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    (String::from_utf8_lossy(&buf).into_owned(), start.elapsed())
+}
+
+#[test]
+fn stalled_clients_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve(
+        &dir.path().join("td.db"),
+        &[("TD_LIMITS__HEADER_READ_TIMEOUT_MS", "300"), ("TD_LIMITS__BODY_READ_TIMEOUT_MS", "300")],
+    );
+    // Headers that never finish.
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let (_, waited) = read_until_closed(&mut s, Duration::from_secs(10));
+    assert!(waited < Duration::from_secs(5), "header read not cut off ({waited:?})");
+
+    // A body shorter than its Content-Length.
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic azo=\r\nContent-Length: 100\r\n\r\n{\"type\"").unwrap();
+    let (resp, waited) = read_until_closed(&mut s, Duration::from_secs(10));
+    assert!(waited < Duration::from_secs(5), "body read not cut off ({waited:?})");
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("body_timeout"), "{resp}");
+    served.child.kill().unwrap();
+    let _ = served.child.wait();
+}
