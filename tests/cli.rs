@@ -17,7 +17,12 @@ fn translate(settings: &str, stdin: &str) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap(),
@@ -89,13 +94,19 @@ fn refuses_to_start_open_on_a_public_address() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["serve", "--listen", "0.0.0.0:0"])
-        .env("TD_STORAGE__URL", format!("sqlite://{}", dir.path().join("x.db").display()))
+        .env(
+            "TD_STORAGE__URL",
+            format!("sqlite://{}", dir.path().join("x.db").display()),
+        )
         .env_remove("TD_AUTH__WRITE_KEYS")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("auth.write_keys") && err.contains("TD_AUTH__ALLOW_OPEN"), "{err}");
+    assert!(
+        err.contains("auth.write_keys") && err.contains("TD_AUTH__ALLOW_OPEN"),
+        "{err}"
+    );
 }
 
 struct Served {
@@ -104,7 +115,11 @@ struct Served {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn serve(db: &std::path::Path, extra: &[(&str, &str)]) -> Served {
@@ -125,7 +140,8 @@ fn serve(db: &std::path::Path, extra: &[(&str, &str)]) -> Served {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
             let mut resp = String::new();
             let _ = s.read_to_string(&mut resp);
             if resp.starts_with("HTTP/1.1 200") {
@@ -157,12 +173,20 @@ fn sigterm_stops_cleanly_and_keeps_undelivered_work() {
     let db = dir.path().join("td.db");
     let mut served = serve(&db, &[]);
     for i in 0..3 {
-        let body = format!(r#"{{"userId":"u{i}","event":"E","messageId":"m{i}","context":{{"groupId":"g"}}}}"#);
+        let body = format!(
+            r#"{{"userId":"u{i}","event":"E","messageId":"m{i}","context":{{"groupId":"g"}}}}"#
+        );
         let resp = post(served.port, "/v1/track", &body);
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     }
     let pid = served.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = served.child.try_wait().unwrap() {
@@ -176,7 +200,10 @@ fn sigterm_stops_cleanly_and_keeps_undelivered_work() {
     let pending: i64 = conn
         .query_row("SELECT COUNT(*) FROM messages m JOIN queue q ON q.message = m.id WHERE m.state = 'pending'", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(pending, 3, "accepted messages stay queued for the next start");
+    assert_eq!(
+        pending, 3,
+        "accepted messages stay queued for the next start"
+    );
 }
 
 /// Reads until the server closes the connection or `limit` passes.
@@ -199,19 +226,29 @@ fn stalled_clients_are_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let mut served = serve(
         &dir.path().join("td.db"),
-        &[("TD_LIMITS__HEADER_READ_TIMEOUT_MS", "300"), ("TD_LIMITS__BODY_READ_TIMEOUT_MS", "300")],
+        &[
+            ("TD_LIMITS__HEADER_READ_TIMEOUT_MS", "300"),
+            ("TD_LIMITS__BODY_READ_TIMEOUT_MS", "300"),
+        ],
     );
     // Headers that never finish.
     let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
-    s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let (_, waited) = read_until_closed(&mut s, Duration::from_secs(10));
-    assert!(waited < Duration::from_secs(5), "header read not cut off ({waited:?})");
+    assert!(
+        waited < Duration::from_secs(5),
+        "header read not cut off ({waited:?})"
+    );
 
     // A body shorter than its Content-Length.
     let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
     s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic azo=\r\nContent-Length: 100\r\n\r\n{\"type\"").unwrap();
     let (resp, waited) = read_until_closed(&mut s, Duration::from_secs(10));
-    assert!(waited < Duration::from_secs(5), "body read not cut off ({waited:?})");
+    assert!(
+        waited < Duration::from_secs(5),
+        "body read not cut off ({waited:?})"
+    );
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("body_timeout"), "{resp}");
     served.child.kill().unwrap();
