@@ -5,6 +5,7 @@ use crate::config::{Runtime, StorageUrl};
 use crate::delivery::Delivery;
 use crate::ingest::{self, AppState};
 use crate::storage::{SqliteStorage, Storage, StorageError};
+use crate::telemetry;
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
@@ -59,6 +60,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let storage = open_storage(&runtime)?;
+    run_with_storage(runtime, listener, storage, shutdown).await
+}
+
+/// [`run`] on storage the caller opened (tests keep a handle to inspect it).
+/// Closes the storage when it returns.
+pub async fn run_with_storage(
+    runtime: Runtime,
+    listener: TcpListener,
+    storage: Arc<dyn Storage>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    telemetry::metrics();
     let delivery = Delivery::new(storage.clone(), &runtime.config.delivery)?;
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
@@ -128,6 +141,8 @@ fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
         .merge(ingest::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn(record_latency))
         .fallback(not_found)
         .with_state(state)
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
@@ -164,6 +179,50 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             )
         }
     }
+}
+
+/// Prometheus text exposition; queue gauges are read from storage per scrape.
+async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let handle = telemetry::metrics();
+    match state.storage.queue_stats().await {
+        Ok(q) => {
+            metrics::gauge!(telemetry::QUEUE_DEPTH).set(q.depth as f64);
+            let age = q
+                .oldest_received_at
+                .map(|t| (crate::storage::now_millis() - t).max(0) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            metrics::gauge!(telemetry::OLDEST_PENDING).set(age);
+        }
+        Err(e) => tracing::warn!(error = %e, "queue stats unavailable"),
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    )
+}
+
+/// Inbound latency by route (the route pattern, so ids do not explode the labels).
+async fn record_latency(
+    req: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    metrics::histogram!(
+        telemetry::HTTP_LATENCY,
+        "route" => route,
+        "status" => resp.status().as_u16().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    resp
 }
 
 async fn not_found() -> impl IntoResponse {

@@ -1,7 +1,53 @@
 //! Logging: `tracing` with an env filter (`RUST_LOG`), JSON when
 //! `TD_LOG_FORMAT=json`.
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
+
+/// Messages accepted, by interface (`tracking`, `segment`, `webhook`).
+pub const ACCEPTED: &str = "td_messages_accepted_total";
+/// Messages by final outcome (delivered, filtered, unsupported, duplicate, rejected, dead).
+pub const OUTCOMES: &str = "td_messages_total";
+/// Requests sent to Totango, by status class (2xx, 4xx, 5xx, error).
+pub const ATTEMPTS: &str = "td_delivery_attempts_total";
+pub const DELIVERY_LATENCY: &str = "td_delivery_request_duration_seconds";
+pub const HTTP_LATENCY: &str = "td_http_request_duration_seconds";
+pub const QUEUE_DEPTH: &str = "td_queue_depth";
+pub const OLDEST_PENDING: &str = "td_oldest_pending_age_seconds";
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .expect("valid buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_ok() {
+            metrics::describe_counter!(ACCEPTED, "Messages accepted, by interface");
+            metrics::describe_counter!(OUTCOMES, "Messages by final outcome");
+            metrics::describe_counter!(ATTEMPTS, "Requests sent to Totango, by status class");
+            metrics::describe_histogram!(DELIVERY_LATENCY, "Latency of requests to Totango");
+            metrics::describe_histogram!(HTTP_LATENCY, "Latency of inbound HTTP requests");
+            metrics::describe_gauge!(QUEUE_DEPTH, "Messages waiting for delivery");
+            metrics::describe_gauge!(
+                OLDEST_PENDING,
+                "Age of the oldest message waiting for delivery"
+            );
+        }
+        handle
+    })
+}
+
+/// Counts one message reaching a final outcome.
+pub fn count_outcome(outcome: &'static str) {
+    metrics::counter!(OUTCOMES, "outcome" => outcome).increment(1);
+}
 
 /// Installs the global subscriber; later calls do nothing.
 pub fn init() {

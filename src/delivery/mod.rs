@@ -11,6 +11,7 @@ use crate::segment::{CallType, Message};
 use crate::storage::{
     Claimed, Disposition, LastResponse, Millis, Report, State, Storage, now_millis,
 };
+use crate::telemetry;
 use client::TotangoClient;
 use retry::{Backoff, Verdict};
 use std::collections::HashMap;
@@ -86,8 +87,19 @@ impl Delivery {
                             let this = self.clone();
                             tasks.spawn(async move {
                                 let report = this.deliver(m).await;
-                                if let Err(e) = this.storage.report(vec![report]).await {
-                                    tracing::error!(error = %e, "could not record a delivery result");
+                                let outcome = match &report.disposition {
+                                    Disposition::Delivered => Some(State::Delivered),
+                                    Disposition::Dead { .. } => Some(State::Dead),
+                                    Disposition::Final { state, .. } => Some(*state),
+                                    Disposition::Retry { .. } => None,
+                                };
+                                match this.storage.report(vec![report]).await {
+                                    Ok(()) => {
+                                        if let Some(state) = outcome {
+                                            telemetry::count_outcome(state.as_str());
+                                        }
+                                    }
+                                    Err(e) => tracing::error!(error = %e, "could not record a delivery result"),
                                 }
                                 drop(permit);
                                 this.wake();
@@ -189,10 +201,21 @@ impl Delivery {
                 };
                 return report;
             }
+            let started = std::time::Instant::now();
             let attempt = self
                 .client
                 .send(&requests[report.sent as usize].url(endpoint))
                 .await;
+            metrics::histogram!(telemetry::DELIVERY_LATENCY)
+                .record(started.elapsed().as_secs_f64());
+            let class = match attempt.last.status {
+                Some(s) if s < 300 => "2xx",
+                Some(s) if s < 400 => "3xx",
+                Some(s) if s < 500 => "4xx",
+                Some(_) => "5xx",
+                None => "error",
+            };
+            metrics::counter!(telemetry::ATTEMPTS, "class" => class).increment(1);
             report.attempted = true;
             let status = attempt.last.status;
             report.last = Some(attempt.last);

@@ -15,6 +15,7 @@ use crate::delivery::Delivery;
 use crate::mapping::{self, Code, Outcome, SettingsPatch};
 use crate::segment::{CallType, Message, ParseError};
 use crate::storage::{Acceptance, Millis, NewMessage, State, Storage, StorageError};
+use crate::telemetry;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -64,7 +65,11 @@ impl AppState {
     }
 
     /// Stores prepared messages (all or nothing) and wakes delivery.
-    async fn store(&self, prepared: &[Prepared]) -> Result<Vec<Acceptance>, ApiError> {
+    async fn store(
+        &self,
+        prepared: &[Prepared],
+        interface: &'static str,
+    ) -> Result<Vec<Acceptance>, ApiError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("shutting down"));
         }
@@ -78,6 +83,17 @@ impl AppState {
         })?;
         if prepared.iter().any(|p| p.new.state == State::Pending) {
             self.delivery.wake();
+        }
+        metrics::counter!(telemetry::ACCEPTED, "interface" => interface)
+            .increment(prepared.len() as u64);
+        for (p, a) in prepared.iter().zip(&accepted) {
+            match (a, p.new.state) {
+                (Acceptance::Duplicate { .. }, _) => {
+                    telemetry::count_outcome(State::Duplicate.as_str())
+                }
+                (_, State::Pending) => {}
+                (_, state) => telemetry::count_outcome(state.as_str()),
+            }
         }
         Ok(accepted)
     }

@@ -27,7 +27,9 @@ pub async fn handle(
         "",
         received,
     )?;
-    let accepted = state.store(std::slice::from_ref(&prepared)).await?;
+    let accepted = state
+        .store(std::slice::from_ref(&prepared), "segment")
+        .await?;
     let outcome = prepared.outcome_json(accepted[0]);
     if matches!(accepted[0], Acceptance::Duplicate { .. }) {
         return Ok(Json(outcome).into_response());

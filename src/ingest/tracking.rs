@@ -58,7 +58,9 @@ pub async fn single(
         "",
         received.timestamp_millis(),
     )?;
-    state.store(std::slice::from_ref(&prepared)).await?;
+    state
+        .store(std::slice::from_ref(&prepared), "tracking")
+        .await?;
     Ok(success())
 }
 
@@ -108,7 +110,7 @@ pub async fn batch(
             received.timestamp_millis(),
         )?);
     }
-    state.store(&prepared).await?;
+    state.store(&prepared, "tracking").await?;
     Ok(success())
 }
 

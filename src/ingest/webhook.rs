@@ -58,7 +58,7 @@ pub async fn handle(
         fill_message_id(&mut obj);
         prepared.push(prepare(Value::Object(obj), source, None, &field, received)?);
     }
-    let accepted = state.store(&prepared).await?;
+    let accepted = state.store(&prepared, "webhook").await?;
     let outcomes: Vec<Value> = prepared
         .iter()
         .zip(&accepted)

@@ -117,6 +117,12 @@ pub struct ClaimBatch {
     pub next_due: Option<Millis>,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub depth: u64,
+    pub oldest_received_at: Option<Millis>,
+}
+
 /// Totango's last answer to a message, kept for the operator.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LastResponse {
@@ -213,6 +219,9 @@ pub trait Storage: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StorageError>;
 
     async fn get(&self, id: i64) -> Result<Option<StoredMessage>, StorageError>;
+
+    /// Queue depth and the acceptance time of the oldest queued message.
+    async fn queue_stats(&self) -> Result<QueueStats, StorageError>;
 
     /// Counts by state.
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError>;

@@ -185,6 +185,22 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn queue_stats(&self) -> Result<QueueStats, StorageError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*), MIN(m.received_at) FROM queue q JOIN messages m ON m.id = q.message",
+                [],
+                |r| {
+                    Ok(QueueStats {
+                        depth: r.get::<_, i64>(0)? as u64,
+                        oldest_received_at: r.get(1)?,
+                    })
+                },
+            )?)
+        })
+        .await
+    }
+
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
         self.read(|c| {
             let mut stmt = c.prepare("SELECT state, COUNT(*) FROM messages GROUP BY state")?;

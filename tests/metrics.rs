@@ -1,0 +1,108 @@
+//! `/metrics`: Prometheus text with accepted and outcome counters, delivery
+//! attempts by status class, queue gauges and latency histograms.
+
+use totango_destination::config::Config;
+use totango_destination::server::{open_storage, run_with_storage};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let fake = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/pixel.gif/"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&fake)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::default();
+    c.storage.url = format!("sqlite://{}", dir.path().join("td.db").display());
+    c.totango.service_id = Some("SP-1234-01".into());
+    c.totango.endpoint = Some(fake.uri());
+    let runtime = c.validate().unwrap();
+    let storage = open_storage(&runtime).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run_with_storage(
+        runtime,
+        listener,
+        storage.clone(),
+        shutdown.clone(),
+    ));
+
+    let http = reqwest::Client::new();
+    let post = |body: &'static str| {
+        http.post(format!("{base}/v1/track"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post(r#"{"userId":"u","event":"E","context":{"groupId":"g"}}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(r#"{"userId":"u","event":"E"}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("td_messages_total{outcome=\"delivered\"}")
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        value(&text, "td_messages_accepted_total{interface=\"tracking\"}"),
+        2.0
+    );
+    assert_eq!(
+        value(&text, "td_messages_total{outcome=\"delivered\"}"),
+        1.0
+    );
+    assert_eq!(value(&text, "td_messages_total{outcome=\"rejected\"}"), 1.0);
+    assert_eq!(
+        value(&text, "td_delivery_attempts_total{class=\"2xx\"}"),
+        1.0
+    );
+    assert_eq!(value(&text, "td_queue_depth"), 0.0);
+    assert_eq!(value(&text, "td_oldest_pending_age_seconds"), 0.0);
+    assert_eq!(
+        value(
+            &text,
+            "td_http_request_duration_seconds_count{route=\"/v1/{call}\",status=\"200\"}"
+        ),
+        2.0
+    );
+    assert!(
+        text.contains("td_delivery_request_duration_seconds_bucket"),
+        "{text}"
+    );
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
