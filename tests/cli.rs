@@ -122,6 +122,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// The child is reaped by `Served::drop`; a failed start panics the test anyway.
+#[allow(clippy::zombie_processes)]
 fn serve(db: &std::path::Path, extra: &[(&str, &str)]) -> Served {
     let port = free_port();
     let mut cmd = Command::new(BIN);
@@ -224,7 +233,7 @@ fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Duration) {
 #[test]
 fn stalled_clients_are_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let mut served = serve(
+    let served = serve(
         &dir.path().join("td.db"),
         &[
             ("TD_LIMITS__HEADER_READ_TIMEOUT_MS", "300"),
@@ -251,6 +260,5 @@ fn stalled_clients_are_cut_off() {
     );
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("body_timeout"), "{resp}");
-    served.child.kill().unwrap();
-    let _ = served.child.wait();
+    drop(served);
 }
