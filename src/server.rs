@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -146,6 +147,9 @@ fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
         .fallback(not_found)
         .with_state(state)
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
+        // Segment's Java library (and others, optionally) gzip their bodies;
+        // the body limit applies to the decompressed bytes.
+        .layer(RequestDecompressionLayer::new())
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             let id = req

@@ -183,7 +183,7 @@ fn fill_message_id(obj: &mut Map<String, Value>) {
     if obj.get("messageId").is_none_or(Value::is_null) {
         obj.insert(
             "messageId".into(),
-            Value::String(format!("td-{}", uuid::Uuid::new_v4())),
+            Value::String(uuid::Uuid::new_v4().to_string()),
         );
     }
 }

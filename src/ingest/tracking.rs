@@ -194,7 +194,8 @@ mod tests {
         assert_eq!(m["timestamp"], "2024-01-01T12:00:05.000Z");
         assert_eq!(m["originalTimestamp"], "2024-01-01T13:00:00Z");
         assert_eq!(m["receivedAt"], "2024-01-01T12:00:10.000Z");
-        assert!(m["messageId"].as_str().unwrap().starts_with("td-"));
+        let id = m["messageId"].as_str().unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
     }
 
     #[test]
