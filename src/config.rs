@@ -158,6 +158,23 @@ pub struct Runtime {
     pub default_source: Source,
 }
 
+impl Runtime {
+    /// The settings of the source named `name` (as configured now) with a
+    /// request's own overrides applied. Unknown names get the defaults.
+    pub fn settings_for(
+        &self,
+        name: &str,
+        overrides: &SettingsPatch,
+    ) -> Result<Settings, SettingsError> {
+        let base = self
+            .sources
+            .values()
+            .find(|s| s.name == name)
+            .unwrap_or(&self.default_source);
+        base.settings.merged(overrides).resolve()
+    }
+}
+
 /// A configured write key's name and settings (not yet resolved: headers may
 /// add to them per request).
 #[derive(Debug, Clone)]
@@ -270,9 +287,16 @@ impl Config {
         if self.totango.service_id.is_some() {
             check("totango", &self.totango)?;
         }
+        let mut names = std::collections::HashSet::from(["default"]);
         for (i, s) in self.sources.iter().enumerate() {
             let merged = self.totango.merged(&s.totango);
             let at = format!("sources[{i}]");
+            if !names.insert(s.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    format!("{:?} is used twice (\"default\" is reserved)", s.name),
+                ));
+            }
             if s.write_key.is_empty() {
                 return Err(ConfigError::invalid(
                     format!("{at}.write_key"),

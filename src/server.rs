@@ -73,14 +73,15 @@ pub async fn run_with_storage(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     telemetry::metrics();
-    let delivery = Delivery::new(storage.clone(), &runtime.config.delivery)?;
+    let runtime = Arc::new(runtime);
+    let delivery = Delivery::new(storage.clone(), runtime.clone())?;
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
     let limits = runtime.config.limits.clone();
     let state = Arc::new(AppState {
         storage: storage.clone(),
         delivery,
-        runtime: Arc::new(runtime),
+        runtime,
         shutting_down: false.into(),
     });
     let app = router(
@@ -145,6 +146,7 @@ fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
         .route("/metrics", get(metrics_text))
         .route_layer(axum::middleware::from_fn(record_latency))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
         // Segment's Java library (and others, optionally) gzip their bodies;
@@ -227,6 +229,14 @@ async fn record_latency(
     )
     .record(started.elapsed().as_secs_f64());
     resp
+}
+
+async fn method_not_allowed(req: Request<axum::body::Body>) -> impl IntoResponse {
+    let message = format!("{} {}: method not allowed", req.method(), req.uri().path());
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(json!({"message": message, "code": "method_not_allowed"})),
+    )
 }
 
 async fn not_found() -> impl IntoResponse {

@@ -5,8 +5,8 @@
 pub mod client;
 pub mod retry;
 
-use crate::config::DeliveryConfig;
-use crate::mapping::{self, Outcome, Settings, TotangoRequest};
+use crate::config::Runtime;
+use crate::mapping::{self, Outcome, SettingsPatch, TotangoRequest};
 use crate::segment::{CallType, Message};
 use crate::storage::{
     Claimed, Disposition, LastResponse, Millis, Report, State, Storage, now_millis,
@@ -26,8 +26,13 @@ const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
 /// Most messages claimed at once.
 const CLAIM_BATCH: usize = 256;
 
+/// The request parameter that carries the SDR token; added at send time from
+/// the current settings, never stored.
+const API_TOKEN: &str = "api-token";
+
 pub struct Delivery {
     storage: Arc<dyn Storage>,
+    runtime: Arc<Runtime>,
     client: TotangoClient,
     backoff: Backoff,
     max_retry_age_ms: Millis,
@@ -41,11 +46,13 @@ pub struct Delivery {
 impl Delivery {
     pub fn new(
         storage: Arc<dyn Storage>,
-        config: &DeliveryConfig,
+        runtime: Arc<Runtime>,
     ) -> Result<Arc<Delivery>, reqwest::Error> {
+        let config = &runtime.config.delivery;
         let timeout = Duration::from_millis(config.request_timeout_ms);
         Ok(Arc::new(Delivery {
             storage,
+            runtime: runtime.clone(),
             client: TotangoClient::new(timeout, config.concurrency)?,
             backoff: Backoff {
                 base_ms: config.retry_base_ms,
@@ -151,9 +158,15 @@ impl Delivery {
             last: None,
             page_category: None,
         };
-        let settings: Settings = match serde_json::from_str(&m.settings) {
+        // Settings come from the configuration as it is now (a fixed endpoint or
+        // rotated token applies to queued messages), plus the request's overrides.
+        let overrides: SettingsPatch = match serde_json::from_str(&m.settings) {
             Ok(s) => s,
             Err(e) => return report.dead("internal", format!("stored settings unreadable: {e}")),
+        };
+        let settings = match self.runtime.settings_for(&m.source, &overrides) {
+            Ok(s) => s,
+            Err(e) => return report.dead("invalid_settings", format!("settings: {e}")),
         };
         let requests: Vec<TotangoRequest> = match &m.requests {
             Some(text) => match serde_json::from_str(text) {
@@ -188,8 +201,12 @@ impl Delivery {
                     };
                     return report;
                 }
-                report.requests = serde_json::to_string(&t.requests).ok();
-                t.requests
+                let mut requests = t.requests;
+                for r in &mut requests {
+                    r.params.shift_remove(API_TOKEN);
+                }
+                report.requests = serde_json::to_string(&requests).ok();
+                requests
             }
         };
         let endpoint = settings.base_url();
@@ -204,7 +221,11 @@ impl Delivery {
             let started = std::time::Instant::now();
             let attempt = self
                 .client
-                .send(&requests[report.sent as usize].url(endpoint))
+                .send(&send_url(
+                    &requests[report.sent as usize],
+                    endpoint,
+                    settings.api_token.as_deref(),
+                ))
                 .await;
             metrics::histogram!(telemetry::DELIVERY_LATENCY)
                 .record(started.elapsed().as_secs_f64());
@@ -262,6 +283,18 @@ impl Report {
             reason,
         };
         self
+    }
+}
+
+/// The URL to GET, with the current token (stored requests carry none).
+fn send_url(request: &TotangoRequest, endpoint: &str, token: Option<&str>) -> String {
+    match token {
+        None => request.url(endpoint),
+        Some(t) => {
+            let mut r = request.clone();
+            r.params.insert(API_TOKEN.to_owned(), t.to_owned());
+            r.url(endpoint)
+        }
     }
 }
 

@@ -200,10 +200,8 @@ fn prepare(
     let at = |e: &ParseError| ApiError::invalid_message(field, e);
     let msg = Message::from_value(&value).map_err(|e| at(&e))?;
     msg.context_group_id().map_err(|e| at(&e))?;
-    let patch = match header_settings {
-        Some(h) => source.settings.merged(h),
-        None => source.settings.clone(),
-    };
+    let overrides = header_settings.cloned().unwrap_or_default();
+    let patch = source.settings.merged(&overrides);
     let settings = patch.resolve().map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -239,7 +237,7 @@ fn prepare(
             mapping::ordering_key(&msg)
         ),
         payload: value.to_string(),
-        settings: serde_json::to_string(&settings).expect("settings serialise"),
+        settings: serde_json::to_string(&overrides).expect("settings serialise"),
         state,
         code: t.code.map(|c| c.as_str().to_owned()),
         reason: t.message.clone(),

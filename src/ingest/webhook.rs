@@ -25,14 +25,15 @@ pub async fn handle(
         (Some(_), _) => &state.runtime.default_source,
         (None, key) => state.source_for(key.as_deref())?,
     };
+    // Authenticate before looking at the content.
+    if let Some(secret) = secret {
+        verify_signature(secret, &headers, &bytes)?;
+    }
     let raw: &RawValue = parse_json(&bytes)?;
     let items: Vec<&RawValue> = match raw.get().trim_start().as_bytes().first() {
         Some(b'[') => parse_json(raw.get().as_bytes())?,
         _ => vec![raw],
     };
-    if let Some(secret) = secret {
-        verify_signature(secret, &headers, &bytes, items.first().copied())?;
-    }
     let max = state.limits().max_batch_messages;
     if items.len() > max {
         return Err(ApiError::new(
@@ -90,12 +91,7 @@ pub async fn handle(
     Ok(Json(serde_json::json!({"success": true, "outcomes": outcomes})).into_response())
 }
 
-fn verify_signature(
-    secret: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-    first: Option<&RawValue>,
-) -> Result<(), ApiError> {
+fn verify_signature(secret: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let given = headers
         .get("x-signature")
         .and_then(|v| v.to_str().ok())
@@ -111,7 +107,14 @@ fn verify_signature(
         mac.verify_slice(&given).is_ok()
     };
     let mut candidates: Vec<Vec<u8>> = vec![body.to_vec()];
-    if let Some(first) = first.filter(|_| body.trim_ascii_start().starts_with(b"[")) {
+    // Segment signs an array by its first element.
+    let first = body
+        .trim_ascii_start()
+        .starts_with(b"[")
+        .then(|| serde_json::from_slice::<Vec<&RawValue>>(body).ok())
+        .flatten()
+        .and_then(|items| items.first().copied());
+    if let Some(first) = first {
         candidates.push(first.get().as_bytes().to_vec());
         if let Ok(v) = serde_json::from_str::<Value>(first.get()) {
             candidates.push(v.to_string().into_bytes());

@@ -73,7 +73,8 @@ pub struct NewMessage {
     pub ordering_key: String,
     /// The Segment message as accepted (JSON).
     pub payload: String,
-    /// The effective Totango settings for it (JSON).
+    /// Settings the request itself carried (`X-Segment-Settings`), as a JSON
+    /// settings patch; the rest comes from the configuration at delivery time.
     pub settings: String,
     /// `Pending` to deliver, or a final state decided at ingest.
     pub state: State,
@@ -98,6 +99,8 @@ pub enum Acceptance {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub id: i64,
+    /// The configured source (write key name) it came through.
+    pub source: String,
     pub payload: String,
     pub settings: String,
     /// Translated requests (JSON), once the first attempt has translated it.

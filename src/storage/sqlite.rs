@@ -454,7 +454,7 @@ fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, Storag
     let mut lease = c.prepare_cached("UPDATE queue SET leased_until = ?2 WHERE seq = ?1")?;
     let mut load = c.prepare_cached(
         "SELECT m.id, m.payload, m.settings, m.requests, m.sent, m.attempts, m.received_at, \
-                p.category \
+                p.category, m.source \
          FROM queue q JOIN messages m ON m.id = q.message \
          LEFT JOIN page_categories p ON p.service_id = m.service_id AND p.user_id = m.user_id \
          WHERE q.seq = ?1",
@@ -472,6 +472,7 @@ fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, Storag
                 attempts: r.get(5)?,
                 received_at: r.get(6)?,
                 latest_page_category: r.get(7)?,
+                source: r.get(8)?,
             })
         })?);
     }
