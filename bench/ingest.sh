@@ -50,3 +50,4 @@ for _ in $(seq 300); do
 done
 echo "messages by state: $(sqlite3 "$work/bench.db" "SELECT group_concat(state || '=' || n, ', ') FROM (SELECT state, COUNT(*) n FROM messages GROUP BY state)")"
 echo "requests received by the fake Totango: $(curl -fsS "http://127.0.0.1:$FAKE_PORT/count"); still queued: ${pending}"
+echo "server peak memory (VmHWM): $(awk '/VmHWM/ {print $2, $3}' "/proc/$server_pid/status")"
