@@ -33,6 +33,8 @@ pub struct StorageConfig {
     pub url: String,
     /// How long an accepted `messageId` is remembered for deduplication.
     pub dedupe_window_secs: u64,
+    /// How long finished messages (not pending, not dead) are kept; 0 keeps them forever.
+    pub retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -99,6 +101,7 @@ impl Default for Config {
             storage: StorageConfig {
                 url: "sqlite://data/totango-destination.db".into(),
                 dedupe_window_secs: 24 * 3600,
+                retention_secs: 7 * 24 * 3600,
             },
             totango: SettingsPatch::default(),
             auth: AuthConfig::default(),

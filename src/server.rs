@@ -4,7 +4,7 @@
 use crate::config::{Runtime, StorageUrl};
 use crate::delivery::Delivery;
 use crate::ingest::{self, AppState};
-use crate::storage::{SqliteStorage, Storage, StorageError};
+use crate::storage::{SqliteOptions, SqliteStorage, Storage, StorageError};
 use crate::telemetry;
 use axum::Json;
 use axum::Router;
@@ -44,9 +44,15 @@ pub enum RunError {
 
 /// Opens the configured storage backend.
 pub fn open_storage(runtime: &Runtime) -> Result<Arc<dyn Storage>, RunError> {
-    let window = (runtime.config.storage.dedupe_window_secs as i64).saturating_mul(1000);
+    let secs = |s: u64| (s as i64).saturating_mul(1000);
+    let storage = &runtime.config.storage;
+    let options = SqliteOptions {
+        dedupe_window_ms: secs(storage.dedupe_window_secs),
+        retention_ms: (storage.retention_secs > 0).then(|| secs(storage.retention_secs)),
+        prune_every_ms: 60_000,
+    };
     match &runtime.storage {
-        StorageUrl::Sqlite(path) => Ok(Arc::new(SqliteStorage::open(path, window)?)),
+        StorageUrl::Sqlite(path) => Ok(Arc::new(SqliteStorage::open_with(path, options)?)),
         StorageUrl::Postgres(_) => Err(RunError::UnsupportedStorage(
             "postgres:// is not available in this build yet; use sqlite://PATH".into(),
         )),

@@ -893,3 +893,84 @@ async fn stale_report_after_lease_expiry_does_not_resurrect() {
     );
     s.close().await;
 }
+
+#[tokio::test]
+async fn retention_prunes_finished_messages_but_keeps_pending_and_dead() {
+    use totango_destination::storage::SqliteOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteStorage::open_with(
+        &db_path(&dir),
+        SqliteOptions {
+            dedupe_window_ms: WINDOW,
+            retention_ms: Some(50),
+            prune_every_ms: 0,
+        },
+    )
+    .unwrap();
+    let ids: Vec<i64> = storage
+        .accept(vec![
+            final_msg(
+                "filtered",
+                "k0",
+                State::Filtered,
+                "integration_disabled",
+                "off",
+            ),
+            msg("delivered", "k1"),
+            msg("dead", "k2"),
+            msg("waiting", "k3"),
+        ])
+        .await
+        .unwrap()
+        .iter()
+        .map(stored_id)
+        .collect();
+    let now = now_millis();
+    let claimed = storage.claim(10, now).await.unwrap().messages;
+    assert_eq!(claimed.len(), 3);
+    storage
+        .report(vec![
+            report(ids[1], Disposition::Delivered),
+            report(
+                ids[2],
+                Disposition::Dead {
+                    code: "rejected_by_totango".into(),
+                    reason: "HTTP 400".into(),
+                },
+            ),
+            report(
+                ids[3],
+                Disposition::Retry {
+                    next_attempt_at: now + 60_000,
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    // Any commit runs the prune (every commit here, prune_every_ms = 0).
+    let again = storage.accept(vec![msg("filtered", "k9")]).await.unwrap();
+    assert!(
+        matches!(again[0], Acceptance::Duplicate { .. }),
+        "dedupe memory outlives the pruned message"
+    );
+    assert!(
+        storage.get(ids[0]).await.unwrap().is_none(),
+        "filtered pruned"
+    );
+    assert!(
+        storage.get(ids[1]).await.unwrap().is_none(),
+        "delivered pruned"
+    );
+    assert_eq!(
+        storage.get(ids[2]).await.unwrap().unwrap().state,
+        State::Dead,
+        "dead letters stay"
+    );
+    assert_eq!(
+        storage.get(ids[3]).await.unwrap().unwrap().state,
+        State::Pending,
+        "queued work stays"
+    );
+    storage.close().await;
+}

@@ -6,7 +6,7 @@
 
 mod sqlite;
 
-pub use sqlite::SqliteStorage;
+pub use sqlite::{SqliteOptions, SqliteStorage};
 
 use async_trait::async_trait;
 use serde::Serialize;

@@ -15,8 +15,22 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_GROUP: usize = 1024;
 /// A claimed message's lease; leases are cleared at every start.
 const LEASE_MS: Millis = 10 * 60 * 1000;
-/// Delete expired dedupe entries this often.
+/// Delete expired dedupe entries and old messages this often.
 const PRUNE_EVERY_MS: Millis = 60 * 1000;
+/// Most old messages deleted by one prune, to keep each transaction short.
+const PRUNE_CHUNK: i64 = 10_000;
+
+/// How long things are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    /// A `messageId` is a duplicate this long after it was accepted.
+    pub dedupe_window_ms: Millis,
+    /// Finished messages (all but pending and dead) are deleted this long
+    /// after their last change; `None` keeps them forever.
+    pub retention_ms: Option<Millis>,
+    /// How often pruning runs.
+    pub prune_every_ms: Millis,
+}
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS messages (
@@ -43,6 +57,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages(state, id);
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
+CREATE INDEX IF NOT EXISTS messages_updated ON messages(updated_at);
 CREATE TABLE IF NOT EXISTS queue (
     seq             INTEGER PRIMARY KEY,
     message         INTEGER NOT NULL UNIQUE REFERENCES messages(id),
@@ -93,8 +108,20 @@ fn open(path: &Path) -> Result<Connection, StorageError> {
 }
 
 impl SqliteStorage {
-    /// Opens (creating when needed) the database file and starts the writer.
+    /// Opens with the given dedupe window and the default retention (7 days).
     pub fn open(path: &Path, dedupe_window_ms: Millis) -> Result<SqliteStorage, StorageError> {
+        Self::open_with(
+            path,
+            SqliteOptions {
+                dedupe_window_ms,
+                retention_ms: Some(7 * 24 * 3600 * 1000),
+                prune_every_ms: PRUNE_EVERY_MS,
+            },
+        )
+    }
+
+    /// Opens (creating when needed) the database file and starts the writer.
+    pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStorage, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StorageError::Backend(format!("cannot create {}: {e}", dir.display()))
@@ -114,7 +141,7 @@ impl SqliteStorage {
             .spawn(move || {
                 Writer {
                     conn,
-                    dedupe_window_ms,
+                    options,
                     last_prune: 0,
                 }
                 .run(rx)
@@ -283,7 +310,7 @@ fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StorageError>) ->
 
 struct Writer {
     conn: Connection,
-    dedupe_window_ms: Millis,
+    options: SqliteOptions,
     last_prune: Millis,
 }
 
@@ -303,8 +330,8 @@ impl Writer {
 
     fn commit_group(&mut self, ops: Vec<Op>) {
         let now = now_millis();
-        let prune = now - self.last_prune >= PRUNE_EVERY_MS;
-        let window = self.dedupe_window_ms;
+        let prune = now - self.last_prune >= self.options.prune_every_ms;
+        let window = self.options.dedupe_window_ms;
         let tx = match self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -323,7 +350,9 @@ impl Writer {
             replies.push(apply_in_savepoint(&tx, op, now, window));
         }
         if prune {
-            let _ = tx.execute("DELETE FROM dedupe WHERE accepted_at < ?1", [now - window]);
+            if let Err(e) = prune_old(&tx, now, &self.options) {
+                tracing::warn!(error = %e, "pruning old records failed");
+            }
         }
         match tx.commit() {
             Ok(()) => {
@@ -337,6 +366,32 @@ impl Writer {
                 tracing::error!(error = %e, "storage commit failed");
                 replies.into_iter().for_each(|r| r(Some(&e)));
             }
+        }
+    }
+}
+
+/// Deletes expired dedupe entries and, in chunks, finished messages past retention.
+fn prune_old(c: &Connection, now: Millis, options: &SqliteOptions) -> rusqlite::Result<()> {
+    c.execute("SAVEPOINT prune", [])?;
+    let result = (|| {
+        c.execute(
+            "DELETE FROM dedupe WHERE accepted_at < ?1",
+            [now - options.dedupe_window_ms],
+        )?;
+        if let Some(retention) = options.retention_ms {
+            c.execute(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+                 WHERE updated_at < ?1 AND state NOT IN ('pending', 'dead') LIMIT ?2)",
+                params![now - retention, PRUNE_CHUNK],
+            )?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => c.execute("RELEASE prune", []).map(|_| ()),
+        Err(e) => {
+            c.execute_batch("ROLLBACK TO prune; RELEASE prune")?;
+            Err(e)
         }
     }
 }
