@@ -10,3 +10,4 @@ pub mod storage;
 pub mod telemetry;
 
 pub use server::run;
+pub mod admin;

@@ -1,6 +1,7 @@
 //! Wires storage, delivery and the HTTP routes together and serves them
 //! until shutdown. `run` is what `main` and the integration tests call.
 
+use crate::admin;
 use crate::config::{Runtime, StorageUrl};
 use crate::delivery::Delivery;
 use crate::ingest::{self, AppState};
@@ -8,6 +9,7 @@ use crate::storage::{SqliteOptions, SqliteStorage, Storage, StorageError};
 use crate::telemetry;
 use axum::Json;
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
@@ -22,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::add_extension::AddExtension;
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -105,7 +108,7 @@ pub async fn run_with_storage(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -116,7 +119,7 @@ pub async fn run_with_storage(
                 };
                 let _ = stream.set_nodelay(true);
                 let conn = builder
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()))
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(AddExtension::new(app.clone(), ConnectInfo(peer))))
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -147,6 +150,7 @@ pub async fn run_with_storage(
 fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
     Router::new()
         .merge(ingest::routes())
+        .merge(admin::routes(state.clone()))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

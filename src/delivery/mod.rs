@@ -257,7 +257,7 @@ impl Delivery {
                             self.pause(endpoint, now.saturating_add(ra.as_millis() as Millis));
                         }
                     }
-                    if next > m.received_at.saturating_add(self.max_retry_age_ms) {
+                    if next > m.retry_from.saturating_add(self.max_retry_age_ms) {
                         let reason = format!(
                             "retries exhausted after {} attempts; last: {}",
                             m.attempts + 1,

@@ -109,6 +109,8 @@ pub struct Claimed {
     pub sent: u32,
     pub attempts: u32,
     pub received_at: Millis,
+    /// When retrying started to count: acceptance, or the last replay.
+    pub retry_from: Millis,
     /// The category of this user's latest page call, for track calls.
     pub latest_page_category: Option<String>,
 }
@@ -124,6 +126,18 @@ pub struct ClaimBatch {
 pub struct QueueStats {
     pub depth: u64,
     pub oldest_received_at: Option<Millis>,
+}
+
+/// Which stored messages an operator means. Every field narrows the set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MessageFilter {
+    pub id: Option<i64>,
+    pub state: Option<State>,
+    pub message_id: Option<String>,
+    pub user_id: Option<String>,
+    pub account_id: Option<String>,
+    /// Only messages older than this id (the next page of a newest-first list).
+    pub before: Option<i64>,
 }
 
 /// Totango's last answer to a message, kept for the operator.
@@ -225,6 +239,17 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Queue depth and the acceptance time of the oldest queued message.
     async fn queue_stats(&self) -> Result<QueueStats, StorageError>;
+
+    /// Messages matching `filter`, newest first.
+    async fn list(
+        &self,
+        filter: MessageFilter,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError>;
+
+    /// Queues the `dead` messages matching `filter` again (a fresh retry
+    /// window, behind what their users already have queued). Returns their ids.
+    async fn replay(&self, filter: MessageFilter, now: Millis) -> Result<Vec<i64>, StorageError>;
 
     /// Counts by state.
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError>;

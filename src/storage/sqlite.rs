@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS messages (
     user_id       TEXT,
     account_id    TEXT,
     state         TEXT NOT NULL,
+    ordering_key  TEXT NOT NULL,
     code          TEXT,
     reason        TEXT,
     payload       TEXT NOT NULL,
@@ -58,11 +59,14 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_state ON messages(state, id);
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
 CREATE INDEX IF NOT EXISTS messages_updated ON messages(updated_at);
+CREATE INDEX IF NOT EXISTS messages_user ON messages(user_id, id);
+CREATE INDEX IF NOT EXISTS messages_account ON messages(account_id, id);
 CREATE TABLE IF NOT EXISTS queue (
     seq             INTEGER PRIMARY KEY,
     message         INTEGER NOT NULL UNIQUE REFERENCES messages(id),
     ordering_key    TEXT NOT NULL,
     next_attempt_at INTEGER NOT NULL,
+    enqueued_at     INTEGER NOT NULL,
     leased_until    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS queue_key ON queue(ordering_key, seq);
@@ -82,10 +86,39 @@ CREATE TABLE IF NOT EXISTS page_categories (
 ) WITHOUT ROWID;
 "#;
 
+/// The schema version this build writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let has_tables: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages')",
+        [],
+        |r| r.get(0),
+    )?;
+    match version {
+        0 if has_tables => Err(StorageError::Backend(format!(
+            "{} was written by a pre-release build; move it away to start afresh",
+            path.display()
+        ))),
+        0 => {
+            conn.execute_batch(SCHEMA)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            Ok(())
+        }
+        SCHEMA_VERSION => Ok(conn.execute_batch(SCHEMA)?),
+        newer => Err(StorageError::Backend(format!(
+            "{} has schema version {newer}, newer than this build ({SCHEMA_VERSION}); upgrade the server",
+            path.display()
+        ))),
+    }
+}
+
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 enum Op {
     Accept(Vec<NewMessage>, Reply<Vec<Acceptance>>),
+    Replay(MessageFilter, Millis, Reply<Vec<i64>>),
     Claim(usize, Millis, Reply<ClaimBatch>),
     Report(Vec<Report>, Reply<()>),
 }
@@ -128,7 +161,7 @@ impl SqliteStorage {
             })?;
         }
         let conn = open(path)?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn, path)?;
         // Leases belong to the process that took them; this one owns the file now.
         conn.execute(
             "UPDATE queue SET leased_until = 0 WHERE leased_until <> 0",
@@ -228,6 +261,26 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn list(
+        &self,
+        filter: MessageFilter,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.read(move |c| {
+            let (clause, mut args) = where_clause(&filter);
+            args.push(Box::new(limit as i64));
+            let sql = format!("{SELECT_MESSAGE} WHERE {clause} ORDER BY m.id DESC LIMIT ?");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), stored_message)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn replay(&self, filter: MessageFilter, now: Millis) -> Result<Vec<i64>, StorageError> {
+        self.call(|r| Op::Replay(filter, now, r)).await
+    }
+
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
         self.read(|c| {
             let mut stmt = c.prepare("SELECT state, COUNT(*) FROM messages GROUP BY state")?;
@@ -294,6 +347,62 @@ fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
         updated_at: r.get(18)?,
         next_attempt_at: r.get(19)?,
     })
+}
+
+/// SQL conditions (on `messages m`) and their parameters for a filter.
+fn where_clause(f: &MessageFilter) -> (String, Vec<Box<dyn rusqlite::ToSql + Send>>) {
+    let mut conds = vec!["1 = 1".to_owned()];
+    let mut args: Vec<Box<dyn rusqlite::ToSql + Send>> = Vec::new();
+    let mut add = |cond: &str, arg: Box<dyn rusqlite::ToSql + Send>| {
+        conds.push(cond.to_owned());
+        args.push(arg);
+    };
+    if let Some(id) = f.id {
+        add("m.id = ?", Box::new(id));
+    }
+    if let Some(s) = f.state {
+        add("m.state = ?", Box::new(s.as_str()));
+    }
+    if let Some(v) = &f.message_id {
+        add("m.message_id = ?", Box::new(v.clone()));
+    }
+    if let Some(v) = &f.user_id {
+        add("m.user_id = ?", Box::new(v.clone()));
+    }
+    if let Some(v) = &f.account_id {
+        add("m.account_id = ?", Box::new(v.clone()));
+    }
+    if let Some(before) = f.before {
+        add("m.id < ?", Box::new(before));
+    }
+    (conds.join(" AND "), args)
+}
+
+fn replay(c: &Connection, filter: &MessageFilter, now: Millis) -> Result<Vec<i64>, StorageError> {
+    let dead = MessageFilter {
+        state: Some(State::Dead),
+        ..filter.clone()
+    };
+    let (clause, args) = where_clause(&dead);
+    let ids: Vec<(i64, String)> = c
+        .prepare(&format!(
+            "SELECT m.id, m.ordering_key FROM messages m WHERE {clause} ORDER BY m.id"
+        ))?
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut requeue = c.prepare_cached(
+        "UPDATE messages SET state = 'pending', code = NULL, reason = NULL, updated_at = ?2 WHERE id = ?1",
+    )?;
+    let mut enqueue = c.prepare_cached(
+        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at) VALUES (?1, ?2, ?3, ?3)",
+    )?;
+    for (id, key) in &ids {
+        requeue.execute(params![id, now])?;
+        enqueue.execute(params![id, key, now])?;
+    }
+    Ok(ids.into_iter().map(|(id, _)| id).collect())
 }
 
 /// Sends a reply once the transaction's fate is known.
@@ -399,6 +508,7 @@ fn prune_old(c: &Connection, now: Millis, options: &SqliteOptions) -> rusqlite::
 fn fail(op: Op, e: &StorageError) {
     match op {
         Op::Accept(_, r) => drop(r.send(Err(e.clone()))),
+        Op::Replay(_, _, r) => drop(r.send(Err(e.clone()))),
         Op::Claim(_, _, r) => drop(r.send(Err(e.clone()))),
         Op::Report(_, r) => drop(r.send(Err(e.clone()))),
     }
@@ -428,6 +538,7 @@ fn apply_in_savepoint(tx: &Transaction<'_>, op: Op, now: Millis, window: Millis)
     }
     match op {
         Op::Accept(batch, r) => run(tx, r, |c| accept(c, batch, now, window)),
+        Op::Replay(filter, at, r) => run(tx, r, |c| replay(c, &filter, at)),
         Op::Claim(limit, at, r) => run(tx, r, |c| claim(c, limit, at)),
         Op::Report(reports, r) => run(tx, r, |c| report(c, reports, now)),
     }
@@ -447,11 +558,12 @@ fn accept(
     )?;
     let mut insert = c.prepare_cached(
         "INSERT INTO messages (message_id, source, call, service_id, user_id, account_id, state, \
-         code, reason, payload, settings, received_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+         code, reason, payload, settings, received_at, updated_at, ordering_key) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
     )?;
     let mut enqueue = c.prepare_cached(
-        "INSERT INTO queue (message, ordering_key, next_attempt_at) VALUES (?1, ?2, ?3)",
+        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at) \
+         VALUES (?1, ?2, ?3, ?3)",
     )?;
     let mut out = Vec::with_capacity(batch.len());
     for m in batch {
@@ -481,6 +593,7 @@ fn accept(
             m.payload,
             m.settings,
             m.received_at,
+            m.ordering_key,
         ])?;
         let id = c.last_insert_rowid();
         if duplicate {
@@ -509,7 +622,7 @@ fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, Storag
     let mut lease = c.prepare_cached("UPDATE queue SET leased_until = ?2 WHERE seq = ?1")?;
     let mut load = c.prepare_cached(
         "SELECT m.id, m.payload, m.settings, m.requests, m.sent, m.attempts, m.received_at, \
-                p.category, m.source \
+                p.category, m.source, q.enqueued_at \
          FROM queue q JOIN messages m ON m.id = q.message \
          LEFT JOIN page_categories p ON p.service_id = m.service_id AND p.user_id = m.user_id \
          WHERE q.seq = ?1",
@@ -528,6 +641,7 @@ fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, Storag
                 received_at: r.get(6)?,
                 latest_page_category: r.get(7)?,
                 source: r.get(8)?,
+                retry_from: r.get(9)?,
             })
         })?);
     }

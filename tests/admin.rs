@@ -1,0 +1,254 @@
+//! The admin JSON API: bearer auth, filters, pagination, replay of dead
+//! messages (one and all matching), stats.
+
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use totango_destination::config::Config;
+use totango_destination::server::{open_storage, run_with_storage};
+use totango_destination::storage::{State, Storage};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+struct Srv {
+    base: String,
+    http: reqwest::Client,
+    storage: Arc<dyn Storage>,
+    fake: MockServer,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), totango_destination::server::RunError>>,
+}
+
+impl Srv {
+    async fn start(token: Option<&str>, totango_status: u16) -> Srv {
+        let fake = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/pixel.gif/"))
+            .respond_with(ResponseTemplate::new(totango_status).set_body_string("answer"))
+            .mount(&fake)
+            .await;
+        let dir = tempfile::tempdir().unwrap().keep();
+        let mut c = Config::default();
+        c.storage.url = format!("sqlite://{}", dir.join("td.db").display());
+        c.totango.service_id = Some("SP-1234-01".into());
+        c.totango.endpoint = Some(fake.uri());
+        c.totango.api_token = Some("sdr-secret".into());
+        c.admin.token = token.map(String::from);
+        let runtime = c.validate().unwrap();
+        let storage = open_storage(&runtime).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(run_with_storage(
+            runtime,
+            listener,
+            storage.clone(),
+            shutdown.clone(),
+        ));
+        Srv {
+            base,
+            http: reqwest::Client::new(),
+            storage,
+            fake,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn track(&self, user: &str, event: &str) {
+        let body = format!(
+            r#"{{"userId":"{user}","event":"{event}","context":{{"groupId":"acct-{user}"}}}}"#
+        );
+        let r = self
+            .http
+            .post(format!("{}/v1/track", self.base))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn wait_all(&self, state: State, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts = self.storage.counts().await.unwrap();
+            if counts.iter().any(|(s, c)| *s == state && *c as usize == n) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {n} {state:?}: {counts:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_required_when_configured() {
+    let srv = Srv::start(Some("admin-secret"), 200).await;
+    for (token, want) in [
+        (None, 401),
+        (Some("wrong"), 401),
+        (Some("admin-secret"), 200),
+    ] {
+        let (status, body) = srv.call(reqwest::Method::GET, "/api/stats", token).await;
+        assert_eq!(status, want, "{token:?}: {body}");
+    }
+    let (status, _) = srv.call(reqwest::Method::POST, "/api/replay", None).await;
+    assert_eq!(status, 401);
+    // The page itself holds no data and loads without a token.
+    let page = srv.http.get(format!("{}/", srv.base)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("totango-destination"));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_filters_and_pages_newest_first() {
+    let srv = Srv::start(None, 200).await;
+    for i in 0..5 {
+        srv.track(&format!("u{i}"), "Listed").await;
+    }
+    srv.wait_all(State::Delivered, 5).await;
+    let (status, page1) = srv
+        .call(reqwest::Method::GET, "/api/messages?limit=2", None)
+        .await;
+    assert_eq!(status, 200, "{page1}");
+    let ids = |v: &Value| {
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&page1), [5, 4]);
+    assert_eq!(page1["next"], 4);
+    let (_, page3) = srv
+        .call(reqwest::Method::GET, "/api/messages?limit=2&before=2", None)
+        .await;
+    assert_eq!(ids(&page3), [1]);
+    assert_eq!(page3["next"], Value::Null);
+
+    let m = &page1["messages"][0];
+    assert_eq!(m["outcome"], "delivered");
+    assert_eq!(m["payload"]["event"], "Listed");
+    assert_eq!(m["last_response"]["status"], 200);
+    let url = m["requests"][0]["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&srv.fake.uri()) && url.contains("sdr_a=Listed"),
+        "{url}"
+    );
+    assert!(
+        !m.to_string().contains("sdr-secret"),
+        "the SDR token is never shown: {m}"
+    );
+
+    let (_, by_user) = srv
+        .call(reqwest::Method::GET, "/api/messages?userId=u3", None)
+        .await;
+    assert_eq!(ids(&by_user), [4]);
+    let (_, by_group) = srv
+        .call(
+            reqwest::Method::GET,
+            "/api/messages?groupId=acct-u0&outcome=delivered",
+            None,
+        )
+        .await;
+    assert_eq!(ids(&by_group), [1]);
+    let message_id = m["message_id"].as_str().unwrap().to_owned();
+    let (_, by_mid) = srv
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/messages?messageId={message_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&by_mid), [5]);
+    let (status, err) = srv
+        .call(reqwest::Method::GET, "/api/messages?outcome=lost", None)
+        .await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid_field")));
+    assert!(err["message"].as_str().unwrap().starts_with("outcome"));
+    let (status, one) = srv
+        .call(reqwest::Method::GET, "/api/messages/3", None)
+        .await;
+    assert_eq!((status, one["id"].as_i64()), (200, Some(3)));
+    let (status, _) = srv
+        .call(reqwest::Method::GET, "/api/messages/99", None)
+        .await;
+    assert_eq!(status, 404);
+
+    let (_, stats) = srv.call(reqwest::Method::GET, "/api/stats", None).await;
+    assert_eq!(stats["outcomes"]["delivered"], 5);
+    assert_eq!(stats["outcomes"]["dead"], 0);
+    assert_eq!(stats["queue"]["depth"], 0);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_messages_are_replayed_one_or_all() {
+    let srv = Srv::start(None, 400).await;
+    for i in 0..3 {
+        srv.track(&format!("u{i}"), "Refused").await;
+    }
+    srv.wait_all(State::Dead, 3).await;
+    assert_eq!(srv.fake.received_requests().await.unwrap().len(), 3);
+
+    // Totango accepts from now on.
+    srv.fake.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/pixel.gif/"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&srv.fake)
+        .await;
+
+    let (status, body) = srv
+        .call(reqwest::Method::POST, "/api/messages/1/replay", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ids"], serde_json::json!([1]));
+    srv.wait_all(State::Delivered, 1).await;
+    let (status, body) = srv
+        .call(reqwest::Method::POST, "/api/messages/1/replay", None)
+        .await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("not_dead")));
+
+    let (status, body) = srv
+        .call(reqwest::Method::POST, "/api/replay?outcome=delivered", None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = srv
+        .call(reqwest::Method::POST, "/api/replay?userId=u2", None)
+        .await;
+    assert_eq!((status, body["replayed"].as_u64()), (200, Some(1)));
+    srv.wait_all(State::Delivered, 2).await;
+    let (_, body) = srv.call(reqwest::Method::POST, "/api/replay", None).await;
+    assert_eq!(body["ids"], serde_json::json!([2]));
+    srv.wait_all(State::Delivered, 3).await;
+    let m = srv.storage.get(2).await.unwrap().unwrap();
+    assert_eq!(m.attempts, 2, "one refused attempt, one after replay");
+    assert_eq!(
+        srv.fake.received_requests().await.unwrap().len(),
+        3,
+        "each replayed once"
+    );
+    srv.stop().await;
+}

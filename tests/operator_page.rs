@@ -1,0 +1,138 @@
+//! The operator page in a real browser (Debian's Chromium driven by
+//! playwright-core, `tests/browser/`), against the real server. Skipped with a
+//! message when Chromium or the node module is missing, except under CI.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use totango_destination::config::Config;
+use totango_destination::server::{open_storage, run_with_storage};
+use totango_destination::storage::{State, Storage};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// Refuses "Broken Feature" with 400 until `healthy` is set.
+struct Flaky(Arc<AtomicBool>);
+
+impl Respond for Flaky {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let broken = req
+            .url
+            .query_pairs()
+            .any(|(k, v)| k == "sdr_a" && v == "Broken Feature");
+        if broken && !self.0.load(Ordering::SeqCst) {
+            ResponseTemplate::new(400).set_body_string("totango says no")
+        } else {
+            ResponseTemplate::new(200)
+        }
+    }
+}
+
+async fn wait_for(storage: &Arc<dyn Storage>, id: i64, state: State) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = storage.get(id).await.unwrap();
+        if m.as_ref().is_some_and(|m| m.state == state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message {id} never became {state:?}: {m:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_page_shows_and_replays_messages() {
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let ready =
+        Path::new(&chromium).exists() && browser_dir.join("node_modules/playwright-core").exists();
+    if !ready {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and `npm ci` in tests/browser"
+        );
+        eprintln!(
+            "skipped: needs {chromium} (apt-get install chromium) and `npm ci` in tests/browser"
+        );
+        return;
+    }
+
+    let healthy = Arc::new(AtomicBool::new(false));
+    let fake = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/pixel.gif/"))
+        .respond_with(Flaky(healthy.clone()))
+        .mount(&fake)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::default();
+    c.storage.url = format!("sqlite://{}", dir.path().join("td.db").display());
+    c.totango.service_id = Some("SP-1234-01".into());
+    c.totango.endpoint = Some(fake.uri());
+    let runtime = c.validate().unwrap();
+    let storage = open_storage(&runtime).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run_with_storage(
+        runtime,
+        listener,
+        storage.clone(),
+        shutdown.clone(),
+    ));
+
+    let http = reqwest::Client::new();
+    for body in [
+        r#"{"userId":"u1","event":"Working Feature","context":{"groupId":"acme"}}"#,
+        r#"{"userId":"u2","event":"Broken Feature","context":{"groupId":"acme"}}"#,
+        r#"{"userId":"u3","event":"No Account"}"#,
+    ] {
+        let r = http
+            .post(format!("{base}/v1/track"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    wait_for(&storage, 1, State::Delivered).await;
+    wait_for(&storage, 2, State::Dead).await;
+    wait_for(&storage, 3, State::Rejected).await;
+    healthy.store(true, Ordering::SeqCst);
+
+    let screenshot = dir.path().join("operator.png");
+    let out = tokio::process::Command::from({
+        let mut cmd = Command::new("node");
+        cmd.arg(browser_dir.join("operator.mjs"))
+            .arg(&base)
+            .arg(&screenshot)
+            .env("CHROMIUM", &chromium);
+        cmd
+    })
+    .output()
+    .await
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("operator page: ok"), "{stdout}");
+    assert!(
+        std::fs::metadata(&screenshot).unwrap().len() > 10_000,
+        "screenshot written"
+    );
+    if let Ok(keep) = std::env::var("TD_KEEP_SCREENSHOT") {
+        std::fs::copy(&screenshot, keep).unwrap();
+    }
+    wait_for(&storage, 2, State::Delivered).await;
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
