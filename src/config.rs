@@ -200,10 +200,10 @@ impl Config {
             fig = fig.merge(Toml::file(p));
         }
         // TD_LOG_FORMAT and the like belong to telemetry, not here.
-        let env = Env::prefixed("TD_").split("__").filter(|k| {
-            let k = k.as_str();
-            !k.starts_with("log") && !k.starts_with("test")
-        });
+        // TD_LOG_FORMAT belongs to telemetry; TD_KEEP_SCREENSHOT to a test.
+        let env = Env::prefixed("TD_")
+            .split("__")
+            .ignore(&["LOG_FORMAT", "KEEP_SCREENSHOT"]);
         fig.merge(env).extract().map_err(|e| {
             let setting = e.path.join(".");
             let reason = e.kind.to_string();
@@ -530,6 +530,7 @@ mod tests {
             jail.set_env("TD_AUTH__WRITE_KEYS", "a, 123 ,b");
             jail.set_env("TD_DELIVERY__RETRY_BASE_MS", "50");
             jail.set_env("TD_TOTANGO__TRACK_NAMED_PAGES", "false");
+            jail.set_env("TD_LOG_FORMAT", "json");
             let c = Config::load(Some(Path::new("td.toml"))).unwrap();
             assert_eq!(c.listen, "127.0.0.1:9000");
             assert_eq!(c.totango.service_id.as_deref(), Some("SP-3126-05"));

@@ -262,3 +262,35 @@ fn stalled_clients_are_cut_off() {
     assert!(resp.contains("body_timeout"), "{resp}");
     drop(served);
 }
+
+#[test]
+fn json_logs_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env(
+            "TD_STORAGE__URL",
+            format!("sqlite://{}", dir.path().join("td.db").display()),
+        )
+        .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
+        .env("TD_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line: serde_json::Value = serde_json::from_slice(&first)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&first)));
+    assert!(
+        line["level"].is_string() && line["message"].is_string(),
+        "{line}"
+    );
+}
