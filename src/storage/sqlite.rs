@@ -67,10 +67,14 @@ CREATE TABLE IF NOT EXISTS queue (
     ordering_key    TEXT NOT NULL,
     next_attempt_at INTEGER NOT NULL,
     enqueued_at     INTEGER NOT NULL,
-    leased_until    INTEGER NOT NULL DEFAULT 0
+    leased_until    INTEGER NOT NULL DEFAULT 0,
+    -- 1 for the oldest queued message of its ordering key: the only one that
+    -- may be claimed. Claims scan heads only, so a long queue behind a
+    -- waiting user costs nothing.
+    head            INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS queue_key ON queue(ordering_key, seq);
-CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt_at);
+CREATE INDEX IF NOT EXISTS queue_heads ON queue(next_attempt_at) WHERE head = 1;
 CREATE TABLE IF NOT EXISTS dedupe (
     source      TEXT NOT NULL,
     message_id  TEXT NOT NULL,
@@ -248,7 +252,8 @@ impl Storage for SqliteStorage {
     async fn queue_stats(&self) -> Result<QueueStats, StorageError> {
         self.read(|c| {
             Ok(c.query_row(
-                "SELECT COUNT(*), MIN(m.received_at) FROM queue q JOIN messages m ON m.id = q.message",
+                "SELECT (SELECT COUNT(*) FROM queue), (SELECT m.received_at FROM queue q \
+                 JOIN messages m ON m.id = q.message ORDER BY q.seq LIMIT 1)",
                 [],
                 |r| {
                     Ok(QueueStats {
@@ -395,12 +400,9 @@ fn replay(c: &Connection, filter: &MessageFilter, now: Millis) -> Result<Vec<i64
     let mut requeue = c.prepare_cached(
         "UPDATE messages SET state = 'pending', code = NULL, reason = NULL, updated_at = ?2 WHERE id = ?1",
     )?;
-    let mut enqueue = c.prepare_cached(
-        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at) VALUES (?1, ?2, ?3, ?3)",
-    )?;
     for (id, key) in &ids {
         requeue.execute(params![id, now])?;
-        enqueue.execute(params![id, key, now])?;
+        enqueue(c, *id, key, now)?;
     }
     Ok(ids.into_iter().map(|(id, _)| id).collect())
 }
@@ -561,10 +563,6 @@ fn accept(
          code, reason, payload, settings, received_at, updated_at, ordering_key) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
     )?;
-    let mut enqueue = c.prepare_cached(
-        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at) \
-         VALUES (?1, ?2, ?3, ?3)",
-    )?;
     let mut out = Vec::with_capacity(batch.len());
     for m in batch {
         let accepted_at: Option<Millis> = seen
@@ -602,19 +600,45 @@ fn accept(
         }
         remember.execute(params![m.source, m.message_id, now])?;
         if state == State::Pending {
-            enqueue.execute(params![id, m.ordering_key, m.received_at.min(now)])?;
+            enqueue(c, id, &m.ordering_key, m.received_at.min(now))?;
         }
         out.push(Acceptance::Stored { id });
     }
     Ok(out)
 }
 
+/// Queues a message behind what its key already has; it is the head when the
+/// key has nothing queued.
+fn enqueue(c: &Connection, id: i64, key: &str, due: Millis) -> Result<(), StorageError> {
+    c.prepare_cached(
+        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+         VALUES (?1, ?2, ?3, ?3, NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2))",
+    )?
+    .execute(params![id, key, due])?;
+    Ok(())
+}
+
+/// Takes a message out of the queue; when it was its key's head, the next
+/// message of that key becomes the head.
+fn dequeue(c: &Connection, id: i64) -> Result<(), StorageError> {
+    let removed: Option<(String, bool)> = c
+        .prepare_cached("DELETE FROM queue WHERE message = ?1 RETURNING ordering_key, head")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((key, true)) = removed {
+        c.prepare_cached(
+            "UPDATE queue SET head = 1 WHERE seq = \
+             (SELECT MIN(seq) FROM queue WHERE ordering_key = ?1)",
+        )?
+        .execute([key])?;
+    }
+    Ok(())
+}
+
 fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, StorageError> {
     let mut due = c.prepare_cached(
-        "SELECT q.seq FROM queue q \
-         WHERE q.next_attempt_at <= ?1 AND q.leased_until <= ?1 \
-           AND q.seq = (SELECT MIN(h.seq) FROM queue h WHERE h.ordering_key = q.ordering_key) \
-         ORDER BY q.next_attempt_at, q.seq LIMIT ?2",
+        "SELECT seq FROM queue WHERE head = 1 AND next_attempt_at <= ?1 AND leased_until <= ?1 \
+         ORDER BY next_attempt_at, seq LIMIT ?2",
     )?;
     let seqs: Vec<i64> = due
         .query_map(params![now, limit as i64], |r| r.get(0))?
@@ -647,7 +671,8 @@ fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, Storag
     }
     let next_due = c
         .prepare_cached(
-            "SELECT MIN(next_attempt_at) FROM queue WHERE next_attempt_at > ?1 AND leased_until <= ?1",
+            "SELECT MIN(next_attempt_at) FROM queue \
+             WHERE head = 1 AND next_attempt_at > ?1 AND leased_until <= ?1",
         )?
         .query_row([now], |r| r.get(0))?;
     Ok(ClaimBatch { messages, next_due })
@@ -662,7 +687,6 @@ fn report(c: &Connection, reports: Vec<Report>, now: Millis) -> Result<(), Stora
          last_error = CASE WHEN ?12 THEN ?10 ELSE last_error END, \
          updated_at = ?11 WHERE id = ?1",
     )?;
-    let mut dequeue = c.prepare_cached("DELETE FROM queue WHERE message = ?1")?;
     let mut reschedule = c.prepare_cached(
         "UPDATE queue SET next_attempt_at = ?2, leased_until = 0 WHERE message = ?1",
     )?;
@@ -714,9 +738,7 @@ fn report(c: &Connection, reports: Vec<Report>, now: Millis) -> Result<(), Stora
             Disposition::Retry { next_attempt_at } => {
                 reschedule.execute(params![r.id, next_attempt_at])?;
             }
-            _ => {
-                dequeue.execute([r.id])?;
-            }
+            _ => dequeue(c, r.id)?,
         }
         match r.page_category {
             Some(Some(category)) => {
