@@ -71,11 +71,11 @@ fn translate(settings: Option<&str>) -> anyhow::Result<ExitCode> {
         }
     };
     let settings = patch.resolve().context("--settings")?;
-    let mut input = String::new();
+    let mut input = Vec::new();
     std::io::stdin()
-        .read_to_string(&mut input)
+        .read_to_end(&mut input)
         .context("reading stdin")?;
-    let message: serde_json::Value = match serde_json::from_str(&input) {
+    let message: serde_json::Value = match serde_json::from_slice(&input) {
         Ok(v @ serde_json::Value::Object(_)) => v,
         Ok(_) => {
             eprintln!("error: stdin must hold one JSON object (a Segment message)");

@@ -1832,3 +1832,46 @@ async fn webhook_with_secret_authenticates_before_parsing() {
     assert_error(&r, 401, "unauthorized", "X-Signature");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_message_ids_are_filled_not_deduplicated() {
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    for event in ["A", "B", "C"] {
+        let mut body = track("u1", event);
+        body["messageId"] = json!("");
+        assert_success(&srv.post("/v1/track", Some(KEY), &body).await);
+    }
+    for id in 1..=3 {
+        let m = srv.wait_for(id, State::Delivered).await;
+        assert!(!m.message_id.is_empty(), "{m:#?}");
+    }
+    assert_eq!(fake.for_user("u1").len(), 3);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_partner_settings_leave_the_configured_ones() {
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    let settings = json!({"serviceId": "", "defaultModule": "", "region": "", "apiToken": "", "trackNamedPages": true});
+    let r = srv
+        .send(
+            srv.request(
+                "/segment",
+                Some(KEY),
+                serde_json::to_vec(&track("u1", "Blank")).unwrap(),
+            )
+            .header("X-Segment-Settings", settings_header(&settings)),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    srv.wait_for(1, State::Delivered).await;
+    let hit = &fake.with_activity("Blank")[0];
+    assert_eq!(hit.get("sdr_s"), Some(SERVICE));
+    assert_eq!(hit.get("sdr_m"), Some("Application"));
+    assert_eq!(hit.get("api-token"), None);
+    srv.stop().await;
+}

@@ -44,7 +44,7 @@ impl TotangoClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
                 let verdict = classify_status(status);
-                let body = match resp.bytes().await {
+                let body = match read_capped(resp).await {
                     Ok(b) if b.is_empty() => None,
                     Ok(b) => Some(printable(&b)),
                     Err(e) => Some(format!("(body unreadable: {e})")),
@@ -71,6 +71,18 @@ impl TotangoClient {
             },
         }
     }
+}
+
+/// Reads at most `MAX_KEPT_BODY` (+1) bytes of a response; the rest is dropped.
+async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        out.extend_from_slice(&chunk);
+        if out.len() > MAX_KEPT_BODY {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Response bodies are often a GIF: keep text, summarise binary.

@@ -251,10 +251,10 @@ impl Delivery {
                     let delay =
                         self.backoff
                             .delay(m.attempts + 1, attempt.retry_after, &mut rand::rng());
-                    let next = now.saturating_add(delay.as_millis() as Millis);
+                    let next = now.saturating_add(millis(delay));
                     if status == Some(429) {
                         if let Some(ra) = attempt.retry_after {
-                            self.pause(endpoint, now.saturating_add(ra.as_millis() as Millis));
+                            self.pause(endpoint, now.saturating_add(millis(ra)));
                         }
                     }
                     if next > m.retry_from.saturating_add(self.max_retry_age_ms) {
@@ -284,6 +284,10 @@ impl Report {
         };
         self
     }
+}
+
+fn millis(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
 }
 
 /// The URL to GET, with the current token (stored requests carry none).

@@ -50,14 +50,19 @@ impl Backoff {
     }
 }
 
+/// Longest `Retry-After` taken at its word (a week); a delay past the retry
+/// age makes the message dead anyway.
+const MAX_RETRY_AFTER_SECS: u64 = 7 * 24 * 3600;
+
 /// `Retry-After` as delta-seconds or an HTTP date.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
+    Some(wait.min(Duration::from_secs(MAX_RETRY_AFTER_SECS)))
 }
 
 #[cfg(test)]
@@ -126,5 +131,10 @@ mod tests {
         let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(
+            parse_retry_after("18446744073709551", now),
+            Some(Duration::from_secs(MAX_RETRY_AFTER_SECS)),
+            "huge values are capped"
+        );
     }
 }

@@ -180,7 +180,13 @@ impl Prepared {
 
 /// Fills `messageId` when absent, as Segment's API does.
 fn fill_message_id(obj: &mut Map<String, Value>) {
-    if obj.get("messageId").is_none_or(Value::is_null) {
+    // An empty messageId is no id: it would make every such message a duplicate.
+    let missing = match obj.get("messageId") {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.is_empty(),
+        Some(_) => false,
+    };
+    if missing {
         obj.insert(
             "messageId".into(),
             Value::String(uuid::Uuid::new_v4().to_string()),

@@ -86,7 +86,10 @@ fn segment_settings(headers: &HeaderMap) -> Result<Option<SettingsPatch>, ApiErr
     ];
     let known: Map<String, Value> = map
         .into_iter()
-        .filter(|(k, v)| KNOWN.contains(&k.as_str()) && k != "endpoint" && !v.is_null())
+        // Partner settings often carry "" for unset values: those mean "not set".
+        .filter(|(k, v)| {
+            KNOWN.contains(&k.as_str()) && k != "endpoint" && !v.is_null() && v.as_str() != Some("")
+        })
         .collect();
     SettingsPatch::from_json(&Value::Object(known))
         .map(Some)

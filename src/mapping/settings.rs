@@ -91,13 +91,27 @@ fn looks_like_service_id(s: &str) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsPatch {
-    #[serde(default, alias = "serviceId", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "serviceId",
+        deserialize_with = "lenient_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub service_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<Region>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub endpoint: Option<String>,
-    #[serde(default, alias = "apiToken", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "apiToken",
+        deserialize_with = "lenient_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub api_token: Option<String>,
     #[serde(
         default,
@@ -114,6 +128,7 @@ pub struct SettingsPatch {
     #[serde(
         default,
         alias = "defaultModule",
+        deserialize_with = "lenient_text",
         skip_serializing_if = "Option::is_none"
     )]
     pub default_module: Option<String>,
@@ -123,6 +138,17 @@ pub struct SettingsPatch {
         skip_serializing_if = "Option::is_none"
     )]
     pub disable_heartbeat: Option<bool>,
+}
+
+/// Text settings also accept numbers (a numeric token or service ID from an
+/// environment variable); the value never appears in the error.
+fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) => Ok(Some(s)),
+        serde_json::Value::Number(n) => Ok(Some(n.to_string())),
+        _ => Err(serde::de::Error::custom("expected text")),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -324,6 +350,18 @@ mod tests {
         let m = base.merged(&over);
         assert_eq!(m.service_id.as_deref(), Some("SP-2222-02"));
         assert_eq!(m.default_module.as_deref(), Some("A"));
+    }
+
+    #[test]
+    fn numbers_are_text_for_text_settings() {
+        let s =
+            patch(json!({"service_id": "SP-1234-01", "api_token": 123456, "default_module": 2024}))
+                .resolve()
+                .unwrap();
+        assert_eq!(s.api_token.as_deref(), Some("123456"));
+        assert_eq!(s.default_module, "2024");
+        let e = SettingsPatch::from_json(&json!({"api_token": {"secret": "x"}})).unwrap_err();
+        assert!(!e.to_string().contains("secret\""), "{e}");
     }
 
     #[test]
