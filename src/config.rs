@@ -78,8 +78,10 @@ pub struct LimitsConfig {
     pub max_batch_messages: usize,
     /// Time a client has to send its request headers.
     pub header_read_timeout_ms: u64,
-    /// Time a client has to send its request body.
+    /// Time a client has to send its whole request body.
     pub body_read_timeout_ms: u64,
+    /// Open client connections at most; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +121,7 @@ impl Default for Config {
                 max_batch_messages: 2_500,
                 header_read_timeout_ms: 10_000,
                 body_read_timeout_ms: 30_000,
+                max_connections: 1_024,
             },
             sources: Vec::new(),
         }
@@ -254,6 +257,7 @@ impl Config {
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_body_bytes", l.max_body_bytes),
             ("limits.max_batch_messages", l.max_batch_messages),
+            ("limits.max_connections", l.max_connections),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(name, "must be at least 1"));

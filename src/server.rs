@@ -98,14 +98,22 @@ pub async fn run_with_storage(
         Duration::from_millis(limits.body_read_timeout_ms),
     );
 
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only: Segment and its libraries speak HTTP/1.1, and cleartext
+    // HTTP/2 would escape the header read timeout.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
     let graceful = GracefulShutdown::new();
     tracing::info!(address = %listener.local_addr()?, "listening");
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // At most max_connections open: the next accept waits for a free slot.
+        let slot = tokio::select! {
+            slot = connections.clone().acquire_owned() => slot.expect("semaphore open"),
+            _ = shutdown.cancelled() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -126,6 +134,7 @@ pub async fn run_with_storage(
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
             _ = shutdown.cancelled() => break,

@@ -260,6 +260,22 @@ fn stalled_clients_are_cut_off() {
     );
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("body_timeout"), "{resp}");
+
+    // A body dripped in one byte at a time: each gap is short, the total is not.
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic azo=\r\nContent-Length: 40\r\n\r\n").unwrap();
+    let started = Instant::now();
+    // All 40 bytes arrive (50 ms apart, 2 s in all): only a deadline on the
+    // whole body answers 408; a per-gap timeout would read it and answer 400.
+    for _ in 0..40 {
+        if s.write_all(b" ").is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (resp, _) = read_until_closed(&mut s, Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(started.elapsed() < Duration::from_secs(5));
     drop(served);
 }
 

@@ -128,23 +128,27 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let deadline = std::time::Duration::from_millis(state.limits().body_read_timeout_ms);
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| body_timeout())?;
+    read.map_err(|e| {
         let mut source: Option<&dyn std::error::Error> = Some(&e);
         while let Some(s) = source {
             if s.is::<http_body_util::LengthLimitError>() {
                 return ApiError::too_large(limit);
             }
             if s.is::<tower_http::timeout::TimeoutError>() {
-                return ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "body: not received in time",
-                );
+                return body_timeout();
             }
             source = s.source();
         }
         ApiError::bad_request("body", format!("could not read the request body: {e}"))
     })
+}
+
+fn body_timeout() -> ApiError {
+    ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "body: not received in time")
 }
 
 /// One message ready to store, with what the mapping made of it.
