@@ -252,3 +252,49 @@ async fn dead_messages_are_replayed_one_or_all() {
     );
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_only_local_requests_are_served() {
+    let srv = Srv::start(None, 200).await;
+    let url = format!("{}/api/stats", srv.base);
+    let ok = srv.http.get(&url).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let localhost = srv.base.replace("127.0.0.1", "localhost");
+    assert_eq!(
+        srv.http
+            .get(format!("{localhost}/api/stats"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for (name, value) in [
+        ("x-forwarded-for", "203.0.113.7"),
+        ("forwarded", "for=203.0.113.7"),
+        ("host", "evil.example"),
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = srv
+            .http
+            .post(format!("{}/api/replay", srv.base))
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}: {value}");
+        let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["code"], "forbidden");
+    }
+    // The page's own same-origin calls pass.
+    let same = srv
+        .http
+        .post(format!("{}/api/replay", srv.base))
+        .header("origin", srv.base.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same.status(), 200);
+    srv.stop().await;
+}

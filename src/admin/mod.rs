@@ -68,18 +68,66 @@ async fn authorize(
             }
         }
         None => {
-            let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
-            let local = peer.is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback());
-            if !local {
+            if let Some(why) = not_local(&req) {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "forbidden",
-                    "admin API: only loopback clients without admin.token (set TD_ADMIN__TOKEN)",
+                    format!(
+                        "admin API without admin.token (TD_ADMIN__TOKEN) serves local requests only: {why}"
+                    ),
                 ));
             }
         }
     }
     Ok(next.run(req).await)
+}
+
+/// Why a request does not count as local, when it does not: a non-loopback
+/// peer, a reverse proxy in between (its forwarding headers), a Host that is
+/// not a loopback name (DNS rebinding) or a cross-site browser request.
+fn not_local(req: &Request) -> Option<&'static str> {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
+    if !peer.is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback()) {
+        return Some("the client is not on a loopback address");
+    }
+    let h = req.headers();
+    if h.contains_key(header::FORWARDED)
+        || h.contains_key("x-forwarded-for")
+        || h.contains_key("x-real-ip")
+    {
+        return Some("the request came through a proxy");
+    }
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !is_loopback_host(host) {
+        return Some("the Host header is not a loopback name");
+    }
+    let cross_site = h
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "cross-site");
+    let foreign_origin = h
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|o| o.split_once("://").map(|(_, rest)| rest) != Some(host));
+    if cross_site || foreign_origin {
+        return Some("the request comes from another site");
+    }
+    None
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Query parameters shared by listing and bulk replay.
