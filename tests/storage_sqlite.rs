@@ -974,3 +974,53 @@ async fn retention_prunes_finished_messages_but_keeps_pending_and_dead() {
     );
     storage.close().await;
 }
+
+#[tokio::test]
+async fn retention_catches_up_in_chunks() {
+    use totango_destination::storage::SqliteOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SqliteStorage::open_with(
+        &db_path(&dir),
+        SqliteOptions {
+            dedupe_window_ms: WINDOW,
+            retention_ms: Some(50),
+            // Once a minute: only the catch-up rule can prune twice in a row.
+            prune_every_ms: 60_000,
+        },
+    )
+    .unwrap();
+    // Messages already past retention: the commit that stores them prunes one
+    // chunk, and the following commits keep pruning until none is left.
+    let old = now_millis() - 10_000;
+    let batch: Vec<NewMessage> = (0..5_000)
+        .map(|i| NewMessage {
+            received_at: old,
+            ..final_msg(
+                &format!("f{i}"),
+                "k",
+                State::Filtered,
+                "integration_disabled",
+                "off",
+            )
+        })
+        .collect();
+    storage.accept(batch).await.unwrap();
+    let filtered = |counts: Vec<(State, u64)>| {
+        counts
+            .into_iter()
+            .find(|(s, _)| *s == State::Filtered)
+            .map_or(0, |(_, n)| n)
+    };
+    let mut seen = vec![filtered(storage.counts().await.unwrap())];
+    for _ in 0..3 {
+        // Commits only: claims that find nothing.
+        storage.claim(1, now_millis()).await.unwrap();
+        seen.push(filtered(storage.counts().await.unwrap()));
+    }
+    assert_eq!(
+        seen,
+        [3_000, 1_000, 0, 0],
+        "2,000 per commit until caught up"
+    );
+    storage.close().await;
+}

@@ -17,8 +17,9 @@ const MAX_GROUP: usize = 1024;
 const LEASE_MS: Millis = 10 * 60 * 1000;
 /// Delete expired dedupe entries and old messages this often.
 const PRUNE_EVERY_MS: Millis = 60 * 1000;
-/// Most old messages deleted by one prune, to keep each transaction short.
-const PRUNE_CHUNK: i64 = 10_000;
+/// Most old messages deleted by one prune, to keep each transaction short;
+/// while prunes delete full chunks, the next commit group prunes again.
+const PRUNE_CHUNK: i64 = 2_000;
 
 /// How long things are kept.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +59,8 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages(state, id);
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
-CREATE INDEX IF NOT EXISTS messages_updated ON messages(updated_at);
+CREATE INDEX IF NOT EXISTS messages_finished ON messages(updated_at)
+    WHERE state NOT IN ('pending', 'dead');
 CREATE INDEX IF NOT EXISTS messages_user ON messages(user_id, id);
 CREATE INDEX IF NOT EXISTS messages_account ON messages(account_id, id);
 CREATE TABLE IF NOT EXISTS queue (
@@ -460,14 +462,16 @@ impl Writer {
         for op in ops {
             replies.push(apply_in_savepoint(&tx, op, now, window));
         }
+        let mut caught_up = true;
         if prune {
-            if let Err(e) = prune_old(&tx, now, &self.options) {
-                tracing::warn!(error = %e, "pruning old records failed");
+            match prune_old(&tx, now, &self.options) {
+                Ok(more) => caught_up = !more,
+                Err(e) => tracing::warn!(error = %e, "pruning old records failed"),
             }
         }
         match tx.commit() {
             Ok(()) => {
-                if prune {
+                if prune && caught_up {
                     self.last_prune = now;
                 }
                 replies.into_iter().for_each(|r| r(None));
@@ -481,25 +485,28 @@ impl Writer {
     }
 }
 
-/// Deletes expired dedupe entries and, in chunks, finished messages past retention.
-fn prune_old(c: &Connection, now: Millis, options: &SqliteOptions) -> rusqlite::Result<()> {
+/// Deletes expired dedupe entries and, in chunks, finished messages past
+/// retention. True when a full chunk went (there may be more).
+fn prune_old(c: &Connection, now: Millis, options: &SqliteOptions) -> rusqlite::Result<bool> {
     c.execute("SAVEPOINT prune", [])?;
     let result = (|| {
         c.execute(
             "DELETE FROM dedupe WHERE accepted_at < ?1",
             [now - options.dedupe_window_ms],
         )?;
-        if let Some(retention) = options.retention_ms {
-            c.execute(
-                "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
-                 WHERE updated_at < ?1 AND state NOT IN ('pending', 'dead') LIMIT ?2)",
-                params![now - retention, PRUNE_CHUNK],
-            )?;
-        }
-        Ok(())
+        let Some(retention) = options.retention_ms else {
+            return Ok(false);
+        };
+        // The state condition matches the partial index messages_finished.
+        let deleted = c.execute(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+             WHERE state NOT IN ('pending', 'dead') AND updated_at < ?1 LIMIT ?2)",
+            params![now - retention, PRUNE_CHUNK],
+        )?;
+        Ok(deleted as i64 == PRUNE_CHUNK)
     })();
     match result {
-        Ok(()) => c.execute("RELEASE prune", []).map(|_| ()),
+        Ok(more) => c.execute("RELEASE prune", []).map(|_| more),
         Err(e) => {
             c.execute_batch("ROLLBACK TO prune; RELEASE prune")?;
             Err(e)
