@@ -87,6 +87,7 @@ fn message(n: usize, key: &str, received_at: i64) -> NewMessage {
         state: State::Pending,
         code: None,
         reason: None,
+        warnings: Vec::new(),
         received_at,
     }
 }

@@ -1875,3 +1875,25 @@ async fn empty_partner_settings_leave_the_configured_ones() {
     assert_eq!(hit.get("api-token"), None);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapping_warnings_are_answered_and_kept() {
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    let body = json!({"type": "identify", "userId": "u1", "context": {"groupId": "acme"},
+        "traits": {"created": "yesterday", "email": "a@acme.example"}});
+    let r = srv.post("/webhook", Some(KEY), &body).await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    let warning = r.json["outcomes"][0]["warnings"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(warning.starts_with("traits.created"), "{r:#?}");
+    let m = srv.wait_for(1, State::Delivered).await;
+    assert_eq!(m.warnings, [warning]);
+    let hit = &fake.for_user("u1")[0];
+    assert_eq!(hit.get("sdr_u.email"), Some("a@acme.example"));
+    assert_eq!(hit.get("sdr_u.Create Date"), None);
+    srv.stop().await;
+}

@@ -38,6 +38,7 @@ fn msg(message_id: &str, key: &str) -> NewMessage {
         state: State::Pending,
         code: None,
         reason: None,
+        warnings: Vec::new(),
         received_at: now_millis(),
     }
 }

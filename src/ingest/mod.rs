@@ -148,7 +148,11 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
 }
 
 fn body_timeout() -> ApiError {
-    ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "body: not received in time")
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        "body: not received in time",
+    )
 }
 
 /// One message ready to store, with what the mapping made of it.
@@ -178,6 +182,7 @@ impl Prepared {
             "outcome": outcome,
             "code": code,
             "message": message,
+            "warnings": self.new.warnings,
         })
     }
 }
@@ -251,8 +256,12 @@ fn prepare(
         state,
         code: t.code.map(|c| c.as_str().to_owned()),
         reason: t.message.clone(),
+        warnings: t.warnings.clone(),
         received_at,
     };
+    for w in &new.warnings {
+        tracing::info!(message_id = %new.message_id, "{w}");
+    }
     Ok(Prepared {
         new,
         outcome: t.outcome,

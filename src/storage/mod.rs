@@ -80,6 +80,8 @@ pub struct NewMessage {
     pub state: State,
     pub code: Option<String>,
     pub reason: Option<String>,
+    /// What the mapping noticed but sent anyway (an unreadable create date).
+    pub warnings: Vec<String>,
     pub received_at: Millis,
 }
 
@@ -194,6 +196,7 @@ pub struct StoredMessage {
     pub state: State,
     pub code: Option<String>,
     pub reason: Option<String>,
+    pub warnings: Vec<String>,
     pub payload: serde_json::Value,
     pub requests: Option<serde_json::Value>,
     pub sent: u32,

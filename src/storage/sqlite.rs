@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS messages (
     ordering_key  TEXT NOT NULL,
     code          TEXT,
     reason        TEXT,
+    warnings      TEXT,
     payload       TEXT NOT NULL,
     settings      TEXT NOT NULL,
     requests      TEXT,
@@ -316,7 +317,8 @@ impl Storage for SqliteStorage {
 
 const SELECT_MESSAGE: &str = "SELECT m.id, m.message_id, m.source, m.call, m.service_id, m.user_id, \
     m.account_id, m.state, m.code, m.reason, m.payload, m.requests, m.sent, m.attempts, \
-    m.last_status, m.last_body, m.last_error, m.received_at, m.updated_at, q.next_attempt_at \
+    m.last_status, m.last_body, m.last_error, m.received_at, m.updated_at, q.next_attempt_at, \
+    m.warnings \
     FROM messages m LEFT JOIN queue q ON q.message = m.id";
 
 fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
@@ -353,6 +355,9 @@ fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
         received_at: r.get(17)?,
         updated_at: r.get(18)?,
         next_attempt_at: r.get(19)?,
+        warnings: json(20)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -567,8 +572,8 @@ fn accept(
     )?;
     let mut insert = c.prepare_cached(
         "INSERT INTO messages (message_id, source, call, service_id, user_id, account_id, state, \
-         code, reason, payload, settings, received_at, updated_at, ordering_key) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
+         code, reason, payload, settings, received_at, updated_at, ordering_key, warnings) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14)",
     )?;
     let mut out = Vec::with_capacity(batch.len());
     for m in batch {
@@ -599,6 +604,7 @@ fn accept(
             m.settings,
             m.received_at,
             m.ordering_key,
+            (!m.warnings.is_empty()).then(|| serde_json::json!(m.warnings).to_string()),
         ])?;
         let id = c.last_insert_rowid();
         if duplicate {
