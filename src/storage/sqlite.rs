@@ -17,6 +17,8 @@ const MAX_GROUP: usize = 1024;
 const LEASE_MS: Millis = 10 * 60 * 1000;
 /// Delete expired dedupe entries and old messages this often.
 const PRUNE_EVERY_MS: Millis = 60 * 1000;
+/// Most dead messages one replay call queues again (keeps the transaction short).
+const REPLAY_MAX: i64 = 10_000;
 /// Most old messages deleted by one prune, to keep each transaction short;
 /// while prunes delete full chunks, the next commit group prunes again.
 const PRUNE_CHUNK: i64 = 2_000;
@@ -398,7 +400,8 @@ fn replay(c: &Connection, filter: &MessageFilter, now: Millis) -> Result<Vec<i64
     let (clause, args) = where_clause(&dead);
     let ids: Vec<(i64, String)> = c
         .prepare(&format!(
-            "SELECT m.id, m.ordering_key FROM messages m WHERE {clause} ORDER BY m.id"
+            "SELECT m.id, m.ordering_key FROM messages m WHERE {clause} \
+             ORDER BY m.id LIMIT {REPLAY_MAX}"
         ))?
         .query_map(rusqlite::params_from_iter(args.iter()), |r| {
             Ok((r.get(0)?, r.get(1)?))
