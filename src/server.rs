@@ -35,7 +35,7 @@ const HTTP_DRAIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("storage: {0}")]
+    #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("storage.url: {0}")]
     UnsupportedStorage(String),
@@ -171,6 +171,7 @@ fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
         // Segment's Java library (and others, optionally) gzip their bodies;
         // the body limit applies to the decompressed bytes.
         .layer(RequestDecompressionLayer::new())
+        .layer(axum::middleware::map_response(explain_unsupported_encoding))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             let id = req
@@ -256,6 +257,22 @@ async fn method_not_allowed(req: Request<axum::body::Body>) -> impl IntoResponse
         StatusCode::METHOD_NOT_ALLOWED,
         Json(json!({"message": message, "code": "method_not_allowed"})),
     )
+}
+
+/// The decompression layer answers an unknown `Content-Encoding` with an
+/// empty 415; give it the same JSON shape as every other error.
+async fn explain_unsupported_encoding(resp: axum::response::Response) -> axum::response::Response {
+    if resp.status() != StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        return resp;
+    }
+    (
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Json(json!({
+            "message": "Content-Encoding: only gzip and deflate (or none) are accepted",
+            "code": "unsupported_encoding",
+        })),
+    )
+        .into_response()
 }
 
 async fn not_found() -> impl IntoResponse {

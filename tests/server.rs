@@ -1897,3 +1897,18 @@ async fn mapping_warnings_are_answered_and_kept() {
     assert_eq!(hit.get("sdr_u.Create Date"), None);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_content_encoding_is_a_json_415() {
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    let r = srv
+        .send(
+            srv.request("/v1/track", Some(KEY), b"xx".to_vec())
+                .header("content-encoding", "br-unknown"),
+        )
+        .await;
+    assert_error(&r, 415, "unsupported_encoding", "Content-Encoding");
+    srv.stop().await;
+}

@@ -93,21 +93,7 @@ impl Delivery {
                                 .expect("semaphore open");
                             let this = self.clone();
                             tasks.spawn(async move {
-                                let report = this.deliver(m).await;
-                                let outcome = match &report.disposition {
-                                    Disposition::Delivered => Some(State::Delivered),
-                                    Disposition::Dead { .. } => Some(State::Dead),
-                                    Disposition::Final { state, .. } => Some(*state),
-                                    Disposition::Retry { .. } => None,
-                                };
-                                match this.storage.report(vec![report]).await {
-                                    Ok(()) => {
-                                        if let Some(state) = outcome {
-                                            telemetry::count_outcome(state.as_str());
-                                        }
-                                    }
-                                    Err(e) => tracing::error!(error = %e, "could not record a delivery result"),
-                                }
+                                this.deliver_and_report(m).await;
                                 drop(permit);
                                 this.wake();
                             });
@@ -133,6 +119,27 @@ impl Delivery {
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!("in-flight deliveries did not finish in time; they stay queued");
             tasks.abort_all();
+        }
+    }
+
+    /// Delivers one claimed message and records the result. A result that
+    /// cannot be recorded leaves the message leased; it is claimed again when
+    /// the lease runs out or at the next start.
+    async fn deliver_and_report(&self, m: Claimed) {
+        let report = self.deliver(m).await;
+        let outcome = match &report.disposition {
+            Disposition::Delivered => Some(State::Delivered),
+            Disposition::Dead { .. } => Some(State::Dead),
+            Disposition::Final { state, .. } => Some(*state),
+            Disposition::Retry { .. } => None,
+        };
+        match self.storage.report(vec![report]).await {
+            Ok(()) => {
+                if let Some(state) = outcome {
+                    telemetry::count_outcome(state.as_str());
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not record a delivery result"),
         }
     }
 
