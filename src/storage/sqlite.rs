@@ -64,8 +64,6 @@ CREATE INDEX IF NOT EXISTS messages_state ON messages(state, id);
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(updated_at)
     WHERE state NOT IN ('pending', 'dead');
-CREATE INDEX IF NOT EXISTS messages_user ON messages(user_id, id);
-CREATE INDEX IF NOT EXISTS messages_account ON messages(account_id, id);
 CREATE TABLE IF NOT EXISTS queue (
     seq             INTEGER PRIMARY KEY,
     message         INTEGER NOT NULL UNIQUE REFERENCES messages(id),
