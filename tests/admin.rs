@@ -4,8 +4,9 @@
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use totango_destination::config::Config;
-use totango_destination::server::{open_storage, run_with_storage};
+mod common;
+
+use common::TestServer;
 use totango_destination::storage::{State, Storage};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -15,8 +16,8 @@ struct Srv {
     http: reqwest::Client,
     storage: Arc<dyn Storage>,
     fake: MockServer,
-    shutdown: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), totango_destination::server::RunError>>,
+    server: TestServer,
+    _dir: tempfile::TempDir,
 }
 
 impl Srv {
@@ -27,31 +28,18 @@ impl Srv {
             .respond_with(ResponseTemplate::new(totango_status).set_body_string("answer"))
             .mount(&fake)
             .await;
-        let dir = tempfile::tempdir().unwrap().keep();
-        let mut c = Config::default();
-        c.storage.url = format!("sqlite://{}", dir.join("td.db").display());
-        c.totango.service_id = Some("SP-1234-01".into());
-        c.totango.endpoint = Some(fake.uri());
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = common::config(&dir, &fake.uri());
         c.totango.api_token = Some("sdr-secret".into());
         c.admin.token = token.map(String::from);
-        let runtime = c.validate().unwrap();
-        let storage = open_storage(&runtime).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(run_with_storage(
-            runtime,
-            listener,
-            storage.clone(),
-            shutdown.clone(),
-        ));
+        let server = TestServer::start(c).await;
         Srv {
-            base,
+            base: server.base.clone(),
             http: reqwest::Client::new(),
-            storage,
+            storage: server.storage.clone(),
             fake,
-            shutdown,
-            task,
+            server,
+            _dir: dir,
         }
     }
 
@@ -95,8 +83,7 @@ impl Srv {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
+        self.server.stop().await;
     }
 }
 

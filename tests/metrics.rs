@@ -1,8 +1,9 @@
 //! `/metrics`: Prometheus text with accepted and outcome counters, delivery
 //! attempts by status class, queue gauges and latency histograms.
 
-use totango_destination::config::Config;
-use totango_destination::server::{open_storage, run_with_storage};
+mod common;
+
+use common::TestServer;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -21,21 +22,8 @@ async fn metrics_count_what_happened() {
         .mount(&fake)
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Config::default();
-    c.storage.url = format!("sqlite://{}", dir.path().join("td.db").display());
-    c.totango.service_id = Some("SP-1234-01".into());
-    c.totango.endpoint = Some(fake.uri());
-    let runtime = c.validate().unwrap();
-    let storage = open_storage(&runtime).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(run_with_storage(
-        runtime,
-        listener,
-        storage.clone(),
-        shutdown.clone(),
-    ));
+    let srv = TestServer::start(common::config(&dir, &fake.uri())).await;
+    let base = srv.base.clone();
 
     let http = reqwest::Client::new();
     let post = |body: &'static str| {
@@ -103,6 +91,5 @@ async fn metrics_count_what_happened() {
         "{text}"
     );
 
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    srv.stop().await;
 }

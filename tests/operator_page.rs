@@ -7,8 +7,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use totango_destination::config::Config;
-use totango_destination::server::{open_storage, run_with_storage};
+mod common;
+
+use common::TestServer;
 use totango_destination::storage::{State, Storage};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -70,21 +71,8 @@ async fn operator_page_shows_and_replays_messages() {
         .mount(&fake)
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Config::default();
-    c.storage.url = format!("sqlite://{}", dir.path().join("td.db").display());
-    c.totango.service_id = Some("SP-1234-01".into());
-    c.totango.endpoint = Some(fake.uri());
-    let runtime = c.validate().unwrap();
-    let storage = open_storage(&runtime).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(run_with_storage(
-        runtime,
-        listener,
-        storage.clone(),
-        shutdown.clone(),
-    ));
+    let srv = TestServer::start(common::config(&dir, &fake.uri())).await;
+    let (base, storage) = (srv.base.clone(), srv.storage.clone());
 
     let http = reqwest::Client::new();
     for body in [
@@ -133,6 +121,5 @@ async fn operator_page_shows_and_replays_messages() {
     }
     wait_for(&storage, 2, State::Delivered).await;
 
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    srv.stop().await;
 }
