@@ -371,43 +371,7 @@ impl Config {
 }
 
 fn toml_string(c: &Config) -> String {
-    // figment's own TOML support is read-only; serialise via serde_json → toml-ish lines.
-    let v = serde_json::to_value(c).unwrap_or_default();
-    let mut out = String::new();
-    write_toml(&mut out, "", &v);
-    out
-}
-
-fn write_toml(out: &mut String, table: &str, v: &serde_json::Value) {
-    use serde_json::Value;
-    let Value::Object(map) = v else { return };
-    for (k, val) in map {
-        match val {
-            Value::Object(_) | Value::Null => {}
-            Value::Array(items) if items.iter().any(Value::is_object) => {}
-            _ => out.push_str(&format!("{k} = {val}\n")),
-        }
-    }
-    for (k, val) in map {
-        let name = if table.is_empty() {
-            k.clone()
-        } else {
-            format!("{table}.{k}")
-        };
-        match val {
-            Value::Object(_) => {
-                out.push_str(&format!("\n[{name}]\n"));
-                write_toml(out, &name, val);
-            }
-            Value::Array(items) if items.iter().any(Value::is_object) => {
-                for item in items {
-                    out.push_str(&format!("\n[[{name}]]\n"));
-                    write_toml(out, &name, item);
-                }
-            }
-            _ => {}
-        }
-    }
+    toml::to_string(c).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
 }
 
 pub fn parse_storage_url(url: &str) -> Result<StorageUrl, ConfigError> {
