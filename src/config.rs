@@ -75,6 +75,9 @@ pub struct DeliveryConfig {
 pub struct LimitsConfig {
     pub max_message_bytes: usize,
     pub max_body_bytes: usize,
+    /// Total size of one request's messages as stored (after a batch's
+    /// `context` is merged into every item).
+    pub max_request_stored_bytes: usize,
     pub max_batch_messages: usize,
     /// Time a client has to send its request headers.
     pub header_read_timeout_ms: u64,
@@ -118,6 +121,7 @@ impl Default for Config {
             limits: LimitsConfig {
                 max_message_bytes: 32 * 1024,
                 max_body_bytes: 500 * 1024,
+                max_request_stored_bytes: 4 * 1024 * 1024,
                 max_batch_messages: 2_500,
                 header_read_timeout_ms: 10_000,
                 body_read_timeout_ms: 30_000,
@@ -178,6 +182,25 @@ impl Runtime {
             .find(|s| s.name == name)
             .unwrap_or(&self.default_source);
         base.settings.merged(overrides).resolve()
+    }
+
+    /// Warnings about configured settings that are accepted but look wrong
+    /// (a service ID outside Totango's usual pattern), once per source.
+    pub fn settings_warnings(&self) -> Vec<String> {
+        let mut sources: Vec<&Source> = vec![&self.default_source];
+        sources.extend(self.sources.values());
+        let mut out: Vec<String> = Vec::new();
+        for s in sources {
+            if let Ok(settings) = s.settings.resolve() {
+                for w in settings.warnings() {
+                    let w = format!("source {:?}: {w}", s.name);
+                    if !out.contains(&w) {
+                        out.push(w);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -256,6 +279,10 @@ impl Config {
         for (name, v) in [
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_body_bytes", l.max_body_bytes),
+            (
+                "limits.max_request_stored_bytes",
+                l.max_request_stored_bytes,
+            ),
             ("limits.max_batch_messages", l.max_batch_messages),
             ("limits.max_connections", l.max_connections),
         ] {

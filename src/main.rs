@@ -86,7 +86,8 @@ fn translate(settings: Option<&str>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let translation = translate_value(&message, &settings, None);
+    let mut translation = translate_value(&message, &settings, None);
+    translation.warnings.extend(settings.warnings());
     println!("{}", translation.to_json(settings.base_url()));
     Ok(ExitCode::SUCCESS)
 }
@@ -119,6 +120,10 @@ fn serve(path: Option<&Path>, listen: Option<String>) -> anyhow::Result<ExitCode
             "totango.service_id is not set (TD_TOTANGO__SERVICE_ID): only requests that carry \
              a serviceId in X-Segment-Settings can be accepted"
         );
+    }
+    // Settings that look wrong are said once here, not on every message.
+    for warning in runtime.settings_warnings() {
+        tracing::warn!("{warning}");
     }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {

@@ -616,6 +616,7 @@ async fn batch_merges_batch_level_context_and_integrations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
+    // A request that is not a usable batch at all is refused whole.
     let fake = Fake::ok().await;
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(&dir, &fake.uri());
@@ -624,26 +625,6 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     c.limits.max_body_bytes = 4096;
     let srv = Server::start(c).await;
     let ok = track("u1", "E");
-
-    // One item without a type: the whole batch is refused.
-    let r = srv
-        .post(
-            "/v1/batch",
-            Some(KEY),
-            &json!({"batch": [ok, {"userId": "u1", "event": "E"}]}),
-        )
-        .await;
-    assert_error(&r, 400, "missing_type", "batch[1].type");
-
-    // Unknown type.
-    let r = srv
-        .post(
-            "/v1/batch",
-            Some(KEY),
-            &json!({"batch": [{"type": "purchase", "userId": "u1"}]}),
-        )
-        .await;
-    assert_error(&r, 400, "unknown_type", "batch[0].type");
 
     // Too many messages.
     let r = srv
@@ -683,23 +664,41 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     let r = srv.post_raw("/v1/track", Some(KEY), &b"not json"[..]).await;
     assert_error(&r, 400, "malformed_json", "JSON");
 
-    // Wrong types name the field.
-    let r = srv
-        .post(
-            "/v1/batch",
-            Some(KEY),
-            &json!({"batch": [ok, {"type": "identify", "userId": "u1", "traits": "x"}]}),
-        )
-        .await;
-    assert_error(&r, 400, "invalid_field", "batch[1].traits");
+    // Not a batch at all.
     let r = srv
         .post("/v1/batch", Some(KEY), &json!({"batch": "x"}))
         .await;
     assert_error(&r, 400, "invalid_field", "batch");
+    // Trailing bytes after the JSON body.
     let r = srv
-        .post("/v1/batch", Some(KEY), &json!({"batch": [ok, 7]}))
+        .post_raw("/v1/batch", Some(KEY), &b"{\"batch\": []} {}"[..])
         .await;
-    assert_error(&r, 400, "invalid_message", "batch[1]");
+    assert_error(&r, 400, "malformed_json", "trailing");
+    // A batch context that makes the merged items too large, each...
+    let r = srv
+        .post(
+            "/v1/batch",
+            Some(KEY),
+            &json!({"batch": [ok], "context": {"blob": "x".repeat(600)}}),
+        )
+        .await;
+    assert_error(&r, 400, "message_too_large", "batch[0]");
+    assert_eq!(srv.counts().await, counts(&[]), "nothing stored");
+    srv.stop().await;
+
+    // ... or all together.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir, &fake.uri());
+    c.limits.max_request_stored_bytes = 2_000;
+    let srv = Server::start(c).await;
+    let r = srv
+        .post(
+            "/v1/batch",
+            Some(KEY),
+            &json!({"batch": vec![ok.clone(); 20], "context": {"blob": "x".repeat(300)}}),
+        )
+        .await;
+    assert_error(&r, 400, "request_too_large", "batch[");
 
     // Auth applies to batches too.
     let r = srv
@@ -714,6 +713,89 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(fake.hits().is_empty());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_batch_item_is_rejected_alone_and_the_rest_delivered() {
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    let mut items = vec![track("u1", "Good 1")];
+    items.push(
+        json!({"type": "track", "userId": "u1", "event": "Bad group",
+        "context": {"groupId": {"id": "acme"}}}),
+    );
+    items.push(
+        json!({"type": "track", "userId": "u1", "event": "Bad time", "timestamp": 1700000000}),
+    );
+    items.push(json!({"userId": "u1", "event": "No type"}));
+    items.push(json!({"type": "purchase", "userId": "u1"}));
+    items.push(json!({"type": "identify", "userId": "u1", "traits": "x"}));
+    items.push(json!(7));
+    items.push(json!({"type": "delete", "userId": "u1"}));
+    items.push(track("u1", "Good 2"));
+    let r = srv
+        .post(
+            "/v1/batch",
+            Some(KEY),
+            &json!({"batch": items, "context": {"groupId": "acme"}}),
+        )
+        .await;
+    assert_success(&r);
+    let good1 = srv.wait_for(1, State::Delivered).await;
+    assert_eq!(good1.state, State::Delivered);
+    srv.wait_for(9, State::Delivered).await;
+    let expect = [
+        (2, "invalid_field", "batch[1].context.groupId"),
+        (3, "invalid_field", "batch[2].timestamp"),
+        (4, "missing_type", "batch[3].type"),
+        (5, "unknown_type", "batch[4].type"),
+        (6, "invalid_field", "batch[5].traits"),
+        (7, "invalid_message", "batch[6]"),
+    ];
+    for (id, code, field) in expect {
+        let m = srv.get(id).await;
+        assert_eq!(m.state, State::Rejected, "{m:#?}");
+        assert_eq!(m.code.as_deref(), Some(code), "{m:#?}");
+        let reason = m.reason.clone().unwrap_or_default();
+        assert!(reason.contains(field), "{reason:?} names {field}");
+    }
+    let delete = srv.get(8).await;
+    assert_eq!(delete.state, State::Unsupported, "{delete:#?}");
+    let events: Vec<String> = fake
+        .hits()
+        .iter()
+        .filter_map(|h| h.get("sdr_a").map(str::to_owned))
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.contains(&"Good 1".to_owned()) && events.contains(&"Good 2".to_owned()));
+
+    // /webhook arrays too: the bad element is stored as rejected, reported
+    // with 400, and the others are kept.
+    let r = srv
+        .post(
+            "/webhook",
+            Some(KEY),
+            &json!([track("u2", "Hook good"), {"type": "track", "userId": "u2", "timestamp": 5,
+                "event": "Hook bad", "context": {"groupId": "acme"}}]),
+        )
+        .await;
+    assert_error(&r, 400, "invalid_field", "[1].timestamp");
+    assert_eq!(r.json["outcomes"][0]["outcome"], "accepted", "{r:#?}");
+    assert_eq!(r.json["outcomes"][1]["outcome"], "rejected", "{r:#?}");
+    srv.wait_for(10, State::Delivered).await;
+    assert_eq!(srv.get(11).await.state, State::Rejected);
+
+    // delete is unsupported: 200 on the Tracking API and /webhook, 501 on /segment.
+    let del = json!({"type": "delete", "userId": "u3", "context": {"groupId": "acme"}});
+    let r = srv.post("/webhook", Some(KEY), &del).await;
+    assert_success(&r);
+    assert_eq!(r.json["outcomes"][0]["outcome"], "unsupported", "{r:#?}");
+    let r = srv.post("/segment", Some(KEY), &del).await;
+    assert_eq!(r.status, 501, "{r:#?}");
+    let r = srv.post("/v1/delete", Some(KEY), &del).await;
+    assert_eq!(r.status, 404, "{r:#?}");
     srv.stop().await;
 }
 

@@ -64,16 +64,18 @@ impl AppState {
         }
     }
 
-    /// Stores prepared messages (all or nothing) and wakes delivery.
+    /// Stores prepared messages (all or nothing) and wakes delivery. The
+    /// messages move to storage (no copy); the answer keeps their summaries.
     async fn store(
         &self,
-        prepared: &[Prepared],
+        prepared: Vec<Prepared>,
         interface: &'static str,
-    ) -> Result<Vec<Acceptance>, ApiError> {
+    ) -> Result<Vec<(Summary, Acceptance)>, ApiError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("shutting down"));
         }
-        let batch = prepared.iter().map(|p| p.new.clone()).collect();
+        let (batch, summaries): (Vec<NewMessage>, Vec<Summary>) =
+            prepared.into_iter().map(|p| (p.new, p.summary)).unzip();
         let accepted = self.storage.accept(batch).await.map_err(|e| {
             tracing::error!(error = %e, "could not store accepted messages");
             match e {
@@ -81,13 +83,13 @@ impl AppState {
                 StorageError::Backend(_) => ApiError::unavailable("storage unavailable"),
             }
         })?;
-        if prepared.iter().any(|p| p.new.state == State::Pending) {
+        if summaries.iter().any(|s| s.state == State::Pending) {
             self.delivery.wake();
         }
         metrics::counter!(telemetry::ACCEPTED, "interface" => interface)
-            .increment(prepared.len() as u64);
-        for (p, a) in prepared.iter().zip(&accepted) {
-            match (a, p.new.state) {
+            .increment(summaries.len() as u64);
+        for (s, a) in summaries.iter().zip(&accepted) {
+            match (a, s.state) {
                 (Acceptance::Duplicate { .. }, _) => {
                     telemetry::count_outcome(State::Duplicate.as_str())
                 }
@@ -95,7 +97,7 @@ impl AppState {
                 (_, state) => telemetry::count_outcome(state.as_str()),
             }
         }
-        Ok(accepted)
+        Ok(summaries.into_iter().zip(accepted).collect())
     }
 }
 
@@ -156,15 +158,24 @@ fn body_timeout() -> ApiError {
 }
 
 /// One message ready to store, with what the mapping made of it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Prepared {
     new: NewMessage,
+    summary: Summary,
+}
+
+/// What an answer says of a message (kept after the message went to storage).
+#[derive(Debug, Clone)]
+struct Summary {
+    message_id: String,
+    state: State,
     outcome: Outcome,
     code: Option<Code>,
     message: Option<String>,
+    warnings: Vec<String>,
 }
 
-impl Prepared {
+impl Summary {
     fn outcome_json(&self, acceptance: Acceptance) -> Value {
         let (outcome, code, message) = match acceptance {
             Acceptance::Duplicate { .. } => ("duplicate", Some("duplicate"), None),
@@ -178,11 +189,11 @@ impl Prepared {
             ),
         };
         serde_json::json!({
-            "messageId": self.new.message_id,
+            "messageId": self.message_id,
             "outcome": outcome,
             "code": code,
             "message": message,
-            "warnings": self.new.warnings,
+            "warnings": self.warnings,
         })
     }
 }
@@ -203,27 +214,63 @@ fn fill_message_id(obj: &mut Map<String, Value>) {
     }
 }
 
+/// How a message that is not valid Segment is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Invalid {
+    /// The whole request is refused (`400`): a single-message request.
+    Refuse,
+    /// The message alone is stored as `rejected` (batch items, webhook array
+    /// elements): Segment's libraries drop a whole batch on a `400`.
+    RejectItem,
+}
+
 /// Parses, validates and classifies one message. `field` prefixes error
-/// paths (`batch[3].`), so a client learns which message is wrong.
+/// paths (`batch[3].`), so a client learns which message is wrong. The
+/// request-wide limits are checked on the message as it will be stored.
 fn prepare(
+    limits: &mut RequestLimits<'_>,
     value: Value,
     source: &Source,
     header_settings: Option<&SettingsPatch>,
     field: &str,
     received_at: Millis,
+    invalid: Invalid,
 ) -> Result<Prepared, ApiError> {
-    let at = |e: &ParseError| ApiError::invalid_message(field, e);
-    let msg = Message::from_value(&value).map_err(|e| at(&e))?;
-    msg.context_group_id().map_err(|e| at(&e))?;
     let overrides = header_settings.cloned().unwrap_or_default();
-    let patch = source.settings.merged(&overrides);
-    let settings = patch.resolve().map_err(|e| {
+    let settings = source.settings.merged(&overrides).resolve().map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_settings",
             format!("settings: {e} (set it in the server configuration or X-Segment-Settings)"),
         )
     })?;
+    if header_settings.is_some_and(|h| h.service_id.is_some()) {
+        warn_once(&settings);
+    }
+    let payload = value.to_string();
+    limits.check(payload.len(), field)?;
+    let settings_json = serde_json::to_string(&overrides).expect("settings serialise");
+    let parsed = Message::from_value(&value).and_then(|msg| {
+        msg.context_group_id()?;
+        Ok(msg)
+    });
+    let msg = match (parsed, invalid) {
+        (Ok(msg), _) => msg,
+        (Err(e), Invalid::Refuse) => return Err(ApiError::invalid_message(field, &e)),
+        (Err(e), Invalid::RejectItem) => {
+            return Ok(rejected_item(
+                &value,
+                &e,
+                source,
+                &settings.service_id,
+                payload,
+                settings_json,
+                field,
+                received_at,
+            ));
+        }
+    };
+    drop(value);
     let t = mapping::translate(&msg, &settings, None);
     // Pages are queued even when they send nothing: they still set the
     // user's latest page category for later track calls.
@@ -239,9 +286,13 @@ fn prepare(
         CallType::Group => msg.group_id.clone(),
         _ => msg.context_group_id().ok().flatten(),
     };
+    let message_id = msg.message_id.clone().unwrap_or_default();
+    for w in &t.warnings {
+        tracing::info!(message_id = %message_id, "{w}");
+    }
     let new = NewMessage {
         source: source.name.clone(),
-        message_id: msg.message_id.clone().unwrap_or_default(),
+        message_id: message_id.clone(),
         call: msg.call.as_str().to_owned(),
         service_id: settings.service_id.clone(),
         user_id: msg.user_id.clone(),
@@ -251,29 +302,111 @@ fn prepare(
             settings.service_id,
             mapping::ordering_key(&msg)
         ),
-        payload: value.to_string(),
-        settings: serde_json::to_string(&overrides).expect("settings serialise"),
+        payload,
+        settings: settings_json,
         state,
         code: t.code.map(|c| c.as_str().to_owned()),
         reason: t.message.clone(),
         warnings: t.warnings.clone(),
         received_at,
     };
-    for w in &new.warnings {
-        tracing::info!(message_id = %new.message_id, "{w}");
-    }
     Ok(Prepared {
         new,
-        outcome: t.outcome,
-        code: t.code,
-        message: t.message,
+        summary: Summary {
+            message_id,
+            state,
+            outcome: t.outcome,
+            code: t.code,
+            message: t.message,
+            warnings: t.warnings,
+        },
     })
+}
+
+/// A batch item that is not valid Segment, kept as `rejected` with the
+/// reason naming the field.
+#[allow(clippy::too_many_arguments)]
+fn rejected_item(
+    value: &Value,
+    e: &ParseError,
+    source: &Source,
+    service_id: &str,
+    payload: String,
+    settings: String,
+    field: &str,
+    received_at: Millis,
+) -> Prepared {
+    let text = |k: &str| {
+        value
+            .get(k)
+            .and_then(|v| crate::segment::scalar_text(v).ok().flatten())
+    };
+    let code = match e {
+        ParseError::NotAnObject => Code::InvalidMessage,
+        ParseError::MissingType => Code::MissingType,
+        ParseError::UnknownType(_) => Code::UnknownType,
+        ParseError::InvalidField { .. } => Code::InvalidField,
+    };
+    let message_id = text("messageId").unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let call = value
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty() && t.len() <= 32)
+        .unwrap_or("unknown")
+        .to_owned();
+    let reason = format!("{field}{e}");
+    Prepared {
+        new: NewMessage {
+            source: source.name.clone(),
+            message_id: message_id.clone(),
+            call,
+            service_id: service_id.to_owned(),
+            user_id: text("userId"),
+            account_id: text("groupId"),
+            ordering_key: format!("{service_id}\u{1f}rejected"),
+            payload,
+            settings,
+            state: State::Rejected,
+            code: Some(code.as_str().to_owned()),
+            reason: Some(reason.clone()),
+            warnings: Vec::new(),
+            received_at,
+        },
+        summary: Summary {
+            message_id,
+            state: State::Rejected,
+            outcome: Outcome::Rejected,
+            code: Some(code),
+            message: Some(reason),
+            warnings: Vec::new(),
+        },
+    }
+}
+
+/// Logs the warnings of settings a request brought (`X-Segment-Settings`)
+/// once per service ID, not once per message.
+fn warn_once(settings: &crate::mapping::Settings) {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let warnings = settings.warnings();
+    if warnings.is_empty() {
+        return;
+    }
+    let mut seen = SEEN.lock().expect("warning lock");
+    let seen = seen.get_or_insert_with(HashSet::new);
+    // Bounded: a client cycling through IDs cannot grow this without end.
+    if seen.len() < 1_000 && seen.insert(settings.service_id.clone()) {
+        for w in warnings {
+            tracing::warn!("X-Segment-Settings: {w} (said once per service ID)");
+        }
+    }
 }
 
 /// Parses a body that must be JSON, naming what is wrong.
 fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -290,22 +423,82 @@ fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiEr
                 format!("{field}: {inner}"),
             )
         }
-    })
+    })?;
+    // Only whitespace may follow the JSON value.
+    de.end().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("body: trailing data after the JSON value: {e}"),
+        )
+    })?;
+    Ok(value)
 }
 
-fn check_message_size(state: &AppState, raw_len: usize, field: &str) -> Result<(), ApiError> {
-    let max = state.limits().max_message_bytes;
-    if raw_len > max {
-        let name = if field.is_empty() {
-            "message"
-        } else {
-            field.trim_end_matches('.')
-        };
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "message_too_large",
-            format!("{name}: {raw_len} bytes; a message may be at most {max} bytes"),
-        ));
+/// The size limits of one request, checked on each message as it will be
+/// stored (after a batch's `context` and `integrations` were merged into it):
+/// at most `max_message_bytes` each and `max_request_stored_bytes` in all, so
+/// what a request holds in memory stays proportional to its body.
+struct RequestLimits<'a> {
+    limits: &'a crate::config::LimitsConfig,
+    stored: usize,
+}
+
+impl<'a> RequestLimits<'a> {
+    fn new(state: &'a AppState) -> Self {
+        RequestLimits {
+            limits: state.limits(),
+            stored: 0,
+        }
     }
-    Ok(())
+
+    /// A message as sent, before anything is merged into it.
+    fn check_raw(&self, len: usize, field: &str) -> Result<(), ApiError> {
+        let max = self.limits.max_message_bytes;
+        if len > max {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "message_too_large",
+                format!(
+                    "{}: {len} bytes; a message may be at most {max} bytes",
+                    field_name(field)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A message as it will be stored; counts towards the request's total.
+    fn check(&mut self, len: usize, field: &str) -> Result<(), ApiError> {
+        let name = field_name(field);
+        let max = self.limits.max_message_bytes;
+        if len > max {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "message_too_large",
+                format!("{name}: {len} bytes as stored; a message may be at most {max} bytes"),
+            ));
+        }
+        self.stored += len;
+        let total = self.limits.max_request_stored_bytes;
+        if self.stored > total {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "request_too_large",
+                format!(
+                    "{name}: the messages of this request take more than {total} bytes once \
+                     the batch context is merged into each; send smaller batches"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn field_name(field: &str) -> &str {
+    if field.is_empty() {
+        "message"
+    } else {
+        field.trim_end_matches('.')
+    }
 }

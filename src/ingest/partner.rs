@@ -16,27 +16,33 @@ pub async fn handle(
     let source = state.source_for(key.as_deref())?;
     let header_settings = segment_settings(&headers)?;
     let bytes = read_body(&state, &headers, body).await?;
-    check_message_size(&state, bytes.len(), "")?;
+    let mut limits = RequestLimits::new(&state);
+    limits.check_raw(bytes.len(), "")?;
     let mut obj: Map<String, Value> = parse_json(&bytes)?;
+    drop(bytes);
     fill_message_id(&mut obj);
     let received = crate::storage::now_millis();
     let prepared = prepare(
+        &mut limits,
         Value::Object(obj),
         source,
         header_settings.as_ref(),
         "",
         received,
+        Invalid::Refuse,
     )?;
-    let accepted = state
-        .store(std::slice::from_ref(&prepared), "segment")
-        .await?;
-    let outcome = prepared.outcome_json(accepted[0]);
-    if matches!(accepted[0], Acceptance::Duplicate { .. }) {
+    let (summary, acceptance) = state
+        .store(vec![prepared], "segment")
+        .await?
+        .pop()
+        .expect("one message stored");
+    let outcome = summary.outcome_json(acceptance);
+    if matches!(acceptance, Acceptance::Duplicate { .. }) {
         return Ok(Json(outcome).into_response());
     }
-    let reason = || prepared.message.clone().unwrap_or_default();
-    let code = prepared.code.map(Code::as_str).unwrap_or("rejected");
-    match prepared.outcome {
+    let reason = || summary.message.clone().unwrap_or_default();
+    let code = summary.code.map(Code::as_str).unwrap_or("rejected");
+    match summary.outcome {
         Outcome::Rejected => Err(ApiError::new(StatusCode::BAD_REQUEST, code, reason())),
         Outcome::Unsupported => Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, code, reason())),
         Outcome::Send | Outcome::Filtered => Ok(Json(outcome).into_response()),

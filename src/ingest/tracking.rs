@@ -33,7 +33,8 @@ pub async fn single(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Some(call) = CallType::parse(&call) else {
+    // `delete` comes only inside batches and webhooks; it has no endpoint.
+    let Some(call) = CallType::parse(&call).filter(|c| *c != CallType::Delete) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -44,23 +45,25 @@ pub async fn single(
     };
     let header_key = basic_user(&headers)?;
     let bytes = read_body(&state, &headers, body).await?;
-    check_message_size(&state, bytes.len(), "")?;
+    let mut limits = RequestLimits::new(&state);
+    limits.check_raw(bytes.len(), "")?;
     let mut obj: Map<String, Value> = parse_json(&bytes)?;
+    drop(bytes);
     let body_key = take_write_key(&mut obj)?;
     let source = state.source_for(header_key.as_deref().or(body_key.as_deref()))?;
     let received = Utc::now();
     obj.insert("type".into(), Value::String(call.as_str().into()));
     fill(&mut obj, received, None);
     let prepared = prepare(
+        &mut limits,
         Value::Object(obj),
         source,
         None,
         "",
         received.timestamp_millis(),
+        Invalid::Refuse,
     )?;
-    state
-        .store(std::slice::from_ref(&prepared), "tracking")
-        .await?;
+    state.store(vec![prepared], "tracking").await?;
     Ok(success())
 }
 
@@ -85,32 +88,34 @@ pub async fn batch(
         ));
     }
     let received = Utc::now();
+    let mut limits = RequestLimits::new(&state);
     let mut prepared = Vec::with_capacity(body.batch.len());
     for (i, raw) in body.batch.iter().enumerate() {
         let field = format!("batch[{i}].");
-        check_message_size(&state, raw.get().len(), &field)?;
-        let value: Value = serde_json::from_str(raw.get())
+        limits.check_raw(raw.get().len(), &field)?;
+        // The body parsed, so every item is valid JSON.
+        let mut value: Value = serde_json::from_str(raw.get())
             .map_err(|e| ApiError::bad_request(&field[..field.len() - 1], e))?;
-        let Value::Object(mut obj) = value else {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_message",
-                format!("{}: must be a JSON object", &field[..field.len() - 1]),
-            ));
-        };
-        obj.remove("writeKey");
-        merge_defaults(&mut obj, "context", body.context.as_ref());
-        merge_defaults(&mut obj, "integrations", body.integrations.as_ref());
-        fill(&mut obj, received, body.sent_at.as_deref());
+        // An item that is not an object is stored as rejected by `prepare`.
+        if let Value::Object(obj) = &mut value {
+            obj.remove("writeKey");
+            merge_defaults(obj, "context", body.context.as_ref());
+            merge_defaults(obj, "integrations", body.integrations.as_ref());
+            fill(obj, received, body.sent_at.as_deref());
+        }
         prepared.push(prepare(
-            Value::Object(obj),
+            &mut limits,
+            value,
             source,
             None,
             &field,
             received.timestamp_millis(),
+            Invalid::RejectItem,
         )?);
     }
-    state.store(&prepared, "tracking").await?;
+    drop(body);
+    drop(bytes);
+    state.store(prepared, "tracking").await?;
     Ok(success())
 }
 
@@ -157,19 +162,20 @@ fn fill(obj: &mut Map<String, Value>, received: DateTime<Utc>, batch_sent_at: Op
             .map(|t| t.with_timezone(&Utc))
     };
     let sent_at = parse(obj.get("sentAt"));
-    match (obj.get("timestamp").cloned(), parse(obj.get("timestamp"))) {
-        (None | Some(Value::Null), _) => {
-            obj.insert("timestamp".into(), iso(received));
-        }
-        (Some(original), Some(ts)) => {
-            obj.entry("originalTimestamp").or_insert(original);
-            if let Some(sent) = sent_at {
-                obj.insert("timestamp".into(), iso(received - (sent - ts)));
-            }
-        }
-        // Unparseable timestamps are kept as sent (the parser checks the type).
-        (Some(_), None) => {}
+    // The client's own clock: originalTimestamp when the library sent it
+    // (analytics.js and others do), else the timestamp it set.
+    let given = obj.get("timestamp").filter(|v| !v.is_null()).cloned();
+    let original = parse(obj.get("originalTimestamp")).or_else(|| parse(given.as_ref()));
+    if let (Some(ts), false) = (&given, obj.contains_key("originalTimestamp")) {
+        obj.insert("originalTimestamp".into(), ts.clone());
     }
+    let timestamp = match (original, sent_at) {
+        (Some(original), Some(sent)) => iso(received - (sent - original)),
+        (Some(original), None) => given.unwrap_or_else(|| iso(original)),
+        // Unparseable timestamps are kept as sent (the parser checks the type).
+        (None, _) => given.unwrap_or_else(|| iso(received)),
+    };
+    obj.insert("timestamp".into(), timestamp);
 }
 
 #[cfg(test)]
@@ -196,6 +202,30 @@ mod tests {
         assert_eq!(m["receivedAt"], "2024-01-01T12:00:10.000Z");
         let id = m["messageId"].as_str().unwrap();
         assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    }
+
+    #[test]
+    fn fill_corrects_skew_from_original_timestamp() {
+        let received = DateTime::parse_from_rfc3339("2024-01-01T12:00:10Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        // analytics.js style: originalTimestamp is the client's clock, timestamp
+        // something else; the formula uses originalTimestamp.
+        let mut m = obj(json!({
+            "timestamp": "2024-01-01T09:00:00Z",
+            "originalTimestamp": "2024-01-01T13:00:00Z",
+            "sentAt": "2024-01-01T13:00:05Z"
+        }));
+        fill(&mut m, received, None);
+        assert_eq!(m["timestamp"], "2024-01-01T12:00:05.000Z");
+        assert_eq!(m["originalTimestamp"], "2024-01-01T13:00:00Z");
+        // originalTimestamp alone also gives a timestamp.
+        let mut m = obj(json!({
+            "originalTimestamp": "2024-01-01T13:00:00Z",
+            "sentAt": "2024-01-01T13:00:05Z"
+        }));
+        fill(&mut m, received, None);
+        assert_eq!(m["timestamp"], "2024-01-01T12:00:05.000Z");
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub async fn handle(
     }
     let is_array = raw.get().trim_start().starts_with('[');
     let received = crate::storage::now_millis();
+    let mut limits = RequestLimits::new(&state);
     let mut prepared = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let field = if is_array {
@@ -51,28 +52,39 @@ pub async fn handle(
         } else {
             String::new()
         };
-        check_message_size(&state, item.get().len(), &field)?;
-        let mut obj: Map<String, Value> = parse_json(item.get().as_bytes()).map_err(|mut e| {
-            e.message = format!("{field}{}", e.message);
-            e
-        })?;
-        fill_message_id(&mut obj);
-        prepared.push(prepare(Value::Object(obj), source, None, &field, received)?);
+        limits.check_raw(item.get().len(), &field)?;
+        let mut value: Value = parse_json(item.get().as_bytes())?;
+        if let Value::Object(obj) = &mut value {
+            fill_message_id(obj);
+        }
+        // In an array, an invalid element is stored as rejected on its own.
+        let invalid = if is_array {
+            Invalid::RejectItem
+        } else {
+            Invalid::Refuse
+        };
+        prepared.push(prepare(
+            &mut limits,
+            value,
+            source,
+            None,
+            &field,
+            received,
+            invalid,
+        )?);
     }
-    let accepted = state.store(&prepared, "webhook").await?;
-    let outcomes: Vec<Value> = prepared
-        .iter()
-        .zip(&accepted)
-        .map(|(p, a)| p.outcome_json(*a))
-        .collect();
+    drop(items);
+    let stored = state.store(prepared, "webhook").await?;
+    let outcomes: Vec<Value> = stored.iter().map(|(s, a)| s.outcome_json(*a)).collect();
     // Rejected messages are stored, and reported with 400 so Segment shows them
     // and does not retry; the others in the same request are kept.
-    let rejected: Vec<(usize, &Prepared)> = prepared
+    let rejected: Vec<(usize, &Summary)> = stored
         .iter()
         .enumerate()
-        .filter(|(i, p)| {
-            p.outcome == Outcome::Rejected && matches!(accepted[*i], Acceptance::Stored { .. })
+        .filter(|(_, (s, a))| {
+            s.outcome == Outcome::Rejected && matches!(a, Acceptance::Stored { .. })
         })
+        .map(|(i, (s, _))| (i, s))
         .collect();
     if let Some((i, first)) = rejected.first() {
         let at = if is_array {
@@ -80,7 +92,10 @@ pub async fn handle(
         } else {
             String::new()
         };
-        let mut message = format!("{at}{}", first.message.clone().unwrap_or_default());
+        let mut message = first.message.clone().unwrap_or_default();
+        if !message.starts_with(&at) {
+            message = format!("{at}{message}");
+        }
         if rejected.len() > 1 {
             message.push_str(&format!(" (and {} more rejected)", rejected.len() - 1));
         }

@@ -50,6 +50,8 @@ pub enum Code {
     InvalidId,
     InvalidField,
     MissingType,
+    UnknownType,
+    InvalidMessage,
 }
 
 impl Code {
@@ -64,6 +66,8 @@ impl Code {
             Code::InvalidId => "invalid_id",
             Code::InvalidField => "invalid_field",
             Code::MissingType => "missing_type",
+            Code::UnknownType => "unknown_type",
+            Code::InvalidMessage => "invalid_message",
         }
     }
 }
@@ -177,7 +181,10 @@ pub fn translate(
             "integrations: Totango is disabled for this message".into(),
         );
     }
-    if matches!(msg.call, CallType::Screen | CallType::Alias) {
+    if matches!(
+        msg.call,
+        CallType::Screen | CallType::Alias | CallType::Delete
+    ) {
         return Translation::not_sent(
             Outcome::Unsupported,
             Code::UnsupportedCall,
@@ -188,7 +195,7 @@ pub fn translate(
         Ok(ids) => ids,
         Err(t) => return t,
     };
-    let mut warnings = settings.warnings();
+    let mut warnings = Vec::new();
     let base = |ids: &Ids| {
         let mut p = IndexMap::new();
         p.insert("sdr_s".to_owned(), settings.service_id.clone());
@@ -236,7 +243,7 @@ pub fn translate(
                 .unwrap_or_else(|| settings.default_module.clone());
             vec![activity_params(base(&ids), &ids, event, module)]
         }
-        CallType::Screen | CallType::Alias => unreachable!("handled above"),
+        CallType::Screen | CallType::Alias | CallType::Delete => unreachable!("handled above"),
     };
     if let Some(token) = &settings.api_token {
         for p in &mut requests {
@@ -352,22 +359,24 @@ fn attributes(
     out: &mut Vec<(String, String)>,
     warnings: &mut Vec<String>,
 ) {
+    // The create date goes where its trait stood, so attributes keep trait order.
+    let created = CREATE_DATE_KEYS
+        .iter()
+        .find_map(|k| traits.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
     for (key, value) in traits {
+        if Some(key.as_str()) == created.map(|(k, _)| k) {
+            match normalise_create_date(value) {
+                Some(date) => out.push((format!("{prefix}.Create Date"), date)),
+                None => warnings.push(format!(
+                    "{field}.{key}: {value} is not a date; {prefix}.Create Date not sent"
+                )),
+            }
+            continue;
+        }
         if key == "id" || CREATE_DATE_KEYS.contains(&key.as_str()) {
             continue;
         }
         flatten_into(&format!("{prefix}.{key}"), value, out);
-    }
-    let created = CREATE_DATE_KEYS
-        .iter()
-        .find_map(|k| traits.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)));
-    if let Some((key, value)) = created {
-        match normalise_create_date(value) {
-            Some(date) => out.push((format!("{prefix}.Create Date"), date)),
-            None => warnings.push(format!(
-                "{field}.{key}: {value} is not a date; {prefix}.Create Date not sent"
-            )),
-        }
     }
 }
 
@@ -386,7 +395,8 @@ fn group_params(
     }
     let mut rest = msg.traits.clone();
     for k in ["name", "plan", "Status"] {
-        rest.remove(k);
+        // shift_remove keeps the other traits in their order.
+        rest.shift_remove(k);
     }
     let mut attrs = Vec::new();
     attributes("sdr_o", "traits", &rest, &mut attrs, warnings);

@@ -418,11 +418,67 @@ fn query_encoding() {
 }
 
 #[test]
-fn odd_service_id_warns() {
+fn odd_service_id_is_a_settings_warning_not_a_message_warning() {
     let msg = json!({"type": "group", "groupId": "g"});
-    let t = translate_value(&msg, &settings(json!({"service_id": "nope"})), None);
+    let s = settings(json!({"service_id": "nope"}));
+    let t = translate_value(&msg, &s, None);
     assert_eq!(t.outcome, Outcome::Send);
-    assert!(t.warnings[0].starts_with("service_id"), "{:?}", t.warnings);
+    // Said once at start (or once per header service ID), not per message.
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    assert!(
+        s.warnings()[0].starts_with("service_id"),
+        "{:?}",
+        s.warnings()
+    );
+}
+
+#[test]
+fn group_traits_keep_their_order_around_special_traits() {
+    let t = run(json!({"type": "group", "groupId": "g", "traits": {
+        "a": 1, "name": "Acme", "b": 2, "plan": "Paying", "c": 3, "created": 0,
+        "d": 4, "Status": "Trial", "e": 5, "id": "x", "f": 6
+    }}));
+    let keys: Vec<&str> = t.requests[0].params.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "sdr_s",
+            "sdr_o",
+            "sdr_odn",
+            "sdr_o.a",
+            "sdr_o.b",
+            "sdr_o.c",
+            "sdr_o.Create Date",
+            "sdr_o.d",
+            "sdr_o.e",
+            "sdr_o.f",
+            "sdr_o.Status"
+        ]
+    );
+    let t = run(
+        json!({"type": "identify", "userId": "u", "context": {"groupId": "g"},
+        "traits": {"z": 1, "createdAt": "2024-01-01", "name": "Ann", "a": 2}}),
+    );
+    let keys: Vec<&str> = t.requests[0].params.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "sdr_s",
+            "sdr_o",
+            "sdr_u",
+            "sdr_u.z",
+            "sdr_u.Create Date",
+            "sdr_u.name",
+            "sdr_u.a"
+        ]
+    );
+}
+
+#[test]
+fn delete_is_unsupported() {
+    let t = run(json!({"type": "delete", "userId": "u", "context": {"groupId": "g"}}));
+    assert_eq!(t.outcome, Outcome::Unsupported);
+    assert_eq!(t.code, Some(Code::UnsupportedCall));
 }
 
 #[test]

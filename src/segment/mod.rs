@@ -16,16 +16,19 @@ pub enum CallType {
     Screen,
     Track,
     Alias,
+    /// A user deletion request (Segment's Webhooks destination sends it).
+    Delete,
 }
 
 impl CallType {
-    pub const ALL: [CallType; 6] = [
+    pub const ALL: [CallType; 7] = [
         CallType::Identify,
         CallType::Group,
         CallType::Page,
         CallType::Screen,
         CallType::Track,
         CallType::Alias,
+        CallType::Delete,
     ];
 
     pub fn parse(s: &str) -> Option<CallType> {
@@ -40,6 +43,7 @@ impl CallType {
             CallType::Screen => "screen",
             CallType::Track => "track",
             CallType::Alias => "alias",
+            CallType::Delete => "delete",
         }
     }
 }
@@ -56,7 +60,7 @@ pub enum ParseError {
     #[error("the message must be a JSON object")]
     NotAnObject,
     #[error(
-        "type: missing; every message needs a type (identify, group, page, screen, track, alias)"
+        "type: missing; every message needs a type (identify, group, page, screen, track, alias, delete)"
     )]
     MissingType,
     #[error("type: unknown call type {0:?}")]
