@@ -2,10 +2,10 @@
 //! (nesting with `__`), validated at start with messages that name the setting.
 
 use crate::mapping::{Settings, SettingsError, SettingsPatch};
+use crate::secret::Secret;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -42,10 +42,15 @@ pub struct StorageConfig {
 pub struct AuthConfig {
     /// Write keys accepted with the default `[totango]` settings.
     #[serde(default, deserialize_with = "comma_list")]
-    pub write_keys: Vec<String>,
+    pub write_keys: Vec<Secret>,
     /// Shared secret for `/webhook` signatures (`X-Signature`).
-    #[serde(default, deserialize_with = "opt_text")]
-    pub webhook_secret: Option<String>,
+    #[serde(default, deserialize_with = "crate::secret::opt_secret")]
+    pub webhook_secret: Option<Secret>,
+    /// Also accept a `/webhook` array signed by its first element only
+    /// (Segment's batched Actions). The other elements are then not
+    /// authenticated; see docs/security.md.
+    #[serde(default)]
+    pub webhook_first_element_signature: bool,
     /// Allow starting without any write key on a non-loopback address.
     #[serde(default)]
     pub allow_open: bool,
@@ -54,9 +59,14 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Bearer token for the admin API.
-    #[serde(default, deserialize_with = "opt_text")]
-    pub token: Option<String>,
+    /// Bearer token for the admin API and the operator page. Unset: one is
+    /// generated at first start and kept in `token_file`.
+    #[serde(default, deserialize_with = "crate::secret::opt_secret")]
+    pub token: Option<Secret>,
+    /// Where the generated token is kept; default `admin-token` beside the
+    /// SQLite database (`data/admin-token` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,8 +102,7 @@ pub struct LimitsConfig {
 pub struct SourceConfig {
     /// Shown in logs and the operator view instead of the key.
     pub name: String,
-    #[serde(deserialize_with = "text")]
-    pub write_key: String,
+    pub write_key: Secret,
     /// Overrides of the default `[totango]` settings for this key.
     #[serde(default)]
     pub totango: SettingsPatch,
@@ -162,8 +171,8 @@ pub struct Runtime {
     pub config: Config,
     pub listen: SocketAddr,
     pub storage: StorageUrl,
-    /// Write key → source. Empty means "accept any key" (open).
-    pub sources: HashMap<String, Source>,
+    /// Write keys and their sources. Empty means "accept any key" (open).
+    pub sources: Sources,
     /// Settings for requests without a configured key (open mode, unsigned webhooks).
     pub default_source: Source,
 }
@@ -201,6 +210,49 @@ impl Runtime {
             }
         }
         out
+    }
+}
+
+/// The configured write keys, looked up in constant time: every key is
+/// compared (as a SHA-256 digest, so lengths do not show either).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    keys: Vec<([u8; 32], Source)>,
+}
+
+impl Sources {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The source of write key `key`, if configured.
+    pub fn find(&self, key: &str) -> Option<&Source> {
+        use subtle::ConstantTimeEq;
+        let given = crate::secret::digest(key.as_bytes());
+        let mut found = None;
+        for (digest, source) in &self.keys {
+            if bool::from(digest.ct_eq(&given)) {
+                found = Some(source);
+            }
+        }
+        found
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Source> {
+        self.keys.iter().map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, key: &Secret, source: Source) -> bool {
+        let digest = crate::secret::digest(key.expose().as_bytes());
+        if self.keys.iter().any(|(d, _)| *d == digest) {
+            return false;
+        }
+        self.keys.push((digest, source));
+        true
     }
 }
 
@@ -297,7 +349,7 @@ impl Config {
                     ConfigError::invalid(format!("{setting}.{s}"), reason)
                 })
         };
-        let mut sources = HashMap::new();
+        let mut sources = Sources::default();
         let default_source = Source {
             name: "default".into(),
             settings: self.totango.clone(),
@@ -309,7 +361,7 @@ impl Config {
                     "holds an empty key",
                 ));
             }
-            sources.insert(key.clone(), default_source.clone());
+            sources.insert(key, default_source.clone());
         }
         if !self.auth.write_keys.is_empty() && self.totango.service_id.is_none() {
             // Keys with default settings need a service ID, unless Segment sends it
@@ -340,14 +392,14 @@ impl Config {
             if merged.service_id.is_some() {
                 check(&format!("{at}.totango"), &merged)?;
             }
-            let prev = sources.insert(
-                s.write_key.clone(),
+            let fresh = sources.insert(
+                &s.write_key,
                 Source {
                     name: s.name.clone(),
                     settings: merged,
                 },
             );
-            if prev.is_some() {
+            if !fresh {
                 return Err(ConfigError::invalid(
                     format!("{at}.write_key"),
                     "is configured twice",
@@ -372,28 +424,10 @@ impl Config {
         })
     }
 
-    /// The configuration as TOML with secrets replaced by `[redacted]`.
+    /// The configuration as TOML. Secrets are a type that serialises as
+    /// `[redacted]`, and endpoint URLs lose their credentials.
     pub fn redacted_toml(&self) -> String {
-        let mut c = self.clone();
-        let r = |s: &mut Option<String>| {
-            if s.is_some() {
-                *s = Some("[redacted]".into());
-            }
-        };
-        r(&mut c.totango.api_token);
-        r(&mut c.auth.webhook_secret);
-        r(&mut c.admin.token);
-        c.auth.write_keys = c
-            .auth
-            .write_keys
-            .iter()
-            .map(|_| "[redacted]".into())
-            .collect();
-        for s in &mut c.sources {
-            s.write_key = "[redacted]".into();
-            r(&mut s.totango.api_token);
-        }
-        toml_string(&c)
+        toml_string(self)
     }
 }
 
@@ -420,8 +454,8 @@ pub fn parse_storage_url(url: &str) -> Result<StorageUrl, ConfigError> {
     ))
 }
 
-/// A string, a number or a comma-separated list → list of strings.
-fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+/// A string, a number or a comma-separated list → list of secrets.
+fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -433,21 +467,11 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
             s.0.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(String::from)
+                .map(Secret::from)
                 .collect()
         }
-        Raw::Many(v) => v.into_iter().map(|s| s.0).collect(),
+        Raw::Many(v) => v.into_iter().map(|s| Secret::new(s.0)).collect(),
     })
-}
-
-fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Scalar::deserialize(d).map(|s| s.0)
-}
-
-fn opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(Option::<Scalar>::deserialize(d)?
-        .map(|s| s.0)
-        .filter(|s| !s.is_empty()))
 }
 
 /// Environment values that look like numbers still mean text here.
@@ -531,17 +555,24 @@ mod tests {
             assert_eq!(c.totango.service_id.as_deref(), Some("SP-3126-05"));
             assert_eq!(c.totango.default_module.as_deref(), Some("Core"));
             assert_eq!(c.totango.track_named_pages, Some(false));
-            assert_eq!(c.auth.write_keys, vec!["a", "123", "b"]);
+            let keys: Vec<&str> = c.auth.write_keys.iter().map(Secret::expose).collect();
+            assert_eq!(keys, ["a", "123", "b"]);
             assert_eq!(c.delivery.retry_base_ms, 50);
             let rt = c.validate().unwrap();
             assert_eq!(rt.sources.len(), 4);
-            let eu = &rt.sources["k-eu"];
+            let eu = rt.sources.find("k-eu").unwrap();
             assert_eq!(eu.name, "eu-app");
             let eu = eu.settings.resolve().unwrap();
             assert_eq!(eu.service_id, "SP-2222-02");
             assert_eq!(eu.default_module, "Core", "inherits the defaults");
             assert_eq!(
-                rt.sources["123"].settings.resolve().unwrap().service_id,
+                rt.sources
+                    .find("123")
+                    .unwrap()
+                    .settings
+                    .resolve()
+                    .unwrap()
+                    .service_id,
                 "SP-3126-05"
             );
             Ok(())

@@ -4,6 +4,7 @@ pub mod config;
 pub mod delivery;
 pub mod ingest;
 pub mod mapping;
+pub mod secret;
 pub mod segment;
 pub mod server;
 pub mod storage;

@@ -36,6 +36,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print the operator page's login link (the admin token from the
+    /// configuration or its token file; generated when there is none yet).
+    AdminLink {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Read one Segment message (JSON) on stdin and print what would be sent to Totango.
     Translate {
         /// Totango settings as a JSON object with mapping.md's snake_case names,
@@ -51,6 +57,7 @@ fn main() -> ExitCode {
         Command::Translate { settings } => translate(settings.as_deref()),
         Command::Serve { config, listen } => serve(config.as_deref(), listen),
         Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::AdminLink { config } => admin_link(config.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -103,6 +110,18 @@ fn load(path: Option<&Path>, listen: Option<String>) -> anyhow::Result<Runtime> 
 fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let runtime = load(path, None)?;
     print!("{}", runtime.config.redacted_toml());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn admin_link(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let runtime = load(path, None)?;
+    let (admin, _) = totango_destination::admin::auth::AdminAuth::load(&runtime)?;
+    let host = if runtime.listen.ip().is_unspecified() {
+        std::net::SocketAddr::new([127, 0, 0, 1].into(), runtime.listen.port())
+    } else {
+        runtime.listen
+    };
+    println!("{}", admin.login_link(&format!("http://{host}")));
     Ok(ExitCode::SUCCESS)
 }
 

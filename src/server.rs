@@ -2,6 +2,7 @@
 //! until shutdown. `run` is what `main` and the integration tests call.
 
 use crate::admin;
+use crate::admin::auth::{AdminAuth, Loaded};
 use crate::config::{Runtime, StorageUrl};
 use crate::delivery::Delivery;
 use crate::ingest::{self, AppState};
@@ -43,6 +44,8 @@ pub enum RunError {
     Client(#[from] reqwest::Error),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::auth::TokenFileError),
 }
 
 /// Opens the configured storage backend.
@@ -82,6 +85,9 @@ pub async fn run_with_storage(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     telemetry::metrics();
+    let (admin, loaded) = AdminAuth::load(&runtime)?;
+    let address = listener.local_addr()?;
+    announce_admin(&admin, &loaded, address);
     let runtime = Arc::new(runtime);
     let delivery = Delivery::new(storage.clone(), runtime.clone())?;
     let stop_delivery = CancellationToken::new();
@@ -92,6 +98,7 @@ pub async fn run_with_storage(
         delivery,
         runtime,
         shutting_down: false.into(),
+        admin,
     });
     let app = router(
         state.clone(),
@@ -106,7 +113,7 @@ pub async fn run_with_storage(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
     let graceful = GracefulShutdown::new();
-    tracing::info!(address = %listener.local_addr()?, "listening");
+    tracing::info!(%address, "listening");
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         // At most max_connections open: the next accept waits for a free slot.
@@ -156,6 +163,34 @@ pub async fn run_with_storage(
     Ok(())
 }
 
+/// Says where the admin token comes from; a freshly generated one is shown
+/// once, as a login link on standard error (not in the logs).
+fn announce_admin(admin: &AdminAuth, loaded: &Loaded, address: std::net::SocketAddr) {
+    match loaded {
+        Loaded::Configured => tracing::info!("operator page: admin token from admin.token"),
+        Loaded::FromFile(path) => tracing::info!(
+            file = %path.display(),
+            "operator page: admin token from its file (`totango-destination admin-link` prints the login link)"
+        ),
+        Loaded::Generated(path) => {
+            let host = if address.ip().is_unspecified() {
+                std::net::SocketAddr::new([127, 0, 0, 1].into(), address.port())
+            } else {
+                address
+            };
+            tracing::warn!(
+                file = %path.display(),
+                "generated an admin token for the operator page; its login link follows on standard error, once"
+            );
+            eprintln!(
+                "\n  Operator page login link (shown once; the token is kept in {}):\n  {}\n",
+                path.display(),
+                admin.login_link(&format!("http://{host}"))
+            );
+        }
+    }
+}
+
 fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
     Router::new()
         .merge(ingest::routes())
@@ -171,7 +206,9 @@ fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
         // Segment's Java library (and others, optionally) gzip their bodies;
         // the body limit applies to the decompressed bytes.
         .layer(RequestDecompressionLayer::new())
+        .layer(axum::middleware::map_request(lowercase_content_encoding))
         .layer(axum::middleware::map_response(explain_unsupported_encoding))
+        .layer(axum::middleware::map_response(security_headers))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             let id = req
@@ -273,6 +310,51 @@ async fn explain_unsupported_encoding(resp: axum::response::Response) -> axum::r
         })),
     )
         .into_response()
+}
+
+/// Content codings are case-insensitive (RFC 9110); the decompression layer
+/// matches lowercase names only.
+async fn lowercase_content_encoding(
+    mut req: Request<axum::body::Body>,
+) -> Request<axum::body::Body> {
+    use axum::http::header::{CONTENT_ENCODING, HeaderValue};
+    let lower = req
+        .headers()
+        .get(CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.bytes().any(|b| b.is_ascii_uppercase()))
+        .and_then(|v| HeaderValue::from_str(&v.to_ascii_lowercase()).ok());
+    if let Some(v) = lower {
+        req.headers_mut().insert(CONTENT_ENCODING, v);
+    }
+    req
+}
+
+/// On every answer: no MIME sniffing, no referrer, and no framing unless a
+/// page says otherwise in its own CSP (`frame-ancestors`).
+async fn security_headers(mut resp: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::{self, HeaderValue};
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.entry(header::REFERRER_POLICY)
+        .or_insert(HeaderValue::from_static("no-referrer"));
+    let csp = h
+        .entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(
+            "default-src 'none'; frame-ancestors 'none'",
+        ));
+    // Older browsers know X-Frame-Options only; it cannot express an allow
+    // list, so a page that may be framed says so in its CSP alone.
+    if csp
+        .to_str()
+        .is_ok_and(|v| v.contains("frame-ancestors 'none'"))
+    {
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
+    resp
 }
 
 async fn not_found() -> impl IntoResponse {

@@ -57,8 +57,77 @@ pub fn init() {
         .with_env_filter(filter)
         .with_target(false);
     let _ = if json {
+        // JSON escapes control characters itself.
         builder.json().flatten_event(true).try_init()
     } else {
-        builder.try_init()
+        builder
+            .with_ansi(false)
+            .with_writer(|| EscapingWriter(std::io::stderr()))
+            .try_init()
     };
+}
+
+/// Text logs, one line per event: control characters in logged values (a
+/// newline or ANSI escape in a path or `messageId`) are written escaped, so
+/// a client cannot forge log lines or drive the terminal.
+pub struct EscapingWriter<W: std::io::Write>(pub W);
+
+impl<W: std::io::Write> std::io::Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let escaped = escape_controls(buf);
+        self.0.write_all(&escaped)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Escapes every control character but the line's final newline.
+pub fn escape_controls(buf: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let (body, end) = match buf.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (buf, &b""[..]),
+    };
+    if !body.iter().any(|b| b.is_ascii_control()) {
+        return std::borrow::Cow::Borrowed(buf);
+    }
+    let mut out = Vec::with_capacity(buf.len() + 16);
+    for &b in body {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b if b.is_ascii_control() => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            b => out.push(b),
+        }
+    }
+    out.extend_from_slice(end);
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_but_the_line_end_is_kept() {
+        let line = b"INFO message_id=a\nFAKE ERROR \x1b[31mred\x7f\n";
+        let out = escape_controls(line);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "INFO message_id=a\\nFAKE ERROR \\x1b[31mred\\x7f\n"
+        );
+        assert_eq!(&*escape_controls(b"plain\n"), b"plain\n");
+        // UTF-8 text is not touched.
+        assert_eq!(
+            &*escape_controls("Zürich\n".as_bytes()),
+            "Zürich\n".as_bytes()
+        );
+    }
 }

@@ -17,7 +17,9 @@ struct Srv {
     storage: Arc<dyn Storage>,
     fake: MockServer,
     server: TestServer,
-    _dir: tempfile::TempDir,
+    /// The admin token: configured, or generated at first start.
+    token: String,
+    dir: tempfile::TempDir,
 }
 
 impl Srv {
@@ -31,15 +33,27 @@ impl Srv {
         let dir = tempfile::tempdir().unwrap();
         let mut c = common::config(&dir, &fake.uri());
         c.totango.api_token = Some("sdr-secret".into());
-        c.admin.token = token.map(String::from);
+        c.admin.token = token.map(Into::into);
         let server = TestServer::start(c).await;
+        let token = match token {
+            Some(t) => t.to_owned(),
+            None => {
+                // The server writes it while starting; wait for its first answer.
+                let _ = reqwest::get(format!("{}/healthz", server.base)).await;
+                std::fs::read_to_string(dir.path().join("admin-token"))
+                    .expect("a token was generated beside the database")
+                    .trim()
+                    .to_owned()
+            }
+        };
         Srv {
             base: server.base.clone(),
             http: reqwest::Client::new(),
             storage: server.storage.clone(),
             fake,
             server,
-            _dir: dir,
+            token,
+            dir,
         }
     }
 
@@ -57,11 +71,14 @@ impl Srv {
         assert_eq!(r.status(), 200);
     }
 
+    /// Calls with `token`, or with the server's own admin token when `None`.
     async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        self.send(req.bearer_auth(token.unwrap_or(&self.token)))
+            .await
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         (
@@ -90,20 +107,131 @@ impl Srv {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_is_required_when_configured() {
     let srv = Srv::start(Some("admin-secret"), 200).await;
-    for (token, want) in [
-        (None, 401),
-        (Some("wrong"), 401),
-        (Some("admin-secret"), 200),
-    ] {
-        let (status, body) = srv.call(reqwest::Method::GET, "/api/stats", token).await;
+    for (token, want) in [("wrong", 401), ("admin-secret", 200), ("admin-secre", 401)] {
+        let (status, body) = srv
+            .call(reqwest::Method::GET, "/api/stats", Some(token))
+            .await;
         assert_eq!(status, want, "{token:?}: {body}");
     }
-    let (status, _) = srv.call(reqwest::Method::POST, "/api/replay", None).await;
-    assert_eq!(status, 401);
-    // The page itself holds no data and loads without a token.
+    // Without any credential: 401 asking for Bearer (not Basic).
+    let r = srv
+        .http
+        .post(format!("{}/api/replay", srv.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.starts_with("Bearer"), "{challenge}");
+    // The scheme is case-insensitive.
+    let r = srv
+        .http
+        .get(format!("{}/api/stats", srv.base))
+        .header("authorization", "bEaReR admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The page is served to a signed-in operator only; others get the sign-in form.
     let page = srv.http.get(format!("{}/", srv.base)).send().await.unwrap();
+    assert_eq!(page.status(), 401);
+    let text = page.text().await.unwrap();
+    assert!(
+        text.contains("Sign in") && !text.contains("id=\"rows\""),
+        "{text}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_configured_token_one_is_generated_and_required_even_locally() {
+    let srv = Srv::start(None, 200).await;
+    assert_eq!(srv.token.len(), 64, "a 256-bit token, hex");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(srv.dir.path().join("admin-token")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    // A plain reverse proxy makes every request look local: no exception.
+    for path in ["/api/stats", "/api/messages", "/"] {
+        let r = srv
+            .http
+            .get(format!("{}{path}", srv.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let (status, _) = srv.call(reqwest::Method::GET, "/api/stats", None).await;
+    assert_eq!(status, 200);
+
+    // The login link sets a session cookie (not the token) and leaves the
+    // token out of the address bar.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .get(format!("{}/login?token={}", srv.base, srv.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains(&srv.token), "{cookie}");
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let page = http
+        .get(format!("{}/", srv.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("totango-destination"));
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(page.text().await.unwrap().contains("id=\"rows\""));
+    let wrong = http
+        .get(format!("{}/login?token=nope", srv.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+
+    // With the cookie, changes must come from the page's own origin.
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = http
+            .post(format!("{}/api/replay", srv.base))
+            .header("cookie", &session)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}: {value}");
+    }
+    let same = http
+        .post(format!("{}/api/replay", srv.base))
+        .header("cookie", &session)
+        .header("origin", srv.base.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same.status(), 200);
     srv.stop().await;
 }
 
@@ -237,51 +365,5 @@ async fn dead_messages_are_replayed_one_or_all() {
         3,
         "each replayed once"
     );
-    srv.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_token_only_local_requests_are_served() {
-    let srv = Srv::start(None, 200).await;
-    let url = format!("{}/api/stats", srv.base);
-    let ok = srv.http.get(&url).send().await.unwrap();
-    assert_eq!(ok.status(), 200);
-    let localhost = srv.base.replace("127.0.0.1", "localhost");
-    assert_eq!(
-        srv.http
-            .get(format!("{localhost}/api/stats"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    for (name, value) in [
-        ("x-forwarded-for", "203.0.113.7"),
-        ("forwarded", "for=203.0.113.7"),
-        ("host", "evil.example"),
-        ("origin", "http://evil.example"),
-        ("sec-fetch-site", "cross-site"),
-    ] {
-        let r = srv
-            .http
-            .post(format!("{}/api/replay", srv.base))
-            .header(name, value)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 403, "{name}: {value}");
-        let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-        assert_eq!(body["code"], "forbidden");
-    }
-    // The page's own same-origin calls pass.
-    let same = srv
-        .http
-        .post(format!("{}/api/replay", srv.base))
-        .header("origin", srv.base.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(same.status(), 200);
     srv.stop().await;
 }

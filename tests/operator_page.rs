@@ -93,12 +93,15 @@ async fn operator_page_shows_and_replays_messages() {
     wait_for(&storage, 3, State::Rejected).await;
     healthy.store(true, Ordering::SeqCst);
 
+    // The token the server generated at first start, beside the database.
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
     let screenshot = dir.path().join("operator.png");
     let out = tokio::process::Command::from({
         let mut cmd = Command::new("node");
         cmd.arg(browser_dir.join("operator.mjs"))
             .arg(&base)
             .arg(&screenshot)
+            .arg(token.trim())
             .env("CHROMIUM", &chromium);
         cmd
     })

@@ -2,27 +2,40 @@
 //! (http-api.md "Operations"). Reads storage and queues replays; it never
 //! talks to Totango itself.
 //!
-//! Auth: `Authorization: Bearer <admin.token>` when a token is configured;
-//! without one, only clients on a loopback address are served.
+//! Auth: every request needs the admin token, as `Authorization: Bearer
+//! <token>` or as the session cookie that `/login` sets. A reverse proxy makes
+//! every request look local, so there is no "local only" exception. Without a
+//! configured token one is generated at first start (see [`auth`]).
+
+pub mod auth;
 
 use crate::ingest::{ApiError, AppState};
 use crate::storage::{MessageFilter, State, StoredMessage, now_millis};
+use auth::Credential;
 use axum::Json;
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, Query, Request, State as Extract};
-use axum::http::{StatusCode, header};
+use axum::extract::{Path, Query, Request, State as Extract};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 
 const PAGE: &str = include_str!("page.html");
+const LOGIN: &str = include_str!("login.html");
+const SCRIPT: &str = include_str!("page.js");
+const STYLE: &str = include_str!("page.css");
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
+/// Most bytes of message views one list answer carries; the rest is on the
+/// next page (`next`), so a list of large messages stays a bounded answer.
+const MAX_LIST_BYTES: usize = 4 * 1024 * 1024;
+/// The operator page: its own script and style only, never framed.
+pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; \
+    frame-ancestors 'none'";
 
 pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     let api = Router::new()
@@ -32,20 +45,107 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/replay", post(replay_matching))
         .route("/api/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(state, authorize));
-    Router::new().route("/", get(page)).merge(api)
+    Router::new()
+        .route("/", get(page))
+        .route("/login", get(login_link).post(login_form))
+        .route("/logout", post(logout))
+        .route("/assets/operator.js", get(script))
+        .route("/assets/operator.css", get(style))
+        .merge(api)
 }
 
-async fn page() -> impl IntoResponse {
+fn html(status: StatusCode, body: &'static str) -> Response {
     (
+        status,
         [
             (header::CACHE_CONTROL, "no-store"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
-            ),
+            (header::CONTENT_SECURITY_POLICY, PAGE_CSP),
         ],
-        Html(PAGE),
+        Html(body),
     )
+        .into_response()
+}
+
+/// The page holds no data itself, but it is served only to a signed-in
+/// operator; anyone else gets the sign-in form.
+async fn page(Extract(state): Extract<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match state.admin.credential(&headers) {
+        Some(_) => html(StatusCode::OK, PAGE),
+        None => html(StatusCode::UNAUTHORIZED, LOGIN),
+    }
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+}
+
+async fn style() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+#[derive(Deserialize)]
+struct TokenForm {
+    token: String,
+}
+
+/// `GET /login?token=…`: the login link printed at first start. Sets the
+/// session cookie and sends the browser on to `/`, out of the address bar.
+async fn login_link(
+    Extract(state): Extract<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<TokenForm>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    match q {
+        Ok(Query(form)) => sign_in(&state, &headers, &form.token),
+        Err(_) => html(StatusCode::OK, LOGIN),
+    }
+}
+
+/// `POST /login` from the sign-in form.
+async fn login_form(
+    Extract(state): Extract<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    if auth::cross_site(&headers).is_some() {
+        return html(StatusCode::FORBIDDEN, LOGIN);
+    }
+    match form {
+        Ok(axum::Form(form)) => sign_in(&state, &headers, &form.token),
+        Err(_) => html(StatusCode::BAD_REQUEST, LOGIN),
+    }
+}
+
+fn sign_in(state: &AppState, headers: &HeaderMap, token: &str) -> Response {
+    if !state.admin.token_matches(token) {
+        return html(StatusCode::UNAUTHORIZED, LOGIN);
+    }
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_owned()),
+            (header::SET_COOKIE, state.admin.session_cookie(headers)),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+    )
+        .into_response()
+}
+
+async fn logout(headers: HeaderMap) -> Response {
+    if auth::cross_site(&headers).is_some() {
+        return html(StatusCode::FORBIDDEN, LOGIN);
+    }
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_owned()),
+            (header::SET_COOKIE, auth::AdminAuth::clear_cookie()),
+        ],
+    )
+        .into_response()
 }
 
 async fn authorize(
@@ -53,81 +153,26 @@ async fn authorize(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    match state.runtime.config.admin.token.as_deref() {
-        Some(token) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-                return Err(ApiError::unauthorized(
-                    "Authorization: expected Bearer <admin token>",
-                ));
-            }
-        }
-        None => {
-            if let Some(why) = not_local(&req) {
+    let unauthorized = || {
+        ApiError::unauthorized("Authorization: expected Bearer <admin token>")
+            .with_challenge("Bearer realm=\"totango-destination admin\"")
+    };
+    match state.admin.credential(req.headers()) {
+        None => return Err(unauthorized()),
+        // A cookie rides along with any request the browser makes: changes
+        // must come from the page itself, not from another site.
+        Some(Credential::Cookie) if req.method() != axum::http::Method::GET => {
+            if let Some(why) = auth::cross_site(req.headers()) {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "forbidden",
-                    format!(
-                        "admin API without admin.token (TD_ADMIN__TOKEN) serves local requests only: {why}"
-                    ),
+                    format!("refused: {why}"),
                 ));
             }
         }
+        Some(_) => {}
     }
     Ok(next.run(req).await)
-}
-
-/// Why a request does not count as local, when it does not: a non-loopback
-/// peer, a reverse proxy in between (its forwarding headers), a Host that is
-/// not a loopback name (DNS rebinding) or a cross-site browser request.
-fn not_local(req: &Request) -> Option<&'static str> {
-    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
-    if !peer.is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback()) {
-        return Some("the client is not on a loopback address");
-    }
-    let h = req.headers();
-    if h.contains_key(header::FORWARDED)
-        || h.contains_key("x-forwarded-for")
-        || h.contains_key("x-real-ip")
-    {
-        return Some("the request came through a proxy");
-    }
-    let host = h
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !is_loopback_host(host) {
-        return Some("the Host header is not a loopback name");
-    }
-    let cross_site = h
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == "cross-site");
-    let foreign_origin = h
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|o| o.split_once("://").map(|(_, rest)| rest) != Some(host));
-    if cross_site || foreign_origin {
-        return Some("the request comes from another site");
-    }
-    None
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    };
-    let name = name.trim_start_matches('[').trim_end_matches(']');
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Query parameters shared by listing and bulk replay.
@@ -189,7 +234,7 @@ fn view(state: &AppState, m: StoredMessage) -> Value {
     if let (Some(base), Some(Value::Array(reqs))) = (base, v.get_mut("requests")) {
         for r in reqs {
             let url = serde_json::from_value::<crate::mapping::TotangoRequest>(r.clone())
-                .map(|t| t.url(&base))
+                .map(|t| crate::secret::redact_url(&t.url(&base)))
                 .ok();
             if let (Some(url), Some(obj)) = (url, r.as_object_mut()) {
                 obj.insert("url".into(), Value::String(url));
@@ -211,17 +256,41 @@ async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    let mut rows = state
-        .storage
-        .list(q.to_filter()?, limit + 1)
-        .await
-        .map_err(storage_error)?;
-    let next = (rows.len() > limit).then(|| {
-        rows.truncate(limit);
-        rows.last().map(|m| m.id)
-    });
-    let messages: Vec<Value> = rows.into_iter().map(|m| view(&state, m)).collect();
-    Ok(Json(json!({"messages": messages, "next": next.flatten()})))
+    let mut filter = q.to_filter()?;
+    // Read in small pages and stop at MAX_LIST_BYTES, so neither this
+    // answer nor what is held to build it grows with the message size.
+    const CHUNK: usize = 25;
+    let mut messages: Vec<Value> = Vec::new();
+    let mut bytes = 0;
+    let mut next = None;
+    'pages: loop {
+        let want = (limit - messages.len()).min(CHUNK);
+        let rows = state
+            .storage
+            .list(filter.clone(), want + 1)
+            .await
+            .map_err(storage_error)?;
+        let more = rows.len() > want;
+        for m in rows.into_iter().take(want) {
+            let id = m.id;
+            let v = view(&state, m);
+            bytes += serde_json::to_string(&v).map_or(0, |t| t.len());
+            if bytes > MAX_LIST_BYTES && !messages.is_empty() {
+                next = messages.last().and_then(|m: &Value| m["id"].as_i64());
+                break 'pages;
+            }
+            messages.push(v);
+            filter.before = Some(id);
+        }
+        if !more {
+            break;
+        }
+        if messages.len() >= limit {
+            next = filter.before;
+            break;
+        }
+    }
+    Ok(Json(json!({"messages": messages, "next": next})))
 }
 
 async fn one(

@@ -13,6 +13,10 @@ pub struct ApiError {
     pub message: String,
     /// An extra field for the body (per-message outcomes).
     pub extra: Option<Box<(&'static str, Value)>>,
+    /// `WWW-Authenticate` of a 401 (Basic, for write keys, unless set).
+    pub challenge: Option<&'static str>,
+    /// `Retry-After` seconds of a 503.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -22,6 +26,8 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            challenge: None,
+            retry_after: None,
         }
     }
 
@@ -53,6 +59,16 @@ impl ApiError {
         )
     }
 
+    pub fn with_challenge(mut self, challenge: &'static str) -> Self {
+        self.challenge = Some(challenge);
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
     pub fn with(mut self, key: &'static str, value: Value) -> Self {
         self.extra = Some(Box::new((key, value)));
         self
@@ -73,10 +89,17 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = self
+                .challenge
+                .unwrap_or("Basic realm=\"totango-destination\"");
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Basic realm=\"totango-destination\""),
+                header::HeaderValue::from_static(challenge),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         resp
     }

@@ -31,6 +31,8 @@ pub struct AppState {
     pub delivery: Arc<Delivery>,
     pub runtime: Arc<Runtime>,
     pub shutting_down: AtomicBool,
+    /// The operator's credential (admin API and page).
+    pub admin: crate::admin::auth::AdminAuth,
 }
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -40,6 +42,24 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/{call}", post(tracking::single))
         .route("/segment", post(partner::handle))
         .route("/webhook", post(webhook::handle))
+        .route_layer(axum::middleware::from_fn(refuse_browsers_from_other_sites))
+}
+
+/// Segment and its server-side libraries never send `Origin` or Fetch
+/// metadata; a browser does. Without this, any web page could post events to
+/// a server on the visitor's machine (`no-cors`, `text/plain`).
+async fn refuse_browsers_from_other_sites(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    if let Some(why) = crate::admin::auth::cross_site(req.headers()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            format!("refused: {why}; ingest takes server-to-server requests only"),
+        ));
+    }
+    Ok(next.run(req).await)
 }
 
 impl AppState {
@@ -59,7 +79,7 @@ impl AppState {
                 "missing write key: use HTTP Basic auth with the write key as user name",
             )),
             Some(k) => sources
-                .get(k)
+                .find(k)
                 .ok_or_else(|| ApiError::unauthorized("unknown write key")),
         }
     }

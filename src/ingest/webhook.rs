@@ -1,6 +1,7 @@
 //! Segment Webhooks destination (classic and Actions): `POST /webhook`, one
 //! message or a JSON array. With a shared secret, `X-Signature` must be the
-//! hex HMAC-SHA1 of the raw body (or, for an array, of its first element).
+//! hex HMAC-SHA1 of the raw body (of its first element only when
+//! `auth.webhook_first_element_signature` allows it, and never twice).
 //! Without a secret, configured write keys are required as Basic auth.
 
 use super::*;
@@ -16,18 +17,31 @@ pub async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(&state, &headers, body).await?;
-    let secret = state.runtime.config.auth.webhook_secret.as_deref();
+    let auth = &state.runtime.config.auth;
+    let secret = auth.webhook_secret.as_ref();
     let key = basic_user(&headers)?;
+    // Credentials are checked before the body is read.
     let source = match (secret, key) {
         // Signed: the signature authenticates; a Basic key, if any, picks the settings.
-        (Some(_), Some(k)) if state.runtime.sources.contains_key(&k) => &state.runtime.sources[&k],
-        (Some(_), _) => &state.runtime.default_source,
+        (Some(_), key) => {
+            signature_header(&headers)?;
+            key.as_deref()
+                .and_then(|k| state.runtime.sources.find(k))
+                .unwrap_or(&state.runtime.default_source)
+        }
         (None, key) => state.source_for(key.as_deref())?,
     };
-    // Authenticate before looking at the content.
+    let bytes = read_body(&state, &headers, body).await?;
     if let Some(secret) = secret {
-        verify_signature(secret, &headers, &bytes)?;
+        let signed = verify_signature(
+            secret,
+            &headers,
+            &bytes,
+            auth.webhook_first_element_signature,
+        )?;
+        if let Signed::FirstElement(message_id) = signed {
+            refuse_replayed_element(&state, &message_id).await?;
+        }
     }
     let raw: &RawValue = parse_json(&bytes)?;
     let items: Vec<&RawValue> = match raw.get().trim_start().as_bytes().first() {
@@ -106,40 +120,80 @@ pub async fn handle(
     Ok(Json(serde_json::json!({"success": true, "outcomes": outcomes})).into_response())
 }
 
-fn verify_signature(secret: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+/// What a valid signature covered.
+enum Signed {
+    WholeBody,
+    /// Only the first element of an array, whose `messageId` this is.
+    FirstElement(String),
+}
+
+fn signature_header(headers: &HeaderMap) -> Result<Vec<u8>, ApiError> {
     let given = headers
         .get("x-signature")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| {
             ApiError::unauthorized("X-Signature: missing; this endpoint requires signed requests")
         })?;
-    let given = hex::decode(given.trim())
-        .map_err(|_| ApiError::unauthorized("X-Signature: not a hex HMAC-SHA1"))?;
+    hex::decode(given.trim())
+        .map_err(|_| ApiError::unauthorized("X-Signature: not a hex HMAC-SHA1"))
+}
+
+/// Checks `X-Signature`: the HMAC-SHA1 of the whole body, or, when
+/// `first_element` is allowed, of an array's first element.
+fn verify_signature(
+    secret: &crate::secret::Secret,
+    headers: &HeaderMap,
+    body: &[u8],
+    first_element: bool,
+) -> Result<Signed, ApiError> {
+    let given = signature_header(headers)?;
     let matches = |data: &[u8]| {
-        let mut mac = Hmac::<Sha1>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+        let mut mac =
+            Hmac::<Sha1>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes any key");
         mac.update(data);
         // Constant-time comparison.
         mac.verify_slice(&given).is_ok()
     };
-    let mut candidates: Vec<Vec<u8>> = vec![body.to_vec()];
-    // Segment signs an array by its first element.
-    let first = body
-        .trim_ascii_start()
-        .starts_with(b"[")
-        .then(|| serde_json::from_slice::<Vec<&RawValue>>(body).ok())
-        .flatten()
-        .and_then(|items| items.first().copied());
-    if let Some(first) = first {
-        candidates.push(first.get().as_bytes().to_vec());
-        if let Ok(v) = serde_json::from_str::<Value>(first.get()) {
-            candidates.push(v.to_string().into_bytes());
-        }
+    if matches(body) {
+        return Ok(Signed::WholeBody);
     }
-    if candidates.iter().any(|c| matches(c)) {
+    let mismatch = || ApiError::unauthorized("X-Signature: does not match the body");
+    if !first_element || !body.trim_ascii_start().starts_with(b"[") {
+        return Err(mismatch());
+    }
+    let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|_| mismatch())?;
+    let Some(first) = items.first() else {
+        return Err(mismatch());
+    };
+    let value: Value = serde_json::from_str(first.get()).map_err(|_| mismatch())?;
+    if !matches(first.get().as_bytes()) && !matches(value.to_string().as_bytes()) {
+        return Err(mismatch());
+    }
+    // The signed element must be identifiable, so that a replay is recognised.
+    match value.get("messageId").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => Ok(Signed::FirstElement(id.to_owned())),
+        _ => Err(ApiError::unauthorized(
+            "X-Signature: signs the first element only, and it has no messageId",
+        )),
+    }
+}
+
+/// A first-element signature proves nothing about the rest of the array: an
+/// array whose signed element was already accepted is a replay, refused whole.
+async fn refuse_replayed_element(state: &AppState, message_id: &str) -> Result<(), ApiError> {
+    let filter = crate::storage::MessageFilter {
+        message_id: Some(message_id.to_owned()),
+        ..Default::default()
+    };
+    let seen = state.storage.list(filter, 1).await.map_err(|e| {
+        tracing::error!(error = %e, "could not check a signed element");
+        ApiError::unavailable("storage unavailable")
+    })?;
+    if seen.is_empty() {
         Ok(())
     } else {
         Err(ApiError::unauthorized(
-            "X-Signature: does not match the body",
+            "X-Signature: the signed element was already accepted; a replayed array is refused",
         ))
     }
 }

@@ -1,5 +1,6 @@
 //! Per-source Totango settings (mapping.md "Settings"), with defaults and validation.
 
+use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use url::Url;
@@ -100,19 +101,21 @@ pub struct SettingsPatch {
     pub service_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<Region>,
+    /// May hold credentials (`https://user:pass@proxy`): serialised without them.
     #[serde(
         default,
         deserialize_with = "lenient_text",
+        serialize_with = "redacted_url",
         skip_serializing_if = "Option::is_none"
     )]
     pub endpoint: Option<String>,
     #[serde(
         default,
         alias = "apiToken",
-        deserialize_with = "lenient_text",
+        deserialize_with = "crate::secret::opt_secret",
         skip_serializing_if = "Option::is_none"
     )]
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
     #[serde(
         default,
         alias = "trackNamedPages",
@@ -142,6 +145,10 @@ pub struct SettingsPatch {
 
 /// Text settings also accept numbers (a numeric token or service ID from an
 /// environment variable); the value never appears in the error.
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    url.as_deref().map(crate::secret::redact_url).serialize(s)
+}
+
 fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     match serde_json::Value::deserialize(d)? {
         serde_json::Value::Null => Ok(None),
@@ -175,6 +182,24 @@ impl SettingsPatch {
             let reason = e.into_inner().to_string();
             SettingsError::new(if path == "." { "settings" } else { &path }, reason)
         })
+    }
+
+    /// JSON for storage: like serialising, but with the API token itself
+    /// (serialising redacts it). Stored settings are never shown.
+    pub fn to_stored_json(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("settings serialise");
+        if let (Some(t), Some(obj)) = (&self.api_token, v.as_object_mut()) {
+            obj.insert("api_token".into(), t.expose().into());
+        }
+        v.to_string()
+    }
+
+    /// `self` without the API token (for messages that will not be sent again).
+    pub fn without_token(&self) -> SettingsPatch {
+        SettingsPatch {
+            api_token: None,
+            ..self.clone()
+        }
     }
 
     /// `self` with every field that `over` sets replaced.
@@ -241,7 +266,11 @@ impl SettingsPatch {
             service_id,
             region: self.region.unwrap_or_default(),
             endpoint,
-            api_token: self.api_token.clone().filter(|t| !t.is_empty()),
+            api_token: self
+                .api_token
+                .as_ref()
+                .map(|t| t.expose().to_owned())
+                .filter(|t| !t.is_empty()),
             track_named_pages: self.track_named_pages.unwrap_or(true),
             track_categorized_pages: self.track_categorized_pages.unwrap_or(true),
             default_module,
@@ -370,5 +399,17 @@ mod tests {
             .resolve()
             .unwrap();
         assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn stored_json_keeps_the_token_and_serialising_does_not() {
+        let p = patch(json!({"service_id": "SP-1234-01", "api_token": "s3cret",
+            "endpoint": "https://u:pw@proxy.test"}));
+        assert!(!serde_json::to_string(&p).unwrap().contains("s3cret"));
+        let stored = p.to_stored_json();
+        assert!(stored.contains("s3cret"), "{stored}");
+        let back = SettingsPatch::from_json(&serde_json::from_str(&stored).unwrap()).unwrap();
+        assert_eq!(back.resolve().unwrap().api_token.as_deref(), Some("s3cret"));
+        assert!(!p.without_token().to_stored_json().contains("s3cret"));
     }
 }

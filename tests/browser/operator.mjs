@@ -1,9 +1,11 @@
 // Drives the operator page in Debian's Chromium: filter by outcome, open a dead
 // message, check the Segment input beside the Totango request and answer, replay it.
-// Usage: node operator.mjs BASE_URL SCREENSHOT_PATH   (run by tests/operator_page.rs)
+// Signs in with the login link, checks that the page runs under its strict CSP
+// (no inline script or style) and cannot be framed.
+// Usage: node operator.mjs BASE_URL SCREENSHOT_PATH ADMIN_TOKEN   (run by tests/operator_page.rs)
 import { chromium } from "playwright-core";
 
-const [base, screenshot] = process.argv.slice(2);
+const [base, screenshot, token] = process.argv.slice(2);
 const fail = (msg) => { throw new Error(msg); };
 
 const browser = await chromium.launch({
@@ -14,7 +16,21 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
-  await page.goto(base + "/");
+
+  // Without signing in: the sign-in form, no data.
+  const anonymous = await page.goto(base + "/");
+  if (anonymous.status() !== 401) fail(`unauthenticated page answered ${anonymous.status()}`);
+  if (await page.locator("#rows").count() !== 0) fail("the page shell was served without a credential");
+
+  // From here on, any console error (a CSP violation among them) fails the test.
+  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+  // The login link sets the session cookie and lands on the page.
+  const landed = await page.goto(base + "/login?token=" + encodeURIComponent(token));
+  if (landed.status() !== 200) fail(`login link answered ${landed.status()}`);
+  if (page.url() !== base + "/") fail(`login link left the token in the address bar: ${page.url()}`);
+  const headers = landed.headers();
+  if (!/frame-ancestors 'none'/.test(headers["content-security-policy"] || "")) fail("no frame-ancestors in CSP");
+  if ((headers["x-frame-options"] || "").toUpperCase() !== "DENY") fail("no X-Frame-Options: DENY");
 
   // Counts by outcome, from /api/stats.
   const deadCard = page.locator('.card[data-outcome="dead"]');
@@ -53,7 +69,16 @@ try {
   }, null, { timeout: 15000, polling: 200 });
   await page.locator("#newest").click();
   await page.locator('.card[data-outcome="delivered"] b').filter({ hasText: "2" }).waitFor({ timeout: 10000 });
-  if (errors.length) fail("page errors: " + errors.join("; "));
+  // Framing is refused: another page embedding it gets nothing.
+  const framed = await browser.newPage();
+  const frameErrors = [];
+  framed.on("console", (m) => frameErrors.push(m.text()));
+  await framed.setContent(`<iframe id="f" src="${base}/"></iframe>`);
+  await framed.waitForTimeout(500);
+  const inner = framed.frames().find((f) => f !== framed.mainFrame());
+  const framedRows = inner ? await inner.locator("#rows").count().catch(() => 0) : 0;
+  if (framedRows !== 0) fail("the operator page rendered inside a frame");
+  if (errors.length) fail("page errors (CSP violations show here): " + errors.join("; "));
   console.log("operator page: ok");
 } finally {
   await browser.close();

@@ -1,0 +1,116 @@
+"use strict";
+const OUTCOMES = ["pending","delivered","filtered","unsupported","duplicate","rejected","dead"];
+let cursor = null, next = null, selected = null;
+const $ = (id) => document.getElementById(id);
+
+async function api(path, opts = {}) {
+  // The session cookie authenticates (same origin only).
+  const resp = await fetch(path, { credentials: "same-origin", ...opts });
+  const body = await resp.json().catch(() => ({}));
+  if (resp.status === 401) { location.assign("/"); throw new Error(body.message || "signed out"); }
+  if (!resp.ok) throw new Error(body.message || ("HTTP " + resp.status));
+  return body;
+}
+function notice(text, kind) {
+  const n = $("notice"); n.textContent = text; n.className = text ? "show " + kind : "";
+}
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) { if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else e.setAttribute(k, v); }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return e;
+}
+const when = (ms) => ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "";
+const badge = (o) => el("span", { class: "badge " + o }, o);
+function filters() {
+  const q = new URLSearchParams();
+  for (const k of ["outcome", "messageId", "userId", "groupId"]) { const v = $("f-" + k).value.trim(); if (v) q.set(k, v); }
+  return q;
+}
+
+async function loadStats() {
+  const s = await api("/api/stats");
+  const cards = $("cards"); cards.replaceChildren();
+  const current = $("f-outcome").value;
+  for (const o of OUTCOMES) {
+    const c = el("div", { class: "card" + (current === o ? " selected" : ""), "data-outcome": o, title: "show " + o + " messages",
+      onclick: () => { $("f-outcome").value = current === o ? "" : o; cursor = null; refresh(); } },
+      el("b", {}, String(s.outcomes[o] ?? 0)), badge(o));
+    cards.append(c);
+  }
+  const age = s.queue.oldest_pending_age_seconds;
+  $("queue").textContent = "queue: " + s.queue.depth + (age != null ? " · oldest " + age.toFixed(1) + " s" : "");
+}
+
+async function loadMessages() {
+  const q = filters(); q.set("limit", "50"); if (cursor) q.set("before", cursor);
+  const page = await api("/api/messages?" + q);
+  next = page.next; $("older").disabled = !next;
+  const rows = $("rows"); rows.replaceChildren();
+  for (const m of page.messages) {
+    const tr = el("tr", { "data-id": m.id, class: selected === m.id ? "selected" : "", onclick: () => show(m.id) },
+      el("td", {}, String(m.id)), el("td", {}, when(m.received_at)), el("td", {}, m.call),
+      el("td", {}, m.user_id ?? ""), el("td", {}, m.account_id ?? ""), el("td", {}, badge(m.outcome)),
+      el("td", { class: "reason", title: m.reason ?? "" }, m.code ? m.code + ": " + (m.reason ?? "") : ""),
+      el("td", {}, String(m.attempts)));
+    rows.append(tr);
+  }
+  if (!page.messages.length) rows.append(el("tr", {}, el("td", { colspan: "8", class: "muted" }, "No messages match.")));
+  $("count").textContent = page.messages.length + " shown";
+  $("replay-all").hidden = $("f-outcome").value !== "dead" || !page.messages.length;
+}
+
+function paramsTable(params) {
+  const t = el("table", { class: "params" });
+  for (const [k, v] of Object.entries(params)) t.append(el("tr", {}, el("td", {}, k), el("td", {}, v)));
+  return t;
+}
+
+async function show(id) {
+  selected = id;
+  for (const tr of document.querySelectorAll("#rows tr")) tr.classList.toggle("selected", tr.dataset.id == id);
+  const m = await api("/api/messages/" + id);
+  const d = $("detail"); d.replaceChildren();
+  d.append(el("h2", {}, "Message " + m.id + " ", badge(m.outcome)));
+  d.append(el("div", { class: "muted" }, m.call + " · messageId " + m.message_id + " · source " + m.source + " · received " + when(m.received_at)));
+  if (m.code) d.append(el("p", {}, el("b", {}, m.code), " " + (m.reason ?? "")));
+  for (const w of m.warnings || []) d.append(el("p", { class: "warning" }, "⚠ " + w));
+  if (m.outcome === "dead") d.append(el("button", { class: "danger", id: "replay", onclick: () => replay(m.id) }, "Replay"));
+  d.append(el("h3", {}, "Segment input"), el("pre", { id: "input" }, JSON.stringify(m.payload, null, 2)));
+  d.append(el("h3", {}, "Sent to Totango"));
+  if (m.requests && m.requests.length) {
+    m.requests.forEach((r, i) => {
+      d.append(el("div", { class: "muted" }, "request " + (i + 1) + (i < m.sent ? " · accepted" : " · not yet accepted")));
+      if (r.url) d.append(el("pre", {}, "GET " + r.url));
+      d.append(paramsTable(r.params));
+    });
+  } else d.append(el("p", { class: "muted" }, m.outcome === "pending" ? "Not translated yet." : "Nothing sent."));
+  d.append(el("h3", {}, "Totango's answer"));
+  const r = m.last_response;
+  d.append(r ? el("pre", { id: "response" }, (r.status ? "HTTP " + r.status + "\n" : "") + (r.error ?? "") + (r.body ?? ""))
+             : el("p", { class: "muted" }, "No answer yet."));
+  d.append(el("div", { class: "muted" }, "attempts: " + m.attempts + (m.next_attempt_at ? " · next attempt " + when(m.next_attempt_at) : "")));
+}
+
+async function replay(id) {
+  try { const r = await api("/api/messages/" + id + "/replay", { method: "POST" }); notice("Replayed message " + r.ids.join(", "), "info"); await refresh(); await show(id); }
+  catch (e) { notice(e.message, "error"); }
+}
+
+async function refresh() {
+  try { await loadStats(); await loadMessages(); }
+  catch (e) { notice(e.message, "error"); }
+}
+
+$("filters").addEventListener("submit", (e) => { e.preventDefault(); cursor = null; notice(""); refresh(); });
+$("clear").addEventListener("click", () => { for (const k of ["outcome","messageId","userId","groupId"]) $("f-" + k).value = ""; cursor = null; refresh(); });
+$("older").addEventListener("click", () => { cursor = next; loadMessages().catch((e) => notice(e.message, "error")); });
+$("newest").addEventListener("click", () => { cursor = null; refresh(); });
+$("replay-all").addEventListener("click", async () => {
+  const q = filters();
+  if (!confirm("Replay every dead message matching these filters?")) return;
+  try { const r = await api("/api/replay?" + q, { method: "POST" }); notice("Replayed " + r.replayed + " message(s)", "info"); await refresh(); }
+  catch (e) { notice(e.message, "error"); }
+});
+setInterval(() => { if ($("auto").checked && !cursor) refresh(); }, 5000);
+refresh();
