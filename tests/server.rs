@@ -978,31 +978,23 @@ async fn webhook_with_secret_checks_the_signature() {
     assert_eq!(r.status, 200, "{r:#?}");
     srv.wait_for(1, State::Delivered).await;
 
-    // An array signed by its first element (as Segment signs batches).
-    let first = track("u2", "S2");
+    // An array signed by its first element only is refused by default: the
+    // rest of the array would be unauthenticated.
+    let mut first = track("u2", "S2");
+    first["messageId"] = json!("first-2");
     let array = serde_json::to_vec(&json!([first, track("u3", "S3")])).unwrap();
     let sig = hmac_hex(SECRET, &serde_json::to_vec(&first).unwrap());
     let r = srv.send(signed(&array, Some(sig))).await;
-    assert_eq!(r.status, 200, "{r:#?}");
-    srv.wait_for(2, State::Delivered).await;
-    srv.wait_for(3, State::Delivered).await;
+    assert_error(&r, 401, "unauthorized", "X-Signature");
 
     // An array signed whole.
-    let array2 = serde_json::to_vec(&json!([track("u4", "S4")])).unwrap();
+    let array2 = serde_json::to_vec(&json!([track("u4", "S4"), track("u5", "S4b")])).unwrap();
     let r = srv
         .send(signed(&array2, Some(hmac_hex(SECRET, &array2))))
         .await;
     assert_eq!(r.status, 200, "{r:#?}");
-    srv.wait_for(4, State::Delivered).await;
-
-    // A pretty-printed array, signed by its first element in compact form.
-    let first = track("u6", "S6");
-    let pretty = serde_json::to_vec_pretty(&json!([first, track("u7", "S7")])).unwrap();
-    let sig = hmac_hex(SECRET, &serde_json::to_vec(&first).unwrap());
-    let r = srv.send(signed(&pretty, Some(sig))).await;
-    assert_eq!(r.status, 200, "{r:#?}");
-    srv.wait_for(5, State::Delivered).await;
-    srv.wait_for(6, State::Delivered).await;
+    srv.wait_for(2, State::Delivered).await;
+    srv.wait_for(3, State::Delivered).await;
 
     // Wrong, other-secret, missing and non-hex signatures → 401; nothing stored.
     let other = serde_json::to_vec(&track("u5", "S5")).unwrap();
@@ -1023,8 +1015,49 @@ async fn webhook_with_secret_checks_the_signature() {
         .await;
     assert_eq!(r.status, 401, "{r:#?}");
 
-    assert_eq!(srv.counts().await, counts(&[("delivered", 6)]));
+    assert_eq!(srv.counts().await, counts(&[("delivered", 3)]));
     assert!(fake.with_activity("S5").is_empty());
+    assert!(fake.with_activity("S3").is_empty());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_element_signatures_when_enabled_are_never_accepted_twice() {
+    const SECRET: &str = "hook-secret";
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir, &fake.uri());
+    c.auth.webhook_secret = Some(SECRET.into());
+    c.auth.webhook_first_element_signature = true;
+    let srv = Server::start(c).await;
+    let signed = |body: &[u8], sig: String| {
+        srv.request("/webhook", None, body.to_vec())
+            .header("X-Signature", sig)
+    };
+    // As Segment's batched Actions sign: the first element, compact.
+    let mut first = track("u2", "S2");
+    first["messageId"] = json!("first-2");
+    let sig = hmac_hex(SECRET, &serde_json::to_vec(&first).unwrap());
+    let array = serde_json::to_vec_pretty(&json!([first, track("u3", "S3")])).unwrap();
+    let r = srv.send(signed(&array, sig.clone())).await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    srv.wait_for(1, State::Delivered).await;
+    srv.wait_for(2, State::Delivered).await;
+
+    // The same signed element with other messages appended: a replay.
+    let forged = serde_json::to_vec(&json!([first, track("u9", "Forged")])).unwrap();
+    let r = srv.send(signed(&forged, sig)).await;
+    assert_error(&r, 401, "unauthorized", "already accepted");
+
+    // A signed first element without a messageId cannot be recognised again.
+    let anonymous = track("u4", "S4");
+    let sig = hmac_hex(SECRET, &serde_json::to_vec(&anonymous).unwrap());
+    let array = serde_json::to_vec(&json!([anonymous, track("u5", "S5")])).unwrap();
+    let r = srv.send(signed(&array, sig)).await;
+    assert_error(&r, 401, "unauthorized", "messageId");
+
+    assert_eq!(srv.counts().await, counts(&[("delivered", 2)]));
+    assert!(fake.with_activity("Forged").is_empty());
     srv.stop().await;
 }
 
