@@ -1222,20 +1222,21 @@ fn shapes() -> Vec<Case> {
         ("context as text", r#"{"batch":[],"context":"x"}"#.to_owned(), any_of(&[400])),
         ("integrations as array", r#"{"batch":[],"integrations":[1]}"#.to_owned(), any_of(&[400])),
         ("sentAt as object", r#"{"batch":[],"sentAt":{}}"#.to_owned(), any_of(&[400])),
+        // Items of unknown type may become item-level rejections (issue 7.1).
         (
             "unknown type",
             json!({"batch":[{"type":"explode","userId":"u","messageId":"bad-type-b"}]}).to_string(),
-            error(400, "unknown_type").naming("batch[0].type"),
+            any_of(&[200, 400]),
         ),
         (
             "type with a NUL",
             json!({"batch":[{"type":"track\u{0}","userId":"u"}]}).to_string(),
-            error(400, "unknown_type"),
+            any_of(&[200, 400]),
         ),
         (
             "type in upper case",
             json!({"batch":[{"type":"TRACK","userId":"u"}]}).to_string(),
-            error(400, "unknown_type"),
+            any_of(&[200, 400]),
         ),
         (
             "__proto__ keys",
@@ -1263,7 +1264,7 @@ fn shapes() -> Vec<Case> {
         (
             "missing type",
             json!({"userId":"u"}).to_string(),
-            error(400, "missing_type"),
+            any_of(&[400]),
         ),
     ] {
         cases.push(ingest(format!("/webhook {what}"), "/webhook", body.as_bytes()).expect(expect));
@@ -1631,7 +1632,7 @@ fn corpus() -> Vec<Case> {
     all.extend(methods());
     all.extend(headers());
     all.extend(admin());
-    all.extend(later_fixed().into_iter().map(|(c, _)| {
+    all.extend(later_fixed().into_iter().map(|(_, c, _)| {
         let mut c = c;
         // Answered either way today; strictly in the ignored tests.
         c.expect = any_of(&[200, 400, 401, 403, 408, 413, 415, 501]).protocol();
@@ -1694,6 +1695,12 @@ async fn hostile_inputs_in_open_mode_are_answered_cleanly() {
             );
         }
     }
+    cases.extend(open_mode_cases().into_iter().map(|(_, mut c, _)| {
+        // Answered either way today; strictly in the ignored tests.
+        c.expect = any_of(&[200, 400, 401, 403]);
+        c.name = format!("open: {}", c.name);
+        c
+    }));
     run_corpus(&env.server.base, cases).await;
     env.server.stop().await;
 }
@@ -1708,16 +1715,21 @@ fn none(_: &Answer) -> Result<(), String> {
     Ok(())
 }
 
-fn later_fixed() -> Vec<(Case, Check)> {
-    let mut out: Vec<(Case, Check)> = Vec::new();
+fn later_fixed() -> Vec<(&'static str, Case, Check)> {
+    let mut out: Vec<(&'static str, Case, Check)> = Vec::new();
     // Issue 6.9: trailing bytes after the JSON body are refused.
     for c in trailing_bytes() {
-        out.push((c.tap(|c| c.name = format!("fixed: {}", c.name)), none));
+        out.push((
+            "6.9 trailing",
+            c.tap(|c| c.name = format!("fixed: {}", c.name)),
+            none,
+        ));
     }
     // Issue 6.9: Content-Encoding matched case-insensitively.
     for path in ["/v1/track", "/segment", "/webhook"] {
         let plain = wrap(path, &message(path, &format!("GZIP-{path}")));
         out.push((
+            "6.9 case",
             ingest(format!("fixed: {path} Content-Encoding GZIP"), path, &plain)
                 .header("Content-Encoding", "GZIP")
                 .body(gzip(&plain))
@@ -1728,6 +1740,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
     // Issue 6.9: the Bearer scheme is case-insensitive; the admin 401 asks for Bearer.
     for scheme in ["bearer", "BEARER"] {
         out.push((
+            "6.9 case",
             Case::new(format!("fixed: admin {scheme} scheme"), "GET", "/api/stats")
                 .header("Authorization", format!("{scheme} {ADMIN_TOKEN}"))
                 .length(Length::Omit)
@@ -1736,6 +1749,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
         ));
     }
     out.push((
+        "6.9 case",
         Case::new("fixed: admin 401 asks for Bearer", "GET", "/api/stats")
             .length(Length::Omit)
             .expect(error(401, "unauthorized")),
@@ -1750,6 +1764,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
         let extra = json!({"type":"track","messageId":"appended","userId":"evil","event":"Forged","context":{"groupId":"g"}});
         let body = json!([first, extra]).to_string();
         out.push((
+            "6.3",
             Case::new(
                 "fixed: /webhook array signed by its first element",
                 "POST",
@@ -1767,7 +1782,6 @@ fn later_fixed() -> Vec<(Case, Check)> {
         ("/webhook", None),
         ("/v1/track", Some(basic("wk-wrong"))),
         ("/segment", Some(basic("wk-wrong"))),
-        ("/v1/batch", None),
     ] {
         let mut c = Case::new(
             format!("fixed: {path} stalled body, bad credentials"),
@@ -1779,7 +1793,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
         if let Some(a) = auth {
             c = c.header("Authorization", a);
         }
-        out.push((c, none));
+        out.push(("6.4", c, none));
     }
     // Issue 6.1: limits hold on the merged item.
     {
@@ -1787,6 +1801,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
         let item = json!({"type":"track","messageId":"merged-big","userId":"u","event":"E","properties":{"pad":"p".repeat(20_000)}});
         let body = json!({"batch":[item], "context": ctx}).to_string();
         out.push((
+            "6.1",
             ingest(
                 "fixed: /v1/batch merged item over 32 KB",
                 "/v1/batch",
@@ -1811,6 +1826,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
             let body =
                 json!({"batch":[good.clone().tap_id(path), bad.clone().tap_id(path)]}).to_string();
             out.push((
+                "7.1",
                 ingest(
                     format!("fixed: {path} item with {field} = {raw}"),
                     path,
@@ -1826,6 +1842,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
     }
     // Issue 7.1: a batch item without a type is rejected alone.
     out.push((
+        "7.1",
         ingest(
             "fixed: /v1/batch item without a type",
             "/v1/batch",
@@ -1847,6 +1864,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
         );
         let body = json!([good, bad]).to_string();
         out.push((
+            "7.1",
             ingest(
                 "fixed: /webhook array with a wrongly typed item",
                 "/webhook",
@@ -1872,6 +1890,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
     let delete =
         json!({"type":"delete","messageId":"delete-1","userId":"u-del","context":{"groupId":"g"}});
     out.push((
+        "7.2",
         ingest(
             "fixed: /v1/batch delete",
             "/v1/batch",
@@ -1883,6 +1902,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
     let mut d2 = delete.clone();
     d2["messageId"] = json!("delete-2");
     out.push((
+        "7.2",
         ingest(
             "fixed: /webhook delete",
             "/webhook",
@@ -1897,6 +1917,7 @@ fn later_fixed() -> Vec<(Case, Check)> {
     let mut d3 = delete.clone();
     d3["messageId"] = json!("delete-3");
     out.push((
+        "7.2",
         ingest(
             "fixed: /segment delete",
             "/segment",
@@ -1939,12 +1960,59 @@ async fn run_strict(base: &str, cases: Vec<(Case, Check)>) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fixed by lead on main: issue 6.9 (trailing bytes, Content-Encoding and Bearer case, admin 401 asks for Bearer), 6.3 (first-element webhook signatures), 6.4 (credentials before the body), 6.1 (limits on merged items), 7.1 (item-level batch errors), 7.2 (delete is unsupported)"]
-async fn hostile_inputs_get_the_answers_issues_6_and_7_ask_for() {
+/// Runs the `later_fixed` cases of one issue item strictly.
+async fn strictly(item: &str) {
     let env = start(false).await;
-    run_strict(&env.server.base, later_fixed()).await;
+    let cases: Vec<(Case, Check)> = later_fixed()
+        .into_iter()
+        .filter(|(i, _, _)| *i == item)
+        .map(|(_, c, check)| (c, check))
+        .collect();
+    assert!(!cases.is_empty(), "no cases for {item}");
+    run_strict(&env.server.base, cases).await;
     env.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.9 (trailing bytes after the JSON body)"]
+async fn trailing_bytes_after_the_body_are_refused() {
+    strictly("6.9 trailing").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.9 (Content-Encoding and Bearer matched case-sensitively; admin 401 asks for Basic)"]
+async fn encoding_and_bearer_names_are_case_insensitive() {
+    strictly("6.9 case").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.3 (webhook arrays signed by their first element)"]
+async fn webhook_arrays_signed_by_their_first_element_are_refused_by_default() {
+    strictly("6.3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.4 (credentials checked before the body is read)"]
+async fn credentials_are_checked_before_the_body_is_read() {
+    strictly("6.4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.1 (limits on the merged batch item)"]
+async fn limits_hold_on_merged_batch_items() {
+    strictly("6.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 7.1 (one bad item cost the whole batch)"]
+async fn one_bad_item_does_not_cost_the_batch() {
+    strictly("7.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 7.2 (Segment's delete call is unsupported)"]
+async fn segment_delete_calls_are_unsupported() {
+    strictly("7.2").await;
 }
 
 /// Issue 7.1: after a batch with one wrongly typed item, that item is stored
@@ -1991,13 +2059,11 @@ async fn batch_item_errors_reject_that_item_only() {
 /// needs a credential even from a loopback client (a token is generated at
 /// first start), the operator page cannot be framed, and a cross-site browser
 /// request cannot post events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fixed by lead on main: issues 6.2 (admin credential always), 6.5 (security headers), 6.6 (cross-site ingest)"]
-async fn open_mode_refuses_what_issue_6_lists() {
-    let env = start(true).await;
-    let body = message("/v1/track", "cross-site").to_string();
-    let cases: Vec<(Case, Check)> = vec![
+fn open_mode_cases() -> Vec<(&'static str, Case, Check)> {
+    let body: Value = message("/v1/track", "cross-site");
+    let mut cases: Vec<(&'static str, Case, Check)> = vec![
         (
+            "6.2",
             Case::new(
                 "admin API without a credential from loopback",
                 "GET",
@@ -2008,6 +2074,17 @@ async fn open_mode_refuses_what_issue_6_lists() {
             none,
         ),
         (
+            "6.2",
+            Case::new(
+                "replay without a credential",
+                "POST",
+                "/api/replay?outcome=dead",
+            )
+            .expect(error(401, "unauthorized")),
+            none,
+        ),
+        (
+            "6.5",
             Case::new("operator page cannot be framed", "GET", "/")
                 .length(Length::Omit)
                 .expect(any_of(&[200])),
@@ -2025,9 +2102,14 @@ async fn open_mode_refuses_what_issue_6_lists() {
             },
         ),
     ];
-    let mut cases = cases;
-    for path in ["/v1/track", "/v1/batch", "/webhook", "/segment"] {
+    for (i, path) in ["/v1/track", "/v1/batch", "/webhook", "/segment"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut m = body.clone();
+        m["messageId"] = json!(format!("cross-site-{i}"));
         cases.push((
+            "6.6",
             Case::new(
                 format!("cross-site text/plain post to {path}"),
                 "POST",
@@ -2037,13 +2119,41 @@ async fn open_mode_refuses_what_issue_6_lists() {
             .header("Origin", "https://evil.example")
             .header("Sec-Fetch-Site", "cross-site")
             .header("Sec-Fetch-Mode", "no-cors")
-            .body(wrap(path, &serde_json::from_str(&body).unwrap()))
+            .body(wrap(path, &m))
             .expect(any_of(&[400, 401, 403])),
             none,
         ));
     }
+    cases
+}
+
+async fn strictly_in_open_mode(item: &str) {
+    let env = start(true).await;
+    let cases: Vec<(Case, Check)> = open_mode_cases()
+        .into_iter()
+        .filter(|(i, _, _)| *i == item)
+        .map(|(_, c, check)| (c, check))
+        .collect();
     run_strict(&env.server.base, cases).await;
     env.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.2 (admin API reachable without a credential)"]
+async fn admin_api_always_needs_a_credential() {
+    strictly_in_open_mode("6.2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.5 (security headers on the operator page)"]
+async fn operator_page_cannot_be_framed() {
+    strictly_in_open_mode("6.5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fixed by lead on main: issue 6.6 (cross-site ingest in open mode)"]
+async fn cross_site_browser_posts_are_refused_in_open_mode() {
+    strictly_in_open_mode("6.6").await;
 }
 
 /// Found by this corpus: a non-numeric message id in an admin path is
