@@ -91,10 +91,17 @@ pub struct LimitsConfig {
     pub max_batch_messages: usize,
     /// Time a client has to send its request headers.
     pub header_read_timeout_ms: u64,
-    /// Time a client has to send its whole request body.
+    /// Time a client has to send its whole request body (at most).
     pub body_read_timeout_ms: u64,
+    /// Slowest accepted body: a body's deadline is 5 s plus its declared
+    /// length at this rate (capped by `body_read_timeout_ms`).
+    pub min_body_bytes_per_sec: usize,
     /// Open client connections at most; more wait to be accepted.
     pub max_connections: usize,
+    /// Open connections from one client address at most; more are closed at
+    /// once (0: no per-client cap). Behind a reverse proxy every client has
+    /// the proxy's address: raise it there, or cap per client in the proxy.
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +141,9 @@ impl Default for Config {
                 max_batch_messages: 2_500,
                 header_read_timeout_ms: 10_000,
                 body_read_timeout_ms: 30_000,
+                min_body_bytes_per_sec: 16 * 1024,
                 max_connections: 1_024,
+                max_connections_per_client: 256,
             },
             sources: Vec::new(),
         }

@@ -115,6 +115,7 @@ pub async fn run_with_storage(
     let graceful = GracefulShutdown::new();
     tracing::info!(%address, "listening");
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_client = PerClient::new(limits.max_connections_per_client);
     loop {
         // At most max_connections open: the next accept waits for a free slot.
         let slot = tokio::select! {
@@ -132,6 +133,12 @@ pub async fn run_with_storage(
                         continue;
                     }
                 };
+                // One address cannot take every slot (slow-body floods).
+                let Some(client_slot) = per_client.admit(peer.ip()) else {
+                    metrics::counter!(telemetry::REFUSED_CONNECTIONS).increment(1);
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(AddExtension::new(app.clone(), ConnectInfo(peer))))
@@ -142,6 +149,7 @@ pub async fn run_with_storage(
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                     drop(slot);
+                    drop(client_slot);
                 });
             }
             _ = shutdown.cancelled() => break,
@@ -161,6 +169,56 @@ pub async fn run_with_storage(
     storage.close().await;
     tracing::info!("stopped; undelivered messages stay stored for the next start");
     Ok(())
+}
+
+/// Counts open connections per client address.
+#[derive(Clone)]
+struct PerClient {
+    max: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One admitted connection; closing it frees its place.
+struct ClientSlot {
+    ip: std::net::IpAddr,
+    clients: PerClient,
+}
+
+impl PerClient {
+    fn new(max: usize) -> PerClient {
+        PerClient {
+            max,
+            open: Default::default(),
+        }
+    }
+
+    fn admit(&self, ip: std::net::IpAddr) -> Option<Option<ClientSlot>> {
+        if self.max == 0 {
+            return Some(None);
+        }
+        let mut open = self.open.lock().expect("connection counts");
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Some(ClientSlot {
+            ip,
+            clients: self.clone(),
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock().expect("connection counts");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Says where the admin token comes from; a freshly generated one is shown

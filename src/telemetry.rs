@@ -15,6 +15,8 @@ pub const DELIVERY_LATENCY: &str = "td_delivery_request_duration_seconds";
 pub const HTTP_LATENCY: &str = "td_http_request_duration_seconds";
 pub const QUEUE_DEPTH: &str = "td_queue_depth";
 pub const OLDEST_PENDING: &str = "td_oldest_pending_age_seconds";
+/// Connections closed at once because their client address had too many open.
+pub const REFUSED_CONNECTIONS: &str = "td_connections_refused_total";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics() -> &'static PrometheusHandle {

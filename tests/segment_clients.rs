@@ -352,7 +352,7 @@ async fn node_library_batch_size_is_bounded_by_flush_at_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fixed by lead on main: issue 7.1 (one bad batch item must not cost the batch)"]
+
 async fn python_library_loses_nothing_when_one_event_is_wrongly_typed() {
     let Some(python) = python() else { return };
     let server = Server::start().await;
@@ -368,7 +368,7 @@ async fn python_library_loses_nothing_when_one_event_is_wrongly_typed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fixed by lead on main: issue 7.1 (one bad batch item must not cost the batch)"]
+
 async fn node_library_loses_nothing_when_one_event_is_wrongly_typed() {
     let Some(node) = node() else { return };
     let server = Server::start().await;

@@ -210,6 +210,14 @@ impl Filters {
     }
 }
 
+/// The `{id}` of a path, or a JSON error naming it.
+fn message_id(
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Result<i64, ApiError> {
+    id.map(|Path(id)| id)
+        .map_err(|_| ApiError::bad_request("id", "expected a message number"))
+}
+
 fn query<T: serde::de::DeserializeOwned + Default>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, ApiError> {
@@ -295,8 +303,9 @@ async fn list(
 
 async fn one(
     Extract(state): Extract<Arc<AppState>>,
-    Path(id): Path<i64>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let id = message_id(id)?;
     match state.storage.get(id).await.map_err(storage_error)? {
         Some(m) => Ok(Json(view(&state, m))),
         None => Err(ApiError::new(
@@ -309,8 +318,9 @@ async fn one(
 
 async fn replay_one(
     Extract(state): Extract<Arc<AppState>>,
-    Path(id): Path<i64>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let id = message_id(id)?;
     let Some(m) = state.storage.get(id).await.map_err(storage_error)? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -150,7 +150,7 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
     }
-    let deadline = std::time::Duration::from_millis(state.limits().body_read_timeout_ms);
+    let deadline = body_deadline(state.limits(), declared);
     let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| body_timeout())?;
@@ -167,6 +167,24 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         }
         ApiError::bad_request("body", format!("could not read the request body: {e}"))
     })
+}
+
+/// The time a body may take: a few seconds plus what its declared size needs
+/// at `min_body_bytes_per_sec`, never more than `body_read_timeout_ms`. A
+/// slow client announcing a small body cannot hold its slot for long.
+fn body_deadline(
+    limits: &crate::config::LimitsConfig,
+    declared: Option<usize>,
+) -> std::time::Duration {
+    let most = limits.body_read_timeout_ms;
+    let ms = match declared {
+        Some(len) => {
+            let rate = limits.min_body_bytes_per_sec.max(1) as u64;
+            (5_000 + (len as u64).saturating_mul(1000) / rate).min(most)
+        }
+        None => most,
+    };
+    std::time::Duration::from_millis(ms)
 }
 
 fn body_timeout() -> ApiError {

@@ -44,6 +44,10 @@ pub async fn single(
         ));
     };
     let header_key = basic_user(&headers)?;
+    // A key in the header is checked before the body is read.
+    if header_key.is_some() {
+        state.source_for(header_key.as_deref())?;
+    }
     let bytes = read_body(&state, &headers, body).await?;
     let mut limits = RequestLimits::new(&state);
     limits.check_raw(bytes.len(), "")?;
@@ -73,6 +77,9 @@ pub async fn batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let header_key = basic_user(&headers)?;
+    if header_key.is_some() {
+        state.source_for(header_key.as_deref())?;
+    }
     let bytes = read_body(&state, &headers, body).await?;
     let body: BatchBody = parse_json(&bytes)?;
     let source = state.source_for(header_key.as_deref().or(body.write_key.as_deref()))?;
