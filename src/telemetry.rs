@@ -15,6 +15,10 @@ pub const DELIVERY_LATENCY: &str = "td_delivery_request_duration_seconds";
 pub const HTTP_LATENCY: &str = "td_http_request_duration_seconds";
 pub const QUEUE_DEPTH: &str = "td_queue_depth";
 pub const OLDEST_PENDING: &str = "td_oldest_pending_age_seconds";
+/// The adaptive limit of requests to Totango in flight.
+pub const CONCURRENCY_LIMIT: &str = "td_delivery_concurrency_limit";
+/// Mean round-trip time of requests to Totango over the last window.
+pub const DELIVERY_RTT: &str = "td_delivery_rtt_seconds";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics() -> &'static PrometheusHandle {
@@ -35,6 +39,14 @@ pub fn metrics() -> &'static PrometheusHandle {
             metrics::describe_histogram!(DELIVERY_LATENCY, "Latency of requests to Totango");
             metrics::describe_histogram!(HTTP_LATENCY, "Latency of inbound HTTP requests");
             metrics::describe_gauge!(QUEUE_DEPTH, "Messages waiting for delivery");
+            metrics::describe_gauge!(
+                CONCURRENCY_LIMIT,
+                "Adaptive limit of requests to Totango in flight"
+            );
+            metrics::describe_gauge!(
+                DELIVERY_RTT,
+                "Mean round-trip time of requests to Totango (last window)"
+            );
             metrics::describe_gauge!(
                 OLDEST_PENDING,
                 "Age of the oldest message waiting for delivery"

@@ -225,15 +225,17 @@ fn prepare(
         )
     })?;
     let t = mapping::translate(&msg, &settings, None);
-    // Pages are queued even when they send nothing: they still set the
-    // user's latest page category for later track calls.
-    let queued = t.outcome == Outcome::Send
-        || (msg.call == CallType::Page && t.code == Some(Code::NoPageActivity));
+    // A page sets the user's latest page category for later track calls, even
+    // when it sends nothing; storage applies it at acceptance, in order.
+    let set_page_category = (msg.call == CallType::Page
+        && (t.outcome == Outcome::Send || t.code == Some(Code::NoPageActivity)))
+    .then(|| mapping::page_category(&msg));
+    let needs_page_category = t.outcome == Outcome::Send && mapping::track_uses_page_category(&msg);
     let state = match t.outcome {
-        _ if queued => State::Pending,
+        Outcome::Send => State::Pending,
         Outcome::Filtered => State::Filtered,
         Outcome::Unsupported => State::Unsupported,
-        Outcome::Rejected | Outcome::Send => State::Rejected,
+        Outcome::Rejected => State::Rejected,
     };
     let account_id = match msg.call {
         CallType::Group => msg.group_id.clone(),
@@ -246,11 +248,8 @@ fn prepare(
         service_id: settings.service_id.clone(),
         user_id: msg.user_id.clone(),
         account_id,
-        ordering_key: format!(
-            "{}\u{1f}{}",
-            settings.service_id,
-            mapping::ordering_key(&msg)
-        ),
+        ordering_key: mapping::ordering_key(&msg)
+            .map(|key| format!("{}\u{1f}{key}", settings.service_id)),
         payload: value.to_string(),
         settings: serde_json::to_string(&overrides).expect("settings serialise"),
         state,
@@ -258,6 +257,8 @@ fn prepare(
         reason: t.message.clone(),
         warnings: t.warnings.clone(),
         received_at,
+        set_page_category,
+        needs_page_category,
     };
     for w in &new.warnings {
         tracing::info!(message_id = %new.message_id, "{w}");
