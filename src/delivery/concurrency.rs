@@ -12,8 +12,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Growth per window while latency holds (a share of the current limit, at least 1).
+/// Growth per window while latency holds (a share of the current limit, at
+/// least 1); until the first back-off the limit doubles (slow start).
 const GROWTH: f64 = 0.2;
+const SLOW_START_GROWTH: f64 = 1.0;
+/// The limit counts as used when this share of it was in flight.
+const USED_SHARE: f64 = 0.7;
 /// Factor applied on backpressure (429, 5xx, timeouts).
 const BACKPRESSURE_DECREASE: f64 = 0.7;
 /// Factor applied when the round-trip time rises above its baseline.
@@ -51,6 +55,8 @@ pub struct Controller {
     min: f64,
     max: f64,
     limit: f64,
+    /// No back-off yet: grow fast.
+    slow_start: bool,
     /// EWMA of the windows' mean RTT, in seconds.
     baseline: Option<f64>,
     /// The last window's mean RTT, in seconds.
@@ -71,6 +77,7 @@ impl Controller {
             min: min as f64,
             max: max as f64,
             limit: initial.clamp(min, max) as f64,
+            slow_start: true,
             baseline: None,
             last_rtt: None,
             window_start: Duration::ZERO,
@@ -99,9 +106,15 @@ impl Controller {
         self.peak_in_flight = self.peak_in_flight.max(n);
     }
 
-    /// Records one response; at the end of a window, adjusts the limit.
-    /// Returns true when the window ended.
-    pub fn record(&mut self, now: Duration, rtt: Duration, signal: Signal) -> bool {
+    /// Records one response (`in_flight`: requests still in flight); at the
+    /// end of a window, adjusts the limit. Returns true when the window ended.
+    pub fn record(
+        &mut self,
+        now: Duration,
+        rtt: Duration,
+        signal: Signal,
+        in_flight: usize,
+    ) -> bool {
         match signal {
             Signal::Backpressure => self.backpressure = true,
             // Only answers say something about latency (a timeout's "RTT" is the timeout).
@@ -118,11 +131,11 @@ impl Controller {
         if now.saturating_sub(self.window_start) < window {
             return false;
         }
-        self.end_window(now);
+        self.end_window(now, in_flight);
         true
     }
 
-    fn end_window(&mut self, now: Duration) {
+    fn end_window(&mut self, now: Duration, in_flight: usize) {
         let mean = (self.rtt_count > 0).then(|| self.rtt_sum / self.rtt_count as f64);
         let rising = match (mean, self.baseline) {
             (Some(m), Some(b)) => m > b * RTT_TOLERANCE + RTT_SLACK.as_secs_f64(),
@@ -130,10 +143,17 @@ impl Controller {
         };
         if self.backpressure {
             self.limit = (self.limit * BACKPRESSURE_DECREASE).max(self.min);
+            self.slow_start = false;
         } else if rising {
             self.limit = (self.limit * LATENCY_DECREASE).max(self.min);
-        } else if mean.is_some() && self.peak_in_flight >= self.limit as usize {
-            self.limit = (self.limit + (self.limit * GROWTH).max(1.0)).min(self.max);
+            self.slow_start = false;
+        } else if mean.is_some() && self.peak_in_flight as f64 >= self.limit * USED_SHARE {
+            let growth = if self.slow_start {
+                SLOW_START_GROWTH
+            } else {
+                GROWTH
+            };
+            self.limit = (self.limit + (self.limit * growth).max(1.0)).min(self.max);
         }
         if let Some(m) = mean {
             self.baseline = Some(match self.baseline {
@@ -146,7 +166,7 @@ impl Controller {
         self.rtt_sum = 0.0;
         self.rtt_count = 0;
         self.backpressure = false;
-        self.peak_in_flight = 0;
+        self.peak_in_flight = in_flight;
     }
 }
 
@@ -212,7 +232,8 @@ impl AdaptiveConcurrency {
     /// Records one request's round trip and what it said.
     pub fn record(&self, rtt: Duration, signal: Signal) {
         let mut c = self.controller.lock().expect("controller lock");
-        if c.record(self.origin.elapsed(), rtt, signal) {
+        let in_flight = self.in_flight();
+        if c.record(self.origin.elapsed(), rtt, signal, in_flight) {
             self.limit.store(c.limit(), Ordering::Relaxed);
             metrics::gauge!(telemetry::CONCURRENCY_LIMIT).set(c.limit() as f64);
             if let Some(rtt) = c.rtt() {
@@ -251,7 +272,7 @@ mod tests {
             c.in_flight(c.limit());
             for _ in 0..4 {
                 now += window / 4;
-                c.record(now, rtt, signal);
+                c.record(now, rtt, signal, c.limit());
             }
         }
         now
@@ -272,7 +293,7 @@ mod tests {
         for _ in 0..100 {
             c.in_flight(10);
             now += 30 * MS;
-            c.record(now, 10 * MS, Signal::Ok);
+            c.record(now, 10 * MS, Signal::Ok, 10);
         }
         assert_eq!(c.limit(), 64);
     }
