@@ -258,7 +258,7 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<Vec<StoredMessage>, StorageError>;
 
     /// Queues the `dead` messages matching `filter` again (a fresh retry
-    /// window, behind what their users already have queued). Returns their ids.
+    /// window, behind what their ordering key already has queued). Returns their ids.
     async fn replay(&self, filter: MessageFilter, now: Millis) -> Result<Vec<i64>, StorageError>;
 
     /// Counts by state.
