@@ -75,8 +75,12 @@ pub struct DeliveryConfig {
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
     pub max_retry_age_secs: u64,
-    /// Outbound requests in flight at once.
+    /// Outbound requests in flight at first; it then adapts between the bounds.
     pub concurrency: usize,
+    /// Lower bound of the adaptive concurrency.
+    pub min_concurrency: usize,
+    /// Upper bound of the adaptive concurrency (also the connection pool size).
+    pub max_concurrency: usize,
     pub request_timeout_ms: u64,
 }
 
@@ -132,6 +136,8 @@ impl Default for Config {
                 retry_max_ms: 300_000,
                 max_retry_age_secs: 4 * 3600,
                 concurrency: 64,
+                min_concurrency: 4,
+                max_concurrency: 1024,
                 request_timeout_ms: 10_000,
             },
             limits: LimitsConfig {
@@ -324,10 +330,29 @@ impl Config {
                 "must be at least delivery.retry_base_ms",
             ));
         }
-        if d.concurrency == 0 || d.concurrency > 10_000 {
+        if d.max_concurrency == 0 || d.max_concurrency > 10_000 {
+            return Err(ConfigError::invalid(
+                "delivery.max_concurrency",
+                "must be between 1 and 10000",
+            ));
+        }
+        if d.min_concurrency == 0 || d.min_concurrency > d.max_concurrency {
+            return Err(ConfigError::invalid(
+                "delivery.min_concurrency",
+                format!(
+                    "must be between 1 and delivery.max_concurrency ({})",
+                    d.max_concurrency
+                ),
+            ));
+        }
+        if d.concurrency < d.min_concurrency || d.concurrency > d.max_concurrency {
             return Err(ConfigError::invalid(
                 "delivery.concurrency",
-                "must be between 1 and 10000",
+                format!(
+                    "must be between delivery.min_concurrency ({}) and delivery.max_concurrency ({}); \
+                     it is the starting point of the adaptive concurrency",
+                    d.min_concurrency, d.max_concurrency
+                ),
             ));
         }
         if d.request_timeout_ms == 0 {
@@ -529,6 +554,8 @@ mod tests {
                 (1000, 300_000, 14_400)
             );
             assert_eq!(c.delivery.concurrency, 64);
+            assert_eq!(c.delivery.min_concurrency, 4);
+            assert_eq!(c.delivery.max_concurrency, 1024);
             assert_eq!(c.limits.max_message_bytes, 32 * 1024);
             assert_eq!(c.limits.max_body_bytes, 500 * 1024);
             assert_eq!(c.limits.max_batch_messages, 2500);
@@ -594,6 +621,19 @@ mod tests {
             jail.set_env("TD_DELIVERY__CONCURRENCY", "many");
             let e = Config::load(None).unwrap_err();
             assert!(e.to_string().starts_with("delivery.concurrency"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_DELIVERY__MIN_CONCURRENCY", "8");
+            jail.set_env("TD_DELIVERY__CONCURRENCY", "4");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with("delivery.concurrency"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_DELIVERY__MAX_CONCURRENCY", "0");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with("delivery.max_concurrency"), "{e}");
             Ok(())
         });
         Jail::expect_with(|jail| {

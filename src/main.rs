@@ -9,6 +9,11 @@ use tokio_util::sync::CancellationToken;
 use totango_destination::config::{Config, Runtime};
 use totango_destination::mapping::{SettingsPatch, translate_value};
 
+// The system allocator took a fifth of the CPU under load (perf); mimalloc is
+// faster for the many small, short-lived allocations of requests.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "totango-destination",

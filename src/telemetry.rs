@@ -17,6 +17,10 @@ pub const QUEUE_DEPTH: &str = "td_queue_depth";
 pub const OLDEST_PENDING: &str = "td_oldest_pending_age_seconds";
 /// Connections closed at once because their client address had too many open.
 pub const REFUSED_CONNECTIONS: &str = "td_connections_refused_total";
+/// The adaptive limit of requests to Totango in flight.
+pub const CONCURRENCY_LIMIT: &str = "td_delivery_concurrency_limit";
+/// Mean round-trip time of requests to Totango over the last window.
+pub const DELIVERY_RTT: &str = "td_delivery_rtt_seconds";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics() -> &'static PrometheusHandle {
@@ -37,6 +41,14 @@ pub fn metrics() -> &'static PrometheusHandle {
             metrics::describe_histogram!(DELIVERY_LATENCY, "Latency of requests to Totango");
             metrics::describe_histogram!(HTTP_LATENCY, "Latency of inbound HTTP requests");
             metrics::describe_gauge!(QUEUE_DEPTH, "Messages waiting for delivery");
+            metrics::describe_gauge!(
+                CONCURRENCY_LIMIT,
+                "Adaptive limit of requests to Totango in flight"
+            );
+            metrics::describe_gauge!(
+                DELIVERY_RTT,
+                "Mean round-trip time of requests to Totango (last window)"
+            );
             metrics::describe_gauge!(
                 OLDEST_PENDING,
                 "Age of the oldest message waiting for delivery"

@@ -41,7 +41,9 @@ const MIB: usize = 1024 * 1024;
 /// `context_bytes` and is meant to be copied into every one of 2,500 items.
 fn amplifying_batch(context_bytes: usize) -> Vec<u8> {
     let items: Vec<_> = (0..2_500)
-        .map(|i| json!({"type": "track", "userId": "u", "event": "E", "messageId": format!("m{i}")}))
+        .map(
+            |i| json!({"type": "track", "userId": "u", "event": "E", "messageId": format!("m{i}")}),
+        )
         .collect();
     let body = json!({
         "batch": items,
@@ -98,8 +100,14 @@ async fn batch_context_amplification_stays_bounded() {
         "peak allocation grew by {} MiB",
         peak / MIB
     );
-    eprintln!("peak allocation during the attack: {:.1} MiB", peak as f64 / MIB as f64);
+    eprintln!(
+        "peak allocation during the attack: {:.1} MiB",
+        peak as f64 / MIB as f64
+    );
     let counts = srv.storage.counts().await.unwrap();
-    assert!(counts.iter().all(|(_, n)| *n == 0), "nothing stored: {counts:?}");
+    assert!(
+        counts.iter().all(|(_, n)| *n == 0),
+        "nothing stored: {counts:?}"
+    );
     srv.stop().await;
 }

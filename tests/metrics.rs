@@ -90,6 +90,9 @@ async fn metrics_count_what_happened() {
         text.contains("td_delivery_request_duration_seconds_bucket"),
         "{text}"
     );
+    // The adaptive concurrency: two messages use too little of it to grow.
+    let limit = value(&text, "td_delivery_concurrency_limit");
+    assert!((4.0..=64.0).contains(&limit), "{limit}");
 
     srv.stop().await;
 }

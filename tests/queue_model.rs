@@ -2,8 +2,10 @@
 //! accept / claim / report (delivered, retry, dead) on a logical clock keep
 //! these invariants:
 //! - a claim returns only the oldest unfinished message of each ordering key,
-//!   never one whose key already has a leased message, and every due head up
-//!   to the limit;
+//!   never one whose key already has a leased message, any due message
+//!   without a key, and every such due message up to the limit;
+//! - a message that asked for the page category gets the one its user's
+//!   pages set before it, in acceptance order, whatever was delivered;
 //! - nothing is lost: at the end every accepted message is finished exactly
 //!   once, and each key's messages finished in acceptance order.
 
@@ -15,8 +17,13 @@ use totango_destination::storage::{
 
 #[derive(Debug, Clone)]
 enum Step {
+    /// `key: None` is an activity (no ordering); `page` sets (`Some(Some)`)
+    /// or forgets (`Some(None)`) the user's page category; `needs` asks for it.
     Accept {
-        key: u8,
+        key: Option<u8>,
+        user: u8,
+        page: Option<Option<u8>>,
+        needs: bool,
     },
     Claim {
         limit: usize,
@@ -41,7 +48,13 @@ enum How {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        4 => (0u8..4).prop_map(|key| Step::Accept { key }),
+        4 => (
+            prop::option::weighted(0.5, 0u8..4),
+            0u8..2,
+            prop::option::weighted(0.3, prop::option::of(0u8..3)),
+            any::<bool>(),
+        )
+            .prop_map(|(key, user, page, needs)| Step::Accept { key, user, page, needs }),
         3 => (1usize..5).prop_map(|limit| Step::Claim { limit }),
         3 => (any::<usize>(), prop_oneof![
                 3 => Just(How::Delivered),
@@ -56,10 +69,16 @@ fn step() -> impl Strategy<Value = Step> {
 struct Model {
     /// key → unfinished ids in acceptance order.
     queues: BTreeMap<String, Vec<i64>>,
+    /// Unfinished messages without a key.
+    unordered: BTreeSet<i64>,
+    /// user → latest page category.
+    memory: HashMap<String, Option<String>>,
+    /// id → the page category it must be claimed with.
+    category: HashMap<i64, Option<String>>,
     next_attempt: HashMap<i64, i64>,
     leased: BTreeSet<i64>,
     finished: Vec<(String, i64)>,
-    key_of: HashMap<i64, String>,
+    key_of: HashMap<i64, Option<String>>,
 }
 
 impl Model {
@@ -67,21 +86,38 @@ impl Model {
         self.queues
             .values()
             .filter_map(|q| q.first())
+            .chain(self.unordered.iter())
             .filter(|id| !self.leased.contains(id) && self.next_attempt[id] <= now)
             .copied()
             .collect()
     }
+
+    /// Takes a finished message out; a keyed one must be its key's head.
+    fn finish(&mut self, id: i64) -> Result<(), TestCaseError> {
+        match self.key_of[&id].clone() {
+            Some(key) => {
+                let q = self.queues.get_mut(&key).unwrap();
+                prop_assert_eq!(q.remove(0), id, "only heads are ever leased");
+                self.finished.push((key, id));
+            }
+            None => {
+                prop_assert!(self.unordered.remove(&id));
+                self.finished.push((String::new(), id));
+            }
+        }
+        Ok(())
+    }
 }
 
-fn message(n: usize, key: &str, received_at: i64) -> NewMessage {
+fn message(n: usize, key: Option<&str>, user: &str, received_at: i64) -> NewMessage {
     NewMessage {
         source: "model".into(),
         message_id: format!("m{n}"),
         call: "track".into(),
         service_id: "svc".into(),
-        user_id: Some(key.into()),
+        user_id: Some(user.into()),
         account_id: Some("acct".into()),
-        ordering_key: key.into(),
+        ordering_key: key.map(str::to_owned),
         payload: "{}".into(),
         settings: "{}".into(),
         state: State::Pending,
@@ -89,6 +125,8 @@ fn message(n: usize, key: &str, received_at: i64) -> NewMessage {
         reason: None,
         warnings: Vec::new(),
         received_at,
+        set_page_category: None,
+        needs_page_category: false,
     }
 }
 
@@ -100,7 +138,7 @@ fn report(id: i64, disposition: Disposition) -> Report {
         attempted: true,
         disposition,
         last: None,
-        page_category: None,
+        settings: None,
     }
 }
 
@@ -114,31 +152,47 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let mut accepted = 0usize;
     for s in steps {
         match s {
-            Step::Accept { key } => {
-                let key = format!("k{key}");
-                let got = storage
-                    .accept(vec![message(accepted, &key, now - 1)])
-                    .await
-                    .unwrap();
+            Step::Accept {
+                key,
+                user,
+                page,
+                needs,
+            } => {
+                let key = key.map(|k| format!("k{k}"));
+                let user = format!("u{user}");
+                let set = page.map(|c| c.map(|c| format!("c{c}")));
+                let new = NewMessage {
+                    set_page_category: set.clone(),
+                    needs_page_category: needs,
+                    ..message(accepted, key.as_deref(), &user, now - 1)
+                };
+                let got = storage.accept(vec![new]).await.unwrap();
                 accepted += 1;
                 let id = match got[0] {
                     totango_destination::storage::Acceptance::Stored { id } => id,
                     other => return Err(TestCaseError::fail(format!("{other:?}"))),
                 };
-                m.queues.entry(key.clone()).or_default().push(id);
+                match &key {
+                    Some(k) => m.queues.entry(k.clone()).or_default().push(id),
+                    None => {
+                        m.unordered.insert(id);
+                    }
+                }
+                let remembered = m.memory.get(&user).cloned().flatten();
+                m.category.insert(id, remembered.filter(|_| needs));
+                if let Some(c) = set {
+                    m.memory.insert(user, c);
+                }
                 m.next_attempt.insert(id, now - 1);
                 m.key_of.insert(id, key);
             }
             Step::Claim { limit } => {
                 let want = m.due_heads(now);
-                let got: BTreeSet<i64> = storage
-                    .claim(limit, now)
-                    .await
-                    .unwrap()
-                    .messages
-                    .iter()
-                    .map(|c| c.id)
-                    .collect();
+                let claimed = storage.claim(limit, now).await.unwrap().messages;
+                for c in &claimed {
+                    prop_assert_eq!(&c.latest_page_category, &m.category[&c.id]);
+                }
+                let got: BTreeSet<i64> = claimed.iter().map(|c| c.id).collect();
                 prop_assert!(got.is_subset(&want), "claimed {got:?}, due heads {want:?}");
                 prop_assert_eq!(
                     got.len(),
@@ -155,7 +209,6 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 }
                 let id = *m.leased.iter().nth(pick % m.leased.len()).unwrap();
                 m.leased.remove(&id);
-                let key = m.key_of[&id].clone();
                 let disposition = match how {
                     How::Delivered => Disposition::Delivered,
                     How::Dead => Disposition::Dead {
@@ -175,9 +228,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     .await
                     .unwrap();
                 if !matches!(disposition, Disposition::Retry { .. }) {
-                    let q = m.queues.get_mut(&key).unwrap();
-                    prop_assert_eq!(q.remove(0), id, "only heads are ever leased");
-                    m.finished.push((key, id));
+                    m.finish(id)?;
                 }
             }
             Step::Wait { secs } => now += i64::from(secs) * 1000,
@@ -202,10 +253,8 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             break;
         }
         for c in batch {
-            let key = m.key_of[&c.id].clone();
-            let q = m.queues.get_mut(&key).unwrap();
-            prop_assert_eq!(q.remove(0), c.id, "drain follows acceptance order");
-            m.finished.push((key, c.id));
+            prop_assert_eq!(&c.latest_page_category, &m.category[&c.id]);
+            m.finish(c.id)?;
             storage
                 .report(vec![report(c.id, Disposition::Delivered)])
                 .await
@@ -213,7 +262,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         }
     }
     prop_assert!(
-        m.queues.values().all(Vec::is_empty),
+        m.queues.values().all(Vec::is_empty) && m.unordered.is_empty(),
         "left over: {:?}",
         m.queues
     );
@@ -223,7 +272,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         "every message finished exactly once"
     );
     let mut by_key: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
-    for (k, id) in &m.finished {
+    for (k, id) in m.finished.iter().filter(|(k, _)| !k.is_empty()) {
         by_key.entry(k).or_default().push(*id);
     }
     for ids in by_key.values() {

@@ -339,6 +339,11 @@ fn track(user: &str, event: &str) -> Value {
     json!({"type": "track", "userId": user, "event": event, "context": {"groupId": "acc1"}})
 }
 
+/// An identify of `user` whose trait `n` tells the updates apart (`sdr_u.n`).
+fn identify(user: &str, n: &str) -> Value {
+    json!({"type": "identify", "userId": user, "traits": {"n": n}, "context": {"groupId": "acc1"}})
+}
+
 fn hmac_hex(secret: &str, data: &[u8]) -> String {
     let mut mac = Hmac::<Sha1>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(data);
@@ -1093,11 +1098,11 @@ async fn duplicate_message_id_is_delivered_once() {
 }
 
 // ---------------------------------------------------------------------------
-// 6. Per-user ordering
+// 6. Ordering of attribute updates
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_holds_back_only_its_own_user() {
+async fn a_retry_holds_back_only_its_own_users_attribute_updates() {
     let failed = Arc::new(AtomicBool::new(false));
     let f = failed.clone();
     // 503 (retry after 1 s) to the first request for user A only.
@@ -1115,23 +1120,31 @@ async fn a_retry_holds_back_only_its_own_user() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(config(&dir, &fake.uri())).await;
 
-    for (user, event) in [("A", "1"), ("A", "2"), ("A", "3"), ("B", "1")] {
-        assert_success(&srv.post("/v1/track", Some(KEY), &track(user, event)).await);
+    for (user, n) in [("A", "1"), ("A", "2"), ("A", "3"), ("B", "1")] {
+        assert_success(
+            &srv.post("/v1/identify", Some(KEY), &identify(user, n))
+                .await,
+        );
     }
-    for id in 1..=4 {
+    assert_success(&srv.post("/v1/track", Some(KEY), &track("A", "act")).await);
+    for id in 1..=5 {
         srv.wait_for(id, State::Delivered).await;
     }
     assert_eq!(srv.get(1).await.attempts, 2);
 
-    let a = fake.for_user("A");
+    let a: Vec<Hit> = fake
+        .for_user("A")
+        .into_iter()
+        .filter(|h| h.get("sdr_u.n").is_some())
+        .collect();
     let seen: Vec<(&str, u16)> = a
         .iter()
-        .map(|h| (h.get("sdr_a").unwrap(), h.status))
+        .map(|h| (h.get("sdr_u.n").unwrap(), h.status))
         .collect();
     assert_eq!(
         seen,
         [("1", 503), ("1", 200), ("2", 200), ("3", 200)],
-        "A's events in acceptance order, the failed one first"
+        "A's updates in acceptance order, the failed one first"
     );
     let b = fake.for_user("B");
     assert_eq!(b.len(), 1);
@@ -1140,6 +1153,10 @@ async fn a_retry_holds_back_only_its_own_user() {
         "B was delivered {:?} after A's retry: it waited for A",
         b[0].at.duration_since(a[1].at)
     );
+    // A's activity does not wait for A's attribute updates either.
+    let act = fake.with_activity("act");
+    assert_eq!(act.len(), 1);
+    assert!(act[0].at < a[1].at, "A's activity waited for A's retry");
     srv.stop().await;
 }
 
@@ -1306,8 +1323,11 @@ async fn undelivered_messages_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(config(&dir, &fake.uri())).await;
 
-    for event in ["1", "2", "3"] {
-        assert_success(&srv.post("/v1/track", Some(KEY), &track("u1", event)).await);
+    for n in ["1", "2", "3"] {
+        assert_success(
+            &srv.post("/v1/identify", Some(KEY), &identify("u1", n))
+                .await,
+        );
     }
     srv.wait_until(1, "a failed attempt", |m| m.attempts >= 1)
         .await;
@@ -1333,7 +1353,7 @@ async fn undelivered_messages_survive_a_restart() {
     let delivered: Vec<&str> = hits
         .iter()
         .filter(|h| h.status == 200)
-        .map(|h| h.get("sdr_a").unwrap())
+        .map(|h| h.get("sdr_u.n").unwrap())
         .collect();
     assert_eq!(
         delivered,
@@ -1700,7 +1720,7 @@ async fn a_retry_resends_only_the_requests_totango_has_not_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_users_with_flaky_totango_keep_each_users_order() {
+async fn many_users_with_flaky_totango_keep_each_users_update_order() {
     // Every third request fails.
     let fake = Fake::with(|n, _| if n % 3 == 0 { reply(503) } else { reply(200) }).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1711,7 +1731,7 @@ async fn many_users_with_flaky_totango_keep_each_users_order() {
     let mut batch = Vec::new();
     for e in 0..per_user {
         for u in 0..users {
-            batch.push(track(&format!("user-{u}"), &e.to_string()));
+            batch.push(identify(&format!("user-{u}"), &e.to_string()));
         }
     }
     assert_success(
@@ -1726,7 +1746,7 @@ async fn many_users_with_flaky_totango_keep_each_users_order() {
             .for_user(&format!("user-{u}"))
             .iter()
             .filter(|h| h.status == 200)
-            .map(|h| h.get("sdr_a").unwrap().to_owned())
+            .map(|h| h.get("sdr_u.n").unwrap().to_owned())
             .collect();
         let expected: Vec<String> = (0..per_user).map(|e| e.to_string()).collect();
         assert_eq!(events, expected, "user-{u}");
@@ -1831,12 +1851,13 @@ async fn queued_messages_use_the_endpoint_configured_at_restart() {
     let srv = Server::start(config(&dir, &fake.uri())).await;
     srv.wait_for(1, State::Delivered).await;
     srv.wait_for(2, State::Delivered).await;
-    let order: Vec<String> = fake
+    let mut sent: Vec<String> = fake
         .hits()
         .iter()
         .map(|h| h.get("sdr_a").unwrap().to_owned())
         .collect();
-    assert_eq!(order, ["1", "2"]);
+    sent.sort_unstable();
+    assert_eq!(sent, ["1", "2"]);
     srv.stop().await;
 }
 
@@ -2025,5 +2046,41 @@ async fn unknown_content_encoding_is_a_json_415() {
         )
         .await;
     assert_error(&r, 415, "unsupported_encoding", "Content-Encoding");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_api_token_is_used_and_not_kept_once_delivered() {
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    let settings = base64::engine::general_purpose::STANDARD
+        .encode(json!({"apiToken": "hdr-secret-tok"}).to_string());
+    let r = srv
+        .send(
+            srv.request(
+                "/segment",
+                Some(KEY),
+                serde_json::to_vec(&track("u1", "Tok")).unwrap(),
+            )
+            .header("X-Segment-Settings", settings),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    srv.wait_for(1, State::Delivered).await;
+    let hits = fake.with_activity("Tok");
+    assert_eq!(hits[0].get("api-token"), Some("hdr-secret-tok"));
+    // Nothing in the database keeps the token once the message is delivered.
+    let db = dir.path().join("td.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let stored: String = conn
+        .query_row("SELECT settings FROM messages WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(!stored.contains("hdr-secret-tok"), "{stored}");
+    // Nor does the admin API show it.
+    let m = serde_json::to_string(&srv.get(1).await).unwrap();
+    assert!(!m.contains("hdr-secret-tok"), "{m}");
     srv.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Integration tests for the embedded SQLite storage backend: acceptance and
-//! dedupe, per-key ordering, retries, dead letters, persisted delivery
-//! progress, page categories, restart recovery, group commit and closing.
+//! dedupe, per-key ordering, unordered activities, retries, dead letters,
+//! persisted delivery progress, page categories decided at acceptance,
+//! restart recovery, the upgrade from schema 1, group commit and closing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ fn msg(message_id: &str, key: &str) -> NewMessage {
         service_id: "svc".to_owned(),
         user_id: Some("u1".to_owned()),
         account_id: Some("acc1".to_owned()),
-        ordering_key: key.to_owned(),
+        ordering_key: Some(key.to_owned()),
         payload: json!({"type": "track", "messageId": message_id, "event": "Clicked"}).to_string(),
         settings: "{}".to_owned(),
         state: State::Pending,
@@ -40,6 +41,33 @@ fn msg(message_id: &str, key: &str) -> NewMessage {
         reason: None,
         warnings: Vec::new(),
         received_at: now_millis(),
+        set_page_category: None,
+        needs_page_category: false,
+    }
+}
+
+/// An activity (no ordering key) of user `user` in service `service`.
+fn activity(message_id: &str, service: &str, user: &str) -> NewMessage {
+    NewMessage {
+        ordering_key: None,
+        ..user_msg(message_id, service, user)
+    }
+}
+
+/// A page of `user` in service `S` that sets (or forgets) the page category.
+fn page(message_id: &str, user: &str, category: Option<&str>) -> NewMessage {
+    NewMessage {
+        call: "page".to_owned(),
+        set_page_category: Some(category.map(str::to_owned)),
+        ..activity(message_id, "S", user)
+    }
+}
+
+/// A track of `user` in service `S` that takes the page category.
+fn track(message_id: &str, user: &str) -> NewMessage {
+    NewMessage {
+        needs_page_category: true,
+        ..activity(message_id, "S", user)
     }
 }
 
@@ -70,7 +98,7 @@ fn report(id: i64, disposition: Disposition) -> Report {
         attempted: true,
         disposition,
         last: None,
-        page_category: None,
+        settings: None,
     }
 }
 
@@ -584,107 +612,255 @@ async fn requests_and_sent_persist_across_attempts() {
 }
 
 #[tokio::test]
-async fn page_category_per_service_and_user() {
+async fn activities_are_claimed_in_parallel_attribute_updates_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(&db_path(&dir));
-
-    let p = stored_id(&accept_one(&s, user_msg("page", "S", "U")).await);
-    let now = now_millis() + 1;
-    let b = s.claim(10, now).await.unwrap();
-    assert_eq!(ids(&b.messages), vec![p]);
-    assert_eq!(b.messages[0].latest_page_category, None);
-    s.report(vec![Report {
-        page_category: Some(Some("Reports".to_owned())),
-        ..report(p, Disposition::Delivered)
-    }])
-    .await
-    .unwrap();
-
-    let [t1, other_service, other_user] = accept_ids(
+    // One busy user: identify, three activities, identify, one more activity.
+    let all = accept_ids(
         &s,
         vec![
-            user_msg("t1", "S", "U"),
-            user_msg("t-s2", "S2", "U"),
-            user_msg("t-u2", "S", "U2"),
+            user_msg("i1", "S", "U"),
+            activity("t1", "S", "U"),
+            activity("t2", "S", "U"),
+            activity("t3", "S", "U"),
+            user_msg("i2", "S", "U"),
+            activity("t4", "S", "U"),
         ],
     )
-    .await[..] else {
+    .await;
+    let [i1, t1, t2, t3, i2, t4] = all[..] else {
         unreachable!()
     };
     let now = now_millis() + 1;
-    let b = s.claim(10, now).await.unwrap();
-    assert_eq!(ids(&b.messages), vec![t1, other_service, other_user]);
-    let by_id: HashMap<i64, Option<String>> = b
-        .messages
-        .iter()
-        .map(|c| (c.id, c.latest_page_category.clone()))
-        .collect();
-    assert_eq!(by_id[&t1].as_deref(), Some("Reports"));
-    assert_eq!(
-        by_id[&other_service], None,
-        "another service does not see it"
-    );
-    assert_eq!(by_id[&other_user], None, "another user does not see it");
-
-    // A later page replaces it.
-    s.report(vec![Report {
-        page_category: Some(Some("Billing".to_owned())),
-        ..report(t1, Disposition::Delivered)
-    }])
+    let first = s.claim(10, now).await.unwrap();
+    // Every activity goes at once; of the attribute updates only the first.
+    assert_eq!(ids(&first.messages), vec![i1, t1, t2, t3, t4]);
+    assert!(s.claim(10, now).await.unwrap().messages.is_empty());
+    // A retried activity holds nothing back.
+    s.report(vec![
+        report(
+            t1,
+            Disposition::Retry {
+                next_attempt_at: now + 60_000,
+            },
+        ),
+        report(t2, Disposition::Delivered),
+    ])
     .await
     .unwrap();
-    let t2 = stored_id(&accept_one(&s, user_msg("t2", "S", "U")).await);
-    let b = s.claim(10, now_millis() + 1).await.unwrap();
-    assert_eq!(ids(&b.messages), vec![t2]);
-    assert_eq!(
-        b.messages[0].latest_page_category.as_deref(),
-        Some("Billing")
-    );
-
-    // `Some(None)` clears it; `None` leaves it as is.
-    s.report(vec![Report {
-        page_category: Some(None),
-        ..report(t2, Disposition::Delivered)
-    }])
-    .await
-    .unwrap();
-    let t3 = stored_id(&accept_one(&s, user_msg("t3", "S", "U")).await);
-    let b = s.claim(10, now_millis() + 1).await.unwrap();
-    assert_eq!(ids(&b.messages), vec![t3]);
-    assert_eq!(b.messages[0].latest_page_category, None);
+    assert!(s.claim(10, now).await.unwrap().messages.is_empty());
+    // The second identify waits for the first, whatever the activities do.
+    s.report(vec![report(i1, Disposition::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![i2]);
     s.close().await;
 }
 
 #[tokio::test]
-async fn page_category_kept_when_report_does_not_mention_it() {
+async fn page_category_decided_at_acceptance_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(&db_path(&dir));
-    let p = stored_id(&accept_one(&s, user_msg("page", "S", "U")).await);
-    assert_eq!(
-        ids(&s.claim(10, now_millis() + 1).await.unwrap().messages),
-        vec![p]
+    // Page A, track, page B, track, in one batch; then the same across batches.
+    let batch = accept_ids(
+        &s,
+        vec![
+            page("pa", "U", Some("A")),
+            track("t1", "U"),
+            page("pb", "U", Some("B")),
+            track("t2", "U"),
+            track("other", "U2"),
+        ],
+    )
+    .await;
+    let t3 = stored_id(&accept_one(&s, track("t3", "U")).await);
+    stored_id(&accept_one(&s, page("pc", "U", None)).await);
+    let t4 = stored_id(&accept_one(&s, track("t4", "U")).await);
+    stored_id(&accept_one(&s, page("pd", "U", Some("D"))).await);
+    // A track that does not ask gets nothing stored, a duplicate changes nothing.
+    let own = stored_id(&accept_one(&s, activity("own", "S", "U")).await);
+    let dup = s.accept(vec![page("pa", "U", Some("X"))]).await.unwrap();
+    assert!(matches!(dup[0], Acceptance::Duplicate { .. }));
+    let t5 = stored_id(&accept_one(&s, track("t5", "U")).await);
+    // Another service's memory is its own.
+    let other_service = stored_id(
+        &accept_one(
+            &s,
+            NewMessage {
+                needs_page_category: true,
+                ..activity("t-s2", "S2", "U")
+            },
+        )
+        .await,
     );
-    s.report(vec![Report {
-        page_category: Some(Some("Reports".to_owned())),
-        ..report(p, Disposition::Delivered)
-    }])
-    .await
-    .unwrap();
-    let t1 = stored_id(&accept_one(&s, user_msg("t1", "S", "U")).await);
-    assert_eq!(
-        ids(&s.claim(10, now_millis() + 1).await.unwrap().messages),
-        vec![t1]
+
+    let claimed = s.claim(100, now_millis() + 1).await.unwrap().messages;
+    let by_id: HashMap<i64, Option<String>> = claimed
+        .iter()
+        .map(|c| (c.id, c.latest_page_category.clone()))
+        .collect();
+    assert_eq!(by_id[&batch[1]].as_deref(), Some("A"));
+    assert_eq!(by_id[&batch[3]].as_deref(), Some("B"));
+    assert_eq!(by_id[&batch[4]], None, "another user");
+    assert_eq!(by_id[&t3].as_deref(), Some("B"));
+    assert_eq!(by_id[&t4], None, "a page without category forgets");
+    assert_eq!(by_id[&own], None);
+    assert_eq!(by_id[&t5].as_deref(), Some("D"));
+    assert_eq!(by_id[&other_service], None);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn page_category_applies_for_pages_in_a_final_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&db_path(&dir));
+    let filtered = NewMessage {
+        state: State::Filtered,
+        code: Some("no_page_activity".to_owned()),
+        ..page("p", "U", Some("Reports"))
+    };
+    accept_one(&s, filtered).await;
+    assert_eq!(counts(&s).await.get(&State::Filtered), Some(&1));
+    assert!(
+        s.claim(10, now_millis() + 1)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
     );
-    s.report(vec![report(t1, Disposition::Delivered)])
-        .await
-        .unwrap();
-    let t2 = stored_id(&accept_one(&s, user_msg("t2", "S", "U")).await);
+    let t = stored_id(&accept_one(&s, track("t", "U")).await);
     let b = s.claim(10, now_millis() + 1).await.unwrap();
-    assert_eq!(ids(&b.messages), vec![t2]);
+    assert_eq!(ids(&b.messages), vec![t]);
     assert_eq!(
         b.messages[0].latest_page_category.as_deref(),
         Some("Reports")
     );
+    s.close().await;
+}
+
+#[tokio::test]
+async fn page_category_survives_retries_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let s = open(&path);
+    accept_ids(&s, vec![page("p", "U", Some("A")), track("t", "U")]).await;
+    let claimed = s.claim(10, now_millis() + 1).await.unwrap().messages;
+    let t = claimed
+        .iter()
+        .find(|c| c.latest_page_category.is_some())
+        .unwrap()
+        .id;
+    s.report(vec![report(
+        t,
+        Disposition::Dead {
+            code: "x".into(),
+            reason: "y".into(),
+        },
+    )])
+    .await
+    .unwrap();
+    accept_one(&s, page("p2", "U", Some("B"))).await;
+    s.close().await;
+    let s = open(&path);
+    assert_eq!(
+        s.replay(Default::default(), now_millis()).await.unwrap(),
+        vec![t]
+    );
+    let claimed = s.claim(10, now_millis() + 1).await.unwrap().messages;
+    let again = claimed.iter().find(|c| c.id == t).unwrap();
+    assert_eq!(again.latest_page_category.as_deref(), Some("A"));
+    s.close().await;
+}
+
+/// A file written by the previous release (schema 1), with a backlog queued
+/// while Totango was unreachable: per user u1 identify, page A, track,
+/// identify, page B, track, group g1 (twice, two users), a track with its own
+/// category; u3 has a remembered category Z and a queued track.
+#[tokio::test]
+async fn upgrades_a_schema_1_file_and_keeps_its_backlog_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema-v1.db"),
+        &path,
+    )
+    .unwrap();
+    let s = open(&path);
+    let list = s.list(Default::default(), 100).await.unwrap();
+    let id = |message_id: &str| list.iter().find(|m| m.message_id == message_id).unwrap().id;
+    assert_eq!(list.len(), 11);
+    assert_eq!(counts(&s).await.get(&State::Pending), Some(&10));
+
+    // Everything that was due is due (the fixture's retries lie in the future).
+    let later = now_millis() + 3_600_000;
+    let claimed = s.claim(100, later).await.unwrap().messages;
+    let mut expected: Vec<i64> = ["t-u3", "i-1", "p-a", "t-1", "p-b", "t-2", "g-1", "t-3"]
+        .iter()
+        .map(|m| id(m))
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(
+        ids(&claimed),
+        expected,
+        "i-2 and g-2 wait behind their entity"
+    );
+    let category = |m: &str| {
+        claimed
+            .iter()
+            .find(|c| c.id == id(m))
+            .unwrap()
+            .latest_page_category
+            .clone()
+    };
+    assert_eq!(category("t-1").as_deref(), Some("A"));
+    assert_eq!(category("t-2").as_deref(), Some("B"));
+    assert_eq!(category("t-u3").as_deref(), Some("Z"));
+    // Progress and payload carried over.
+    let t_u3 = s.get(id("t-u3")).await.unwrap().unwrap();
+    assert_eq!(t_u3.attempts, 1);
+    assert_eq!(t_u3.payload["event"], "E3");
+
+    // Attribute updates keep their order: i-2 after i-1, g-2 after g-1.
+    s.report(vec![
+        report(id("i-1"), Disposition::Delivered),
+        report(id("g-1"), Disposition::Delivered),
+    ])
+    .await
+    .unwrap();
+    let next = s.claim(100, later).await.unwrap().messages;
+    let mut want = vec![id("i-2"), id("g-2")];
+    want.sort_unstable();
+    assert_eq!(ids(&next), want);
+
+    // The memory is what delivering the queued pages would have left.
+    let fresh = NewMessage {
+        service_id: "SP-1234-01".into(),
+        ..track("new-u1", "u1")
+    };
+    let fresh_u3 = NewMessage {
+        service_id: "SP-1234-01".into(),
+        ..track("new-u3", "u3")
+    };
+    let [a, b] = accept_ids(&s, vec![fresh, fresh_u3]).await[..] else {
+        unreachable!()
+    };
+    let claimed = s.claim(100, later).await.unwrap().messages;
+    let category = |id: i64| {
+        claimed
+            .iter()
+            .find(|c| c.id == id)
+            .unwrap()
+            .latest_page_category
+            .clone()
+    };
+    assert_eq!(category(a).as_deref(), Some("B"));
+    assert_eq!(category(b).as_deref(), Some("Z"));
+    s.close().await;
+
+    // Reopening does not upgrade again.
+    let s = open(&path);
+    assert_eq!(s.list(Default::default(), 100).await.unwrap().len(), 13);
     s.close().await;
 }
 

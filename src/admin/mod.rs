@@ -388,5 +388,6 @@ async fn stats(Extract(state): Extract<Arc<AppState>>) -> Result<Json<Value>, Ap
     Ok(Json(json!({
         "outcomes": by_outcome,
         "queue": {"depth": queue.depth, "oldest_pending_age_seconds": oldest},
+        "delivery": state.delivery.stats(),
     })))
 }

@@ -40,6 +40,12 @@ async function loadStats() {
   }
   const age = s.queue.oldest_pending_age_seconds;
   $("queue").textContent = "queue: " + s.queue.depth + (age != null ? " · oldest " + age.toFixed(1) + " s" : "");
+  showDelivery(s.delivery);
+}
+function showDelivery(d) {
+  if (!d) return;
+  const rtt = d.rtt_ms != null ? " · RTT " + d.rtt_ms.toFixed(1) + " ms" : "";
+  $("delivery").textContent = "delivery: " + d.in_flight + " in flight of " + d.concurrency_limit + rtt;
 }
 
 async function loadMessages() {

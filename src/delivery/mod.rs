@@ -1,30 +1,33 @@
 //! Delivery: claims due messages from storage, sends their Totango requests
 //! and reports back. Retry state lives in storage (`next_attempt_at`), never
-//! only in memory.
+//! only in memory. How many requests are in flight adapts to Totango's
+//! answers (`concurrency`); results are written in batches.
 
 pub mod client;
+pub mod concurrency;
 pub mod retry;
 
 use crate::config::Runtime;
 use crate::mapping::{self, Outcome, SettingsPatch, TotangoRequest};
-use crate::segment::{CallType, Message};
+use crate::segment::Message;
 use crate::storage::{
     Claimed, Disposition, LastResponse, Millis, Report, State, Storage, now_millis,
 };
 use crate::telemetry;
 use client::TotangoClient;
+use concurrency::{AdaptiveConcurrency, ConcurrencyStats, Signal};
 use retry::{Backoff, Verdict};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Longest idle wait between storage polls.
 const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
 /// Most messages claimed at once.
-const CLAIM_BATCH: usize = 256;
+const CLAIM_BATCH: usize = 512;
 
 /// The request parameter that carries the SDR token; added at send time from
 /// the current settings, never stored.
@@ -36,9 +39,12 @@ pub struct Delivery {
     client: TotangoClient,
     backoff: Backoff,
     max_retry_age_ms: Millis,
-    concurrency: usize,
+    concurrency: AdaptiveConcurrency,
     grace: Duration,
     wake: Arc<Notify>,
+    /// Results waiting to be written, and the signal that there are some.
+    reports: Mutex<Vec<Report>>,
+    reports_ready: Notify,
     /// Endpoint → time until which a 429 paused sending to it.
     paused: Mutex<HashMap<String, Millis>>,
 }
@@ -53,15 +59,21 @@ impl Delivery {
         Ok(Arc::new(Delivery {
             storage,
             runtime: runtime.clone(),
-            client: TotangoClient::new(timeout, config.concurrency)?,
+            client: TotangoClient::new(timeout, config.max_concurrency)?,
             backoff: Backoff {
                 base_ms: config.retry_base_ms,
                 max_ms: config.retry_max_ms,
             },
             max_retry_age_ms: (config.max_retry_age_secs as Millis).saturating_mul(1000),
-            concurrency: config.concurrency,
+            concurrency: AdaptiveConcurrency::new(
+                config.min_concurrency,
+                config.concurrency,
+                config.max_concurrency,
+            ),
             grace: timeout * 2 + Duration::from_secs(1),
             wake: Arc::new(Notify::new()),
+            reports: Mutex::new(Vec::new()),
+            reports_ready: Notify::new(),
             paused: Mutex::new(HashMap::new()),
         }))
     }
@@ -71,30 +83,37 @@ impl Delivery {
         self.wake.notify_one();
     }
 
+    /// The adaptive concurrency as it stands.
+    pub fn stats(&self) -> ConcurrencyStats {
+        self.concurrency.stats()
+    }
+
     /// Runs until `shutdown`, then lets in-flight deliveries finish (within a
-    /// grace period). Unfinished work stays in storage.
+    /// grace period) and writes their results. Unfinished work stays in storage.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let stop_reports = CancellationToken::new();
+        let reporter = tokio::spawn(self.clone().write_reports(stop_reports.clone()));
         let mut tasks = JoinSet::new();
         loop {
             while tasks.try_join_next().is_some() {}
-            let free = permits.available_permits().min(CLAIM_BATCH);
+            let free = self.concurrency.free();
+            // Claim in batches sized to the free permits: waiting until a
+            // quarter of the limit is free keeps claims (commits) few.
+            let worth = (self.concurrency.limit() / 4).clamp(1, CLAIM_BATCH);
             let mut wait = MAX_IDLE_WAIT;
-            if free > 0 {
+            if free >= worth || (free > 0 && self.concurrency.in_flight() == 0) {
+                let limit = free.min(CLAIM_BATCH);
                 let now = now_millis();
-                match self.storage.claim(free, now).await {
+                match self.storage.claim(limit, now).await {
                     Ok(batch) => {
-                        let full = batch.messages.len() == free;
+                        let full = batch.messages.len() == limit;
                         for m in batch.messages {
-                            let permit = permits
-                                .clone()
-                                .acquire_owned()
-                                .await
-                                .expect("semaphore open");
+                            self.concurrency.start();
                             let this = self.clone();
                             tasks.spawn(async move {
-                                this.deliver_and_report(m).await;
-                                drop(permit);
+                                let report = this.deliver(m).await;
+                                this.concurrency.finish();
+                                this.queue_report(report);
                                 this.wake();
                             });
                         }
@@ -120,26 +139,50 @@ impl Delivery {
             tracing::warn!("in-flight deliveries did not finish in time; they stay queued");
             tasks.abort_all();
         }
+        stop_reports.cancel();
+        let _ = reporter.await;
     }
 
-    /// Delivers one claimed message and records the result. A result that
-    /// cannot be recorded leaves the message leased; it is claimed again when
-    /// the lease runs out or at the next start.
-    async fn deliver_and_report(&self, m: Claimed) {
-        let report = self.deliver(m).await;
-        let outcome = match &report.disposition {
-            Disposition::Delivered => Some(State::Delivered),
-            Disposition::Dead { .. } => Some(State::Dead),
-            Disposition::Final { state, .. } => Some(*state),
-            Disposition::Retry { .. } => None,
-        };
-        match self.storage.report(vec![report]).await {
-            Ok(()) => {
-                if let Some(state) = outcome {
-                    telemetry::count_outcome(state.as_str());
+    fn queue_report(&self, report: Report) {
+        self.reports.lock().expect("reports lock").push(report);
+        self.reports_ready.notify_one();
+    }
+
+    /// Writes finished deliveries' results, all waiting ones in one storage
+    /// call. A result that cannot be recorded leaves its message leased; it
+    /// is claimed again when the lease runs out or at the next start.
+    async fn write_reports(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let batch = std::mem::take(&mut *self.reports.lock().expect("reports lock"));
+            if batch.is_empty() {
+                if stop.is_cancelled() {
+                    return;
                 }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = self.reports_ready.notified() => {}
+                }
+                continue;
             }
-            Err(e) => tracing::error!(error = %e, "could not record a delivery result"),
+            let outcomes: Vec<State> = batch
+                .iter()
+                .filter_map(|r| match &r.disposition {
+                    Disposition::Delivered => Some(State::Delivered),
+                    Disposition::Dead { .. } => Some(State::Dead),
+                    Disposition::Final { state, .. } => Some(*state),
+                    Disposition::Retry { .. } => None,
+                })
+                .collect();
+            match self.storage.report(batch).await {
+                Ok(()) => {
+                    for state in outcomes {
+                        telemetry::count_outcome(state.as_str());
+                    }
+                    // What waited behind these messages may be claimable now.
+                    self.wake();
+                }
+                Err(e) => tracing::error!(error = %e, "could not record delivery results"),
+            }
         }
     }
 
@@ -156,6 +199,24 @@ impl Delivery {
 
     /// Sends what is left of one message and says what became of it.
     pub async fn deliver(&self, m: Claimed) -> Report {
+        let stored = m.settings.clone();
+        let mut report = self.attempt(m).await;
+        // A token the request brought is kept only while the message may
+        // still be sent (pending, or dead and replayable).
+        if !matches!(
+            report.disposition,
+            Disposition::Retry { .. } | Disposition::Dead { .. }
+        ) {
+            if let Ok(p) = serde_json::from_str::<SettingsPatch>(&stored) {
+                if p.api_token.is_some() {
+                    report.settings = Some(p.without_token().to_stored_json());
+                }
+            }
+        }
+        report
+    }
+
+    async fn attempt(&self, m: Claimed) -> Report {
         let mut report = Report {
             id: m.id,
             requests: None,
@@ -163,7 +224,7 @@ impl Delivery {
             attempted: false,
             disposition: Disposition::Delivered,
             last: None,
-            page_category: None,
+            settings: None,
         };
         // Settings come from the configuration as it is now (a fixed endpoint or
         // rotated token applies to queued messages), plus the request's overrides.
@@ -192,9 +253,6 @@ impl Delivery {
                         return report.dead("internal", format!("stored message unreadable: {e}"));
                     }
                 };
-                if msg.call == CallType::Page {
-                    report.page_category = Some(mapping::page_category(&msg));
-                }
                 let t = mapping::translate(&msg, &settings, m.latest_page_category.as_deref());
                 if t.outcome != Outcome::Send {
                     report.disposition = Disposition::Final {
@@ -234,8 +292,10 @@ impl Delivery {
                     settings.api_token.as_deref(),
                 ))
                 .await;
-            metrics::histogram!(telemetry::DELIVERY_LATENCY)
-                .record(started.elapsed().as_secs_f64());
+            let rtt = started.elapsed();
+            metrics::histogram!(telemetry::DELIVERY_LATENCY).record(rtt.as_secs_f64());
+            self.concurrency
+                .record(rtt, Signal::of_status(attempt.last.status));
             let class = match attempt.last.status {
                 Some(s) if s < 300 => "2xx",
                 Some(s) if s < 400 => "3xx",

@@ -287,7 +287,9 @@ fn prepare(
     }
     let payload = value.to_string();
     limits.check(payload.len(), field)?;
-    let settings_json = serde_json::to_string(&overrides).expect("settings serialise");
+    // The request's own settings (X-Segment-Settings), token included, for
+    // delivery; messages that will never be sent keep none of the token.
+    let settings_json = overrides.to_stored_json();
     let parsed = Message::from_value(&value).and_then(|msg| {
         msg.context_group_id()?;
         Ok(msg)
@@ -302,7 +304,7 @@ fn prepare(
                 source,
                 &settings.service_id,
                 payload,
-                settings_json,
+                overrides.without_token().to_stored_json(),
                 field,
                 received_at,
             ));
@@ -310,15 +312,22 @@ fn prepare(
     };
     drop(value);
     let t = mapping::translate(&msg, &settings, None);
-    // Pages are queued even when they send nothing: they still set the
-    // user's latest page category for later track calls.
-    let queued = t.outcome == Outcome::Send
-        || (msg.call == CallType::Page && t.code == Some(Code::NoPageActivity));
+    // A page sets the user's latest page category for later track calls, even
+    // when it sends nothing; storage applies it at acceptance, in order.
+    let set_page_category = (msg.call == CallType::Page
+        && (t.outcome == Outcome::Send || t.code == Some(Code::NoPageActivity)))
+    .then(|| mapping::page_category(&msg));
+    let needs_page_category = t.outcome == Outcome::Send && mapping::track_uses_page_category(&msg);
     let state = match t.outcome {
-        _ if queued => State::Pending,
+        Outcome::Send => State::Pending,
         Outcome::Filtered => State::Filtered,
         Outcome::Unsupported => State::Unsupported,
-        Outcome::Rejected | Outcome::Send => State::Rejected,
+        Outcome::Rejected => State::Rejected,
+    };
+    let settings_json = if state == State::Pending {
+        settings_json
+    } else {
+        overrides.without_token().to_stored_json()
     };
     let account_id = match msg.call {
         CallType::Group => msg.group_id.clone(),
@@ -335,11 +344,8 @@ fn prepare(
         service_id: settings.service_id.clone(),
         user_id: msg.user_id.clone(),
         account_id,
-        ordering_key: format!(
-            "{}\u{1f}{}",
-            settings.service_id,
-            mapping::ordering_key(&msg)
-        ),
+        ordering_key: mapping::ordering_key(&msg)
+            .map(|key| format!("{}\u{1f}{key}", settings.service_id)),
         payload,
         settings: settings_json,
         state,
@@ -347,6 +353,8 @@ fn prepare(
         reason: t.message.clone(),
         warnings: t.warnings.clone(),
         received_at,
+        set_page_category,
+        needs_page_category,
     };
     Ok(Prepared {
         new,
@@ -401,9 +409,11 @@ fn rejected_item(
             service_id: service_id.to_owned(),
             user_id: text("userId"),
             account_id: text("groupId"),
-            ordering_key: format!("{service_id}\u{1f}rejected"),
+            ordering_key: None,
             payload,
             settings,
+            set_page_category: None,
+            needs_page_category: false,
             state: State::Rejected,
             code: Some(code.as_str().to_owned()),
             reason: Some(reason.clone()),

@@ -235,10 +235,7 @@ pub fn translate(
                     "event: missing or empty; a track call needs an event name".into(),
                 );
             };
-            let module = msg
-                .properties
-                .get("category")
-                .and_then(|v| scalar_text(v).ok().flatten())
+            let module = track_category(msg)
                 .or_else(|| latest_page_category.map(str::to_owned))
                 .unwrap_or_else(|| settings.default_module.clone());
             vec![activity_params(base(&ids), &ids, event, module)]
@@ -269,14 +266,28 @@ pub fn page_category(msg: &Message) -> Option<String> {
     })
 }
 
-/// The key under which a message's Totango user is ordered and its page
-/// category remembered: the user ID, or the account for userless group calls.
-pub fn ordering_key(msg: &Message) -> String {
-    match (&msg.user_id, msg.call) {
-        (Some(u), _) => format!("u:{u}"),
-        (None, CallType::Group) => format!("o:{}", msg.group_id.clone().unwrap_or_default()),
-        (None, _) => format!("a:{}", msg.anonymous_id.clone().unwrap_or_default()),
+/// The key under which a message's attribute updates keep acceptance order:
+/// a user's identify traits (`u:{userId}`) or an account's group traits
+/// (`o:{groupId}`). Activities (page, track) and anything else carry no
+/// attributes and need no order: `None`.
+pub fn ordering_key(msg: &Message) -> Option<String> {
+    match msg.call {
+        CallType::Identify => msg.user_id.as_ref().map(|u| format!("u:{u}")),
+        CallType::Group => msg.group_id.as_ref().map(|g| format!("o:{g}")),
+        _ => None,
     }
+}
+
+/// Whether a track call's module comes from the user's latest page category
+/// (it has no `properties.category` of its own).
+pub fn track_uses_page_category(msg: &Message) -> bool {
+    msg.call == CallType::Track && track_category(msg).is_none()
+}
+
+fn track_category(msg: &Message) -> Option<String> {
+    msg.properties
+        .get("category")
+        .and_then(|v| scalar_text(v).ok().flatten())
 }
 
 /// Segment semantics of the `integrations` object for the Totango destination.

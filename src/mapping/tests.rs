@@ -500,12 +500,37 @@ fn value_flattening_in_traits() {
 #[test]
 fn ordering_keys() {
     let key = |v: Value| ordering_key(&Message::from_value(&v).unwrap());
-    assert_eq!(key(json!({"type": "track", "userId": "u"})), "u:u");
-    assert_eq!(key(json!({"type": "group", "groupId": "g"})), "o:g");
     assert_eq!(
-        key(json!({"type": "group", "groupId": "g", "userId": "u"})),
-        "u:u"
+        key(json!({"type": "identify", "userId": "u"})).as_deref(),
+        Some("u:u")
     );
+    assert_eq!(
+        key(json!({"type": "group", "groupId": "g"})).as_deref(),
+        Some("o:g")
+    );
+    assert_eq!(
+        key(json!({"type": "group", "groupId": "g", "userId": "u"})).as_deref(),
+        Some("o:g")
+    );
+    // Activities go out unordered.
+    assert_eq!(
+        key(json!({"type": "track", "userId": "u", "event": "E"})),
+        None
+    );
+    assert_eq!(
+        key(json!({"type": "page", "userId": "u", "name": "N"})),
+        None
+    );
+}
+
+#[test]
+fn track_page_category_need() {
+    let needs = |v: Value| track_uses_page_category(&Message::from_value(&v).unwrap());
+    assert!(needs(json!({"type": "track", "userId": "u", "event": "E"})));
+    assert!(!needs(
+        json!({"type": "track", "userId": "u", "event": "E", "properties": {"category": "C"}})
+    ));
+    assert!(!needs(json!({"type": "page", "userId": "u", "name": "N"})));
 }
 
 #[test]

@@ -69,8 +69,9 @@ pub struct NewMessage {
     pub service_id: String,
     pub user_id: Option<String>,
     pub account_id: Option<String>,
-    /// Messages with the same key are delivered in acceptance order.
-    pub ordering_key: String,
+    /// Messages with the same key are delivered in acceptance order (a user's
+    /// or an account's attribute updates); `None`: no order, always claimable.
+    pub ordering_key: Option<String>,
     /// The Segment message as accepted (JSON).
     pub payload: String,
     /// Settings the request itself carried (`X-Segment-Settings`), as a JSON
@@ -83,6 +84,13 @@ pub struct NewMessage {
     /// What the mapping noticed but sent anyway (an unreadable create date).
     pub warnings: Vec<String>,
     pub received_at: Millis,
+    /// `Some(Some(c))`: remember `c` as the latest page category of
+    /// (service_id, user_id); `Some(None)`: forget it; `None`: leave it.
+    /// Applied at acceptance in batch order, whatever `state` is.
+    pub set_page_category: Option<Option<String>>,
+    /// Store the (service_id, user_id) latest page category as it stands at
+    /// acceptance (after earlier messages of the batch) with this message.
+    pub needs_page_category: bool,
 }
 
 /// What became of one accepted message.
@@ -113,7 +121,8 @@ pub struct Claimed {
     pub received_at: Millis,
     /// When retrying started to count: acceptance, or the last replay.
     pub retry_from: Millis,
-    /// The category of this user's latest page call, for track calls.
+    /// The user's latest page category at acceptance, stored for messages
+    /// that asked for it (`NewMessage::needs_page_category`).
     pub latest_page_category: Option<String>,
 }
 
@@ -179,8 +188,9 @@ pub struct Report {
     pub attempted: bool,
     pub disposition: Disposition,
     pub last: Option<LastResponse>,
-    /// `Some(c)`: remember `c` as this user's latest page category.
-    pub page_category: Option<Option<String>>,
+    /// New request settings to keep (`Some`): the API token a request brought
+    /// is dropped once the message is finished and will not be sent again.
+    pub settings: Option<String>,
 }
 
 /// A stored message, for the operator view and tests.
@@ -228,8 +238,8 @@ pub trait Storage: Send + Sync + 'static {
     /// within the window and queues `Pending` messages.
     async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError>;
 
-    /// Leases up to `limit` due messages, at most one per ordering key, each
-    /// the oldest queued message of its key.
+    /// Leases up to `limit` due messages: messages without an ordering key,
+    /// and at most one per ordering key, the oldest queued message of its key.
     async fn claim(&self, limit: usize, now: Millis) -> Result<ClaimBatch, StorageError>;
 
     /// Records delivery results and releases their leases.
@@ -251,7 +261,7 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<Vec<StoredMessage>, StorageError>;
 
     /// Queues the `dead` messages matching `filter` again (a fresh retry
-    /// window, behind what their users already have queued). Returns their ids.
+    /// window, behind what their ordering key already has queued). Returns their ids.
     async fn replay(&self, filter: MessageFilter, now: Millis) -> Result<Vec<i64>, StorageError>;
 
     /// Counts by state.

@@ -45,7 +45,10 @@ CREATE TABLE IF NOT EXISTS messages (
     user_id       TEXT,
     account_id    TEXT,
     state         TEXT NOT NULL,
-    ordering_key  TEXT NOT NULL,
+    -- NULL: no ordering (activities); otherwise delivered in acceptance order.
+    ordering_key  TEXT,
+    -- The user's latest page category at acceptance, for messages that asked.
+    page_category TEXT,
     code          TEXT,
     reason        TEXT,
     warnings      TEXT,
@@ -67,16 +70,17 @@ CREATE INDEX IF NOT EXISTS messages_finished ON messages(updated_at)
 CREATE TABLE IF NOT EXISTS queue (
     seq             INTEGER PRIMARY KEY,
     message         INTEGER NOT NULL UNIQUE REFERENCES messages(id),
-    ordering_key    TEXT NOT NULL,
+    ordering_key    TEXT,
     next_attempt_at INTEGER NOT NULL,
     enqueued_at     INTEGER NOT NULL,
     leased_until    INTEGER NOT NULL DEFAULT 0,
-    -- 1 for the oldest queued message of its ordering key: the only one that
-    -- may be claimed. Claims scan heads only, so a long queue behind a
-    -- waiting user costs nothing.
+    -- 1 for the oldest queued message of its ordering key (the only one that
+    -- may be claimed) and for every message without a key. Claims scan heads
+    -- only, so a long queue behind a waiting entity costs nothing.
     head            INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS queue_key ON queue(ordering_key, seq);
+CREATE INDEX IF NOT EXISTS queue_key ON queue(ordering_key, seq)
+    WHERE ordering_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS queue_heads ON queue(next_attempt_at) WHERE head = 1;
 CREATE TABLE IF NOT EXISTS dedupe (
     source      TEXT NOT NULL,
@@ -94,7 +98,9 @@ CREATE TABLE IF NOT EXISTS page_categories (
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// 1: every message ordered per user, page categories remembered at delivery.
+/// 2: only attribute updates ordered, page categories decided at acceptance.
+const SCHEMA_VERSION: i64 = 2;
 
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -113,12 +119,119 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError> {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             Ok(())
         }
+        1 => migrate_v1(conn).map_err(|e| {
+            StorageError::Backend(format!("{}: upgrading from schema 1: {e}", path.display()))
+        }),
         SCHEMA_VERSION => Ok(conn.execute_batch(SCHEMA)?),
         newer => Err(StorageError::Backend(format!(
             "{} has schema version {newer}, newer than this build ({SCHEMA_VERSION}); upgrade the server",
             path.display()
         ))),
     }
+}
+
+/// The `page_category` SQL of a v1 page payload (`category`, else
+/// `properties.category`; strings and numbers), used once by the upgrade.
+const V1_PAGE_CATEGORY: &str = "COALESCE(\
+    NULLIF(CASE WHEN json_type(m.payload, '$.category') IN ('text', 'integer', 'real') \
+        THEN CAST(json_extract(m.payload, '$.category') AS TEXT) END, ''), \
+    NULLIF(CASE WHEN json_type(m.payload, '$.properties.category') IN ('text', 'integer', 'real') \
+        THEN CAST(json_extract(m.payload, '$.properties.category') AS TEXT) END, ''))";
+
+/// Upgrades a schema 1 file in one transaction. Queued messages keep working:
+/// identify keeps its per-user key, group gets its account key, activities
+/// lose theirs; a queued track gets the page category schema 1 would have
+/// used at delivery (the last page queued before it, else the remembered one),
+/// and the memory becomes what delivering the queued pages would have left.
+fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    let result = (|| {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(
+            "DROP INDEX IF EXISTS messages_state; DROP INDEX IF EXISTS messages_message_id; \
+             DROP INDEX IF EXISTS messages_finished; DROP INDEX IF EXISTS queue_key; \
+             DROP INDEX IF EXISTS queue_heads; \
+             ALTER TABLE messages RENAME TO messages_v1; ALTER TABLE queue RENAME TO queue_v1;",
+        )?;
+        tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(
+            "INSERT INTO messages (id, message_id, source, call, service_id, user_id, account_id, \
+                state, ordering_key, page_category, code, reason, warnings, payload, settings, \
+                requests, sent, attempts, last_status, last_body, last_error, received_at, updated_at) \
+             SELECT id, message_id, source, call, service_id, user_id, account_id, state, \
+                CASE call WHEN 'identify' THEN ordering_key \
+                    WHEN 'group' THEN CASE WHEN account_id IS NOT NULL \
+                        THEN service_id || char(31) || 'o:' || account_id END END, \
+                NULL, code, reason, warnings, payload, settings, requests, sent, attempts, \
+                last_status, last_body, last_error, received_at, updated_at FROM messages_v1;",
+        )?;
+        // Page categories of the queued backlog, in acceptance order.
+        let mut memory: std::collections::HashMap<(String, String), Option<String>> =
+            std::collections::HashMap::new();
+        let rows: Vec<(i64, String, String, String, Option<String>)> = tx
+            .prepare(&format!(
+                "SELECT m.id, m.call, m.service_id, m.user_id, {V1_PAGE_CATEGORY} \
+                 FROM queue_v1 q JOIN messages m ON m.id = q.message \
+                 WHERE m.call IN ('page', 'track') AND m.user_id IS NOT NULL ORDER BY q.seq"
+            ))?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut remembered = tx.prepare(
+            "SELECT category FROM page_categories WHERE service_id = ?1 AND user_id = ?2",
+        )?;
+        let mut set_track = tx.prepare("UPDATE messages SET page_category = ?2 WHERE id = ?1")?;
+        for (id, call, service, user, category) in rows {
+            let key = (service, user);
+            if !memory.contains_key(&key) {
+                let now: Option<String> = remembered
+                    .query_row(params![key.0, key.1], |r| r.get(0))
+                    .optional()?;
+                memory.insert(key.clone(), now);
+            }
+            if call == "page" {
+                memory.insert(key, category);
+            } else {
+                set_track.execute(params![id, memory[&key]])?;
+            }
+        }
+        let mut remember = tx.prepare(
+            "INSERT INTO page_categories (service_id, user_id, category) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (service_id, user_id) DO UPDATE SET category = excluded.category",
+        )?;
+        let mut forget =
+            tx.prepare("DELETE FROM page_categories WHERE service_id = ?1 AND user_id = ?2")?;
+        for ((service, user), category) in memory {
+            match category {
+                Some(c) => remember.execute(params![service, user, c])?,
+                None => forget.execute(params![service, user])?,
+            };
+        }
+        drop((remembered, set_track, remember, forget));
+        tx.execute_batch(
+            "INSERT INTO queue (seq, message, ordering_key, next_attempt_at, enqueued_at, head) \
+             SELECT q.seq, q.message, m.ordering_key, q.next_attempt_at, q.enqueued_at, 0 \
+             FROM queue_v1 q JOIN messages m ON m.id = q.message; \
+             UPDATE queue SET head = 1 WHERE ordering_key IS NULL OR seq = \
+                (SELECT MIN(seq) FROM queue k WHERE k.ordering_key = queue.ordering_key); \
+             DROP TABLE queue_v1; DROP TABLE messages_v1;",
+        )?;
+        let broken: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_foreign_key_check)",
+            [],
+            |r| r.get(0),
+        )?;
+        if broken {
+            return Err(StorageError::Backend(
+                "foreign key check failed after the upgrade".into(),
+            ));
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(tx.commit()?)
+    })();
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    result
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
@@ -396,7 +509,7 @@ fn replay(c: &Connection, filter: &MessageFilter, now: Millis) -> Result<Vec<i64
         ..filter.clone()
     };
     let (clause, args) = where_clause(&dead);
-    let ids: Vec<(i64, String)> = c
+    let ids: Vec<(i64, Option<String>)> = c
         .prepare(&format!(
             "SELECT m.id, m.ordering_key FROM messages m WHERE {clause} \
              ORDER BY m.id LIMIT {REPLAY_MAX}"
@@ -410,7 +523,7 @@ fn replay(c: &Connection, filter: &MessageFilter, now: Millis) -> Result<Vec<i64
     )?;
     for (id, key) in &ids {
         requeue.execute(params![id, now])?;
-        enqueue(c, *id, key, now)?;
+        enqueue(c, *id, key.as_deref(), now)?;
     }
     Ok(ids.into_iter().map(|(id, _)| id).collect())
 }
@@ -537,10 +650,11 @@ fn apply_in_savepoint(tx: &Transaction<'_>, op: Op, now: Millis, window: Millis)
         f: impl FnOnce(&Connection) -> Result<T, StorageError>,
     ) -> Deferred {
         let result = (|| {
-            tx.execute_batch("SAVEPOINT op")?;
+            // Cached statements: parsing these per operation showed in profiles.
+            tx.prepare_cached("SAVEPOINT op")?.execute([])?;
             match f(tx) {
                 Ok(v) => {
-                    tx.execute_batch("RELEASE op")?;
+                    tx.prepare_cached("RELEASE op")?.execute([])?;
                     Ok(v)
                 }
                 Err(e) => {
@@ -573,8 +687,9 @@ fn accept(
     )?;
     let mut insert = c.prepare_cached(
         "INSERT INTO messages (message_id, source, call, service_id, user_id, account_id, state, \
-         code, reason, payload, settings, received_at, updated_at, ordering_key, warnings) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14)",
+         code, reason, payload, settings, received_at, updated_at, ordering_key, warnings, \
+         page_category) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14, ?15)",
     )?;
     let mut out = Vec::with_capacity(batch.len());
     for m in batch {
@@ -591,6 +706,34 @@ fn accept(
         } else {
             (m.state, m.code, m.reason)
         };
+        // Page categories follow acceptance order: read before this
+        // message's own update, after the earlier messages of the batch.
+        let user = m.user_id.as_deref().filter(|_| !duplicate);
+        let page_category = match user {
+            Some(u) if m.needs_page_category => c
+                .prepare_cached(
+                    "SELECT category FROM page_categories WHERE service_id = ?1 AND user_id = ?2",
+                )?
+                .query_row(params![m.service_id, u], |r| r.get::<_, String>(0))
+                .optional()?,
+            _ => None,
+        };
+        match (user, &m.set_page_category) {
+            (Some(u), Some(Some(category))) => {
+                c.prepare_cached(
+                    "INSERT INTO page_categories (service_id, user_id, category) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (service_id, user_id) DO UPDATE SET category = excluded.category",
+                )?
+                .execute(params![m.service_id, u, category])?;
+            }
+            (Some(u), Some(None)) => {
+                c.prepare_cached(
+                    "DELETE FROM page_categories WHERE service_id = ?1 AND user_id = ?2",
+                )?
+                .execute(params![m.service_id, u])?;
+            }
+            _ => {}
+        }
         insert.execute(params![
             m.message_id,
             m.source,
@@ -606,6 +749,7 @@ fn accept(
             m.received_at,
             m.ordering_key,
             (!m.warnings.is_empty()).then(|| serde_json::json!(m.warnings).to_string()),
+            page_category,
         ])?;
         let id = c.last_insert_rowid();
         if duplicate {
@@ -614,7 +758,7 @@ fn accept(
         }
         remember.execute(params![m.source, m.message_id, now])?;
         if state == State::Pending {
-            enqueue(c, id, &m.ordering_key, m.received_at.min(now))?;
+            enqueue(c, id, m.ordering_key.as_deref(), m.received_at.min(now))?;
         }
         out.push(Acceptance::Stored { id });
     }
@@ -622,24 +766,33 @@ fn accept(
 }
 
 /// Queues a message behind what its key already has; it is the head when the
-/// key has nothing queued.
-fn enqueue(c: &Connection, id: i64, key: &str, due: Millis) -> Result<(), StorageError> {
-    c.prepare_cached(
-        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
-         VALUES (?1, ?2, ?3, ?3, NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2))",
-    )?
-    .execute(params![id, key, due])?;
+/// key has nothing queued, and always when it has no key.
+fn enqueue(c: &Connection, id: i64, key: Option<&str>, due: Millis) -> Result<(), StorageError> {
+    match key {
+        Some(key) => c
+            .prepare_cached(
+                "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+                 VALUES (?1, ?2, ?3, ?3, NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2))",
+            )?
+            .execute(params![id, key, due])?,
+        None => c
+            .prepare_cached(
+                "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+                 VALUES (?1, NULL, ?2, ?2, 1)",
+            )?
+            .execute(params![id, due])?,
+    };
     Ok(())
 }
 
 /// Takes a message out of the queue; when it was its key's head, the next
 /// message of that key becomes the head.
 fn dequeue(c: &Connection, id: i64) -> Result<(), StorageError> {
-    let removed: Option<(String, bool)> = c
+    let removed: Option<(Option<String>, bool)> = c
         .prepare_cached("DELETE FROM queue WHERE message = ?1 RETURNING ordering_key, head")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    if let Some((key, true)) = removed {
+    if let Some((Some(key), true)) = removed {
         c.prepare_cached(
             "UPDATE queue SET head = 1 WHERE seq = \
              (SELECT MIN(seq) FROM queue WHERE ordering_key = ?1)",
@@ -660,10 +813,8 @@ fn claim(c: &Connection, limit: usize, now: Millis) -> Result<ClaimBatch, Storag
     let mut lease = c.prepare_cached("UPDATE queue SET leased_until = ?2 WHERE seq = ?1")?;
     let mut load = c.prepare_cached(
         "SELECT m.id, m.payload, m.settings, m.requests, m.sent, m.attempts, m.received_at, \
-                p.category, m.source, q.enqueued_at \
-         FROM queue q JOIN messages m ON m.id = q.message \
-         LEFT JOIN page_categories p ON p.service_id = m.service_id AND p.user_id = m.user_id \
-         WHERE q.seq = ?1",
+                m.page_category, m.source, q.enqueued_at \
+         FROM queue q JOIN messages m ON m.id = q.message WHERE q.seq = ?1",
     )?;
     let mut messages = Vec::with_capacity(seqs.len());
     for seq in seqs {
@@ -699,19 +850,10 @@ fn report(c: &Connection, reports: Vec<Report>, now: Millis) -> Result<(), Stora
          last_status = CASE WHEN ?12 THEN ?8 ELSE last_status END, \
          last_body = CASE WHEN ?12 THEN ?9 ELSE last_body END, \
          last_error = CASE WHEN ?12 THEN ?10 ELSE last_error END, \
-         updated_at = ?11 WHERE id = ?1",
+         updated_at = ?11, settings = COALESCE(?13, settings) WHERE id = ?1",
     )?;
     let mut reschedule = c.prepare_cached(
         "UPDATE queue SET next_attempt_at = ?2, leased_until = 0 WHERE message = ?1",
-    )?;
-    let mut remember = c.prepare_cached(
-        "INSERT INTO page_categories (service_id, user_id, category) \
-         SELECT service_id, user_id, ?2 FROM messages WHERE id = ?1 AND user_id IS NOT NULL \
-         ON CONFLICT (service_id, user_id) DO UPDATE SET category = excluded.category",
-    )?;
-    let mut forget = c.prepare_cached(
-        "DELETE FROM page_categories WHERE (service_id, user_id) IN \
-         (SELECT service_id, user_id FROM messages WHERE id = ?1)",
     )?;
     let mut queued = c.prepare_cached("SELECT 1 FROM queue WHERE message = ?1")?;
     for r in reports {
@@ -747,21 +889,13 @@ fn report(c: &Connection, reports: Vec<Report>, now: Millis) -> Result<(), Stora
             last.error,
             now,
             r.last.is_some(),
+            r.settings,
         ])?;
         match r.disposition {
             Disposition::Retry { next_attempt_at } => {
                 reschedule.execute(params![r.id, next_attempt_at])?;
             }
             _ => dequeue(c, r.id)?,
-        }
-        match r.page_category {
-            Some(Some(category)) => {
-                remember.execute(params![r.id, category])?;
-            }
-            Some(None) => {
-                forget.execute([r.id])?;
-            }
-            None => {}
         }
     }
     Ok(())

@@ -1,0 +1,356 @@
+//! Delivery against a fake Totango: attribute updates of one user keep
+//! acceptance order while that user's activities go out in parallel, a
+//! track's module follows acceptance order whatever the delivery order, and
+//! the adaptive concurrency comes down on errors and goes back up.
+//! No timing assertions: the fake makes the orders deterministic.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::Query;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::Barrier;
+use tokio_util::sync::CancellationToken;
+use totango_destination::config::Config;
+use totango_destination::server::{open_storage, run_with_storage};
+use totango_destination::storage::{State, Storage};
+
+const KEY: &str = "key-1";
+const ADMIN: &str = "admin-token";
+const WAIT: Duration = Duration::from_secs(20);
+
+type Params = BTreeMap<String, String>;
+
+/// What the fake saw: every request's parameters and status, in arrival order.
+#[derive(Default)]
+struct Log {
+    hits: Mutex<Vec<(Params, u16)>>,
+}
+
+impl Log {
+    fn push(&self, p: &Params, status: u16) {
+        self.hits.lock().unwrap().push((p.clone(), status));
+    }
+
+    fn ok(&self) -> Vec<Params> {
+        let hits = self.hits.lock().unwrap();
+        hits.iter()
+            .filter(|(_, s)| *s == 200)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+}
+
+/// Starts a fake Totango whose pixel handler is `handler`.
+async fn fake<F, Fut>(handler: F) -> String
+where
+    F: Fn(Params) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = StatusCode> + Send + 'static,
+{
+    let app = axum::Router::new().route(
+        "/pixel.gif/",
+        get(move |Query(p): Query<Params>| {
+            let h = handler.clone();
+            async move { h(p).await }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+struct Server {
+    addr: SocketAddr,
+    storage: Arc<dyn Storage>,
+    shutdown: CancellationToken,
+    http: reqwest::Client,
+}
+
+impl Server {
+    async fn start(dir: &TempDir, endpoint: &str) -> Server {
+        let mut c = Config::default();
+        c.storage.url = format!("sqlite://{}", dir.path().join("td.db").display());
+        c.totango.service_id = Some("SP-3126-05".into());
+        c.totango.endpoint = Some(endpoint.into());
+        c.auth.write_keys = vec![KEY.into()];
+        c.admin.token = Some(ADMIN.into());
+        c.delivery.retry_base_ms = 20;
+        c.delivery.retry_max_ms = 100;
+        c.delivery.request_timeout_ms = 5_000;
+        let runtime = c.validate().expect("valid configuration");
+        let storage = open_storage(&runtime).expect("open storage");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run_with_storage(
+            runtime,
+            listener,
+            storage.clone(),
+            shutdown.clone(),
+        ));
+        Server {
+            addr,
+            storage,
+            shutdown,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: &Value) {
+        let r = self
+            .http
+            .post(format!("http://{}{path}", self.addr))
+            .basic_auth(KEY, Some(""))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+
+    async fn stats(&self) -> Value {
+        let body = self
+            .http
+            .get(format!("http://{}/api/stats", self.addr))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Waits until every stored message is delivered.
+    async fn wait_all_delivered(&self, n: u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let counts = self.storage.counts().await.unwrap();
+            let delivered = counts
+                .iter()
+                .find(|(s, _)| *s == State::Delivered)
+                .map_or(0, |(_, n)| *n);
+            if delivered == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not delivered in time: {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `check` holds for the `delivery` object of `/api/stats`.
+    async fn wait_for_delivery(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let d = self.stats().await["delivery"].clone();
+            if check(&d) {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "{what} did not happen: {d}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn identify(user: &str, n: usize) -> Value {
+    json!({"type": "identify", "userId": user, "traits": {"n": n},
+           "context": {"groupId": "acc1"}})
+}
+
+fn group(account: &str, n: usize) -> Value {
+    json!({"type": "group", "userId": "u1", "groupId": account, "traits": {"n": n}})
+}
+
+fn track(user: &str, event: &str) -> Value {
+    json!({"type": "track", "userId": user, "event": event, "context": {"groupId": "acc1"}})
+}
+
+fn page(user: &str, category: &str) -> Value {
+    json!({"type": "page", "userId": user, "category": category, "context": {"groupId": "acc1"}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attribute_updates_keep_order_while_activities_go_in_parallel() {
+    // Each activity is answered only once all four are in flight at the same
+    // time: delivered one after another they would never be answered.
+    let activities = Arc::new(Barrier::new(4));
+    let log = Arc::new(Log::default());
+    let endpoint = {
+        let (activities, log) = (activities.clone(), log.clone());
+        fake(move |p: Params| {
+            let (activities, log) = (activities.clone(), log.clone());
+            async move {
+                if p.contains_key("sdr_a") {
+                    activities.wait().await;
+                }
+                log.push(&p, 200);
+                StatusCode::OK
+            }
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir, &endpoint).await;
+    let batch = vec![
+        identify("u1", 1),
+        group("g1", 1),
+        track("u1", "a"),
+        track("u1", "b"),
+        identify("u1", 2),
+        group("g1", 2),
+        track("u1", "c"),
+        track("u1", "d"),
+        identify("u1", 3),
+        group("g1", 3),
+    ];
+    srv.post("/v1/batch", &json!({"batch": batch})).await;
+    srv.wait_all_delivered(10).await;
+
+    let ok = log.ok();
+    let user_updates: Vec<&str> = ok
+        .iter()
+        .filter_map(|p| p.get("sdr_u.n").map(String::as_str))
+        .collect();
+    assert_eq!(
+        user_updates,
+        ["1", "2", "3"],
+        "identify in acceptance order"
+    );
+    let account_updates: Vec<&str> = ok
+        .iter()
+        .filter_map(|p| p.get("sdr_o.n").map(String::as_str))
+        .collect();
+    assert_eq!(
+        account_updates,
+        ["1", "2", "3"],
+        "group in acceptance order"
+    );
+    let mut activities: Vec<&str> = ok
+        .iter()
+        .filter_map(|p| p.get("sdr_a").map(String::as_str))
+        .collect();
+    activities.sort_unstable();
+    assert_eq!(activities, ["a", "b", "c", "d"]);
+    srv.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_module_follows_acceptance_order_whatever_the_delivery_order() {
+    // Per user: the first track and the second page fail until the second
+    // track is delivered, so the second track goes out before both of them.
+    let delivered: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    let log = Arc::new(Log::default());
+    let endpoint = {
+        let (delivered, log) = (delivered.clone(), log.clone());
+        fake(move |p: Params| {
+            let (delivered, log) = (delivered.clone(), log.clone());
+            async move {
+                let user = p.get("sdr_u").cloned().unwrap_or_default();
+                let activity = p.get("sdr_a").cloned().unwrap_or_default();
+                let mut done = delivered.lock().unwrap();
+                let held = (activity == "T1" || activity == "Viewed B Page")
+                    && !done.contains(&(user.clone(), "T2".to_owned()));
+                let status = if held { 503 } else { 200 };
+                if !held {
+                    done.insert((user, activity));
+                }
+                log.push(&p, status);
+                StatusCode::from_u16(status).unwrap()
+            }
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir, &endpoint).await;
+    // u1: all in one batch; u2: one request each.
+    let calls = |user: &str| {
+        vec![
+            page(user, "A"),
+            track(user, "T1"),
+            page(user, "B"),
+            track(user, "T2"),
+        ]
+    };
+    srv.post("/v1/batch", &json!({"batch": calls("u1")})).await;
+    for call in calls("u2") {
+        let kind = call["type"].as_str().unwrap().to_owned();
+        srv.post(&format!("/v1/{kind}"), &call).await;
+    }
+    srv.wait_all_delivered(8).await;
+
+    let ok = log.ok();
+    for user in ["u1", "u2"] {
+        let sent: Vec<(&str, &str)> = ok
+            .iter()
+            .filter(|p| p.get("sdr_u").map(String::as_str) == Some(user))
+            .map(|p| (p["sdr_a"].as_str(), p["sdr_m"].as_str()))
+            .collect();
+        let pos = |a: &str| sent.iter().position(|(x, _)| *x == a).unwrap();
+        assert!(pos("T2") < pos("T1"), "{user}: T2 went first: {sent:?}");
+        assert!(pos("T2") < pos("Viewed B Page"), "{user}: {sent:?}");
+        assert!(sent.contains(&("T1", "A")), "{user}: T1 gets A: {sent:?}");
+        assert!(sent.contains(&("T2", "B")), "{user}: T2 gets B: {sent:?}");
+    }
+    srv.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_comes_down_on_errors_and_goes_back_up() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let endpoint = {
+        let healthy = healthy.clone();
+        fake(move |_p: Params| {
+            let healthy = healthy.clone();
+            async move {
+                if healthy.load(Ordering::SeqCst) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            }
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir, &endpoint).await;
+    let start = srv.stats().await["delivery"]["concurrency_limit"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(start, 64, "starts at delivery.concurrency");
+    for chunk in 0..2 {
+        let batch: Vec<Value> = (0..2_000)
+            .map(|i| track(&format!("u{}", i % 500), &format!("e{chunk}-{i}")))
+            .collect();
+        srv.post("/v1/batch", &json!({"batch": batch})).await;
+    }
+    // 503s: the limit comes down, to the minimum at worst.
+    let down = srv
+        .wait_for_delivery("backing off", |d| {
+            d["concurrency_limit"].as_u64().unwrap() <= 8
+        })
+        .await;
+    let low = down["concurrency_limit"].as_u64().unwrap();
+    assert!(low >= 4, "never below delivery.min_concurrency: {down}");
+    // Totango recovers: the limit grows again while the backlog drains.
+    healthy.store(true, Ordering::SeqCst);
+    let up = srv
+        .wait_for_delivery("growing again", |d| {
+            d["concurrency_limit"].as_u64().unwrap() > low && d["rtt_ms"].is_number()
+        })
+        .await;
+    assert!(up["in_flight"].is_u64(), "{up}");
+    srv.wait_all_delivered(4_000).await;
+    srv.shutdown.cancel();
+}
