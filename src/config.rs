@@ -35,6 +35,12 @@ pub struct StorageConfig {
     pub dedupe_window_secs: u64,
     /// How long finished messages (not pending, not dead) are kept; 0 keeps them forever.
     pub retention_secs: u64,
+    /// Past this many queued messages ingest answers 503 (0: no bound).
+    pub max_backlog_messages: u64,
+    /// Past this many bytes of queued messages ingest answers 503 (0: no bound).
+    pub max_backlog_bytes: u64,
+    /// Below this much free space where the database lives, ingest answers 503.
+    pub min_free_disk_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -127,6 +133,9 @@ impl Default for Config {
                 url: "sqlite://data/totango-destination.db".into(),
                 dedupe_window_secs: 24 * 3600,
                 retention_secs: 7 * 24 * 3600,
+                max_backlog_messages: 2_000_000,
+                max_backlog_bytes: 2 * 1024 * 1024 * 1024,
+                min_free_disk_bytes: 512 * 1024 * 1024,
             },
             totango: SettingsPatch::default(),
             auth: AuthConfig::default(),

@@ -12,3 +12,4 @@ pub mod telemetry;
 
 pub use server::run;
 pub mod admin;
+pub mod backpressure;

@@ -89,6 +89,13 @@ pub async fn run_with_storage(
     let address = listener.local_addr()?;
     announce_admin(&admin, &loaded, address);
     let runtime = Arc::new(runtime);
+    let backpressure = Arc::new(crate::backpressure::Backpressure::default());
+    let stop_monitor = CancellationToken::new();
+    let monitor = tokio::spawn(backpressure.clone().run(
+        runtime.clone(),
+        storage.clone(),
+        stop_monitor.clone(),
+    ));
     let delivery = Delivery::new(storage.clone(), runtime.clone())?;
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
@@ -99,6 +106,7 @@ pub async fn run_with_storage(
         runtime,
         shutting_down: false.into(),
         admin,
+        backpressure: backpressure.clone(),
     });
     let app = router(
         state.clone(),
@@ -164,6 +172,8 @@ pub async fn run_with_storage(
     {
         tracing::warn!("open requests did not finish in time");
     }
+    stop_monitor.cancel();
+    let _ = monitor.await;
     stop_delivery.cancel();
     let _ = delivery_task.await;
     storage.close().await;
@@ -288,6 +298,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "shutting down"})),
+        );
+    }
+    if let Some(why) = state.backpressure.reason() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "backpressure", "reason": why})),
         );
     }
     match state.storage.ping().await {

@@ -2084,3 +2084,81 @@ async fn a_header_api_token_is_used_and_not_kept_once_delivered() {
     assert!(!m.contains("hdr-secret-tok"), "{m}");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_backlog_bound_ingest_answers_503_and_keeps_what_it_had() {
+    // Totango unreachable: everything stays queued.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir, "http://127.0.0.1:9");
+    c.storage.max_backlog_messages = 3;
+    let srv = Server::start(c).await;
+    for i in 0..3 {
+        assert_success(
+            &srv.post("/v1/track", Some(KEY), &track("u1", &format!("E{i}")))
+                .await,
+        );
+    }
+    // The monitor notices within a second or so; poll until it does.
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        let r = srv.post("/v1/track", Some(KEY), &track("u1", "More")).await;
+        if r.status == 503 {
+            break r;
+        }
+        assert_success(&r);
+        assert!(Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.json["code"], "backpressure", "{refused:#?}");
+    assert!(
+        refused.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_backlog_messages"),
+        "{refused:#?}"
+    );
+    assert_eq!(refused.headers["retry-after"], "30");
+    let ready = srv.send(srv.http.get(srv.url("/readyz"))).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json["status"], "backpressure");
+    assert!(
+        ready.json["reason"].as_str().unwrap().contains("backlog"),
+        "{ready:#?}"
+    );
+    // Nothing accepted before was touched.
+    let counts = srv.counts().await;
+    let pending = counts.get("pending").copied().unwrap_or(0);
+    assert!(pending >= 3, "{counts:?}");
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_free_disk_floor_ingest_answers_503() {
+    let fake = Fake::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir, &fake.uri());
+    // No disk has this much free: the floor is always crossed.
+    c.storage.min_free_disk_bytes = u64::MAX;
+    let srv = Server::start(c).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ready = srv.send(srv.http.get(srv.url("/readyz"))).await;
+        if ready.status == 503 {
+            assert!(
+                ready.json["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("min_free_disk_bytes")
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = srv.post("/v1/track", Some(KEY), &track("u1", "E")).await;
+    assert_eq!(r.status, 503, "{r:#?}");
+    assert_eq!(r.json["code"], "backpressure");
+    assert_eq!(srv.counts().await, counts(&[]));
+    srv.stop().await;
+}

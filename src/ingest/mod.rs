@@ -33,6 +33,8 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// The operator's credential (admin API and page).
     pub admin: crate::admin::auth::AdminAuth,
+    /// Set while the backlog or the disk is past its bound.
+    pub backpressure: Arc<crate::backpressure::Backpressure>,
 }
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -93,6 +95,14 @@ impl AppState {
     ) -> Result<Vec<(Summary, Acceptance)>, ApiError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("shutting down"));
+        }
+        if let Some(why) = self.backpressure.reason() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backpressure",
+                format!("not accepting messages for now: {why}; retry later"),
+            )
+            .with_retry_after(crate::backpressure::RETRY_AFTER_SECS));
         }
         let (batch, summaries): (Vec<NewMessage>, Vec<Summary>) =
             prepared.into_iter().map(|p| (p.new, p.summary)).unzip();

@@ -137,6 +137,8 @@ pub struct ClaimBatch {
 pub struct QueueStats {
     pub depth: u64,
     pub oldest_received_at: Option<Millis>,
+    /// Stored size of the queued messages (their payloads), bytes.
+    pub bytes: u64,
 }
 
 /// Which stored messages an operator means. Every field narrows the set.

@@ -369,12 +369,15 @@ impl Storage for SqliteStorage {
         self.read(|c| {
             Ok(c.query_row(
                 "SELECT (SELECT COUNT(*) FROM queue), (SELECT m.received_at FROM queue q \
-                 JOIN messages m ON m.id = q.message ORDER BY q.seq LIMIT 1)",
+                 JOIN messages m ON m.id = q.message ORDER BY q.seq LIMIT 1), \
+                 (SELECT COALESCE(SUM(length(m.payload)), 0) FROM queue q \
+                 JOIN messages m ON m.id = q.message)",
                 [],
                 |r| {
                     Ok(QueueStats {
                         depth: r.get::<_, i64>(0)? as u64,
                         oldest_received_at: r.get(1)?,
+                        bytes: r.get::<_, i64>(2)? as u64,
                     })
                 },
             )?)
