@@ -822,3 +822,166 @@ async fn insights_config_is_validated_and_redacted() {
     let e = c.clone().validate().unwrap_err().to_string();
     assert!(e.starts_with("insights.mapping.engagement"), "{e}");
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_totango-destination");
+
+/// A configuration file as a new user writes it, pointing at the fakes.
+fn config_file(dir: &TempDir, totango: &MockServer, salesforce: &MockServer) -> std::path::PathBuf {
+    let file = dir.path().join("td.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[storage]
+url = "sqlite://{db}"
+
+[insights]
+totango_api_url = "{totango}"
+totango_app_token = "{APP_TOKEN}"
+widget_secret = "widget-secret"
+public_url = "https://td.example.com"
+
+[insights.salesforce]
+login_url = "{salesforce}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+"#,
+            db = dir.path().join("td.db").display(),
+            totango = totango.uri(),
+            salesforce = salesforce.uri(),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+async fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env_remove("TD_ADMIN__TOKEN")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn cli_dry_run_prints_what_it_would_write_and_writes_nothing() {
+    let totango = fake_totango(3).await;
+    let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, &totango, &salesforce);
+    let (code, out, err) = cli(&[
+        "insights",
+        "sync",
+        "--dry-run",
+        "--config",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let records: Vec<Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3, "{out}");
+    assert_eq!(records[2]["account_id"], "acct-2");
+    assert_eq!(records[2]["record"], "001000000000000002");
+    assert_eq!(records[2]["fields"]["Totango_Account_Health__c"], "Poor");
+    for want in [
+        "insights sync (dry run): ok",
+        "accounts read:    3",
+        "records to write: 3 (nothing written: dry run)",
+        "API calls:        Totango 1, Salesforce 0",
+    ] {
+        assert!(out.contains(want), "{want:?} not in\n{out}");
+    }
+    assert!(
+        salesforce.received_requests().await.unwrap().is_empty(),
+        "nothing reaches Salesforce on a dry run"
+    );
+    assert!(
+        !dir.path().join("insights.db").exists(),
+        "no snapshot stored"
+    );
+}
+
+#[tokio::test]
+async fn cli_sync_summarises_and_fails_on_the_request_limit() {
+    let totango = fake_totango(250).await;
+    let (salesforce, _fake) = fake_salesforce(SfState {
+        limit_from_call: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, &totango, &salesforce);
+    let (code, out, err) = cli(&["insights", "sync", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    for want in [
+        "insights sync: stopped",
+        "accounts read:    250",
+        "records updated:  180",
+        "records failed:   20",
+        "acct-7 (001000000000000007): FIELD_CUSTOM_VALIDATION_EXCEPTION: Account is locked",
+        "API calls:        Totango 1, Salesforce 3 (Salesforce daily usage 15001/15000)",
+        "REQUEST_LIMIT_EXCEEDED",
+        "50 records not sent",
+    ] {
+        assert!(out.contains(want), "{want:?} not in\n{out}");
+    }
+    assert!(
+        dir.path().join("insights.db").exists(),
+        "snapshots and the run are stored"
+    );
+}
+
+#[tokio::test]
+async fn cli_refuses_to_sync_without_credentials_naming_the_setting() {
+    let (code, _, err) = cli(&["insights", "sync", "--dry-run"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("insights.totango_app_token"), "{err}");
+}
+
+#[tokio::test]
+async fn cli_link_prints_a_signed_widget_url() {
+    let totango = fake_totango(0).await;
+    let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, &totango, &salesforce);
+    let (code, out, err) = cli(&[
+        "insights",
+        "link",
+        "0015g00000AbCdEAAV",
+        "--config",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let sig = sign("widget-secret", "0015g00000AbCdEAAV", None);
+    assert_eq!(
+        out.trim(),
+        format!("https://td.example.com/insights/accounts/0015g00000AbCdEAAV?sig={sig}")
+    );
+    let (code, out, _) = cli(&[
+        "insights",
+        "link",
+        "acme",
+        "--expires-in",
+        "600",
+        "--config",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let url = url::Url::parse(out.trim()).unwrap();
+    let q: HashMap<String, String> = url.query_pairs().into_owned().collect();
+    let exp: i64 = q["exp"].parse().unwrap();
+    assert!((exp - chrono::Utc::now().timestamp() - 600).abs() < 30);
+    assert_eq!(q["sig"], sign("widget-secret", "acme", Some(exp)));
+}

@@ -103,6 +103,7 @@ pub enum Insight {
     AccountHealth,
     HealthProfile,
     UsageFrequency,
+    #[serde(rename = "active_users_14_days")]
     ActiveUsers14Days,
     Engagement,
     EngagementChange,
