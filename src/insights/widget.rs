@@ -325,28 +325,33 @@ fn render(account_id: &str, a: Option<&AccountInsights>) -> String {
         Some(_) => " <span class=\"change flat\">± 0</span>".to_owned(),
         None => String::new(),
     };
-    let metric = |h: &mut String, class: &str, label: &str, value: String| {
+    // Short labels fit three columns in a narrow frame; the title has the full name.
+    let metric = |h: &mut String, class: &str, label: (&str, &str), value: String| {
         let _ = write!(
             h,
-            "<div class=\"metric {class}\"><dt>{label}</dt><dd>{value}</dd></div>"
+            "<div class=\"metric {class}\" title=\"{}\"><dt>{}</dt><dd>{value}</dd></div>",
+            label.1, label.0
         );
     };
     metric(
         &mut h,
         "engagement",
-        "Engagement",
+        ("Engagement", "Engagement score and its change"),
         a.engagement.map(num).unwrap_or_else(dash) + &change,
     );
     metric(
         &mut h,
         "active-users",
-        "Active users, 14 days",
+        ("Active users 14d", "Active users, last 14 days"),
         a.active_users_14_days.map(num).unwrap_or_else(dash),
     );
     metric(
         &mut h,
         "utilization",
-        "Licence utilisation",
+        (
+            "Licence use",
+            "Licence utilisation: active users ÷ licences",
+        ),
         a.license_utilization
             .map(|u| format!("{}%", num(u)))
             .unwrap_or_else(dash),
@@ -354,7 +359,7 @@ fn render(account_id: &str, a: Option<&AccountInsights>) -> String {
     metric(
         &mut h,
         "frequency",
-        "Usage frequency",
+        ("Usage", "Usage frequency"),
         a.usage_frequency
             .as_deref()
             .map(escape)
@@ -363,7 +368,7 @@ fn render(account_id: &str, a: Option<&AccountInsights>) -> String {
     metric(
         &mut h,
         "profile",
-        "Health profile",
+        ("Profile", "Health profile"),
         a.health_profile.as_deref().map(escape).unwrap_or_else(dash),
     );
     h.push_str("</dl><ul class=\"tags\">");

@@ -49,8 +49,8 @@ try {
   if (colours.health !== "rgb(186, 5, 23)") fail(`health colour ${colours.health}`);
   if (colours.dot !== "rgb(46, 132, 74)") fail(`online dot colour ${colours.dot}`);
   const text = await page.locator(".widget").textContent();
-  for (const want of ["Account 2", "Engagement", "52", "▼ 1", "Active users, 14 days", "12",
-                      "Licence utilisation", "30%", "Daily", "Enterprise", "vip", "cohort-2",
+  for (const want of ["Account 2", "Engagement", "52", "▼ 1", "Active users 14d", "12",
+                      "Licence use", "30%", "Daily", "Enterprise", "vip", "cohort-2",
                       "Updated", "Open in Totango"]) {
     if (!text.includes(want)) fail(`widget lacks ${JSON.stringify(want)}:\n${text}`);
   }
