@@ -604,12 +604,10 @@ async fn external_id_matching_never_creates_records() {
             .any(|f| f.account_id == "acct-1" && f.reason.contains("no Account with Totango_Id__c")),
         "{s:#?}"
     );
-    let sf = fake.0.lock().unwrap();
-    let mut ids: Vec<&String> = sf.updated.keys().collect();
+    let mut ids: Vec<String> = fake.0.lock().unwrap().updated.keys().cloned().collect();
     ids.sort();
     assert_eq!(ids, ["001A", "001B"]);
     // The link attribute is not asked for when matching by external id.
-    drop(sf);
     let queries = totango_queries(&totango.received_requests().await.unwrap());
     assert!(!queries[0]["fields"].to_string().contains("sfid"));
 }
@@ -984,4 +982,20 @@ async fn cli_link_prints_a_signed_widget_url() {
     let exp: i64 = q["exp"].parse().unwrap();
     assert!((exp - chrono::Utc::now().timestamp() - 600).abs() < 30);
     assert_eq!(q["sig"], sign("widget-secret", "acme", Some(exp)));
+}
+
+#[tokio::test]
+async fn the_documented_example_file_holds_the_insights_defaults() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/totango-destination.toml");
+    let (code, defaults, err) = cli(&["check-config"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, from_file, err) =
+        cli(&["check-config", "--config", example.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(defaults.contains("[insights.mapping]"), "{defaults}");
+    assert!(
+        defaults.contains("insight = \"active_users_14_days\""),
+        "{defaults}"
+    );
+    assert_eq!(from_file, defaults);
 }

@@ -306,8 +306,10 @@ mod tests {
         let fields = default_fields();
         let h = json!({"name": "bare", "selected_fields": [null, null]});
         let a = from_hit(&h, &fields, None, "t").unwrap();
-        let mut mapping = FieldMapping::default();
-        mapping.url = String::new();
+        let mapping = FieldMapping {
+            url: String::new(),
+            ..Default::default()
+        };
         let sf = salesforce_fields(&a, &mapping);
         assert_eq!(
             Value::Object(sf),
