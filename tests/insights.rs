@@ -793,6 +793,17 @@ async fn serve_runs_the_sync_on_schedule() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(fake.0.lock().unwrap().updated.len(), 3);
+    // Without an admin token only local requests are served: not a rebound Host, not a proxy.
+    for (name, value) in [("host", "evil.example"), ("x-forwarded-for", "203.0.113.9")] {
+        let r = http
+            .get(format!("{}/api/insights/runs", srv.base))
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}");
+        assert_eq!(json(r).await["code"], "forbidden");
+    }
     srv.stop().await;
 }
 

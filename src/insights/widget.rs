@@ -89,10 +89,37 @@ fn admin(state: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Res
             }
         }
         None => {
+            // The admin API's rule (until it is shared): a loopback client, no proxy, a
+            // loopback Host (DNS rebinding), not cross-site.
+            let text = |name: header::HeaderName| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+            };
             let proxied = headers.contains_key(header::FORWARDED)
                 || headers.contains_key("x-forwarded-for")
                 || headers.contains_key("x-real-ip");
-            if peer.is_some_and(|p| p.ip().is_loopback()) && !proxied {
+            let host = text(header::HOST);
+            let host_name = match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            };
+            let host_name = host_name.trim_start_matches('[').trim_end_matches(']');
+            let loopback_host = host_name.eq_ignore_ascii_case("localhost")
+                || host_name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            let origin = text(header::ORIGIN);
+            let cross_site = text(header::HeaderName::from_static("sec-fetch-site"))
+                == "cross-site"
+                || (!origin.is_empty()
+                    && origin.split_once("://").map(|(_, rest)| rest) != Some(host));
+            if peer.is_some_and(|p| p.ip().is_loopback())
+                && !proxied
+                && loopback_host
+                && !cross_site
+            {
                 Ok(())
             } else {
                 Err(forbidden(
