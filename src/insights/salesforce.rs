@@ -260,6 +260,7 @@ impl SalesforceClient {
         field: &str,
         values: &[&str],
     ) -> Result<std::collections::HashMap<String, String>, SalesforceError> {
+        self.check_usage()?;
         let quoted: Vec<String> = values.iter().map(|v| soql_quote(v)).collect();
         let soql = format!(
             "SELECT Id, {field} FROM {} WHERE {field} IN ({})",
