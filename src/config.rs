@@ -24,6 +24,9 @@ pub struct Config {
     /// Extra write keys, each with its own Totango settings (one server, several services).
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// Account insights: Totango → Salesforce, and the widget.
+    #[serde(default)]
+    pub insights: crate::insights::InsightsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +164,7 @@ impl Default for Config {
                 max_connections_per_client: 256,
             },
             sources: Vec::new(),
+            insights: Default::default(),
         }
     }
 }
@@ -449,6 +453,7 @@ impl Config {
                 ));
             }
         }
+        crate::insights::config::validate(&self)?;
         if sources.is_empty() && !listen.ip().is_loopback() && !self.auth.allow_open {
             return Err(ConfigError::invalid(
                 "auth.write_keys",

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod delivery;
 pub mod ingest;
+pub mod insights;
 pub mod mapping;
 pub mod secret;
 pub mod segment;

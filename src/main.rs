@@ -1,4 +1,4 @@
-//! Command line: `serve`, `translate`, `check-config`.
+//! Command line: `serve`, `translate`, `check-config`, `insights`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -54,6 +54,11 @@ enum Command {
         #[arg(long)]
         settings: Option<String>,
     },
+    /// Account insights: sync Totango insights to Salesforce, sign widget links.
+    Insights {
+        #[command(subcommand)]
+        command: totango_destination::insights::cli::InsightsCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         Command::Serve { config, listen } => serve(config.as_deref(), listen),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::AdminLink { config } => admin_link(config.as_deref()),
+        Command::Insights { command } => totango_destination::insights::cli::run(command),
     };
     match result {
         Ok(code) => code,

@@ -100,6 +100,7 @@ pub async fn run_with_storage(
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
     let limits = runtime.config.limits.clone();
+    let insights = crate::insights::spawn(runtime.clone());
     let state = Arc::new(AppState {
         storage: storage.clone(),
         delivery,
@@ -176,6 +177,7 @@ pub async fn run_with_storage(
     let _ = monitor.await;
     stop_delivery.cancel();
     let _ = delivery_task.await;
+    insights.stop().await;
     storage.close().await;
     tracing::info!("stopped; undelivered messages stay stored for the next start");
     Ok(())
@@ -263,6 +265,7 @@ fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
     Router::new()
         .merge(ingest::routes())
         .merge(admin::routes(state.clone()))
+        .merge(crate::insights::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -103,8 +103,23 @@ async function replay(id) {
   catch (e) { notice(e.message, "error"); }
 }
 
+// Account insights sync runs (Totango -> Salesforce), newest first.
+async function loadRuns() {
+  const r = await api("/api/insights/runs?limit=5");
+  const box = $("runs");
+  box.hidden = !r.runs.length;
+  const rows = $("run-rows"); rows.replaceChildren();
+  for (const run of r.runs) {
+    rows.append(el("tr", {},
+      el("td", {}, when(run.started_at)), el("td", {}, run.dry_run ? "dry run" : "sync"),
+      el("td", {}, el("span", { class: "badge " + (run.status === "ok" ? "delivered" : run.status === "failed" ? "dead" : "pending") }, run.status)),
+      el("td", {}, String(run.accounts_read)), el("td", {}, String(run.records_updated)),
+      el("td", {}, String(run.records_failed)), el("td", {}, run.message || "")));
+  }
+}
+
 async function refresh() {
-  try { await loadStats(); await loadMessages(); }
+  try { await loadStats(); await loadMessages(); await loadRuns(); }
   catch (e) { notice(e.message, "error"); }
 }
 

@@ -1,0 +1,180 @@
+//! `totango-destination insights …`: one sync now (with a progress bar and
+//! a summary), and signed widget links.
+
+use super::sync::{Progress, RunOutcome, RunStatus, RunSummary};
+use crate::config::{Config, Runtime};
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum InsightsCommand {
+    /// Sync Totango's account insights to Salesforce once, now.
+    Sync {
+        /// Read Totango and print what would be written; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a signed widget URL for an account (Totango account id or
+    /// Salesforce record Id).
+    Link {
+        account_id: String,
+        /// Make the link expire after this many seconds.
+        #[arg(long)]
+        expires_in: Option<u64>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn run(command: InsightsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        InsightsCommand::Sync { dry_run, config } => sync(config.as_deref(), dry_run),
+        InsightsCommand::Link {
+            account_id,
+            expires_in,
+            config,
+        } => link(config.as_deref(), &account_id, expires_in),
+    }
+}
+
+fn load(path: Option<&Path>) -> anyhow::Result<Runtime> {
+    let config = Config::load(path).context("invalid configuration")?;
+    config.validate().context("invalid configuration")
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn reading(&self, read: usize, total: usize) {
+        self.0.set_length(total as u64);
+        self.0.set_position(read as u64);
+        self.0.set_message("accounts read from Totango");
+    }
+    fn writing(&self, done: usize, total: usize) {
+        if self.0.message() != "records sent to Salesforce" {
+            self.0.reset();
+            self.0.set_message("records sent to Salesforce");
+        }
+        self.0.set_length(total as u64);
+        self.0.set_position(done as u64);
+    }
+}
+
+fn sync(path: Option<&Path>, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let runtime = load(path)?;
+    super::config::ready_to_sync(&runtime.config).context("invalid configuration")?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let progress = Bar(bar);
+    let outcome = rt.block_on(super::sync_and_store(&runtime, dry_run, &progress))?;
+    progress.0.finish_and_clear();
+    print_outcome(&outcome);
+    Ok(if outcome.summary.failed() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_outcome(o: &RunOutcome) {
+    for r in &o.planned {
+        println!("{}", serde_json::to_string(r).expect("record serializes"));
+    }
+    print!("{}", summary_text(&o.summary, o.planned.len()));
+}
+
+/// The summary as the CLI prints it.
+pub fn summary_text(s: &RunSummary, planned: usize) -> String {
+    let status = match s.status {
+        RunStatus::Ok => "ok",
+        RunStatus::Partial => "partial: some records failed",
+        RunStatus::Stopped => "stopped",
+        RunStatus::Failed => "failed",
+    };
+    let mut out = format!(
+        "insights sync{}: {status}\n",
+        if s.dry_run { " (dry run)" } else { "" }
+    );
+    let read = if s.truncated {
+        format!(
+            "{} of {} (Totango's 10,000 limit)",
+            s.accounts_read, s.total_hits
+        )
+    } else {
+        s.accounts_read.to_string()
+    };
+    out += &format!("  accounts read:    {read}\n");
+    if s.dry_run {
+        out += &format!("  records to write: {planned} (nothing written: dry run)\n");
+    } else {
+        out += &format!("  records updated:  {}\n", s.records_updated);
+    }
+    out += &format!("  records failed:   {}\n", s.records_failed);
+    for f in &s.failures {
+        let record = f
+            .record
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        out += &format!("    {}{record}: {}\n", f.account_id, f.reason);
+    }
+    if s.failures.len() < s.records_failed {
+        out += &format!("    … and {} more\n", s.records_failed - s.failures.len());
+    }
+    out += &format!(
+        "  records skipped:  {} (no linked Salesforce record)\n",
+        s.records_skipped
+    );
+    let usage = s
+        .salesforce_api_usage
+        .as_deref()
+        .map(|u| format!(" (Salesforce daily usage {u})"))
+        .unwrap_or_default();
+    out += &format!(
+        "  API calls:        Totango {}, Salesforce {}{usage}\n",
+        s.api_calls.totango, s.api_calls.salesforce
+    );
+    if let Some(m) = &s.message {
+        out += &format!("  {m}\n");
+    }
+    out
+}
+
+fn link(
+    path: Option<&Path>,
+    account_id: &str,
+    expires_in: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = load(path)?;
+    let insights = &runtime.config.insights;
+    let secret = insights.widget_secret.as_ref().context(
+        "insights.widget_secret is not set (TD_INSIGHTS__WIDGET_SECRET): links cannot be signed",
+    )?;
+    let base = insights
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", runtime.listen));
+    let exp = expires_in.map(|s| chrono::Utc::now().timestamp() + s as i64);
+    use secrecy::ExposeSecret;
+    let sig = super::sign(secret.expose_secret(), account_id, exp);
+    let id: String = url::form_urlencoded::byte_serialize(account_id.as_bytes()).collect();
+    let id = id.replace('+', "%20");
+    let mut url = format!(
+        "{}/insights/accounts/{id}?sig={sig}",
+        base.trim_end_matches('/')
+    );
+    if let Some(exp) = exp {
+        url += &format!("&exp={exp}");
+    }
+    println!("{url}");
+    Ok(ExitCode::SUCCESS)
+}
