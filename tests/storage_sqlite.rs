@@ -1201,3 +1201,53 @@ async fn retention_catches_up_in_chunks() {
     );
     storage.close().await;
 }
+
+/// A truncated or overwritten database file is refused at start with a
+/// clear error naming the file and the way to recover, never used.
+#[tokio::test]
+async fn a_damaged_database_is_refused_at_start_with_a_recovery_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let s = open(&path);
+        let batch: Vec<_> = (0..2_000)
+            .map(|i| {
+                let mut m = msg(&format!("m{i}"), &format!("u{i}"));
+                m.payload = "x".repeat(500);
+                m
+            })
+            .collect();
+        s.accept(batch).await.unwrap();
+        s.close().await;
+    }
+    // Truncated: the second half of the file is gone.
+    let bytes = std::fs::read(&path).unwrap();
+    let truncated = dir.path().join("truncated.db");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    // Overwritten: pages in the middle are garbage.
+    let mut garbage = bytes.clone();
+    for b in &mut garbage[8192..40960] {
+        *b = 0x5a;
+    }
+    let corrupted = dir.path().join("corrupted.db");
+    std::fs::write(&corrupted, &garbage).unwrap();
+    // Not a database at all.
+    let other = dir.path().join("other.db");
+    std::fs::write(
+        &other,
+        b"this is not a database file, just text ".repeat(200),
+    )
+    .unwrap();
+    for bad in [&truncated, &corrupted, &other] {
+        let e = match SqliteStorage::open(bad, 86_400_000) {
+            Ok(_) => panic!("{} was accepted", bad.display()),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&bad.display().to_string()), "{e}");
+        assert!(e.contains("damaged") && e.contains(".recover"), "{e}");
+    }
+    // The intact file still opens.
+    let s = open(&path);
+    assert_eq!(s.queue_stats().await.unwrap().depth, 2_000);
+    s.close().await;
+}

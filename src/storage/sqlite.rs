@@ -102,6 +102,33 @@ CREATE TABLE IF NOT EXISTS page_categories (
 /// 2: only attribute updates ordered, page categories decided at acceptance.
 const SCHEMA_VERSION: i64 = 2;
 
+/// Refuses a damaged database file at start (truncated, overwritten, not a
+/// database) with a message that says what to do, instead of failing later
+/// in the middle of work. `quick_check` reads every page once.
+fn damaged(path: &Path, why: String) -> StorageError {
+    StorageError::Backend(format!(
+        "{} is damaged ({why}); the server will not use it. Stop the server, move the file \
+         (and its -wal and -shm files) aside, and either start afresh or recover what it \
+         holds with `sqlite3 OLD.db .recover | sqlite3 NEW.db` (docs/reliability.md, \
+         \"Storage damage\")",
+        path.display()
+    ))
+}
+
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StorageError> {
+    let damaged = |why: String| damaged(path, why);
+    let result: Result<Vec<String>, rusqlite::Error> = conn
+        .prepare("PRAGMA quick_check")
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect());
+    match result {
+        Ok(rows) if rows.len() == 1 && rows[0] == "ok" => Ok(()),
+        Ok(rows) => Err(damaged(
+            rows.into_iter().take(3).collect::<Vec<_>>().join("; "),
+        )),
+        Err(e) => Err(damaged(e.to_string())),
+    }
+}
+
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let has_tables: bool = conn.query_row(
@@ -280,7 +307,18 @@ impl SqliteStorage {
                 StorageError::Backend(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let conn = open(path)?;
+        let conn = open(path).and_then(|c| {
+            check_integrity(&c, path)?;
+            Ok(c)
+        });
+        let conn = conn.map_err(|e| match e {
+            StorageError::Backend(why)
+                if why.contains("malformed") || why.contains("not a database") =>
+            {
+                damaged(path, why)
+            }
+            e => e,
+        })?;
         migrate(&conn, path)?;
         // Leases belong to the process that took them; this one owns the file now.
         conn.execute(
