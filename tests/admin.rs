@@ -367,3 +367,57 @@ async fn dead_messages_are_replayed_one_or_all() {
     );
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_answers_stay_bounded_for_large_messages() {
+    let srv = Srv::start(Some("admin-secret"), 200).await;
+    // 200 messages of ~30 KB each: 6 MB in all, more than one answer carries.
+    let blob = "x".repeat(30_000);
+    for chunk in 0..20 {
+        let batch: Vec<Value> = (0..10)
+            .map(|i| {
+                serde_json::json!({"type": "track", "userId": format!("u{chunk}-{i}"), "event": "Big",
+                    "context": {"groupId": "acme"}, "properties": {"blob": blob}})
+            })
+            .collect();
+        let r = srv
+            .http
+            .post(format!("{}/v1/batch", srv.base))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({"batch": batch}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = srv
+        .http
+        .get(format!("{}/api/messages?limit=500", srv.base))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let bytes = r.bytes().await.unwrap();
+    assert!(
+        bytes.len() <= 4 * 1024 * 1024 + 64 * 1024,
+        "{} bytes",
+        bytes.len()
+    );
+    let page: Value = serde_json::from_slice(&bytes).unwrap();
+    let n = page["messages"].as_array().unwrap().len();
+    assert!(n > 0 && n < 200, "{n} messages in one answer");
+    // The rest is on the next page.
+    let next = page["next"].as_i64().expect("a next page");
+    let (status, rest) = srv
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/messages?limit=500&before={next}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let m = rest["messages"].as_array().unwrap().len();
+    assert!(n + m <= 200 && m > 0, "{n} + {m}");
+    srv.stop().await;
+}

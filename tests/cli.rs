@@ -309,3 +309,37 @@ fn json_logs_when_asked() {
         "{line}"
     );
 }
+
+#[test]
+fn one_client_address_cannot_take_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve(
+        &dir.path().join("td.db"),
+        &[("TD_LIMITS__MAX_CONNECTIONS_PER_CLIENT", "3")],
+    );
+    let health = |port: u16| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        read_until_closed(&mut s, Duration::from_secs(10)).0
+    };
+    // Three connections that never send a request hold this address's places.
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", served.port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // The fourth is closed without an answer.
+    let refused = health(served.port);
+    assert!(refused.is_empty(), "{refused}");
+    // Once one closes, the address is served again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = health(served.port);
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again: {answer:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
