@@ -74,20 +74,7 @@ impl Serialize for Secret {
 /// Text, or a number (environment values that look like numbers are still text).
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            S(String),
-            I(i64),
-            U(u64),
-            F(f64),
-        }
-        Ok(Secret::new(match Raw::deserialize(d)? {
-            Raw::S(s) => s,
-            Raw::I(i) => i.to_string(),
-            Raw::U(u) => u.to_string(),
-            Raw::F(f) => f.to_string(),
-        }))
+        crate::config::Scalar::deserialize(d).map(|s| Secret::new(s.0))
     }
 }
 

@@ -451,23 +451,7 @@ fn redact<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S
 
 /// Text (numbers too, as environment values may look like them); empty is unset.
 fn opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        S(String),
-        I(i64),
-        U(u64),
-        F(f64),
-    }
-    Ok(Option::<Raw>::deserialize(d)?
-        .map(|r| match r {
-            Raw::S(s) => s,
-            Raw::I(i) => i.to_string(),
-            Raw::U(u) => u.to_string(),
-            Raw::F(f) => f.to_string(),
-        })
-        .filter(|s| !s.is_empty())
-        .map(SecretString::from))
+    Ok(crate::secret::opt_secret(d)?.map(|s| SecretString::from(s.expose().to_owned())))
 }
 
 /// `Some(secret)` as text, for the few places that must send it.
