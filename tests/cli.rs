@@ -343,3 +343,20 @@ fn one_client_address_cannot_take_every_connection() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_small_body_gets_a_deadline_that_fits_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    // The cap is a minute; a 20-byte body gets 5 s plus what 20 bytes need.
+    let served = serve(
+        &dir.path().join("td.db"),
+        &[("TD_LIMITS__BODY_READ_TIMEOUT_MS", "60000")],
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic azo=\r\nContent-Length: 20\r\n\r\n{")
+        .unwrap();
+    // Well before the one-minute cap, the stalled body is answered 408.
+    let (resp, _) = read_until_closed(&mut s, Duration::from_secs(30));
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp:?}");
+    assert!(resp.contains("body_timeout"), "{resp}");
+}
