@@ -5,11 +5,15 @@
 //! ingest accepted and what delivery reports.
 
 mod sqlite;
+mod late;
 
 pub use sqlite::{SqliteOptions, SqliteStorage};
+pub use late::LateStorage;
 
 use async_trait::async_trait;
 use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::Notify;
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
@@ -109,6 +113,10 @@ pub enum Acceptance {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub id: i64,
+    /// The lease this claim holds; the report must carry it back. A report
+    /// whose lease is no longer current (it ran out and the message was
+    /// claimed again) is ignored.
+    pub lease: i64,
     /// The configured source (write key name) it came through.
     pub source: String,
     pub payload: String,
@@ -183,6 +191,8 @@ pub enum Disposition {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub id: i64,
+    /// `Claimed::lease` of the claim this reports on.
+    pub lease: i64,
     /// Requests translated on this attempt (JSON), to keep for later attempts.
     pub requests: Option<String>,
     pub sent: u32,
@@ -219,33 +229,67 @@ pub struct StoredMessage {
     pub next_attempt_at: Option<Millis>,
 }
 
+/// What went wrong in storage, typed so callers can tell a passing failure
+/// (retry later) from one that needs an operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StorageError {
+    /// Cannot reach or use storage right now (connection lost, busy, disk
+    /// full, pool exhausted); the same call may work later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A concurrent change got in the way (serialization failure, deadlock,
+    /// a broken uniqueness assumption); retrying the operation is safe.
+    #[error("storage conflict: {0}")]
+    Conflict(String),
+    /// The stored data is damaged or not usable by this build; an operator
+    /// must act. Retrying does not help.
+    #[error("storage damaged: {0}")]
+    Corrupt(String),
+    /// Storage was closed (shutting down).
     #[error("storage is closed")]
     Closed,
-    #[error("storage: {0}")]
-    Backend(String),
 }
 
-impl From<rusqlite::Error> for StorageError {
-    fn from(e: rusqlite::Error) -> Self {
-        StorageError::Backend(e.to_string())
+impl StorageError {
+    /// Whether trying the same operation again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Unavailable(_) | StorageError::Conflict(_))
     }
 }
 
 /// The durable queue. Every method that returns `Ok` has committed.
+///
+/// Several processes may share one backend (PostgreSQL replicas): claims
+/// never hand a message to two holders of live leases, leases are timed by
+/// the backend's clock, and results come back with the lease they answer.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// Stores a batch whole (all or nothing): dedupes by (source, messageId)
-    /// within the window and queues `Pending` messages.
+    /// within the window and queues `Pending` messages. Signals the notifier
+    /// when it queued something.
     async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError>;
 
-    /// Leases up to `limit` due messages: messages without an ordering key,
-    /// and at most one per ordering key, the oldest queued message of its key.
-    async fn claim(&self, limit: usize, now: Millis) -> Result<ClaimBatch, StorageError>;
+    /// Leases up to `limit` due messages (by the backend's clock): messages
+    /// without an ordering key, and at most one per ordering key, the oldest
+    /// queued message of its key, unless another live lease holds it.
+    async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError>;
 
-    /// Records delivery results and releases their leases.
-    async fn report(&self, reports: Vec<Report>) -> Result<(), StorageError>;
+    /// Records delivery results and releases their leases. A report whose
+    /// lease is no longer the message's current one is ignored (it must not
+    /// overwrite a newer result); returns how many were ignored so.
+    async fn report(&self, reports: Vec<Report>) -> Result<usize, StorageError>;
+
+    /// Signalled when work may have become claimable (accepted, replayed,
+    /// released), in this process or, where the backend can tell, another.
+    /// Waiters should still poll: a signal may be missed.
+    fn notifier(&self) -> Arc<Notify>;
+
+    /// Pauses sending to a Totango endpoint until `until` (Totango answered
+    /// 429), for every process sharing this storage. Extends, never shortens.
+    async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError>;
+
+    /// Endpoints paused now, with the time each pause ends.
+    async fn paused_endpoints(&self) -> Result<Vec<(String, Millis)>, StorageError>;
 
     /// Storage is reachable.
     async fn ping(&self) -> Result<(), StorageError>;
@@ -264,7 +308,7 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Queues the `dead` messages matching `filter` again (a fresh retry
     /// window, behind what their ordering key already has queued). Returns their ids.
-    async fn replay(&self, filter: MessageFilter, now: Millis) -> Result<Vec<i64>, StorageError>;
+    async fn replay(&self, filter: MessageFilter) -> Result<Vec<i64>, StorageError>;
 
     /// Counts by state.
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError>;

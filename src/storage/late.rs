@@ -1,0 +1,94 @@
+//! Storage that could not be opened at start. The server still runs (health,
+//! readiness with the reason, the operator page) instead of exiting into a
+//! restart loop; every storage call fails with the reason until a backend is
+//! installed (after a passing failure, by a background retry).
+
+use super::*;
+use std::sync::{OnceLock, RwLock};
+
+pub struct LateStorage {
+    inner: OnceLock<Arc<dyn Storage>>,
+    why: RwLock<StorageError>,
+    notify: Arc<Notify>,
+}
+
+impl LateStorage {
+    /// Storage that fails every call with `why` until [`LateStorage::install`].
+    pub fn failed(why: StorageError) -> LateStorage {
+        LateStorage {
+            inner: OnceLock::new(),
+            why: RwLock::new(why),
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Starts using `storage`; wakes whoever waits for work.
+    pub fn install(&self, storage: Arc<dyn Storage>) {
+        if self.inner.set(storage).is_ok() {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Records why the latest attempt to open failed.
+    pub fn still_failing(&self, why: StorageError) {
+        *self.why.write().expect("why lock") = why;
+    }
+
+    fn get(&self) -> Result<&Arc<dyn Storage>, StorageError> {
+        self.inner
+            .get()
+            .ok_or_else(|| self.why.read().expect("why lock").clone())
+    }
+}
+
+#[async_trait]
+impl Storage for LateStorage {
+    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+        self.get()?.accept(batch).await
+    }
+    async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
+        self.get()?.claim(limit).await
+    }
+    async fn report(&self, reports: Vec<Report>) -> Result<usize, StorageError> {
+        self.get()?.report(reports).await
+    }
+    fn notifier(&self) -> Arc<Notify> {
+        match self.inner.get() {
+            Some(s) => s.notifier(),
+            None => self.notify.clone(),
+        }
+    }
+    async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError> {
+        self.get()?.pause_endpoint(endpoint, until).await
+    }
+    async fn paused_endpoints(&self) -> Result<Vec<(String, Millis)>, StorageError> {
+        self.get()?.paused_endpoints().await
+    }
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.get()?.ping().await
+    }
+    async fn get(&self, id: i64) -> Result<Option<StoredMessage>, StorageError> {
+        LateStorage::get(self)?.get(id).await
+    }
+    async fn queue_stats(&self) -> Result<QueueStats, StorageError> {
+        self.get()?.queue_stats().await
+    }
+    async fn list(
+        &self,
+        filter: MessageFilter,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.get()?.list(filter, limit).await
+    }
+    async fn replay(&self, filter: MessageFilter) -> Result<Vec<i64>, StorageError> {
+        self.get()?.replay(filter).await
+    }
+    async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
+        self.get()?.counts().await
+    }
+    async fn close(&self) {
+        if let Some(s) = self.inner.get() {
+            s.close().await;
+        }
+    }
+}
