@@ -7,7 +7,7 @@
 mod sqlite;
 mod late;
 
-pub use sqlite::{SqliteOptions, SqliteStorage};
+pub use sqlite::SqliteStorage;
 pub use late::LateStorage;
 
 use async_trait::async_trait;
@@ -20,6 +20,35 @@ pub type Millis = i64;
 
 pub fn now_millis() -> Millis {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// How long things are kept and leased; the same for every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageOptions {
+    /// A `messageId` is a duplicate this long after it was accepted.
+    pub dedupe_window_ms: Millis,
+    /// Finished messages (all but pending and dead) are deleted this long
+    /// after their last change; `None` keeps them forever.
+    pub retention_ms: Option<Millis>,
+    /// How often pruning runs.
+    pub prune_every_ms: Millis,
+    /// How long a claim holds a message. A holder that vanished (killed,
+    /// partitioned) gives its messages back when their leases run out.
+    pub lease_ms: Millis,
+    /// Connections a networked backend keeps (SQLite ignores it).
+    pub pool_size: u32,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            dedupe_window_ms: 24 * 3600 * 1000,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            prune_every_ms: 60 * 1000,
+            lease_ms: 10 * 60 * 1000,
+            pool_size: 8,
+        }
+    }
 }
 
 /// Where a message stands. `Pending` is the only state with queue work.
