@@ -4,11 +4,13 @@
 //! Storage knows nothing of Segment or Totango semantics: it stores what
 //! ingest accepted and what delivery reports.
 
-mod sqlite;
 mod late;
+pub mod postgres;
+mod sqlite;
 
-pub use sqlite::SqliteStorage;
 pub use late::LateStorage;
+pub use postgres::PostgresStorage;
+pub use sqlite::SqliteStorage;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -282,7 +284,10 @@ pub enum StorageError {
 impl StorageError {
     /// Whether trying the same operation again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StorageError::Unavailable(_) | StorageError::Conflict(_))
+        matches!(
+            self,
+            StorageError::Unavailable(_) | StorageError::Conflict(_)
+        )
     }
 }
 
