@@ -310,8 +310,8 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Records delivery results and releases their leases. A report whose
     /// lease is no longer the message's current one is ignored (it must not
-    /// overwrite a newer result); returns how many were ignored so.
-    async fn report(&self, reports: Vec<Report>) -> Result<usize, StorageError>;
+    /// overwrite a newer result); returns the ids of the reports ignored so.
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError>;
 
     /// Signalled when work may have become claimable (accepted, replayed,
     /// released), in this process or, where the backend can tell, another.
