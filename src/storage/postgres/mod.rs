@@ -17,7 +17,7 @@ pub use schema::SCHEMA_VERSION;
 use super::*;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::query::Query;
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Row};
+use sqlx::{ConnectOptions, PgConnection, PgPool, Postgres, Row};
 use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -84,9 +84,13 @@ pub async fn open(url: &str, options: StorageOptions) -> Result<PostgresStorage,
 
 /// Brings the database at `url` to this build's schema; returns its version.
 pub async fn migrate(url: &str) -> Result<u32, StorageError> {
-    let mut conn = PgConnection::connect_with(&connect_options(url)?).await?;
-    let version = schema::migrate(&mut conn).await;
-    let _ = conn.close().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(connect_options(url)?)
+        .await?;
+    let version = schema::migrate(&pool).await;
+    pool.close().await;
     version
 }
 
@@ -98,10 +102,7 @@ impl PostgresStorage {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(connect_options(url)?)
             .await?;
-        {
-            let mut conn = pool.acquire().await?;
-            schema::migrate(&mut conn).await?;
-        }
+        schema::migrate(&pool).await?;
         let inner = Arc::new(Inner {
             pool,
             options,
@@ -298,7 +299,7 @@ impl Inner {
         Ok(batch)
     }
 
-    async fn report(&self, reports: Vec<Report>) -> Result<usize, StorageError> {
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
         let mut retried = false;
         loop {
             let result = async {
@@ -315,16 +316,15 @@ impl Inner {
                 Err(StorageError::Conflict(_)) if !retried => retried = true,
                 Err(e) => return Err(e),
                 Ok(out) => {
-                    if out.released {
-                        self.notify.notify_one();
-                    }
-                    if out.ignored > 0 {
+                    // What waited behind these messages may be claimable now.
+                    self.notify.notify_one();
+                    if !out.stale.is_empty() {
                         tracing::warn!(
-                            ignored = out.ignored,
+                            ids = ?out.stale,
                             "ignoring delivery reports whose lease is no longer current"
                         );
                     }
-                    return Ok(out.ignored);
+                    return Ok(out.stale);
                 }
             }
         }
@@ -443,10 +443,10 @@ impl Storage for PostgresStorage {
         self.inner.finish(self.inner.claim(limit).await)
     }
 
-    async fn report(&self, reports: Vec<Report>) -> Result<usize, StorageError> {
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
         self.inner.check_open()?;
         if reports.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         self.inner.finish(self.inner.report(reports).await)
     }

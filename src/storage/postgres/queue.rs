@@ -416,9 +416,8 @@ pub fn count(n: i64) -> u32 {
 
 /// What a report did.
 pub struct Reported {
-    pub ignored: usize,
-    /// A key's next message became claimable, or a retry was scheduled.
-    pub released: bool,
+    /// The ids of the reports ignored (their lease was not current), in order.
+    pub stale: Vec<i64>,
     /// A key's next message became claimable (other replicas care).
     pub promoted: bool,
 }
@@ -429,7 +428,7 @@ pub async fn report(
     conn: &mut PgConnection,
     reports: Vec<Report>,
 ) -> Result<Reported, StorageError> {
-    let total = reports.len();
+    let all: Vec<i64> = reports.iter().map(|r| r.id).collect();
     // The first report on a message wins; a second one carries a lease the
     // first has released.
     let mut seen = HashSet::new();
@@ -522,7 +521,7 @@ pub async fn report(
             DELETE FROM td_queue q USING valid v \
             WHERE q.seq = v.seq AND v.next_attempt_at IS NULL \
             RETURNING q.ordering_key) \
-         SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM retried), \
+         SELECT ARRAY(SELECT id FROM updated), \
             ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL)"
     ))
     .bind(&ids)
@@ -541,20 +540,17 @@ pub async fn report(
     .bind(&next)
     .fetch_one(&mut *conn)
     .await?;
-    let applied: i64 = row.try_get(0)?;
-    let retried: i64 = row.try_get(1)?;
-    let emptied: Vec<String> = row.try_get(2)?;
-    let promoted = if emptied.is_empty() {
+    let applied: Vec<i64> = row.try_get(0)?;
+    let dequeued_keys: Vec<String> = row.try_get(1)?;
+    let promoted = if dequeued_keys.is_empty() {
         false
     } else {
-        promote(conn, &emptied).await?
+        promote(conn, &dequeued_keys).await?
     };
-    let applied = usize::try_from(applied).unwrap_or(0);
-    Ok(Reported {
-        ignored: total.saturating_sub(applied),
-        released: promoted || retried > 0,
-        promoted,
-    })
+    // Each applied id answers its first report; every other report is stale.
+    let mut applied: HashSet<i64> = applied.into_iter().collect();
+    let stale = all.into_iter().filter(|id| !applied.remove(id)).collect();
+    Ok(Reported { stale, promoted })
 }
 
 /// Makes the oldest queued message of each key its head where the head left,

@@ -3,7 +3,7 @@
 //! each step once; `td_schema` records the versions applied.
 
 use super::super::StorageError;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Executor, PgPool};
 
 /// Held while migrating (`pg_advisory_xact_lock`); "tdmigrat" in ASCII.
 const MIGRATE_LOCK: i64 = 0x7464_6d69_6772_6174;
@@ -101,18 +101,17 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Brings the database to [`SCHEMA_VERSION`]; returns it. Refuses a database
 /// written by a newer build.
-pub async fn migrate(conn: &mut PgConnection) -> Result<u32, StorageError> {
-    let mut tx = conn.begin().await?;
+pub async fn migrate(pool: &PgPool) -> Result<u32, StorageError> {
+    let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATE_LOCK)
         .execute(&mut *tx)
         .await?;
-    sqlx::raw_sql(
+    tx.execute(
         "CREATE TABLE IF NOT EXISTS td_schema (\
             version    integer PRIMARY KEY, \
             applied_at timestamptz NOT NULL DEFAULT now())",
     )
-    .execute(&mut *tx)
     .await?;
     let current: i32 = sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM td_schema")
         .fetch_one(&mut *tx)
@@ -127,8 +126,8 @@ pub async fn migrate(conn: &mut PgConnection) -> Result<u32, StorageError> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as i32 + 1;
-        sqlx::raw_sql(sql)
-            .execute(&mut *tx)
+        // Without parameters this is one simple query: several statements.
+        tx.execute(*sql)
             .await
             .map_err(|e| match StorageError::from(e) {
                 StorageError::Corrupt(why) | StorageError::Conflict(why) => {
