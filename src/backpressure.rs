@@ -17,6 +17,7 @@ pub const RETRY_AFTER_SECS: u64 = 30;
 #[derive(Default)]
 pub struct Backpressure {
     reason: RwLock<Option<String>>,
+    quiet: crate::telemetry::Throttle,
 }
 
 impl Backpressure {
@@ -54,7 +55,11 @@ impl Backpressure {
                     ));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "backlog unknown"),
+            Err(e) => {
+                if self.quiet.ready() {
+                    tracing::warn!(error = %e, "backlog unknown (said once a minute)");
+                }
+            }
         }
         if reason.is_none() {
             if let StorageUrl::Sqlite(db) = &runtime.storage {

@@ -152,3 +152,25 @@ mod tests {
         );
     }
 }
+
+/// Lets a repeated log line through at most once per period (a storage that
+/// stays unavailable would otherwise log every second, from every loop).
+#[derive(Debug, Default)]
+pub struct Throttle(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Throttle {
+    pub const PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// True when the line should be logged now.
+    pub fn ready(&self) -> bool {
+        let mut last = self.0.lock().expect("throttle lock");
+        let now = std::time::Instant::now();
+        match *last {
+            Some(t) if now.duration_since(t) < Self::PERIOD => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+}

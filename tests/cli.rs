@@ -360,3 +360,125 @@ fn a_small_body_gets_a_deadline_that_fits_its_size() {
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp:?}");
     assert!(resp.contains("body_timeout"), "{resp}");
 }
+
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    Some(resp)
+}
+
+/// Starts `serve` on `db` without waiting for readiness (storage may be
+/// unusable); stderr is kept for the test to read.
+fn serve_unready(db: &std::path::Path) -> Served {
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("TD_STORAGE__URL", format!("sqlite://{}", db.display()))
+        .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
+        .env("TD_TOTANGO__ENDPOINT", "http://127.0.0.1:9")
+        .env("TD_AUTH__WRITE_KEYS", "k")
+        .env("TD_LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut served = Served { child, port };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            return served;
+        }
+        assert!(
+            served.child.try_wait().unwrap().is_none(),
+            "the server exited instead of starting"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = served.child.kill();
+    panic!("server did not answer /healthz");
+}
+
+fn stderr_of(mut served: Served) -> String {
+    let _ = served.child.kill();
+    let mut err = String::new();
+    if let Some(mut e) = served.child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
+#[test]
+fn a_damaged_database_starts_degraded_instead_of_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("td.db");
+    let garbage = vec![b'x'; 16 * 1024];
+    std::fs::write(&db, &garbage).unwrap();
+    let served = serve_unready(&db);
+    let port = served.port;
+
+    let ready = get(port, "/readyz").unwrap();
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("storage damaged"), "{ready}");
+    let track = r#"{"type":"track","userId":"u1","event":"E","context":{"groupId":"a1"}}"#;
+    let answer = post(port, "/v1/track", track);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("storage damaged"), "{answer}");
+    // Still running a while later: no exit, so no restart loop.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut served = served;
+    assert!(
+        served.child.try_wait().unwrap().is_none(),
+        "the server exited"
+    );
+    assert!(get(port, "/healthz").unwrap().starts_with("HTTP/1.1 200"));
+
+    let err = stderr_of(served);
+    assert!(
+        err.contains("is damaged") && err.contains(".recover"),
+        "the log names the file and the way to recover: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        garbage,
+        "the damaged file is left as it was"
+    );
+}
+
+#[test]
+fn a_database_held_by_another_process_is_waited_for() {
+    use fs4::fs_std::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("td.db");
+    let lock = std::fs::File::create(dir.path().join("td.db.lock")).unwrap();
+    assert!(lock.try_lock_exclusive().unwrap());
+    let served = serve_unready(&db);
+    let port = served.port;
+    let ready = get(port, "/readyz").unwrap();
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("storage unavailable"),
+        "{ready}"
+    );
+
+    // The other process lets go: the server opens the file on its next try.
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = get(port, "/readyz").unwrap_or_default();
+        if ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never became ready: {ready}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let track = r#"{"type":"track","userId":"u1","event":"E","context":{"groupId":"a1"}}"#;
+    let answer = post(port, "/v1/track", track);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let err = stderr_of(served);
+    assert!(err.contains("in use by another server process"), "{err}");
+}

@@ -78,9 +78,15 @@ impl T {
     }
 }
 
+/// Opens a SQLite file, keeping finished messages (fixtures are old; the
+/// retention tests set their own options).
 fn open(path: &Path) -> T {
+    let options = StorageOptions {
+        retention_ms: None,
+        ..backends::options()
+    };
     T::new(
-        Arc::new(SqliteStorage::open(path, WINDOW).expect("open storage")),
+        Arc::new(SqliteStorage::open_with(path, options).expect("open storage")),
         None,
     )
 }

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest idle wait between storage polls.
 const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How often pauses recorded by other processes are read.
+const PAUSE_REFRESH: Duration = Duration::from_millis(500);
 /// Most messages claimed at once.
 const CLAIM_BATCH: usize = 512;
 
@@ -47,6 +49,10 @@ pub struct Delivery {
     /// Endpoint → time until which a 429 paused sending to it: what this
     /// process saw, merged with storage's shared pauses at every claim.
     paused: Mutex<HashMap<String, Millis>>,
+    /// Storage failures repeat while it is down; they are logged once a minute.
+    quiet: telemetry::Throttle,
+    /// When the shared pauses were last read.
+    pauses_read: Mutex<Option<std::time::Instant>>,
 }
 
 impl Delivery {
@@ -74,6 +80,8 @@ impl Delivery {
             reports: Mutex::new(Vec::new()),
             reports_ready: Notify::new(),
             paused: Mutex::new(HashMap::new()),
+            quiet: telemetry::Throttle::default(),
+            pauses_read: Mutex::new(None),
         }))
     }
 
@@ -125,7 +133,11 @@ impl Delivery {
                                 Duration::from_millis((due - now).max(1) as u64).min(MAX_IDLE_WAIT);
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "could not claim messages"),
+                    Err(e) => {
+                        if self.quiet.ready() {
+                            tracing::error!(error = %e, "could not claim messages (said once a minute)");
+                        }
+                    }
                 }
             }
             let notifier = self.storage.notifier();
@@ -209,8 +221,15 @@ impl Delivery {
         }
     }
 
-    /// Takes the pauses other processes recorded.
+    /// Takes the pauses other processes recorded (at most twice a second).
     async fn refresh_pauses(&self) {
+        {
+            let mut last = self.pauses_read.lock().expect("pause lock");
+            if last.is_some_and(|t| t.elapsed() < PAUSE_REFRESH) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
         match self.storage.paused_endpoints().await {
             Ok(shared) => {
                 let now = now_millis();
@@ -221,7 +240,11 @@ impl Delivery {
                     *entry = (*entry).max(until);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "could not read endpoint pauses"),
+            Err(e) => {
+                if self.quiet.ready() {
+                    tracing::warn!(error = %e, "could not read endpoint pauses (said once a minute)");
+                }
+            }
         }
     }
 

@@ -27,8 +27,8 @@ pub struct SqliteStorage {
     notify: Arc<Notify>,
     /// Endpoint → end of its 429 pause (one process per file, so in memory).
     pauses: Mutex<HashMap<String, Millis>>,
-    /// Held while open: a second process on the same file is refused.
-    _lock: std::fs::File,
+    /// Held until closed: a second process on the same file is refused.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -135,7 +135,7 @@ impl SqliteStorage {
             reader: Arc::new(Mutex::new(reader)),
             notify: Arc::new(Notify::new()),
             pauses: Mutex::new(HashMap::new()),
-            _lock: file_lock,
+            lock: Mutex::new(Some(file_lock)),
         })
     }
 
@@ -299,5 +299,7 @@ impl Storage for SqliteStorage {
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        // Written and closed: another process may have the file now.
+        self.lock.lock().expect("lock lock").take();
     }
 }
