@@ -77,7 +77,7 @@ struct Server {
 impl Server {
     async fn start(place: &common::TestPlace, endpoint: &str) -> Server {
         let mut c = Config::default();
-        c.storage.url = place.storage_url();
+        place.configure(&mut c);
         c.totango.service_id = Some("SP-3126-05".into());
         c.totango.endpoint = Some(endpoint.into());
         c.auth.write_keys = vec![KEY.into()];

@@ -2,7 +2,7 @@
 //! `/webhook`), storage, delivery to a fake Totango (wiremock), and restart
 //! recovery. Every test starts its own server on an ephemeral port with its
 //! own database: a SQLite file, or a PostgreSQL database with
-//! `TD_TEST_BACKEND=postgres`.
+//! `TEST_BACKEND=postgres`.
 
 mod common;
 
@@ -138,7 +138,7 @@ fn reply(status: u16) -> (u16, ResponseTemplate) {
 /// key, fast retries.
 fn config(place: &common::TestPlace, endpoint: &str) -> Config {
     let mut c = Config::default();
-    c.storage.url = place.storage_url();
+    place.configure(&mut c);
     c.totango.service_id = Some(SERVICE.into());
     c.totango.endpoint = Some(endpoint.into());
     c.auth.write_keys = vec![KEY.into()];
