@@ -71,6 +71,11 @@ fn connect_options(url: &str) -> Result<PgConnectOptions, StorageError> {
         .map_err(|e| StorageError::Corrupt(format!("storage.url is not usable: {e}")))?;
     Ok(options
         .application_name("totango-destination")
+        // Plans fit the tables as they are now: a statement prepared while
+        // the queue was empty must not keep scanning it whole once it is
+        // long (generic plans are only replanned after an ANALYZE). JIT only
+        // slows down statements this short.
+        .options([("plan_cache_mode", "force_custom_plan"), ("jit", "off")])
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Warn, SLOW_STATEMENT))
 }

@@ -558,8 +558,9 @@ pub async fn report(
 async fn promote(conn: &mut PgConnection, keys: &[String]) -> Result<bool, StorageError> {
     let promoted: i64 = sqlx::query_scalar(
         "WITH first AS ( \
-            SELECT DISTINCT ON (ordering_key) seq, head FROM td_queue \
-            WHERE ordering_key = ANY($1::text[]) ORDER BY ordering_key, seq), \
+            SELECT f.seq, f.head FROM unnest($1::text[]) AS k(key) \
+            CROSS JOIN LATERAL (SELECT seq, head FROM td_queue WHERE ordering_key = k.key \
+                ORDER BY seq LIMIT 1) f), \
          promoted AS ( \
             UPDATE td_queue q SET head = true FROM first \
             WHERE q.seq = first.seq AND NOT first.head RETURNING q.seq), \

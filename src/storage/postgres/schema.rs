@@ -45,7 +45,10 @@ CREATE INDEX td_messages_finished ON td_messages (updated_at)
 
 CREATE TABLE td_queue (
     seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    message         bigint NOT NULL UNIQUE REFERENCES td_messages (id),
+    -- td_messages.id. No foreign key: the queue row is written by the same
+    -- statement as its message, and the check would cost a locking lookup
+    -- per message on ingest.
+    message         bigint NOT NULL UNIQUE,
     ordering_key    text,
     next_attempt_at bigint NOT NULL,
     enqueued_at     bigint NOT NULL,
