@@ -181,6 +181,108 @@ async fn two_replicas_claim_without_overlap_and_keep_key_order() {
     b.close().await;
 }
 
+/// Two replicas queue messages of the same keys while both deliver them:
+/// enqueue on one and dequeue on the other never leave a key without its
+/// head (nothing is stranded) or with two (nothing overtakes), and each key
+/// is delivered in the order its messages were stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_enqueueing_and_dequeueing_one_key_keep_it_whole() {
+    let Some(db) = TestDatabase::create("enqueue_dequeue_race") else {
+        return;
+    };
+    let a = Arc::new(open(&db, 60_000).await);
+    let b = Arc::new(open(&db, 60_000).await);
+    const KEYS: usize = 4;
+    const PER_REPLICA: usize = 150;
+    let total = 2 * PER_REPLICA;
+    let producers: Vec<_> = [("a", a.clone()), ("b", b.clone())]
+        .into_iter()
+        .map(|(name, s)| {
+            tokio::spawn(async move {
+                for i in 0..PER_REPLICA {
+                    let key = format!("key{}", i % KEYS);
+                    s.accept(vec![msg(&format!("{name}{i}"), Some(&key))])
+                        .await
+                        .expect("accept");
+                    if i % 10 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let delivered = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
+    let in_flight = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let consumers: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .map(|s| {
+            let delivered = delivered.clone();
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while delivered.lock().unwrap().len() < total {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "stranded: {} of {total} delivered",
+                        delivered.lock().unwrap().len()
+                    );
+                    let claimed = s.claim(10).await.unwrap().messages;
+                    if claimed.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    }
+                    let mut keys = Vec::new();
+                    for c in &claimed {
+                        let m = s.get(c.id).await.unwrap().unwrap();
+                        let key =
+                            format!("key{}", m.message_id[1..].parse::<usize>().unwrap() % KEYS);
+                        assert!(
+                            in_flight.lock().unwrap().insert(key.clone()),
+                            "two messages of {key} in flight"
+                        );
+                        keys.push(key);
+                    }
+                    {
+                        let mut in_flight = in_flight.lock().unwrap();
+                        let mut delivered = delivered.lock().unwrap();
+                        for (c, key) in claimed.iter().zip(&keys) {
+                            in_flight.remove(key);
+                            delivered.push((key.clone(), c.id));
+                        }
+                    }
+                    let reports = claimed
+                        .iter()
+                        .map(|c| report(c.id, c.lease, Disposition::Delivered))
+                        .collect();
+                    assert!(s.report(reports).await.unwrap().is_empty());
+                }
+            })
+        })
+        .collect();
+    for t in producers.into_iter().chain(consumers) {
+        t.await.unwrap();
+    }
+    let delivered = delivered.lock().unwrap().clone();
+    assert_eq!(delivered.len(), total);
+    let mut per_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for (key, id) in delivered {
+        per_key.entry(key).or_default().push(id);
+    }
+    for (key, ids) in per_key {
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, sorted, "{key} delivered in storage order");
+    }
+    assert_eq!(a.queue_stats().await.unwrap().depth, 0);
+    let keys_left: i64 = sqlx::query_scalar("SELECT count(*) FROM td_keys")
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+    assert_eq!(keys_left, 0, "key rows go with their last message");
+    a.close().await;
+    b.close().await;
+}
+
 /// A lease that ran out and was taken by another replica: the first holder's
 /// late report is ignored (and counted); the current holder's counts.
 #[tokio::test]
@@ -511,4 +613,130 @@ async fn a_failing_accept_does_not_fail_its_group() {
     // The key's queue is intact: exactly one head.
     assert_eq!(s.claim(100).await.unwrap().messages.len(), 1);
     s.close().await;
+}
+
+/// Finished messages past retention are pruned in chunks by whichever
+/// replica holds the prune lock; pending and dead ones stay, and so does the
+/// dedupe memory of a pruned message.
+#[tokio::test]
+async fn retention_prunes_finished_messages_only() {
+    let Some(db) = TestDatabase::create("retention") else {
+        return;
+    };
+    let s = postgres::open(
+        db.url(),
+        StorageOptions {
+            retention_ms: Some(50),
+            prune_every_ms: 0,
+            ..options(60_000)
+        },
+    )
+    .await
+    .unwrap();
+    let ids: Vec<i64> = s
+        .accept(vec![
+            msg("delivered", Some("k1")),
+            msg("dead", Some("k2")),
+            msg("waiting", Some("k3")),
+        ])
+        .await
+        .unwrap()
+        .iter()
+        .map(stored)
+        .collect();
+    let claimed = s.claim(10).await.unwrap().messages;
+    let lease = |id: i64| claimed.iter().find(|c| c.id == id).unwrap().lease;
+    s.report(vec![
+        report(ids[0], lease(ids[0]), Disposition::Delivered),
+        report(
+            ids[1],
+            lease(ids[1]),
+            Disposition::Dead {
+                code: "rejected_by_totango".into(),
+                reason: "HTTP 400".into(),
+            },
+        ),
+        report(
+            ids[2],
+            lease(ids[2]),
+            Disposition::Retry {
+                next_attempt_at: now_millis() + 60_000,
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    // Old finished messages: more than one chunk of them.
+    let old = now_millis() - 10_000;
+    let filtered: Vec<NewMessage> = (0..2_500)
+        .map(|i| NewMessage {
+            received_at: old,
+            state: State::Filtered,
+            code: Some("integration_disabled".into()),
+            ..msg(&format!("f{i}"), None)
+        })
+        .collect();
+    s.accept(filtered).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    // Every accept and claim prunes here (prune_every_ms = 0).
+    let again = s.accept(vec![msg("delivered", Some("k9"))]).await.unwrap();
+    assert!(
+        matches!(again[0], Acceptance::Duplicate { .. }),
+        "dedupe memory outlives the pruned message"
+    );
+    s.claim(1).await.unwrap();
+    s.claim(1).await.unwrap();
+    assert!(s.get(ids[0]).await.unwrap().is_none(), "delivered pruned");
+    assert_eq!(s.get(ids[1]).await.unwrap().unwrap().state, State::Dead);
+    assert_eq!(s.get(ids[2]).await.unwrap().unwrap().state, State::Pending);
+    let counts: HashMap<State, u64> = s.counts().await.unwrap().into_iter().collect();
+    assert_eq!(counts.get(&State::Filtered), None, "{counts:?}");
+    s.close().await;
+}
+
+/// The LISTEN connection comes back after the server drops it, and the
+/// pool's connections after they are cut: storage keeps working.
+#[tokio::test]
+async fn lost_connections_are_restored() {
+    let Some(db) = TestDatabase::create("lost_connections") else {
+        return;
+    };
+    let a = open(&db, 60_000).await;
+    let b = open(&db, 60_000).await;
+    let wake = b.notifier();
+    tokio::time::timeout(Duration::from_secs(10), wake.notified())
+        .await
+        .expect("listener connected");
+    let admin = sqlx::PgPool::connect(db.url()).await.unwrap();
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+            AND application_name = 'totango-destination'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(cut.len() >= 3, "the pools and the listeners: {cut:?}");
+    // The listener signals when it is back (a notification may have been lost).
+    tokio::time::timeout(Duration::from_secs(10), wake.notified())
+        .await
+        .expect("listener reconnected");
+    let mut accepted = false;
+    for _ in 0..5 {
+        match a.accept(vec![msg("after", None)]).await {
+            Ok(_) => {
+                accepted = true;
+                break;
+            }
+            Err(e) => assert!(e.is_transient(), "{e:?}"),
+        }
+    }
+    assert!(accepted, "the pool reconnects");
+    tokio::time::timeout(Duration::from_secs(10), wake.notified())
+        .await
+        .expect("woken through the restored listener");
+    assert_eq!(b.claim(10).await.unwrap().messages.len(), 1);
+    admin.close().await;
+    a.close().await;
+    b.close().await;
 }
