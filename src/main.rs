@@ -1,4 +1,4 @@
-//! Command line: `serve`, `translate`, `check-config`, `insights`.
+//! Command line: `serve`, `migrate`, `translate`, `check-config`, `insights`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -6,8 +6,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
-use totango_destination::config::{Config, Runtime};
+use totango_destination::config::{Config, Runtime, StorageUrl};
 use totango_destination::mapping::{SettingsPatch, translate_value};
+use totango_destination::storage::SqliteStorage;
 
 // The system allocator took a fifth of the CPU under load (perf); mimalloc is
 // faster for the many small, short-lived allocations of requests.
@@ -35,6 +36,12 @@ enum Command {
         /// Address to listen on (overrides `listen` and TD_LISTEN).
         #[arg(long)]
         listen: Option<String>,
+    },
+    /// Bring the configured storage's schema up to date (`serve` also does
+    /// this at start) and print its schema version.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig {
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Translate { settings } => translate(settings.as_deref()),
         Command::Serve { config, listen } => serve(config.as_deref(), listen),
+        Command::Migrate { config } => migrate(config.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::AdminLink { config } => admin_link(config.as_deref()),
         Command::Insights { command } => totango_destination::insights::cli::run(command),
@@ -121,6 +129,27 @@ fn load(path: Option<&Path>, listen: Option<String>) -> anyhow::Result<Runtime> 
 fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let runtime = load(path, None)?;
     print!("{}", runtime.config.redacted_toml());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let runtime = load(path, None)?;
+    let version = match &runtime.storage {
+        StorageUrl::Sqlite(file) => {
+            SqliteStorage::migrate(file).with_context(|| format!("migrating {}", file.display()))?
+        }
+        StorageUrl::Postgres(url) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            i64::from(
+                rt.block_on(totango_destination::storage::postgres::migrate(url))
+                    .context("migrating the PostgreSQL database")?,
+            )
+        }
+    };
+    println!("storage schema version {version}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -76,8 +76,8 @@ pub async fn open_storage(runtime: &Runtime) -> Result<Arc<dyn Storage>, RunErro
                     .map_err(|e| StorageError::Unavailable(format!("opening storage: {e}")))?;
             Ok(Arc::new(opened?))
         }
-        StorageUrl::Postgres(_) => Err(RunError::UnsupportedStorage(
-            "postgres:// is not available in this build yet; use sqlite://PATH".into(),
+        StorageUrl::Postgres(url) => Ok(Arc::new(
+            crate::storage::postgres::open(url, options).await?,
         )),
     }
 }

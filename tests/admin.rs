@@ -19,7 +19,7 @@ struct Srv {
     server: TestServer,
     /// The admin token: configured, or generated at first start.
     token: String,
-    dir: tempfile::TempDir,
+    dir: common::TestPlace,
 }
 
 impl Srv {
@@ -30,7 +30,7 @@ impl Srv {
             .respond_with(ResponseTemplate::new(totango_status).set_body_string("answer"))
             .mount(&fake)
             .await;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = common::place();
         let mut c = common::config(&dir, &fake.uri());
         c.totango.api_token = Some("sdr-secret".into());
         c.admin.token = token.map(Into::into);

@@ -482,3 +482,62 @@ fn a_database_held_by_another_process_is_waited_for() {
     let err = stderr_of(served);
     assert!(err.contains("in use by another server process"), "{err}");
 }
+
+fn migrate(storage_url: &str) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("migrate")
+        .env("TD_STORAGE__URL", storage_url)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn migrate_creates_or_upgrades_the_schema_and_says_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("td.db").display());
+    let (code, out, err) = migrate(&url);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("storage schema version "), "{out}");
+    assert!(dir.path().join("td.db").exists());
+    // Once more: nothing to do, the same answer.
+    assert_eq!(migrate(&url), (0, out, String::new()));
+}
+
+#[path = "common/pg.rs"]
+mod pg;
+
+#[test]
+fn migrate_works_on_postgres_and_refuses_a_newer_schema() {
+    let Some(db) = pg::TestDatabase::create("migrate_works_on_postgres") else {
+        return;
+    };
+    let (code, out, err) = migrate(db.url());
+    assert_eq!(code, 0, "{err}");
+    let version = out
+        .trim()
+        .strip_prefix("storage schema version ")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(migrate(db.url()).1, out, "a second run changes nothing");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+            let newer = version.parse::<i32>().unwrap() + 1;
+            sqlx::query("INSERT INTO td_schema (version) VALUES ($1)")
+                .bind(newer)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        });
+    let (code, _, err) = migrate(db.url());
+    assert_ne!(code, 0);
+    assert!(err.contains("upgrade the server"), "{err}");
+}

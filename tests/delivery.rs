@@ -4,6 +4,8 @@
 //! the adaptive concurrency comes down on errors and goes back up.
 //! No timing assertions: the fake makes the orders deterministic.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +16,6 @@ use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::routing::get;
 use serde_json::{Value, json};
-use tempfile::TempDir;
 use tokio::sync::Barrier;
 use tokio_util::sync::CancellationToken;
 use totango_destination::config::Config;
@@ -74,9 +75,9 @@ struct Server {
 }
 
 impl Server {
-    async fn start(dir: &TempDir, endpoint: &str) -> Server {
+    async fn start(place: &common::TestPlace, endpoint: &str) -> Server {
         let mut c = Config::default();
-        c.storage.url = format!("sqlite://{}", dir.path().join("td.db").display());
+        place.configure(&mut c);
         c.totango.service_id = Some("SP-3126-05".into());
         c.totango.endpoint = Some(endpoint.into());
         c.auth.write_keys = vec![KEY.into()];
@@ -201,7 +202,7 @@ async fn attribute_updates_keep_order_while_activities_go_in_parallel() {
         })
         .await
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let srv = Server::start(&dir, &endpoint).await;
     let batch = vec![
         identify("u1", 1),
@@ -272,7 +273,7 @@ async fn track_module_follows_acceptance_order_whatever_the_delivery_order() {
         })
         .await
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let srv = Server::start(&dir, &endpoint).await;
     // u1: all in one batch; u2: one request each.
     let calls = |user: &str| {
@@ -323,7 +324,7 @@ async fn concurrency_comes_down_on_errors_and_goes_back_up() {
         })
         .await
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let srv = Server::start(&dir, &endpoint).await;
     let start = srv.stats().await["delivery"]["concurrency_limit"]
         .as_u64()

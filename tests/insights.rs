@@ -279,7 +279,7 @@ fn fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-fn config(dir: &TempDir, totango: &MockServer, salesforce: &MockServer) -> Config {
+fn config(dir: &common::TestPlace, totango: &MockServer, salesforce: &MockServer) -> Config {
     let mut c = common::config(dir, "http://127.0.0.1:9");
     let i = &mut c.insights;
     i.totango_api_url = Some(totango.uri());
@@ -321,7 +321,7 @@ fn totango_queries(requests: &[Request]) -> Vec<Value> {
 async fn pages_through_totango_and_updates_every_record() {
     let totango = fake_totango(450).await;
     let (salesforce, fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.insights.page_size = 200;
     c.insights.salesforce.external_id_field = None;
@@ -406,7 +406,7 @@ async fn pages_through_totango_and_updates_every_record() {
 async fn stops_at_the_10000_result_window_and_says_so() {
     let totango = fake_totango(25_000).await;
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let c = config(&dir, &totango, &salesforce);
     let o = sync(&c, true).await;
     let s = &o.summary;
@@ -426,7 +426,7 @@ async fn stops_at_the_10000_result_window_and_says_so() {
 async fn the_window_edge_asks_for_no_more_than_fits() {
     let totango = fake_totango(10_500).await;
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.insights.page_size = 700;
     let o = sync(&c, true).await;
@@ -448,7 +448,7 @@ async fn expired_session_reauthenticates_once() {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let c = config(&dir, &totango, &salesforce);
     let s = sync(&c, false).await.summary;
     assert_eq!(s.status, RunStatus::Partial, "{s:#?}"); // acct-7 is refused
@@ -466,7 +466,7 @@ async fn a_second_expired_session_fails_the_run() {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let c = config(&dir, &totango, &salesforce);
     let s = sync(&c, false).await.summary;
     assert_eq!(s.status, RunStatus::Failed);
@@ -488,7 +488,7 @@ async fn request_limit_stops_the_run() {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let c = config(&dir, &totango, &salesforce);
     let s = sync(&c, false).await.summary;
     assert_eq!(s.status, RunStatus::Stopped);
@@ -518,7 +518,7 @@ async fn usage_cap_stops_before_the_daily_allocation_is_spent() {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     // The fake reports 41/100 after the first collection call, 42/100 after the second.
     c.insights.salesforce.max_api_usage_percent = 42;
@@ -537,7 +537,7 @@ async fn usage_cap_stops_before_the_daily_allocation_is_spent() {
 async fn jwt_bearer_flow_is_verified_by_salesforce() {
     let totango = fake_totango(3).await;
     let (salesforce, fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.insights.salesforce.auth = SalesforceAuth::Jwt;
     c.insights.salesforce.client_secret = None;
@@ -556,7 +556,7 @@ async fn jwt_bearer_flow_is_verified_by_salesforce() {
 async fn wrong_credentials_fail_the_run_with_salesforces_reason() {
     let totango = fake_totango(3).await;
     let (salesforce, fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.insights.salesforce.client_secret = Some("wrong".into());
     let s = sync(&c, false).await.summary;
@@ -573,7 +573,7 @@ async fn wrong_credentials_fail_the_run_with_salesforces_reason() {
 async fn totango_refusal_fails_the_run() {
     let totango = fake_totango(3).await;
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.insights.totango_app_token = Some("wrong".into());
     let s = sync(&c, false).await.summary;
@@ -592,7 +592,7 @@ async fn external_id_matching_never_creates_records() {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.insights.salesforce.external_id_field = Some("Totango_Id__c".into());
     let s = sync(&c, false).await.summary;
@@ -616,7 +616,7 @@ async fn external_id_matching_never_creates_records() {
 async fn the_widget_and_its_json_twin() {
     let totango = fake_totango(5).await;
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.admin.token = Some("admin-token".into());
     let o = sync(&c, false).await;
@@ -770,7 +770,7 @@ async fn the_widget_and_its_json_twin() {
 async fn serve_runs_the_sync_on_schedule() {
     let totango = fake_totango(3).await;
     let (salesforce, fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
     c.insights.enabled = true;
     let srv = common::TestServer::start(c).await;
@@ -814,7 +814,7 @@ async fn serve_runs_the_sync_on_schedule() {
 
 #[tokio::test]
 async fn insights_config_is_validated_and_redacted() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let totango = fake_totango(0).await;
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
     let mut c = config(&dir, &totango, &salesforce);
@@ -887,7 +887,7 @@ async fn cli(args: &[&str]) -> (i32, String, String) {
 async fn cli_dry_run_prints_what_it_would_write_and_writes_nothing() {
     let totango = fake_totango(3).await;
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let file = config_file(&dir, &totango, &salesforce);
     let (code, out, err) = cli(&[
         "insights",
@@ -933,7 +933,7 @@ async fn cli_sync_summarises_and_fails_on_the_request_limit() {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let file = config_file(&dir, &totango, &salesforce);
     let (code, out, err) = cli(&["insights", "sync", "--config", file.to_str().unwrap()]).await;
     assert_eq!(code, 1, "{out}\n{err}");
@@ -966,7 +966,7 @@ async fn cli_refuses_to_sync_without_credentials_naming_the_setting() {
 async fn cli_link_prints_a_signed_widget_url() {
     let totango = fake_totango(0).await;
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let file = config_file(&dir, &totango, &salesforce);
     let (code, out, err) = cli(&[
         "insights",

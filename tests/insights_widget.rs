@@ -66,7 +66,7 @@ async fn widget_renders_in_a_290_px_frame() {
         .mount(&salesforce)
         .await;
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let mut c = common::config(&dir, "http://127.0.0.1:9");
     let i = &mut c.insights;
     i.totango_api_url = Some(totango.uri());

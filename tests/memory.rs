@@ -54,7 +54,7 @@ fn amplifying_batch(context_bytes: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batch_context_amplification_stays_bounded() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let srv = TestServer::start(common::config(&dir, "http://127.0.0.1:9")).await;
     let http = reqwest::Client::new();
     // Two shapes: a context larger than a message (each merged item is over

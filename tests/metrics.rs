@@ -21,7 +21,7 @@ async fn metrics_count_what_happened() {
         .respond_with(ResponseTemplate::new(200))
         .mount(&fake)
         .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let srv = TestServer::start(common::config(&dir, &fake.uri())).await;
     let base = srv.base.clone();
 

@@ -70,7 +70,7 @@ async fn operator_page_shows_and_replays_messages() {
         .respond_with(Flaky(healthy.clone()))
         .mount(&fake)
         .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::place();
     let srv = TestServer::start(common::config(&dir, &fake.uri())).await;
     let (base, storage) = (srv.base.clone(), srv.storage.clone());
 

@@ -5,9 +5,11 @@
 //! ingest accepted and what delivery reports.
 
 mod late;
+pub mod postgres;
 mod sqlite;
 
 pub use late::LateStorage;
+pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
 use async_trait::async_trait;

@@ -5,7 +5,10 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use totango_destination::storage::{SqliteStorage, Storage, StorageOptions};
+use totango_destination::storage::{PostgresStorage, SqliteStorage, Storage, StorageOptions};
+
+#[path = "../common/pg.rs"]
+pub mod pg;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -51,8 +54,14 @@ impl Backend {
                 })
             }
             Backend::Postgres => {
-                eprintln!("skipping the PostgreSQL run: this build has no PostgreSQL backend");
-                None
+                let db = pg::TestDatabase::create("the PostgreSQL run")?;
+                let storage = PostgresStorage::open(db.url(), options)
+                    .await
+                    .expect("open PostgreSQL storage");
+                Some(Opened {
+                    storage: Arc::new(storage),
+                    _place: Box::new(db),
+                })
             }
         }
     }

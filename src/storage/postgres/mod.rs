@@ -1,0 +1,743 @@
+//! Shared storage: PostgreSQL, so several replicas can serve one queue.
+//!
+//! Accepts are gathered by one writer task into group transactions (like the
+//! SQLite writer) and answered after the commit. Claims, reports and replays
+//! run on the pool, each in one short transaction; leases are timed by the
+//! database clock. Work queued or released is announced to this process by a
+//! `Notify` and to the others by `NOTIFY td_work`. The SQL is in `queue.rs`,
+//! the versioned schema in `schema.rs`.
+//!
+//! PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
+
+mod queue;
+mod schema;
+
+pub use schema::SCHEMA_VERSION;
+
+use super::*;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::{ConnectOptions, PgConnection, PgPool, Postgres, Row};
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Accept calls one transaction groups at most.
+const MAX_GROUP: usize = 1024;
+/// Messages one transaction groups at most (a longer batch still goes whole).
+const MAX_GROUP_MESSAGES: usize = 5_000;
+/// How long a call waits for a pooled connection before `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Statements slower than this are logged as warnings.
+const SLOW_STATEMENT: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to restore the `LISTEN` connection.
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// PostgreSQL storage; see the module documentation.
+pub struct PostgresStorage {
+    inner: Arc<Inner>,
+    writer: Mutex<Option<mpsc::Sender<AcceptCall>>>,
+    writer_task: Mutex<Option<JoinHandle<()>>>,
+    listener_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Inner {
+    pool: PgPool,
+    options: StorageOptions,
+    notify: Arc<Notify>,
+    closed: AtomicBool,
+    prune: Mutex<PruneClock>,
+}
+
+/// When this process pruned last, and whether it has more to prune.
+#[derive(Default)]
+struct PruneClock {
+    last: Option<Instant>,
+    behind: bool,
+    running: bool,
+}
+
+struct AcceptCall {
+    batch: Vec<NewMessage>,
+    reply: oneshot::Sender<Result<Vec<Acceptance>, StorageError>>,
+}
+
+fn connect_options(url: &str) -> Result<PgConnectOptions, StorageError> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| StorageError::Corrupt(format!("storage.url is not usable: {e}")))?;
+    Ok(options
+        .application_name("totango-destination")
+        // Plans fit the tables as they are now: a statement prepared while
+        // the queue was empty must not keep scanning it whole once it is
+        // long (generic plans are only replanned after an ANALYZE). JIT only
+        // slows down statements this short.
+        .options([("plan_cache_mode", "force_custom_plan"), ("jit", "off")])
+        .log_statements(log::LevelFilter::Trace)
+        .log_slow_statements(log::LevelFilter::Warn, SLOW_STATEMENT))
+}
+
+/// Opens the database at `url`: connects a pool of `options.pool_size`,
+/// brings the schema up to date and starts listening for work other
+/// replicas queue.
+pub async fn open(url: &str, options: StorageOptions) -> Result<PostgresStorage, StorageError> {
+    PostgresStorage::open(url, options).await
+}
+
+/// Brings the database at `url` to this build's schema; returns its version.
+pub async fn migrate(url: &str) -> Result<u32, StorageError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(connect_options(url)?)
+        .await?;
+    let version = schema::migrate(&pool).await;
+    pool.close().await;
+    version
+}
+
+impl PostgresStorage {
+    /// See [`open`].
+    pub async fn open(url: &str, options: StorageOptions) -> Result<PostgresStorage, StorageError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.pool_size.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(connect_options(url)?)
+            .await?;
+        schema::migrate(&pool).await?;
+        let inner = Arc::new(Inner {
+            pool,
+            options,
+            notify: Arc::new(Notify::new()),
+            closed: AtomicBool::new(false),
+            prune: Mutex::new(PruneClock::default()),
+        });
+        let (tx, rx) = mpsc::channel(4096);
+        let writer_task = tokio::spawn(write_loop(inner.clone(), rx));
+        let listener_task = tokio::spawn(listen(inner.pool.clone(), inner.notify.clone()));
+        Ok(PostgresStorage {
+            inner,
+            writer: Mutex::new(Some(tx)),
+            writer_task: Mutex::new(Some(writer_task)),
+            listener_task: Mutex::new(Some(listener_task)),
+        })
+    }
+
+    /// The pool, for tests and tools that inspect the database.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<(), StorageError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(StorageError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Failures of calls that raced `close` report `Closed`.
+    fn finish<T>(&self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+        match result {
+            Err(_) if self.closed.load(Ordering::Acquire) => Err(StorageError::Closed),
+            r => r,
+        }
+    }
+
+    /// Commits a group of accept calls and answers each.
+    async fn commit_group(&self, group: Vec<AcceptCall>) {
+        let results = self.accept_group(&group).await;
+        // Pruning before the answers (as the SQLite writer does, in its
+        // commit): a caller sees retention applied once its accept returns.
+        self.maybe_prune().await;
+        for (call, result) in group.into_iter().zip(results) {
+            let _ = call.reply.send(result);
+        }
+    }
+
+    async fn accept_group(
+        &self,
+        group: &[AcceptCall],
+    ) -> Vec<Result<Vec<Acceptance>, StorageError>> {
+        let all = || {
+            group
+                .iter()
+                .flat_map(|c| c.batch.iter())
+                .collect::<Vec<&NewMessage>>()
+        };
+        let mut result = self.accept_together(&all()).await;
+        if group.len() == 1 {
+            if matches!(result, Err(StorageError::Conflict(_))) {
+                // A deadlock or a concurrent duplicate: once more, afresh.
+                result = self.accept_together(&all()).await;
+            }
+            return vec![result];
+        }
+        match result {
+            Ok(mut acceptances) => group
+                .iter()
+                .map(|c| Ok(acceptances.drain(..c.batch.len()).collect()))
+                .collect(),
+            Err(e @ StorageError::Unavailable(_)) => group.iter().map(|_| Err(e.clone())).collect(),
+            // One call's failure must not fail the others: each in a savepoint.
+            Err(_) => self.accept_each(group).await,
+        }
+    }
+
+    /// Every message of the group in one pass (the usual case).
+    async fn accept_together(
+        &self,
+        batch: &[&NewMessage],
+    ) -> Result<Vec<Acceptance>, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let out = queue::accept(&mut tx, batch, self.options.dedupe_window_ms).await?;
+        if out.queued {
+            notify_others(&mut tx).await?;
+        }
+        tx.commit().await?;
+        if out.queued {
+            self.notify.notify_one();
+        }
+        Ok(out.acceptances)
+    }
+
+    /// Each call of the group in its own savepoint of one transaction.
+    async fn accept_each(
+        &self,
+        group: &[AcceptCall],
+    ) -> Vec<Result<Vec<Acceptance>, StorageError>> {
+        let all_fail = |e: StorageError| group.iter().map(|_| Err(e.clone())).collect();
+        let mut tx = match self.pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return all_fail(e.into()),
+        };
+        let mut results = Vec::with_capacity(group.len());
+        let mut queued = false;
+        for call in group {
+            if let Err(e) = sqlx::query("SAVEPOINT accept").execute(&mut *tx).await {
+                return all_fail(e.into());
+            }
+            let batch: Vec<&NewMessage> = call.batch.iter().collect();
+            let step = match queue::accept(&mut tx, &batch, self.options.dedupe_window_ms).await {
+                Ok(out) => {
+                    queued |= out.queued;
+                    sqlx::query("RELEASE SAVEPOINT accept")
+                        .execute(&mut *tx)
+                        .await
+                        .map(|_| Ok(out.acceptances))
+                }
+                Err(e) => sqlx::query("ROLLBACK TO SAVEPOINT accept")
+                    .execute(&mut *tx)
+                    .await
+                    .map(|_| Err(e)),
+            };
+            match step {
+                Ok(result) => results.push(result),
+                Err(e) => return all_fail(e.into()),
+            }
+        }
+        let committed = async {
+            if queued {
+                notify_others(&mut tx).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, StorageError>(())
+        }
+        .await;
+        match committed {
+            Ok(()) => {
+                if queued {
+                    self.notify.notify_one();
+                }
+                results
+            }
+            Err(e) => all_fail(e),
+        }
+    }
+
+    /// Prunes one chunk when it is time (or when the last one was full).
+    async fn maybe_prune(&self) {
+        {
+            let mut clock = self.prune.lock().expect("prune lock");
+            let every = Duration::from_millis(self.options.prune_every_ms.max(0) as u64);
+            let due = clock.behind || clock.last.is_none_or(|t| t.elapsed() >= every);
+            if clock.running || !due {
+                return;
+            }
+            clock.running = true;
+        }
+        let outcome = async {
+            let mut tx = self.pool.begin().await?;
+            let more = queue::prune(
+                &mut tx,
+                self.options.dedupe_window_ms,
+                self.options.retention_ms,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StorageError>(more)
+        }
+        .await;
+        let mut clock = self.prune.lock().expect("prune lock");
+        clock.running = false;
+        clock.last = Some(Instant::now());
+        clock.behind = match outcome {
+            Ok(more) => more == Some(true),
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning old records failed");
+                false
+            }
+        };
+    }
+
+    async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
+        let batch = {
+            let mut conn = self.pool.acquire().await?;
+            queue::claim(&mut conn, limit, self.options.lease_ms).await?
+        };
+        self.maybe_prune().await;
+        Ok(batch)
+    }
+
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
+        let mut retried = false;
+        loop {
+            let result = async {
+                let mut tx = self.pool.begin().await?;
+                let out = queue::report(&mut tx, reports.clone()).await?;
+                if out.promoted {
+                    notify_others(&mut tx).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, StorageError>(out)
+            }
+            .await;
+            match result {
+                Err(StorageError::Conflict(_)) if !retried => retried = true,
+                Err(e) => return Err(e),
+                Ok(out) => {
+                    // What waited behind these messages may be claimable now.
+                    self.notify.notify_one();
+                    if !out.stale.is_empty() {
+                        tracing::warn!(
+                            ids = ?out.stale,
+                            "ignoring delivery reports whose lease is no longer current"
+                        );
+                    }
+                    return Ok(out.stale);
+                }
+            }
+        }
+    }
+
+    async fn replay(&self, filter: MessageFilter) -> Result<Vec<i64>, StorageError> {
+        let mut retried = false;
+        loop {
+            let result = async {
+                let mut tx = self.pool.begin().await?;
+                let ids = queue::replay(&mut tx, &filter).await?;
+                if !ids.is_empty() {
+                    notify_others(&mut tx).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, StorageError>(ids)
+            }
+            .await;
+            match result {
+                Err(StorageError::Conflict(_)) if !retried => retried = true,
+                Err(e) => return Err(e),
+                Ok(ids) => {
+                    if !ids.is_empty() {
+                        self.notify.notify_one();
+                    }
+                    return Ok(ids);
+                }
+            }
+        }
+    }
+}
+
+/// Tells the other replicas, at commit, that work may be claimable.
+async fn notify_others(conn: &mut PgConnection) -> Result<(), StorageError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(queue::CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn write_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<AcceptCall>) {
+    while let Some(first) = rx.recv().await {
+        let mut messages = first.batch.len();
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP && messages < MAX_GROUP_MESSAGES {
+            match rx.try_recv() {
+                Ok(call) => {
+                    messages += call.batch.len();
+                    group.push(call);
+                }
+                Err(_) => break,
+            }
+        }
+        inner.commit_group(group).await;
+    }
+}
+
+/// Signals `notify` for every `NOTIFY td_work` (other replicas queued or
+/// released work) and after reconnecting (a signal may have been missed).
+/// Reconnects with a growing pause; delivery also polls, so a lost
+/// connection only delays work queued elsewhere.
+async fn listen(pool: PgPool, notify: Arc<Notify>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(queue::CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        match listener {
+            Ok(mut listener) => {
+                backoff = Duration::from_secs(1);
+                notify.notify_one();
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => notify.notify_one(),
+                        // The connection was lost; the next call reconnects.
+                        Ok(None) => notify.notify_one(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "storage notifications interrupted");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for storage notifications"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+    }
+}
+
+#[async_trait]
+impl Storage for PostgresStorage {
+    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+        self.inner.check_open()?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sender = self.writer.lock().expect("writer lock").clone();
+        let Some(sender) = sender else {
+            return Err(StorageError::Closed);
+        };
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(AcceptCall { batch, reply })
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        answer.await.map_err(|_| StorageError::Closed)?
+    }
+
+    async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
+        self.inner.check_open()?;
+        self.inner.finish(self.inner.claim(limit).await)
+    }
+
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
+        self.inner.check_open()?;
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.inner.finish(self.inner.report(reports).await)
+    }
+
+    fn notifier(&self) -> Arc<Notify> {
+        self.inner.notify.clone()
+    }
+
+    async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError> {
+        self.inner.check_open()?;
+        let result = sqlx::query(
+            "INSERT INTO td_paused_endpoints (endpoint, until) VALUES ($1, $2) \
+             ON CONFLICT (endpoint) DO UPDATE \
+             SET until = GREATEST(td_paused_endpoints.until, EXCLUDED.until)",
+        )
+        .bind(pg_text(endpoint))
+        .bind(until)
+        .execute(&self.inner.pool)
+        .await;
+        self.inner.finish(result.map(|_| ()).map_err(Into::into))
+    }
+
+    async fn paused_endpoints(&self) -> Result<Vec<(String, Millis)>, StorageError> {
+        self.inner.check_open()?;
+        let result = sqlx::query_as(
+            "SELECT endpoint, until FROM td_paused_endpoints WHERE until > $1 ORDER BY endpoint",
+        )
+        .bind(now_millis())
+        .fetch_all(&self.inner.pool)
+        .await;
+        self.inner.finish(result.map_err(Into::into))
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.inner.check_open()?;
+        let result = sqlx::query("SELECT 1").execute(&self.inner.pool).await;
+        self.inner.finish(result.map(|_| ()).map_err(Into::into))
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<StoredMessage>, StorageError> {
+        self.inner.check_open()?;
+        let result = async {
+            let row = sqlx::query(&format!("{SELECT_MESSAGE} WHERE m.id = $1"))
+                .bind(id)
+                .fetch_optional(&self.inner.pool)
+                .await?;
+            row.as_ref().map(stored_message).transpose()
+        }
+        .await;
+        self.inner.finish(result)
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StorageError> {
+        self.inner.check_open()?;
+        let result = async {
+            let row = sqlx::query(
+                "SELECT (SELECT count(*) FROM td_queue), \
+                    (SELECT m.received_at FROM td_queue q JOIN td_messages m ON m.id = q.message \
+                     ORDER BY q.seq LIMIT 1), \
+                    (SELECT COALESCE(sum(octet_length(m.payload)), 0)::bigint FROM td_queue q \
+                     JOIN td_messages m ON m.id = q.message)",
+            )
+            .fetch_one(&self.inner.pool)
+            .await?;
+            Ok(QueueStats {
+                depth: row.try_get::<i64, _>(0)?.max(0) as u64,
+                oldest_received_at: row.try_get(1)?,
+                bytes: row.try_get::<i64, _>(2)?.max(0) as u64,
+            })
+        }
+        .await;
+        self.inner.finish(result)
+    }
+
+    async fn list(
+        &self,
+        filter: MessageFilter,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.inner.check_open()?;
+        let result = async {
+            let (clause, mut args) = where_clause(&filter, 1);
+            let sql = format!(
+                "{SELECT_MESSAGE} WHERE {clause} ORDER BY m.id DESC LIMIT ${}",
+                args.len() + 1
+            );
+            args.push(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
+            let rows = bind_args(sqlx::query(&sql), args)
+                .fetch_all(&self.inner.pool)
+                .await?;
+            rows.iter().map(stored_message).collect()
+        }
+        .await;
+        self.inner.finish(result)
+    }
+
+    async fn replay(&self, filter: MessageFilter) -> Result<Vec<i64>, StorageError> {
+        self.inner.check_open()?;
+        self.inner.finish(self.inner.replay(filter).await)
+    }
+
+    async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
+        self.inner.check_open()?;
+        let result = sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, count(*) FROM td_messages GROUP BY state",
+        )
+        .fetch_all(&self.inner.pool)
+        .await;
+        let rows = self.inner.finish(result.map_err(Into::into))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(state, n)| Some((State::parse(&state)?, n.max(0) as u64)))
+            .collect())
+    }
+
+    async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        // Dropping the sender ends the writer once it has answered what it holds.
+        self.writer.lock().expect("writer lock").take();
+        let writer = self.writer_task.lock().expect("writer task lock").take();
+        if let Some(task) = writer {
+            let _ = task.await;
+        }
+        let listener = self
+            .listener_task
+            .lock()
+            .expect("listener task lock")
+            .take();
+        if let Some(task) = listener {
+            task.abort();
+        }
+        self.inner.pool.close().await;
+    }
+}
+
+impl Drop for PostgresStorage {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .listener_task
+            .lock()
+            .expect("listener task lock")
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+const SELECT_MESSAGE: &str = "SELECT m.id, m.message_id, m.source, m.call, m.service_id, \
+    m.user_id, m.account_id, m.state, m.code, m.reason, m.payload, m.requests, m.sent, \
+    m.attempts, m.last_status, m.last_body, m.last_error, m.received_at, m.updated_at, \
+    q.next_attempt_at, m.warnings \
+    FROM td_messages m LEFT JOIN td_queue q ON q.message = m.id";
+
+fn stored_message(r: &sqlx::postgres::PgRow) -> Result<StoredMessage, StorageError> {
+    let json = |i: usize| -> Result<Option<serde_json::Value>, sqlx::Error> {
+        Ok(r.try_get::<Option<String>, _>(i)?
+            .and_then(|s| serde_json::from_str(&s).ok()))
+    };
+    let last_status: Option<i32> = r.try_get(14)?;
+    let last_body: Option<String> = r.try_get(15)?;
+    let last_error: Option<String> = r.try_get(16)?;
+    let last_response = (last_status.is_some() || last_body.is_some() || last_error.is_some())
+        .then(|| LastResponse {
+            status: last_status.and_then(|s| u16::try_from(s).ok()),
+            body: last_body,
+            error: last_error,
+        });
+    let state: String = r.try_get(7)?;
+    Ok(StoredMessage {
+        id: r.try_get(0)?,
+        message_id: r.try_get(1)?,
+        source: r.try_get(2)?,
+        call: r.try_get(3)?,
+        service_id: r.try_get(4)?,
+        user_id: r.try_get(5)?,
+        account_id: r.try_get(6)?,
+        state: State::parse(&state)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown message state {state:?}")))?,
+        code: r.try_get(8)?,
+        reason: r.try_get(9)?,
+        payload: json(10)?.unwrap_or_default(),
+        requests: json(11)?,
+        sent: queue::count(r.try_get(12)?),
+        attempts: queue::count(r.try_get(13)?),
+        last_response,
+        received_at: r.try_get(17)?,
+        updated_at: r.try_get(18)?,
+        next_attempt_at: r.try_get(19)?,
+        warnings: json(20)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default(),
+    })
+}
+
+/// A bound value of a dynamically built statement.
+enum Arg {
+    Int(i64),
+    Text(String),
+}
+
+fn bind_args<'q>(
+    mut query: Query<'q, Postgres, PgArguments>,
+    args: Vec<Arg>,
+) -> Query<'q, Postgres, PgArguments> {
+    for arg in args {
+        query = match arg {
+            Arg::Int(v) => query.bind(v),
+            Arg::Text(v) => query.bind(v),
+        };
+    }
+    query
+}
+
+/// SQL conditions (on `td_messages m`) for a filter, with parameters
+/// numbered from `$first`.
+fn where_clause(f: &MessageFilter, first: usize) -> (String, Vec<Arg>) {
+    let mut conds = vec!["true".to_owned()];
+    let mut args = Vec::new();
+    let mut add = |column: &str, op: &str, arg: Arg| {
+        conds.push(format!("m.{column} {op} ${}", first + args.len()));
+        args.push(arg);
+    };
+    if let Some(id) = f.id {
+        add("id", "=", Arg::Int(id));
+    }
+    if let Some(s) = f.state {
+        add("state", "=", Arg::Text(s.as_str().to_owned()));
+    }
+    if let Some(v) = &f.message_id {
+        add("message_id", "=", Arg::Text(pg_text(v).into_owned()));
+    }
+    if let Some(v) = &f.user_id {
+        add("user_id", "=", Arg::Text(pg_text(v).into_owned()));
+    }
+    if let Some(v) = &f.account_id {
+        add("account_id", "=", Arg::Text(pg_text(v).into_owned()));
+    }
+    if let Some(before) = f.before {
+        add("id", "<", Arg::Int(before));
+    }
+    (conds.join(" AND "), args)
+}
+
+/// Text as PostgreSQL can store it: NUL (which it refuses) becomes U+FFFD.
+fn pg_text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn pg_text_opt(s: &Option<String>) -> Option<Cow<'_, str>> {
+    s.as_deref().map(pg_text)
+}
+
+impl From<sqlx::Error> for StorageError {
+    /// Sorts database failures into passing ones (connection, resources,
+    /// shutdown: `Unavailable`; serialization, deadlock, uniqueness:
+    /// `Conflict`) and ones an operator must handle (`Corrupt`).
+    fn from(e: sqlx::Error) -> StorageError {
+        use sqlx::Error as E;
+        match e {
+            E::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                let why = format!("{} (SQLSTATE {code})", db.message());
+                let class = code.get(..2).unwrap_or("");
+                match (code.as_str(), class) {
+                    ("40001" | "40P01" | "23505" | "55P03", _) => StorageError::Conflict(why),
+                    // Data corrupted, index corrupted, internal error; schema
+                    // objects missing or refused; data a constraint rejects.
+                    (_, "XX" | "42" | "22" | "23") => StorageError::Corrupt(why),
+                    // Connection, resources, shutdown, system errors, and
+                    // anything else: may pass.
+                    _ => StorageError::Unavailable(why),
+                }
+            }
+            E::Io(_)
+            | E::Tls(_)
+            | E::PoolTimedOut
+            | E::PoolClosed
+            | E::WorkerCrashed
+            | E::Protocol(_)
+            | E::BeginFailed => StorageError::Unavailable(e.to_string()),
+            other => StorageError::Corrupt(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,690 @@
+//! The queue's SQL: acceptance with dedupe, claims, reports, replays and
+//! pruning. Each function runs on a connection the caller put in a
+//! transaction (or autocommit, for single statements) and batches its work
+//! into a few statements whatever the number of messages.
+//!
+//! Per-key ordering across replicas: a queued message is the head of its key
+//! (the only claimable one) when nothing of its key was queued before it, and
+//! the next message becomes head when the head leaves the queue. Enqueue and
+//! dequeue of one key must therefore not interleave between transactions.
+//! They take a row lock on the key's row in `td_keys` (an upsert, so the row
+//! is created on first use), in sorted key order so two transactions never
+//! wait on each other crosswise, and hold it until commit; the head
+//! decision is then made by a later statement, whose snapshot (READ
+//! COMMITTED) sees everything the previous holder committed. Row locks live
+//! in the tuples, so a batch of thousands of keys cannot exhaust the lock
+//! table the way as many advisory locks could. Dequeue deletes a key's row
+//! when the key has nothing left queued; pruning removes rows left by rolled
+//! back work. The unique index `td_queue_one_head` backs all this up.
+
+use super::super::{
+    Acceptance, ClaimBatch, Claimed, Disposition, MessageFilter, Millis, NewMessage, Report, State,
+    StorageError,
+};
+use super::{Arg, bind_args, pg_text, pg_text_opt, where_clause};
+use sqlx::{PgConnection, Row};
+use std::borrow::Cow;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+
+/// The database clock in milliseconds since the Unix epoch.
+pub const CLOCK_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+/// The transaction's start on the database clock, in milliseconds.
+const TX_NOW_MS: &str = "floor(extract(epoch FROM now()) * 1000)::bigint";
+/// The `LISTEN/NOTIFY` channel of "work may be claimable".
+pub const CHANNEL: &str = "td_work";
+/// Most dead messages one replay call queues again (keeps the transaction short).
+const REPLAY_MAX: i64 = 10_000;
+/// Most old messages deleted by one prune, to keep each transaction short.
+pub const PRUNE_CHUNK: i64 = 2_000;
+/// Most expired dedupe entries deleted by one prune.
+const PRUNE_DEDUPE_CHUNK: i64 = 20_000;
+/// Held by the replica that prunes (`pg_try_advisory_xact_lock`); "tdprune".
+const PRUNE_LOCK: i64 = 0x0074_6470_7275_6e65;
+
+/// What one accept did.
+pub struct Accepted {
+    pub acceptances: Vec<Acceptance>,
+    /// Whether it queued anything (wake delivery).
+    pub queued: bool,
+}
+
+/// Locks the ordering keys (see the module comment) until the transaction ends.
+async fn lock_keys(conn: &mut PgConnection, keys: Vec<String>) -> Result<(), StorageError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut keys = keys;
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query(
+        "INSERT INTO td_keys (ordering_key) SELECT k FROM unnest($1::text[]) AS t(k) ORDER BY k \
+         ON CONFLICT (ordering_key) DO UPDATE SET ordering_key = EXCLUDED.ordering_key",
+    )
+    .bind(keys)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Queues messages (ascending ids) behind what their keys already hold, due
+/// at `due` (per message). The keys must be locked.
+const ENQUEUE_HEAD: &str = "ordering_key IS NULL OR (\
+    row_number() OVER (PARTITION BY ordering_key ORDER BY id) = 1 \
+    AND NOT EXISTS (SELECT 1 FROM td_queue q WHERE q.ordering_key = i.ordering_key))";
+
+/// Stores a batch: dedupes by (source, messageId) within `window_ms`, applies
+/// page categories in batch order and queues `Pending` messages.
+pub async fn accept(
+    conn: &mut PgConnection,
+    batch: &[&NewMessage],
+    window_ms: Millis,
+) -> Result<Accepted, StorageError> {
+    if batch.is_empty() {
+        return Ok(Accepted {
+            acceptances: Vec::new(),
+            queued: false,
+        });
+    }
+    let sources: Vec<Cow<str>> = batch.iter().map(|m| pg_text(&m.source)).collect();
+    let message_ids: Vec<Cow<str>> = batch.iter().map(|m| pg_text(&m.message_id)).collect();
+
+    // The first of a (source, messageId) in the batch asks the dedupe table;
+    // the later ones are duplicates of it whatever it is.
+    let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut later = vec![false; batch.len()];
+    for i in 0..batch.len() {
+        let key = (sources[i].as_ref(), message_ids[i].as_ref());
+        match first_of.entry(key) {
+            Entry::Occupied(_) => later[i] = true,
+            Entry::Vacant(v) => {
+                v.insert(i);
+            }
+        }
+    }
+    let (first_sources, first_ids): (Vec<&str>, Vec<&str>) = first_of.keys().copied().unzip();
+    // New, or accepted longer ago than the window: (re)remembered now. The
+    // insert is sorted so concurrent batches lock dedupe rows in one order.
+    let fresh: HashSet<usize> = sqlx::query(&format!(
+        "INSERT INTO td_dedupe (source, message_id, accepted_at) \
+         SELECT s, m, {TX_NOW_MS} FROM unnest($1::text[], $2::text[]) AS t(s, m) ORDER BY s, m \
+         ON CONFLICT (source, message_id) DO UPDATE SET accepted_at = EXCLUDED.accepted_at \
+         WHERE td_dedupe.accepted_at < EXCLUDED.accepted_at - $3 \
+         RETURNING source, message_id"
+    ))
+    .bind(&first_sources)
+    .bind(&first_ids)
+    .bind(window_ms)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| {
+        let source: String = r.try_get(0)?;
+        let message_id: String = r.try_get(1)?;
+        Ok(first_of
+            .get(&(source.as_str(), message_id.as_str()))
+            .copied())
+    })
+    .filter_map(Result::transpose)
+    .collect::<Result<_, sqlx::Error>>()?;
+    let duplicate: Vec<bool> = (0..batch.len())
+        .map(|i| later[i] || !fresh.contains(&i))
+        .collect();
+
+    let page_categories = page_categories(conn, batch, &duplicate).await?;
+
+    let keys: Vec<String> = batch
+        .iter()
+        .zip(&duplicate)
+        .filter(|(m, dup)| !**dup && m.state == State::Pending)
+        .filter_map(|(m, _)| m.ordering_key.as_deref().map(|k| pg_text(k).into_owned()))
+        .collect();
+    lock_keys(conn, keys).await?;
+
+    let n = batch.len();
+    let mut calls = Vec::with_capacity(n);
+    let mut services = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut accounts = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut codes = Vec::with_capacity(n);
+    let mut reasons = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut settings = Vec::with_capacity(n);
+    let mut received = Vec::with_capacity(n);
+    let mut ordering_keys = Vec::with_capacity(n);
+    let mut warnings = Vec::with_capacity(n);
+    for (m, dup) in batch.iter().zip(&duplicate) {
+        let (state, code, reason) = if *dup {
+            (
+                State::Duplicate,
+                Some(Cow::Borrowed("duplicate")),
+                Some(Cow::Owned(
+                    pg_text(&format!(
+                        "messageId {:?} was already accepted",
+                        m.message_id
+                    ))
+                    .into_owned(),
+                )),
+            )
+        } else {
+            (m.state, pg_text_opt(&m.code), pg_text_opt(&m.reason))
+        };
+        calls.push(pg_text(&m.call));
+        services.push(pg_text(&m.service_id));
+        users.push(pg_text_opt(&m.user_id));
+        accounts.push(pg_text_opt(&m.account_id));
+        states.push(state.as_str());
+        codes.push(code);
+        reasons.push(reason);
+        payloads.push(pg_text(&m.payload));
+        settings.push(pg_text(&m.settings));
+        received.push(m.received_at);
+        ordering_keys.push(pg_text_opt(&m.ordering_key));
+        warnings.push((!m.warnings.is_empty()).then(|| serde_json::json!(m.warnings).to_string()));
+    }
+    let rows = sqlx::query(&format!(
+        "WITH input AS ( \
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
+                $12::bigint[], $13::text[], $14::text[], $15::text[]) WITH ORDINALITY \
+            AS t(message_id, source, call, service_id, user_id, account_id, state, code, reason, \
+                payload, settings, received_at, ordering_key, warnings, page_category, ord)), \
+         inserted AS ( \
+            INSERT INTO td_messages (message_id, source, call, service_id, user_id, account_id, \
+                state, code, reason, payload, settings, received_at, updated_at, ordering_key, \
+                warnings, page_category) \
+            SELECT message_id, source, call, service_id, user_id, account_id, state, code, \
+                reason, payload, settings, received_at, received_at, ordering_key, warnings, \
+                page_category \
+            FROM input ORDER BY ord \
+            RETURNING id, state, ordering_key, received_at), \
+         queued AS ( \
+            INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+            SELECT id, ordering_key, least(received_at, {TX_NOW_MS}), \
+                least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD} \
+            FROM inserted i WHERE state = 'pending' ORDER BY id \
+            RETURNING seq) \
+         SELECT id, (SELECT count(*) FROM queued) FROM inserted ORDER BY id"
+    ))
+    .bind(&message_ids)
+    .bind(&sources)
+    .bind(&calls)
+    .bind(&services)
+    .bind(&users)
+    .bind(&accounts)
+    .bind(&states)
+    .bind(&codes)
+    .bind(&reasons)
+    .bind(&payloads)
+    .bind(&settings)
+    .bind(&received)
+    .bind(&ordering_keys)
+    .bind(&warnings)
+    .bind(&page_categories)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.len() != n {
+        return Err(StorageError::Corrupt(format!(
+            "stored {} of {n} messages",
+            rows.len()
+        )));
+    }
+    let mut queued = false;
+    let mut acceptances = Vec::with_capacity(n);
+    // Ids follow the batch order (the insert is ordered), so the i-th
+    // smallest id is the i-th message.
+    for (row, dup) in rows.iter().zip(&duplicate) {
+        let id: i64 = row.try_get(0)?;
+        queued |= row.try_get::<i64, _>(1)? > 0;
+        acceptances.push(if *dup {
+            Acceptance::Duplicate { id }
+        } else {
+            Acceptance::Stored { id }
+        });
+    }
+    Ok(Accepted {
+        acceptances,
+        queued,
+    })
+}
+
+/// The page category each message stores, deciding them in batch order and
+/// recording the memory the batch leaves: a message reads the category as it
+/// stands after the earlier messages, before its own change. Duplicates
+/// neither read nor change it.
+async fn page_categories(
+    conn: &mut PgConnection,
+    batch: &[&NewMessage],
+    duplicate: &[bool],
+) -> Result<Vec<Option<String>>, StorageError> {
+    type User = (String, String);
+    let user_of = |i: usize| -> Option<User> {
+        let m = batch[i];
+        let user = m.user_id.as_deref().filter(|_| !duplicate[i])?;
+        Some((
+            pg_text(&m.service_id).into_owned(),
+            pg_text(user).into_owned(),
+        ))
+    };
+    let readers: Vec<User> = (0..batch.len())
+        .filter(|&i| batch[i].needs_page_category)
+        .filter_map(user_of)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut memory: HashMap<User, Option<String>> = HashMap::new();
+    if !readers.is_empty() {
+        let (services, users): (Vec<String>, Vec<String>) = readers.iter().cloned().unzip();
+        // Locked (existing rows), so a concurrent batch of the same user on
+        // another replica applies its pages before or after this one.
+        let rows = sqlx::query(
+            "SELECT p.service_id, p.user_id, p.category FROM td_page_categories p \
+             JOIN unnest($1::text[], $2::text[]) AS t(s, u) \
+                ON p.service_id = t.s AND p.user_id = t.u \
+             ORDER BY p.service_id, p.user_id FOR UPDATE OF p",
+        )
+        .bind(&services)
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await?;
+        for user in readers {
+            memory.insert(user, None);
+        }
+        for row in rows {
+            memory.insert((row.try_get(0)?, row.try_get(1)?), Some(row.try_get(2)?));
+        }
+    }
+    let mut stored = Vec::with_capacity(batch.len());
+    let mut changed: HashMap<User, Option<String>> = HashMap::new();
+    for (i, m) in batch.iter().enumerate() {
+        let Some(user) = user_of(i) else {
+            stored.push(None);
+            continue;
+        };
+        stored.push(if m.needs_page_category {
+            memory.get(&user).cloned().flatten()
+        } else {
+            None
+        });
+        if let Some(set) = &m.set_page_category {
+            let set = pg_text_opt(set).map(Cow::into_owned);
+            memory.insert(user.clone(), set.clone());
+            changed.insert(user, set);
+        }
+    }
+    if !changed.is_empty() {
+        let mut changed: Vec<(User, Option<String>)> = changed.into_iter().collect();
+        changed.sort_unstable();
+        let (mut set_s, mut set_u, mut set_c) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut del_s, mut del_u) = (Vec::new(), Vec::new());
+        for ((service, user), category) in changed {
+            match category {
+                Some(c) => {
+                    set_s.push(service);
+                    set_u.push(user);
+                    set_c.push(c);
+                }
+                None => {
+                    del_s.push(service);
+                    del_u.push(user);
+                }
+            }
+        }
+        sqlx::query(
+            "WITH remembered AS ( \
+                INSERT INTO td_page_categories (service_id, user_id, category) \
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
+                ON CONFLICT (service_id, user_id) DO UPDATE SET category = EXCLUDED.category \
+                RETURNING 1), \
+             forgotten AS ( \
+                DELETE FROM td_page_categories p USING unnest($4::text[], $5::text[]) AS t(s, u) \
+                WHERE p.service_id = t.s AND p.user_id = t.u RETURNING 1) \
+             SELECT (SELECT count(*) FROM remembered), (SELECT count(*) FROM forgotten)",
+        )
+        .bind(&set_s)
+        .bind(&set_u)
+        .bind(&set_c)
+        .bind(&del_s)
+        .bind(&del_u)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(stored)
+}
+
+/// Leases up to `limit` due heads on the database clock. One statement.
+pub async fn claim(
+    conn: &mut PgConnection,
+    limit: usize,
+    lease_ms: Millis,
+) -> Result<ClaimBatch, StorageError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = sqlx::query(&format!(
+        "WITH now AS (SELECT {CLOCK_MS} AS t), \
+         picked AS ( \
+            SELECT q.seq FROM td_queue q \
+            WHERE q.head AND q.next_attempt_at <= (SELECT t FROM now) \
+                AND q.leased_until <= (SELECT t FROM now) \
+            ORDER BY q.next_attempt_at, q.seq LIMIT $1 \
+            FOR UPDATE SKIP LOCKED), \
+         leased AS ( \
+            UPDATE td_queue q SET leased_until = (SELECT t FROM now) + $2, \
+                lease = nextval('td_lease') \
+            FROM picked WHERE q.seq = picked.seq \
+            RETURNING q.seq, q.message, q.lease, q.enqueued_at) \
+         SELECT due.next_due, c.* FROM ( \
+            SELECT min(q.next_attempt_at) AS next_due FROM td_queue q \
+            WHERE q.head AND q.next_attempt_at > (SELECT t FROM now) \
+                AND q.leased_until <= (SELECT t FROM now)) due \
+         LEFT JOIN ( \
+            SELECT l.seq, m.id, l.lease, m.source, m.payload, m.settings, m.requests, m.sent, \
+                m.attempts, m.received_at, l.enqueued_at, m.page_category \
+            FROM leased l JOIN td_messages m ON m.id = l.message) c ON true \
+         ORDER BY c.seq"
+    ))
+    .bind(limit)
+    .bind(lease_ms)
+    .fetch_all(conn)
+    .await?;
+    let mut batch = ClaimBatch::default();
+    for row in rows {
+        batch.next_due = row.try_get(0)?;
+        let Some(id) = row.try_get::<Option<i64>, _>(2)? else {
+            continue;
+        };
+        batch.messages.push(Claimed {
+            id,
+            lease: row.try_get(3)?,
+            source: row.try_get(4)?,
+            payload: row.try_get(5)?,
+            settings: row.try_get(6)?,
+            requests: row.try_get(7)?,
+            sent: count(row.try_get(8)?),
+            attempts: count(row.try_get(9)?),
+            received_at: row.try_get(10)?,
+            retry_from: row.try_get(11)?,
+            latest_page_category: row.try_get(12)?,
+        });
+    }
+    Ok(batch)
+}
+
+pub fn count(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
+/// What a report did.
+pub struct Reported {
+    /// The ids of the reports ignored (their lease was not current), in order.
+    pub stale: Vec<i64>,
+    /// A key's next message became claimable (other replicas care).
+    pub promoted: bool,
+}
+
+/// Records results of the reports whose lease is current, in at most three
+/// statements; the rest are ignored. Runs in a transaction.
+pub async fn report(
+    conn: &mut PgConnection,
+    reports: Vec<Report>,
+) -> Result<Reported, StorageError> {
+    let all: Vec<i64> = reports.iter().map(|r| r.id).collect();
+    // The first report on a message wins; a second one carries a lease the
+    // first has released.
+    let mut seen = HashSet::new();
+    let reports: Vec<Report> = reports.into_iter().filter(|r| seen.insert(r.id)).collect();
+    let n = reports.len();
+    let (mut ids, mut leases) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut requests, mut sent, mut attempted) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut states, mut codes, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut has_last, mut statuses, mut bodies, mut errors) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut settings, mut next) = (Vec::new(), Vec::new());
+    let (mut dequeue_ids, mut dequeue_leases) = (Vec::new(), Vec::new());
+    for r in &reports {
+        let (state, code, reason, next_attempt_at) = match &r.disposition {
+            Disposition::Delivered => (State::Delivered, None, None, None),
+            Disposition::Retry { next_attempt_at } => {
+                (State::Pending, None, None, Some(*next_attempt_at))
+            }
+            Disposition::Dead { code, reason } => (
+                State::Dead,
+                Some(pg_text(code)),
+                Some(pg_text(reason)),
+                None,
+            ),
+            Disposition::Final {
+                state,
+                code,
+                reason,
+            } => (*state, pg_text_opt(code), pg_text_opt(reason), None),
+        };
+        if next_attempt_at.is_none() {
+            dequeue_ids.push(r.id);
+            dequeue_leases.push(r.lease);
+        }
+        ids.push(r.id);
+        leases.push(r.lease);
+        requests.push(pg_text_opt(&r.requests));
+        sent.push(i64::from(r.sent));
+        attempted.push(i64::from(r.attempted));
+        states.push(state.as_str());
+        codes.push(code);
+        reasons.push(reason);
+        has_last.push(r.last.is_some());
+        let last = r.last.as_ref();
+        statuses.push(last.and_then(|l| l.status).map(i32::from));
+        bodies.push(last.and_then(|l| l.body.as_deref()).map(pg_text));
+        errors.push(last.and_then(|l| l.error.as_deref()).map(pg_text));
+        settings.push(pg_text_opt(&r.settings));
+        next.push(next_attempt_at);
+    }
+    if !dequeue_ids.is_empty() {
+        // The keys whose head may leave the queue.
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT q.ordering_key FROM td_queue q \
+             JOIN unnest($1::bigint[], $2::bigint[]) AS r(id, lease) \
+                ON q.message = r.id AND q.lease = r.lease \
+             WHERE q.ordering_key IS NOT NULL",
+        )
+        .bind(&dequeue_ids)
+        .bind(&dequeue_leases)
+        .fetch_all(&mut *conn)
+        .await?;
+        lock_keys(conn, keys).await?;
+    }
+    let row = sqlx::query(&format!(
+        "WITH r AS ( \
+            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
+                $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::int[], \
+                $11::text[], $12::text[], $13::text[], $14::bigint[]) \
+            AS r(id, lease, requests, sent, attempted, state, code, reason, has_last, status, \
+                body, error, settings, next_attempt_at)), \
+         valid AS ( \
+            SELECT q.seq, q.ordering_key, r.* FROM td_queue q \
+            JOIN r ON q.message = r.id AND q.lease = r.lease FOR UPDATE OF q), \
+         updated AS ( \
+            UPDATE td_messages m SET requests = COALESCE(v.requests, m.requests), \
+                sent = v.sent, attempts = m.attempts + v.attempted, state = v.state, \
+                code = v.code, reason = v.reason, \
+                last_status = CASE WHEN v.has_last THEN v.status ELSE m.last_status END, \
+                last_body = CASE WHEN v.has_last THEN v.body ELSE m.last_body END, \
+                last_error = CASE WHEN v.has_last THEN v.error ELSE m.last_error END, \
+                updated_at = {CLOCK_MS}, settings = COALESCE(v.settings, m.settings) \
+            FROM valid v WHERE m.id = v.id RETURNING m.id), \
+         retried AS ( \
+            UPDATE td_queue q SET next_attempt_at = v.next_attempt_at, leased_until = 0, \
+                lease = NULL \
+            FROM valid v WHERE q.seq = v.seq AND v.next_attempt_at IS NOT NULL \
+            RETURNING q.seq), \
+         dequeued AS ( \
+            DELETE FROM td_queue q USING valid v \
+            WHERE q.seq = v.seq AND v.next_attempt_at IS NULL \
+            RETURNING q.ordering_key) \
+         SELECT ARRAY(SELECT id FROM updated), \
+            ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL)"
+    ))
+    .bind(&ids)
+    .bind(&leases)
+    .bind(&requests)
+    .bind(&sent)
+    .bind(&attempted)
+    .bind(&states)
+    .bind(&codes)
+    .bind(&reasons)
+    .bind(&has_last)
+    .bind(&statuses)
+    .bind(&bodies)
+    .bind(&errors)
+    .bind(&settings)
+    .bind(&next)
+    .fetch_one(&mut *conn)
+    .await?;
+    let applied: Vec<i64> = row.try_get(0)?;
+    let dequeued_keys: Vec<String> = row.try_get(1)?;
+    let promoted = if dequeued_keys.is_empty() {
+        false
+    } else {
+        promote(conn, &dequeued_keys).await?
+    };
+    // Each applied id answers its first report; every other report is stale.
+    let mut applied: HashSet<i64> = applied.into_iter().collect();
+    let stale = all.into_iter().filter(|id| !applied.remove(id)).collect();
+    Ok(Reported { stale, promoted })
+}
+
+/// Makes the oldest queued message of each key its head where the head left,
+/// and forgets keys with nothing queued. The keys must be locked.
+async fn promote(conn: &mut PgConnection, keys: &[String]) -> Result<bool, StorageError> {
+    let promoted: i64 = sqlx::query_scalar(
+        "WITH first AS ( \
+            SELECT f.seq, f.head FROM unnest($1::text[]) AS k(key) \
+            CROSS JOIN LATERAL (SELECT seq, head FROM td_queue WHERE ordering_key = k.key \
+                ORDER BY seq LIMIT 1) f), \
+         promoted AS ( \
+            UPDATE td_queue q SET head = true FROM first \
+            WHERE q.seq = first.seq AND NOT first.head RETURNING q.seq), \
+         emptied AS ( \
+            DELETE FROM td_keys k WHERE k.ordering_key = ANY($1::text[]) \
+                AND NOT EXISTS (SELECT 1 FROM td_queue q WHERE q.ordering_key = k.ordering_key) \
+            RETURNING 1) \
+         SELECT count(*) FROM promoted",
+    )
+    .bind(keys)
+    .fetch_one(conn)
+    .await?;
+    Ok(promoted > 0)
+}
+
+/// Queues the dead messages matching `filter` again, behind what their keys
+/// hold, with a fresh retry window. Runs in a transaction.
+pub async fn replay(
+    conn: &mut PgConnection,
+    filter: &MessageFilter,
+) -> Result<Vec<i64>, StorageError> {
+    let dead = MessageFilter {
+        state: Some(State::Dead),
+        ..filter.clone()
+    };
+    let (clause, args) = where_clause(&dead, 1);
+    let limit = args.len() + 1;
+    let sql = format!(
+        "UPDATE td_messages m SET state = 'pending', code = NULL, reason = NULL, \
+            updated_at = {CLOCK_MS} \
+         WHERE m.id IN (SELECT m.id FROM td_messages m WHERE {clause} \
+            ORDER BY m.id LIMIT ${limit} FOR UPDATE) AND m.state = 'dead' \
+         RETURNING m.id, m.ordering_key, m.updated_at"
+    );
+    let mut args = args;
+    args.push(Arg::Int(REPLAY_MAX));
+    let mut rows: Vec<(i64, Option<String>, i64)> = bind_args(sqlx::query(&sql), args)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    rows.sort_unstable_by_key(|r| r.0);
+    lock_keys(conn, rows.iter().filter_map(|r| r.1.clone()).collect()).await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    let keys: Vec<Option<String>> = rows.iter().map(|r| r.1.clone()).collect();
+    let due: Vec<i64> = rows.iter().map(|r| r.2).collect();
+    sqlx::query(&format!(
+        "INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+         SELECT id, ordering_key, due, due, {ENQUEUE_HEAD} \
+         FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS i(id, ordering_key, due) \
+         ORDER BY id"
+    ))
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&due)
+    .execute(&mut *conn)
+    .await?;
+    Ok(ids)
+}
+
+/// Deletes, in chunks, expired dedupe entries, finished messages past
+/// retention, ended pauses and key rows left by rolled back work, unless
+/// another replica is pruning. `Some(true)`: a full chunk went, there may
+/// be more; `None`: another replica holds the prune lock.
+pub async fn prune(
+    conn: &mut PgConnection,
+    window_ms: Millis,
+    retention_ms: Option<Millis>,
+) -> Result<Option<bool>, StorageError> {
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(PRUNE_LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !mine {
+        return Ok(None);
+    }
+    let now: i64 = sqlx::query_scalar(&format!("SELECT {CLOCK_MS}"))
+        .fetch_one(&mut *conn)
+        .await?;
+    // The age conditions are repeated on the deleted row: an entry refreshed
+    // by a concurrent accept is re-checked after its lock and kept.
+    let dedupe = sqlx::query(
+        "DELETE FROM td_dedupe d USING ( \
+            SELECT source, message_id FROM td_dedupe WHERE accepted_at < $1 LIMIT $2) old \
+         WHERE d.source = old.source AND d.message_id = old.message_id AND d.accepted_at < $1",
+    )
+    .bind(now - window_ms)
+    .bind(PRUNE_DEDUPE_CHUNK)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let mut more = dedupe as i64 >= PRUNE_DEDUPE_CHUNK;
+    if let Some(retention) = retention_ms {
+        // The state condition matches the partial index td_messages_finished.
+        let messages = sqlx::query(
+            "DELETE FROM td_messages m WHERE m.id IN ( \
+                SELECT id FROM td_messages \
+                WHERE state NOT IN ('pending', 'dead') AND updated_at < $1 LIMIT $2) \
+             AND m.state NOT IN ('pending', 'dead') AND m.updated_at < $1",
+        )
+        .bind(now - retention)
+        .bind(PRUNE_CHUNK)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        more |= messages as i64 >= PRUNE_CHUNK;
+    }
+    sqlx::query("DELETE FROM td_paused_endpoints WHERE until < $1")
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    let keys = sqlx::query(
+        "DELETE FROM td_keys k WHERE k.ordering_key IN ( \
+            SELECT ordering_key FROM td_keys o WHERE NOT EXISTS ( \
+                SELECT 1 FROM td_queue q WHERE q.ordering_key = o.ordering_key) LIMIT $1)",
+    )
+    .bind(PRUNE_CHUNK)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    more |= keys as i64 >= PRUNE_CHUNK;
+    Ok(Some(more))
+}
