@@ -44,6 +44,11 @@ pub struct StorageConfig {
     pub max_backlog_bytes: u64,
     /// Below this much free space where the database lives, ingest answers 503.
     pub min_free_disk_bytes: u64,
+    /// How long a claimed message is held by the process delivering it. If
+    /// that process dies, another delivers the message after this long.
+    pub lease_secs: u64,
+    /// Database connections each process keeps (PostgreSQL).
+    pub pool_size: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -139,6 +144,8 @@ impl Default for Config {
                 max_backlog_messages: 2_000_000,
                 max_backlog_bytes: 2 * 1024 * 1024 * 1024,
                 min_free_disk_bytes: 512 * 1024 * 1024,
+                lease_secs: 600,
+                pool_size: 8,
             },
             totango: SettingsPatch::default(),
             auth: AuthConfig::default(),
@@ -372,6 +379,23 @@ impl Config {
             return Err(ConfigError::invalid(
                 "delivery.request_timeout_ms",
                 "must be at least 1",
+            ));
+        }
+        // A lease must outlive one delivery (a few requests, each up to the
+        // timeout), or a slow but live delivery loses its message to another.
+        let min_lease = d.request_timeout_ms.saturating_mul(3).div_ceil(1000).max(1);
+        if self.storage.lease_secs < min_lease {
+            return Err(ConfigError::invalid(
+                "storage.lease_secs",
+                format!(
+                    "must be at least {min_lease} (three times delivery.request_timeout_ms, in seconds)"
+                ),
+            ));
+        }
+        if !(1..=1000).contains(&self.storage.pool_size) {
+            return Err(ConfigError::invalid(
+                "storage.pool_size",
+                "must be between 1 and 1000",
             ));
         }
         let l = &self.limits;

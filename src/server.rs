@@ -6,7 +6,7 @@ use crate::admin::auth::{AdminAuth, Loaded};
 use crate::config::{Runtime, StorageUrl};
 use crate::delivery::Delivery;
 use crate::ingest::{self, AppState};
-use crate::storage::{SqliteOptions, SqliteStorage, Storage, StorageError};
+use crate::storage::{LateStorage, SqliteStorage, Storage, StorageError, StorageOptions};
 use crate::telemetry;
 use axum::Json;
 use axum::Router;
@@ -48,21 +48,79 @@ pub enum RunError {
     AdminToken(#[from] crate::admin::auth::TokenFileError),
 }
 
-/// Opens the configured storage backend.
-pub fn open_storage(runtime: &Runtime) -> Result<Arc<dyn Storage>, RunError> {
+/// How often a server that could not open its storage tries again.
+const STORAGE_RETRY: Duration = Duration::from_secs(5);
+
+/// The storage options the configuration asks for.
+pub fn storage_options(runtime: &Runtime) -> StorageOptions {
     let secs = |s: u64| (s as i64).saturating_mul(1000);
     let storage = &runtime.config.storage;
-    let options = SqliteOptions {
+    StorageOptions {
         dedupe_window_ms: secs(storage.dedupe_window_secs),
         retention_ms: (storage.retention_secs > 0).then(|| secs(storage.retention_secs)),
         prune_every_ms: 60_000,
-    };
+        lease_ms: secs(storage.lease_secs),
+        pool_size: storage.pool_size,
+    }
+}
+
+/// Opens the configured storage backend (running its migrations).
+pub async fn open_storage(runtime: &Runtime) -> Result<Arc<dyn Storage>, RunError> {
+    let options = storage_options(runtime);
     match &runtime.storage {
-        StorageUrl::Sqlite(path) => Ok(Arc::new(SqliteStorage::open_with(path, options)?)),
+        StorageUrl::Sqlite(path) => {
+            let path = path.clone();
+            let opened =
+                tokio::task::spawn_blocking(move || SqliteStorage::open_with(&path, options))
+                    .await
+                    .map_err(|e| StorageError::Unavailable(format!("opening storage: {e}")))?;
+            Ok(Arc::new(opened?))
+        }
         StorageUrl::Postgres(_) => Err(RunError::UnsupportedStorage(
             "postgres:// is not available in this build yet; use sqlite://PATH".into(),
         )),
     }
+}
+
+/// Opens storage; when that fails the server still starts, without it: health
+/// answers, `/readyz` and ingest say why with 503, and a passing failure (a
+/// database not reachable yet, a file another process holds) is retried in
+/// the background. A damaged database is not retried: it needs an operator,
+/// and a process that exits would only be restarted into the same failure.
+async fn open_or_wait(
+    runtime: &Runtime,
+    shutdown: &CancellationToken,
+) -> Result<Arc<dyn Storage>, RunError> {
+    let e = match open_storage(runtime).await {
+        Ok(s) => return Ok(s),
+        Err(RunError::Storage(e)) => e,
+        Err(other) => return Err(other),
+    };
+    let late = Arc::new(LateStorage::failed(e.clone()));
+    if e.is_transient() {
+        tracing::error!(error = %e, "storage unavailable; serving without it and retrying every {}s", STORAGE_RETRY.as_secs());
+        let (late, runtime, shutdown) = (late.clone(), runtime.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(STORAGE_RETRY) => {}
+                }
+                match open_storage(&runtime).await {
+                    Ok(s) if shutdown.is_cancelled() => return s.close().await,
+                    Ok(s) => {
+                        tracing::info!("storage is open; accepting messages");
+                        return late.install(s);
+                    }
+                    Err(RunError::Storage(e)) => late.still_failing(e),
+                    Err(e) => return tracing::error!(error = %e, "storage cannot be opened"),
+                }
+            }
+        });
+    } else {
+        tracing::error!(error = %e, "storage cannot be used; serving without it (/readyz answers 503) until an operator repairs it and restarts the server");
+    }
+    Ok(late)
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then stops accepting,
@@ -72,7 +130,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let storage = open_storage(&runtime)?;
+    let storage = open_or_wait(&runtime, &shutdown).await?;
     run_with_storage(runtime, listener, storage, shutdown).await
 }
 
@@ -313,9 +371,15 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
+            let status = match e {
+                StorageError::Corrupt(_) => "storage damaged",
+                _ => "storage unavailable",
+            };
+            // The details (paths, hosts) go to the log, not to this
+            // unauthenticated answer.
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "storage unavailable"})),
+                Json(json!({"status": status})),
             )
         }
     }

@@ -10,6 +10,9 @@ pub const ACCEPTED: &str = "td_messages_accepted_total";
 /// Messages by final outcome (delivered, filtered, unsupported, duplicate, rejected, dead).
 pub const OUTCOMES: &str = "td_messages_total";
 /// Requests sent to Totango, by status class (2xx, 4xx, 5xx, error).
+/// Delivery results ignored because their lease had run out and another
+/// claim took the message.
+pub const STALE_REPORTS: &str = "td_stale_reports_total";
 pub const ATTEMPTS: &str = "td_delivery_attempts_total";
 pub const DELIVERY_LATENCY: &str = "td_delivery_request_duration_seconds";
 pub const HTTP_LATENCY: &str = "td_http_request_duration_seconds";
@@ -38,6 +41,10 @@ pub fn metrics() -> &'static PrometheusHandle {
             metrics::describe_counter!(ACCEPTED, "Messages accepted, by interface");
             metrics::describe_counter!(OUTCOMES, "Messages by final outcome");
             metrics::describe_counter!(ATTEMPTS, "Requests sent to Totango, by status class");
+            metrics::describe_counter!(
+                STALE_REPORTS,
+                "Delivery results ignored because their lease had run out"
+            );
             metrics::describe_histogram!(DELIVERY_LATENCY, "Latency of requests to Totango");
             metrics::describe_histogram!(HTTP_LATENCY, "Latency of inbound HTTP requests");
             metrics::describe_gauge!(QUEUE_DEPTH, "Messages waiting for delivery");

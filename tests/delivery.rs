@@ -85,7 +85,7 @@ impl Server {
         c.delivery.retry_max_ms = 100;
         c.delivery.request_timeout_ms = 5_000;
         let runtime = c.validate().expect("valid configuration");
-        let storage = open_storage(&runtime).expect("open storage");
+        let storage = open_storage(&runtime).await.expect("open storage");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();

@@ -1,6 +1,6 @@
-//! Property test: the SQLite queue against a simple model. Random sequences of
-//! accept / claim / report (delivered, retry, dead) on a logical clock keep
-//! these invariants:
+//! Property test: the queue (SQLite, and PostgreSQL when `TEST_DATABASE_URL`
+//! is set) against a simple model. Random sequences of accept / claim /
+//! report (delivered, retry, dead) and short waits keep these invariants:
 //! - a claim returns only the oldest unfinished message of each ordering key,
 //!   never one whose key already has a leased message, any due message
 //!   without a key, and every such due message up to the limit;
@@ -9,11 +9,13 @@
 //! - nothing is lost: at the end every accepted message is finished exactly
 //!   once, and each key's messages finished in acceptance order.
 
+mod backends;
+
+use backends::Backend;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use totango_destination::storage::{
-    Disposition, NewMessage, Report, SqliteStorage, State, Storage, now_millis,
-};
+use std::time::Duration;
+use totango_destination::storage::{Disposition, NewMessage, Report, State, now_millis};
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -33,16 +35,16 @@ enum Step {
         pick: usize,
         how: How,
     },
-    /// Move the logical clock forward, in seconds.
+    /// Let time pass (storage uses its own clock).
     Wait {
-        secs: u8,
+        ms: u16,
     },
 }
 
 #[derive(Debug, Clone, Copy)]
 enum How {
     Delivered,
-    Retry { in_secs: u8 },
+    Retry { in_ms: u16 },
     Dead,
 }
 
@@ -58,10 +60,10 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (1usize..5).prop_map(|limit| Step::Claim { limit }),
         3 => (any::<usize>(), prop_oneof![
                 3 => Just(How::Delivered),
-                2 => (0u8..5).prop_map(|in_secs| How::Retry { in_secs }),
+                2 => (0u16..3).prop_map(|k| How::Retry { in_ms: k * 150 }),
                 1 => Just(How::Dead),
             ]).prop_map(|(pick, how)| Step::Report { pick, how }),
-        1 => (0u8..6).prop_map(|secs| Step::Wait { secs }),
+        1 => (1u16..3).prop_map(|k| Step::Wait { ms: k * 100 }),
     ]
 }
 
@@ -76,7 +78,8 @@ struct Model {
     /// id → the page category it must be claimed with.
     category: HashMap<i64, Option<String>>,
     next_attempt: HashMap<i64, i64>,
-    leased: BTreeSet<i64>,
+    /// Leased id → its lease token.
+    leased: BTreeMap<i64, i64>,
     finished: Vec<(String, i64)>,
     key_of: HashMap<i64, Option<String>>,
 }
@@ -87,7 +90,7 @@ impl Model {
             .values()
             .filter_map(|q| q.first())
             .chain(self.unordered.iter())
-            .filter(|id| !self.leased.contains(id) && self.next_attempt[id] <= now)
+            .filter(|id| !self.leased.contains_key(id) && self.next_attempt[id] <= now)
             .copied()
             .collect()
     }
@@ -130,9 +133,10 @@ fn message(n: usize, key: Option<&str>, user: &str, received_at: i64) -> NewMess
     }
 }
 
-fn report(id: i64, disposition: Disposition) -> Report {
+fn report(id: i64, lease: i64, disposition: Disposition) -> Report {
     Report {
         id,
+        lease,
         requests: None,
         sent: 0,
         attempted: true,
@@ -142,13 +146,11 @@ fn report(id: i64, disposition: Disposition) -> Report {
     }
 }
 
-async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let storage = SqliteStorage::open(&dir.path().join("q.db"), 86_400_000).unwrap();
+async fn run(backend: Backend, steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let Some(storage) = backend.open(backends::options()).await else {
+        return Ok(());
+    };
     let mut m = Model::default();
-    // Accepted messages are due at once (received_at is in the past); the
-    // logical clock only moves forward from there.
-    let mut now = now_millis();
     let mut accepted = 0usize;
     for s in steps {
         match s {
@@ -161,10 +163,12 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let key = key.map(|k| format!("k{k}"));
                 let user = format!("u{user}");
                 let set = page.map(|c| c.map(|c| format!("c{c}")));
+                // Due at once: received_at is in the past.
+                let due = now_millis() - 1;
                 let new = NewMessage {
                     set_page_category: set.clone(),
                     needs_page_category: needs,
-                    ..message(accepted, key.as_deref(), &user, now - 1)
+                    ..message(accepted, key.as_deref(), &user, due)
                 };
                 let got = storage.accept(vec![new]).await.unwrap();
                 accepted += 1;
@@ -183,31 +187,40 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 if let Some(c) = set {
                     m.memory.insert(user, c);
                 }
-                m.next_attempt.insert(id, now - 1);
+                m.next_attempt.insert(id, due);
                 m.key_of.insert(id, key);
             }
             Step::Claim { limit } => {
-                let want = m.due_heads(now);
-                let claimed = storage.claim(limit, now).await.unwrap().messages;
+                // Storage reads its own clock in between: what was due
+                // before must be offered, what is due after may be.
+                let must = m.due_heads(now_millis() - 1);
+                let claimed = storage.claim(limit).await.unwrap().messages;
+                let may = m.due_heads(now_millis() + 1);
                 for c in &claimed {
                     prop_assert_eq!(&c.latest_page_category, &m.category[&c.id]);
                 }
                 let got: BTreeSet<i64> = claimed.iter().map(|c| c.id).collect();
-                prop_assert!(got.is_subset(&want), "claimed {got:?}, due heads {want:?}");
-                prop_assert_eq!(
-                    got.len(),
-                    limit.min(want.len()),
-                    "claimed {:?} of {:?}",
+                prop_assert_eq!(got.len(), claimed.len(), "one message claimed twice");
+                prop_assert!(got.is_subset(&may), "claimed {got:?}, due heads {may:?}");
+                prop_assert!(
+                    got.len() >= limit.min(must.len()) && got.len() <= limit,
+                    "claimed {:?} with limit {} of {:?}",
                     got,
-                    want
+                    limit,
+                    must
                 );
-                m.leased.extend(got);
+                m.leased.extend(claimed.iter().map(|c| (c.id, c.lease)));
             }
             Step::Report { pick, how } => {
                 if m.leased.is_empty() {
                     continue;
                 }
-                let id = *m.leased.iter().nth(pick % m.leased.len()).unwrap();
+                let (id, lease) = m
+                    .leased
+                    .iter()
+                    .nth(pick % m.leased.len())
+                    .map(|(i, l)| (*i, *l))
+                    .unwrap();
                 m.leased.remove(&id);
                 let disposition = match how {
                     How::Delivered => Disposition::Delivered,
@@ -215,48 +228,54 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                         code: "x".into(),
                         reason: "x".into(),
                     },
-                    How::Retry { in_secs } => {
-                        let at = now + i64::from(in_secs) * 1000;
+                    How::Retry { in_ms } => {
+                        let at = now_millis() + i64::from(in_ms);
                         m.next_attempt.insert(id, at);
                         Disposition::Retry {
                             next_attempt_at: at,
                         }
                     }
                 };
-                storage
-                    .report(vec![report(id, disposition.clone())])
+                let stale = storage
+                    .report(vec![report(id, lease, disposition.clone())])
                     .await
                     .unwrap();
+                prop_assert!(stale.is_empty(), "a current lease reported stale");
                 if !matches!(disposition, Disposition::Retry { .. }) {
                     m.finish(id)?;
                 }
             }
-            Step::Wait { secs } => now += i64::from(secs) * 1000,
+            Step::Wait { ms } => tokio::time::sleep(Duration::from_millis(ms.into())).await,
         }
     }
-    // Drain: release what is leased, then deliver everything, far in the future.
-    for id in std::mem::take(&mut m.leased) {
+    // Drain: release what is leased, then deliver everything as it falls due.
+    for (id, lease) in std::mem::take(&mut m.leased) {
         storage
             .report(vec![report(
                 id,
+                lease,
                 Disposition::Retry {
-                    next_attempt_at: now,
+                    next_attempt_at: now_millis(),
                 },
             )])
             .await
             .unwrap();
     }
-    let end = now + 3_600_000;
-    loop {
-        let batch = storage.claim(100, end).await.unwrap().messages;
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < give_up {
+        let batch = storage.claim(100).await.unwrap().messages;
         if batch.is_empty() {
-            break;
+            if m.queues.values().all(Vec::is_empty) && m.unordered.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
         }
         for c in batch {
             prop_assert_eq!(&c.latest_page_category, &m.category[&c.id]);
             m.finish(c.id)?;
             storage
-                .report(vec![report(c.id, Disposition::Delivered)])
+                .report(vec![report(c.id, c.lease, Disposition::Delivered)])
                 .await
                 .unwrap();
         }
@@ -296,8 +315,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
     #[test]
-    fn queue_keeps_order_and_loses_nothing(steps in prop::collection::vec(step(), 1..40)) {
+    fn sqlite_queue_keeps_order_and_loses_nothing(steps in prop::collection::vec(step(), 1..40)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(run(steps))?;
+        rt.block_on(run(Backend::Sqlite, steps))?;
+    }
+
+    #[test]
+    fn postgres_queue_keeps_order_and_loses_nothing(steps in prop::collection::vec(step(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run(Backend::Postgres, steps))?;
     }
 }

@@ -167,7 +167,7 @@ struct Resp {
 impl Server {
     async fn start(config: Config) -> Server {
         let runtime = config.validate().expect("valid test configuration");
-        let storage = open_storage(&runtime).expect("open storage");
+        let storage = open_storage(&runtime).await.expect("open storage");
         Server::start_with(runtime, storage).await
     }
 
@@ -1335,7 +1335,7 @@ async fn undelivered_messages_survive_a_restart() {
     assert!(dir.path().join("td.db").exists());
 
     // Start again on the same file, now with Totango answering.
-    let storage = open_storage(&runtime).expect("reopen storage");
+    let storage = open_storage(&runtime).await.expect("reopen storage");
     let pending: Vec<State> = {
         let mut v = Vec::new();
         for id in 1..=3 {

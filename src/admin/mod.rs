@@ -226,8 +226,13 @@ fn query<T: serde::de::DeserializeOwned + Default>(
 }
 
 fn storage_error(e: crate::storage::StorageError) -> ApiError {
+    use crate::storage::StorageError as E;
     tracing::error!(error = %e, "admin API storage error");
-    ApiError::unavailable("storage unavailable")
+    match e {
+        E::Corrupt(_) => ApiError::unavailable("storage damaged"),
+        E::Closed => ApiError::unavailable("shutting down"),
+        E::Unavailable(_) | E::Conflict(_) => ApiError::unavailable("storage unavailable"),
+    }
 }
 
 /// A stored message as the operator sees it: the Segment input, the Totango
@@ -342,12 +347,7 @@ async fn replay_one(
         id: Some(id),
         ..Default::default()
     };
-    let replayed = state
-        .storage
-        .replay(filter, now_millis())
-        .await
-        .map_err(storage_error)?;
-    state.delivery.wake();
+    let replayed = state.storage.replay(filter).await.map_err(storage_error)?;
     Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
 }
 
@@ -363,14 +363,7 @@ async fn replay_matching(
             "only dead messages can be replayed",
         ));
     }
-    let replayed = state
-        .storage
-        .replay(filter, now_millis())
-        .await
-        .map_err(storage_error)?;
-    if !replayed.is_empty() {
-        state.delivery.wake();
-    }
+    let replayed = state.storage.replay(filter).await.map_err(storage_error)?;
     Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
 }
 

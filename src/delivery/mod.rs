@@ -41,11 +41,11 @@ pub struct Delivery {
     max_retry_age_ms: Millis,
     concurrency: AdaptiveConcurrency,
     grace: Duration,
-    wake: Arc<Notify>,
     /// Results waiting to be written, and the signal that there are some.
     reports: Mutex<Vec<Report>>,
     reports_ready: Notify,
-    /// Endpoint → time until which a 429 paused sending to it.
+    /// Endpoint → time until which a 429 paused sending to it: what this
+    /// process saw, merged with storage's shared pauses at every claim.
     paused: Mutex<HashMap<String, Millis>>,
 }
 
@@ -71,16 +71,15 @@ impl Delivery {
                 config.max_concurrency,
             ),
             grace: timeout * 2 + Duration::from_secs(1),
-            wake: Arc::new(Notify::new()),
             reports: Mutex::new(Vec::new()),
             reports_ready: Notify::new(),
             paused: Mutex::new(HashMap::new()),
         }))
     }
 
-    /// Wakes the dispatcher (new work was committed).
+    /// Wakes the dispatcher (a delivery finished, so a permit is free).
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.storage.notifier().notify_one();
     }
 
     /// The adaptive concurrency as it stands.
@@ -103,8 +102,9 @@ impl Delivery {
             let mut wait = MAX_IDLE_WAIT;
             if free >= worth || (free > 0 && self.concurrency.in_flight() == 0) {
                 let limit = free.min(CLAIM_BATCH);
+                self.refresh_pauses().await;
                 let now = now_millis();
-                match self.storage.claim(limit, now).await {
+                match self.storage.claim(limit).await {
                     Ok(batch) => {
                         let full = batch.messages.len() == limit;
                         for m in batch.messages {
@@ -128,9 +128,10 @@ impl Delivery {
                     Err(e) => tracing::error!(error = %e, "could not claim messages"),
                 }
             }
+            let notifier = self.storage.notifier();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
+                _ = notifier.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -164,22 +165,27 @@ impl Delivery {
                 }
                 continue;
             }
-            let outcomes: Vec<State> = batch
+            let outcomes: Vec<(i64, State)> = batch
                 .iter()
                 .filter_map(|r| match &r.disposition {
-                    Disposition::Delivered => Some(State::Delivered),
-                    Disposition::Dead { .. } => Some(State::Dead),
-                    Disposition::Final { state, .. } => Some(*state),
+                    Disposition::Delivered => Some((r.id, State::Delivered)),
+                    Disposition::Dead { .. } => Some((r.id, State::Dead)),
+                    Disposition::Final { state, .. } => Some((r.id, *state)),
                     Disposition::Retry { .. } => None,
                 })
                 .collect();
             match self.storage.report(batch).await {
-                Ok(()) => {
-                    for state in outcomes {
-                        telemetry::count_outcome(state.as_str());
+                Ok(stale) => {
+                    // A stale report's message is counted by whoever holds
+                    // the newer lease, not here.
+                    for (id, state) in outcomes {
+                        if !stale.contains(&id) {
+                            telemetry::count_outcome(state.as_str());
+                        }
                     }
-                    // What waited behind these messages may be claimable now.
-                    self.wake();
+                    if !stale.is_empty() {
+                        metrics::counter!(telemetry::STALE_REPORTS).increment(stale.len() as u64);
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "could not record delivery results"),
             }
@@ -191,10 +197,32 @@ impl Delivery {
         paused.get(endpoint).copied().filter(|until| *until > now)
     }
 
-    fn pause(&self, endpoint: &str, until: Millis) {
-        let mut paused = self.paused.lock().expect("pause lock");
-        let entry = paused.entry(endpoint.to_owned()).or_insert(until);
-        *entry = (*entry).max(until);
+    async fn pause(&self, endpoint: &str, until: Millis) {
+        {
+            let mut paused = self.paused.lock().expect("pause lock");
+            let entry = paused.entry(endpoint.to_owned()).or_insert(until);
+            *entry = (*entry).max(until);
+        }
+        // Other processes sharing storage pause too.
+        if let Err(e) = self.storage.pause_endpoint(endpoint, until).await {
+            tracing::warn!(error = %e, "could not share a pause of the Totango endpoint");
+        }
+    }
+
+    /// Takes the pauses other processes recorded.
+    async fn refresh_pauses(&self) {
+        match self.storage.paused_endpoints().await {
+            Ok(shared) => {
+                let now = now_millis();
+                let mut paused = self.paused.lock().expect("pause lock");
+                paused.retain(|_, until| *until > now);
+                for (endpoint, until) in shared {
+                    let entry = paused.entry(endpoint).or_insert(until);
+                    *entry = (*entry).max(until);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read endpoint pauses"),
+        }
     }
 
     /// Sends what is left of one message and says what became of it.
@@ -219,6 +247,7 @@ impl Delivery {
     async fn attempt(&self, m: Claimed) -> Report {
         let mut report = Report {
             id: m.id,
+            lease: m.lease,
             requests: None,
             sent: m.sent,
             attempted: false,
@@ -321,7 +350,7 @@ impl Delivery {
                     let next = now.saturating_add(millis(delay));
                     if status == Some(429) {
                         if let Some(ra) = attempt.retry_after {
-                            self.pause(endpoint, now.saturating_add(millis(ra)));
+                            self.pause(endpoint, now.saturating_add(millis(ra))).await;
                         }
                     }
                     if next > m.retry_from.saturating_add(self.max_retry_age_ms) {

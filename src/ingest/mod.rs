@@ -110,12 +110,12 @@ impl AppState {
             tracing::error!(error = %e, "could not store accepted messages");
             match e {
                 StorageError::Closed => ApiError::unavailable("shutting down"),
-                StorageError::Backend(_) => ApiError::unavailable("storage unavailable"),
+                StorageError::Corrupt(_) => ApiError::unavailable("storage damaged"),
+                StorageError::Unavailable(_) | StorageError::Conflict(_) => {
+                    ApiError::unavailable("storage unavailable")
+                }
             }
         })?;
-        if summaries.iter().any(|s| s.state == State::Pending) {
-            self.delivery.wake();
-        }
         metrics::counter!(telemetry::ACCEPTED, "interface" => interface)
             .increment(summaries.len() as u64);
         for (s, a) in summaries.iter().zip(&accepted) {

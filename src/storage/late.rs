@@ -49,7 +49,7 @@ impl Storage for LateStorage {
     async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
         self.get()?.claim(limit).await
     }
-    async fn report(&self, reports: Vec<Report>) -> Result<usize, StorageError> {
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
         self.get()?.report(reports).await
     }
     fn notifier(&self) -> Arc<Notify> {

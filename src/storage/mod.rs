@@ -4,11 +4,11 @@
 //! Storage knows nothing of Segment or Totango semantics: it stores what
 //! ingest accepted and what delivery reports.
 
-mod sqlite;
 mod late;
+mod sqlite;
 
-pub use sqlite::SqliteStorage;
 pub use late::LateStorage;
+pub use sqlite::SqliteStorage;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -282,7 +282,10 @@ pub enum StorageError {
 impl StorageError {
     /// Whether trying the same operation again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StorageError::Unavailable(_) | StorageError::Conflict(_))
+        matches!(
+            self,
+            StorageError::Unavailable(_) | StorageError::Conflict(_)
+        )
     }
 }
 
@@ -305,8 +308,8 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Records delivery results and releases their leases. A report whose
     /// lease is no longer the message's current one is ignored (it must not
-    /// overwrite a newer result); returns how many were ignored so.
-    async fn report(&self, reports: Vec<Report>) -> Result<usize, StorageError>;
+    /// overwrite a newer result); returns the ids of the reports ignored so.
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError>;
 
     /// Signalled when work may have become claimable (accepted, replayed,
     /// released), in this process or, where the backend can tell, another.

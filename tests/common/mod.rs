@@ -29,7 +29,7 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
         let runtime = config.validate().unwrap();
-        let storage = open_storage(&runtime).unwrap();
+        let storage = open_storage(&runtime).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();

@@ -1,27 +1,97 @@
-//! Integration tests for the embedded SQLite storage backend: acceptance and
-//! dedupe, per-key ordering, unordered activities, retries, dead letters,
-//! persisted delivery progress, page categories decided at acceptance,
-//! restart recovery, the upgrade from schema 1, group commit and closing.
+//! The storage suite, run against every backend (SQLite; PostgreSQL when
+//! `TEST_DATABASE_URL` is set): acceptance and dedupe, per-key ordering,
+//! unordered activities, retries, dead letters, leases, persisted delivery
+//! progress, page categories decided at acceptance, group commit and closing.
+//! SQLite's own cases follow: restart recovery, the upgrade from schema 1,
+//! retention, damaged files, one process per file.
+
+mod backends;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backends::{Backend, Opened};
 use serde_json::json;
 use totango_destination::storage::{
-    Acceptance, Claimed, Disposition, LastResponse, NewMessage, Report, SqliteStorage, State,
-    Storage, StorageError, now_millis,
+    Acceptance, ClaimBatch, Claimed, Disposition, LastResponse, NewMessage, Report, SqliteStorage,
+    State, Storage, StorageError, StorageOptions, now_millis,
 };
 
 const WINDOW: i64 = 24 * 60 * 60 * 1000;
+/// A lease short enough for a test to outwait.
+const SHORT_LEASE_MS: i64 = 500;
+
+async fn outwait_lease() {
+    tokio::time::sleep(Duration::from_millis(SHORT_LEASE_MS as u64 + 100)).await;
+}
 
 fn db_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("data").join("queue.db")
 }
 
-fn open(path: &Path) -> SqliteStorage {
-    SqliteStorage::open(path, WINDOW).expect("open storage")
+/// Storage under test. It remembers the lease of each claim, so a report
+/// built with lease 0 carries the lease of the message's latest claim.
+struct T {
+    inner: Arc<dyn Storage>,
+    _place: Option<Opened>,
+    leases: Mutex<HashMap<i64, i64>>,
+}
+
+impl std::ops::Deref for T {
+    type Target = dyn Storage;
+    fn deref(&self) -> &dyn Storage {
+        &*self.inner
+    }
+}
+
+impl T {
+    fn new(inner: Arc<dyn Storage>, place: Option<Opened>) -> T {
+        T {
+            inner,
+            _place: place,
+            leases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
+        let batch = self.inner.claim(limit).await?;
+        let mut leases = self.leases.lock().unwrap();
+        for m in &batch.messages {
+            assert_ne!(m.lease, 0, "a claim hands out a lease");
+            leases.insert(m.id, m.lease);
+        }
+        Ok(batch)
+    }
+
+    async fn report(&self, mut reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
+        {
+            let leases = self.leases.lock().unwrap();
+            for r in &mut reports {
+                if r.lease == 0 {
+                    r.lease = leases.get(&r.id).copied().unwrap_or(0);
+                }
+            }
+        }
+        self.inner.report(reports).await
+    }
+}
+
+fn open(path: &Path) -> T {
+    T::new(
+        Arc::new(SqliteStorage::open(path, WINDOW).expect("open storage")),
+        None,
+    )
+}
+
+async fn open_with(b: Backend, options: StorageOptions) -> Option<T> {
+    let opened = b.open(options).await?;
+    Some(T::new(opened.storage.clone(), Some(opened)))
+}
+
+async fn open_on(b: Backend) -> Option<T> {
+    open_with(b, backends::options()).await
 }
 
 /// A pending track message of user `u1` in service `svc`, ordered by `key`.
@@ -90,9 +160,11 @@ fn user_msg(message_id: &str, service: &str, user: &str) -> NewMessage {
     }
 }
 
+/// A report on `id`'s latest claim (see `T::report`).
 fn report(id: i64, disposition: Disposition) -> Report {
     Report {
         id,
+        lease: 0,
         requests: None,
         sent: 0,
         attempted: true,
@@ -109,13 +181,13 @@ fn stored_id(a: &Acceptance) -> i64 {
     }
 }
 
-async fn accept_one(s: &SqliteStorage, m: NewMessage) -> Acceptance {
+async fn accept_one(s: &T, m: NewMessage) -> Acceptance {
     let out = s.accept(vec![m]).await.expect("accept");
     assert_eq!(out.len(), 1);
     out[0]
 }
 
-async fn accept_ids(s: &SqliteStorage, batch: Vec<NewMessage>) -> Vec<i64> {
+async fn accept_ids(s: &T, batch: Vec<NewMessage>) -> Vec<i64> {
     let n = batch.len();
     let out = s.accept(batch).await.expect("accept");
     assert_eq!(out.len(), n);
@@ -128,14 +200,22 @@ fn ids(claimed: &[Claimed]) -> Vec<i64> {
     v
 }
 
-async fn counts(s: &SqliteStorage) -> HashMap<State, u64> {
+async fn counts(s: &T) -> HashMap<State, u64> {
     s.counts().await.expect("counts").into_iter().collect()
 }
 
-#[tokio::test]
-async fn accept_stores_all_and_queues_only_pending() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn accept_stores_all_and_queues_only_pending(b: Backend) {
+    let Some(s) = open_with(
+        b,
+        StorageOptions {
+            lease_ms: SHORT_LEASE_MS,
+            ..backends::options()
+        },
+    )
+    .await
+    else {
+        return;
+    };
 
     let mut pending = msg("m-pending", "k1");
     pending.account_id = None;
@@ -154,7 +234,7 @@ async fn accept_stores_all_and_queues_only_pending() {
     assert!(p < f && f < r, "ids follow acceptance order: {p} {f} {r}");
 
     // Only the pending message is queued.
-    let batch = s.claim(10, now_millis() + 1).await.unwrap();
+    let batch = s.claim(10).await.unwrap();
     assert_eq!(ids(&batch.messages), vec![p]);
     assert_eq!(batch.next_due, None);
     let c = &batch.messages[0];
@@ -165,9 +245,10 @@ async fn accept_stores_all_and_queues_only_pending() {
     let payload: serde_json::Value = serde_json::from_str(&c.payload).unwrap();
     assert_eq!(payload["messageId"], "m-pending");
 
-    // Far in the future (after its lease expired) the pending message is
-    // claimable again, and still nothing else.
-    let later = s.claim(10, now_millis() + 365 * WINDOW).await.unwrap();
+    // After its lease expired the pending message is claimable again, and
+    // still nothing else.
+    outwait_lease().await;
+    let later = s.claim(10).await.unwrap();
     assert_eq!(ids(&later.messages), vec![p]);
 
     let got = s.get(p).await.unwrap().expect("pending stored");
@@ -211,10 +292,18 @@ async fn accept_stores_all_and_queues_only_pending() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn dedupe_by_source_and_message_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn dedupe_by_source_and_message_id(b: Backend) {
+    let Some(s) = open_with(
+        b,
+        StorageOptions {
+            lease_ms: SHORT_LEASE_MS,
+            ..backends::options()
+        },
+    )
+    .await
+    else {
+        return;
+    };
 
     let first = stored_id(&accept_one(&s, msg("dup-1", "k1")).await);
     let second = accept_one(&s, msg("dup-1", "k1")).await;
@@ -237,10 +326,11 @@ async fn dedupe_by_source_and_message_id() {
     let other = stored_id(&accept_one(&s, other_source).await);
 
     // Only the first and the other-source message are queued.
-    let batch = s.claim(10, now_millis() + 1).await.unwrap();
+    let batch = s.claim(10).await.unwrap();
     assert_eq!(ids(&batch.messages), vec![first, other]);
     // Even after their leases expired, only those two are ever claimed.
-    let again = s.claim(10, now_millis() + 365 * WINDOW).await.unwrap();
+    outwait_lease().await;
+    let again = s.claim(10).await.unwrap();
     assert_eq!(ids(&again.messages), vec![first, other]);
 
     let c = counts(&s).await;
@@ -249,10 +339,18 @@ async fn dedupe_by_source_and_message_id() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn dedupe_window_expires() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStorage::open(&db_path(&dir), 1).unwrap();
+async fn dedupe_window_expires(b: Backend) {
+    let Some(s) = open_with(
+        b,
+        StorageOptions {
+            dedupe_window_ms: 1,
+            ..backends::options()
+        },
+    )
+    .await
+    else {
+        return;
+    };
 
     let first = stored_id(&accept_one(&s, msg("again", "k1")).await);
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -265,10 +363,10 @@ async fn dedupe_window_expires() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn duplicate_within_one_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn duplicate_within_one_batch(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
 
     let out = s
         .accept(vec![
@@ -287,26 +385,25 @@ async fn duplicate_within_one_batch() {
     assert_eq!(s.get(dup).await.unwrap().unwrap().state, State::Duplicate);
 
     // The key holds exactly two queued messages: first, then third.
-    let now = now_millis() + 1;
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![first]);
     s.report(vec![report(first, Disposition::Delivered)])
         .await
         .unwrap();
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![third]);
     s.report(vec![report(third, Disposition::Delivered)])
         .await
         .unwrap();
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert!(b.messages.is_empty(), "claimed {:?}", ids(&b.messages));
     s.close().await;
 }
 
-#[tokio::test]
-async fn claim_one_per_key_in_acceptance_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn claim_one_per_key_in_acceptance_order(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
 
     // A's messages arrive in separate batches, interleaved with B.
     let a1 = stored_id(&accept_one(&s, msg("a1", "A")).await);
@@ -314,13 +411,12 @@ async fn claim_one_per_key_in_acceptance_order() {
     let [a2, a3] = accept_ids(&s, vec![msg("a2", "A"), msg("a3", "A")]).await[..] else {
         unreachable!()
     };
-    let now = now_millis() + 1;
 
-    let first = s.claim(10, now).await.unwrap();
+    let first = s.claim(10).await.unwrap();
     assert_eq!(ids(&first.messages), vec![a1, b1]);
 
     // The heads are leased: nothing more for A (nor B) until reported.
-    let second = s.claim(10, now).await.unwrap();
+    let second = s.claim(10).await.unwrap();
     assert!(
         second.messages.is_empty(),
         "claimed {:?} while heads are leased",
@@ -330,7 +426,7 @@ async fn claim_one_per_key_in_acceptance_order() {
     s.report(vec![report(a1, Disposition::Delivered)])
         .await
         .unwrap();
-    let third = s.claim(10, now).await.unwrap();
+    let third = s.claim(10).await.unwrap();
     assert_eq!(ids(&third.messages), vec![a2], "A's next, B still leased");
     assert_eq!(s.get(a1).await.unwrap().unwrap().state, State::Delivered);
     assert_eq!(s.get(a1).await.unwrap().unwrap().next_attempt_at, None);
@@ -344,7 +440,7 @@ async fn claim_one_per_key_in_acceptance_order() {
     .unwrap();
     let mut order_a = vec![a1, a2];
     loop {
-        let b = s.claim(10, now).await.unwrap();
+        let b = s.claim(10).await.unwrap();
         if b.messages.is_empty() {
             break;
         }
@@ -360,10 +456,10 @@ async fn claim_one_per_key_in_acceptance_order() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn claim_respects_limit_oldest_due_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn claim_respects_limit_oldest_due_first(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     let all = accept_ids(
         &s,
         (0..5)
@@ -371,29 +467,27 @@ async fn claim_respects_limit_oldest_due_first() {
             .collect(),
     )
     .await;
-    let now = now_millis() + 1;
-    let b = s.claim(2, now).await.unwrap();
+    let b = s.claim(2).await.unwrap();
     assert_eq!(ids(&b.messages), all[..2].to_vec());
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), all[2..].to_vec());
     s.close().await;
 }
 
-#[tokio::test]
-async fn retry_blocks_only_its_key_until_due() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn retry_blocks_only_its_key_until_due(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
 
     let [a1, a2, b1] =
         accept_ids(&s, vec![msg("a1", "A"), msg("a2", "A"), msg("b1", "B")]).await[..]
     else {
         unreachable!()
     };
-    let now = now_millis() + 1;
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![a1, b1]);
 
-    let due = now + 60_000;
+    let due = now_millis() + 1_000;
     s.report(vec![Report {
         last: Some(LastResponse {
             status: Some(503),
@@ -417,23 +511,25 @@ async fn retry_blocks_only_its_key_until_due() {
     assert_eq!(got.last_response.and_then(|l| l.status), Some(503));
 
     // Head-of-line: neither a1 nor a2 while a1 waits.
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert!(b.messages.is_empty(), "claimed {:?}", ids(&b.messages));
     assert_eq!(b.next_due, Some(due));
-    let b = s.claim(10, due - 1).await.unwrap();
-    assert!(b.messages.is_empty(), "claimed {:?}", ids(&b.messages));
 
     // Another key is not blocked meanwhile.
     s.report(vec![report(b1, Disposition::Delivered)])
         .await
         .unwrap();
     let b2 = stored_id(&accept_one(&s, msg("b2", "B")).await);
-    let b = s.claim(10, now_millis() + 1).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![b2]);
     assert_eq!(b.next_due, Some(due));
 
     // Once due, a1 comes back (and still not a2).
-    let b = s.claim(10, now + 60_001).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(
+        (due + 20 - now_millis()).max(0) as u64
+    ))
+    .await;
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![a1]);
     assert_eq!(b.messages[0].attempts, 1);
 
@@ -443,13 +539,13 @@ async fn retry_blocks_only_its_key_until_due() {
         ..report(
             a1,
             Disposition::Retry {
-                next_attempt_at: now,
+                next_attempt_at: now_millis(),
             },
         )
     }])
     .await
     .unwrap();
-    let b = s.claim(10, now + 60_001).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![a1]);
     assert_eq!(b.messages[0].attempts, 1);
     let got = s.get(a1).await.unwrap().unwrap();
@@ -462,21 +558,20 @@ async fn retry_blocks_only_its_key_until_due() {
     s.report(vec![report(a1, Disposition::Delivered)])
         .await
         .unwrap();
-    let b = s.claim(10, now + 60_001).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![a2]);
     s.close().await;
 }
 
-#[tokio::test]
-async fn dead_is_recorded_and_unblocks_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn dead_is_recorded_and_unblocks_key(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
 
     let [a1, a2] = accept_ids(&s, vec![msg("a1", "A"), msg("a2", "A")]).await[..] else {
         unreachable!()
     };
-    let now = now_millis() + 1;
-    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![a1]);
+    assert_eq!(ids(&s.claim(10).await.unwrap().messages), vec![a1]);
 
     s.report(vec![Report {
         last: Some(LastResponse {
@@ -511,7 +606,7 @@ async fn dead_is_recorded_and_unblocks_key() {
     assert_eq!(got.next_attempt_at, None, "dead message is dequeued");
     assert!(got.updated_at >= got.received_at);
 
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(
         ids(&b.messages),
         vec![a2],
@@ -523,15 +618,14 @@ async fn dead_is_recorded_and_unblocks_key() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn final_disposition_records_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn final_disposition_records_state(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     let [a1, a2] = accept_ids(&s, vec![msg("a1", "A"), msg("a2", "A")]).await[..] else {
         unreachable!()
     };
-    let now = now_millis() + 1;
-    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![a1]);
+    assert_eq!(ids(&s.claim(10).await.unwrap().messages), vec![a1]);
     s.report(vec![Report {
         attempted: false,
         ..report(
@@ -551,17 +645,16 @@ async fn final_disposition_records_state() {
     assert_eq!(got.reason.as_deref(), Some("screen is not supported"));
     assert_eq!(got.attempts, 0);
     assert_eq!(got.next_attempt_at, None);
-    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![a2]);
+    assert_eq!(ids(&s.claim(10).await.unwrap().messages), vec![a2]);
     s.close().await;
 }
 
-#[tokio::test]
-async fn requests_and_sent_persist_across_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn requests_and_sent_persist_across_attempts(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
-    let now = now_millis() + 1;
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![id]);
     assert_eq!(
         (b.messages[0].requests.clone(), b.messages[0].sent),
@@ -575,14 +668,14 @@ async fn requests_and_sent_persist_across_attempts() {
         ..report(
             id,
             Disposition::Retry {
-                next_attempt_at: now,
+                next_attempt_at: now_millis(),
             },
         )
     }])
     .await
     .unwrap();
 
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![id]);
     assert_eq!(b.messages[0].requests.as_deref(), Some(requests.as_str()));
     assert_eq!(b.messages[0].sent, 1);
@@ -595,13 +688,13 @@ async fn requests_and_sent_persist_across_attempts() {
         ..report(
             id,
             Disposition::Retry {
-                next_attempt_at: now,
+                next_attempt_at: now_millis(),
             },
         )
     }])
     .await
     .unwrap();
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(b.messages[0].requests.as_deref(), Some(requests.as_str()));
     assert_eq!(b.messages[0].attempts, 2);
 
@@ -611,10 +704,10 @@ async fn requests_and_sent_persist_across_attempts() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn activities_are_claimed_in_parallel_attribute_updates_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn activities_are_claimed_in_parallel_attribute_updates_in_order(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     // One busy user: identify, three activities, identify, one more activity.
     let all = accept_ids(
         &s,
@@ -631,36 +724,35 @@ async fn activities_are_claimed_in_parallel_attribute_updates_in_order() {
     let [i1, t1, t2, t3, i2, t4] = all[..] else {
         unreachable!()
     };
-    let now = now_millis() + 1;
-    let first = s.claim(10, now).await.unwrap();
+    let first = s.claim(10).await.unwrap();
     // Every activity goes at once; of the attribute updates only the first.
     assert_eq!(ids(&first.messages), vec![i1, t1, t2, t3, t4]);
-    assert!(s.claim(10, now).await.unwrap().messages.is_empty());
+    assert!(s.claim(10).await.unwrap().messages.is_empty());
     // A retried activity holds nothing back.
     s.report(vec![
         report(
             t1,
             Disposition::Retry {
-                next_attempt_at: now + 60_000,
+                next_attempt_at: now_millis() + 60_000,
             },
         ),
         report(t2, Disposition::Delivered),
     ])
     .await
     .unwrap();
-    assert!(s.claim(10, now).await.unwrap().messages.is_empty());
+    assert!(s.claim(10).await.unwrap().messages.is_empty());
     // The second identify waits for the first, whatever the activities do.
     s.report(vec![report(i1, Disposition::Delivered)])
         .await
         .unwrap();
-    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![i2]);
+    assert_eq!(ids(&s.claim(10).await.unwrap().messages), vec![i2]);
     s.close().await;
 }
 
-#[tokio::test]
-async fn page_category_decided_at_acceptance_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn page_category_decided_at_acceptance_in_order(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     // Page A, track, page B, track, in one batch; then the same across batches.
     let batch = accept_ids(
         &s,
@@ -694,7 +786,7 @@ async fn page_category_decided_at_acceptance_in_order() {
         .await,
     );
 
-    let claimed = s.claim(100, now_millis() + 1).await.unwrap().messages;
+    let claimed = s.claim(100).await.unwrap().messages;
     let by_id: HashMap<i64, Option<String>> = claimed
         .iter()
         .map(|c| (c.id, c.latest_page_category.clone()))
@@ -710,10 +802,10 @@ async fn page_category_decided_at_acceptance_in_order() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn page_category_applies_for_pages_in_a_final_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn page_category_applies_for_pages_in_a_final_state(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     let filtered = NewMessage {
         state: State::Filtered,
         code: Some("no_page_activity".to_owned()),
@@ -721,15 +813,9 @@ async fn page_category_applies_for_pages_in_a_final_state() {
     };
     accept_one(&s, filtered).await;
     assert_eq!(counts(&s).await.get(&State::Filtered), Some(&1));
-    assert!(
-        s.claim(10, now_millis() + 1)
-            .await
-            .unwrap()
-            .messages
-            .is_empty()
-    );
+    assert!(s.claim(10).await.unwrap().messages.is_empty());
     let t = stored_id(&accept_one(&s, track("t", "U")).await);
-    let b = s.claim(10, now_millis() + 1).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(ids(&b.messages), vec![t]);
     assert_eq!(
         b.messages[0].latest_page_category.as_deref(),
@@ -744,7 +830,7 @@ async fn page_category_survives_retries_and_replay() {
     let path = db_path(&dir);
     let s = open(&path);
     accept_ids(&s, vec![page("p", "U", Some("A")), track("t", "U")]).await;
-    let claimed = s.claim(10, now_millis() + 1).await.unwrap().messages;
+    let claimed = s.claim(10).await.unwrap().messages;
     let t = claimed
         .iter()
         .find(|c| c.latest_page_category.is_some())
@@ -762,11 +848,8 @@ async fn page_category_survives_retries_and_replay() {
     accept_one(&s, page("p2", "U", Some("B"))).await;
     s.close().await;
     let s = open(&path);
-    assert_eq!(
-        s.replay(Default::default(), now_millis()).await.unwrap(),
-        vec![t]
-    );
-    let claimed = s.claim(10, now_millis() + 1).await.unwrap().messages;
+    assert_eq!(s.replay(Default::default()).await.unwrap(), vec![t]);
+    let claimed = s.claim(10).await.unwrap().messages;
     let again = claimed.iter().find(|c| c.id == t).unwrap();
     assert_eq!(again.latest_page_category.as_deref(), Some("A"));
     s.close().await;
@@ -786,15 +869,19 @@ async fn upgrades_a_schema_1_file_and_keeps_its_backlog_working() {
         &path,
     )
     .unwrap();
+    // As if the fixture's retries (set in the future) had fallen due.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE queue SET next_attempt_at = 0", [])
+        .unwrap();
     let s = open(&path);
     let list = s.list(Default::default(), 100).await.unwrap();
     let id = |message_id: &str| list.iter().find(|m| m.message_id == message_id).unwrap().id;
     assert_eq!(list.len(), 11);
     assert_eq!(counts(&s).await.get(&State::Pending), Some(&10));
 
-    // Everything that was due is due (the fixture's retries lie in the future).
-    let later = now_millis() + 3_600_000;
-    let claimed = s.claim(100, later).await.unwrap().messages;
+    // Everything is due.
+    let claimed = s.claim(100).await.unwrap().messages;
     let mut expected: Vec<i64> = ["t-u3", "i-1", "p-a", "t-1", "p-b", "t-2", "g-1", "t-3"]
         .iter()
         .map(|m| id(m))
@@ -828,7 +915,7 @@ async fn upgrades_a_schema_1_file_and_keeps_its_backlog_working() {
     ])
     .await
     .unwrap();
-    let next = s.claim(100, later).await.unwrap().messages;
+    let next = s.claim(100).await.unwrap().messages;
     let mut want = vec![id("i-2"), id("g-2")];
     want.sort_unstable();
     assert_eq!(ids(&next), want);
@@ -845,7 +932,7 @@ async fn upgrades_a_schema_1_file_and_keeps_its_backlog_working() {
     let [a, b] = accept_ids(&s, vec![fresh, fresh_u3]).await[..] else {
         unreachable!()
     };
-    let claimed = s.claim(100, later).await.unwrap().messages;
+    let claimed = s.claim(100).await.unwrap().messages;
     let category = |id: i64| {
         claimed
             .iter()
@@ -881,21 +968,20 @@ async fn reopen_clears_leases_and_keeps_everything() {
     .await[..] else {
         unreachable!()
     };
-    let now = now_millis() + 1;
     assert_eq!(
-        ids(&s.claim(10, now).await.unwrap().messages),
+        ids(&s.claim(10).await.unwrap().messages),
         vec![a1, b1, done]
     );
     s.report(vec![report(done, Disposition::Delivered)])
         .await
         .unwrap();
     // Leased: not claimable again in this process.
-    assert!(s.claim(10, now).await.unwrap().messages.is_empty());
+    assert!(s.claim(10).await.unwrap().messages.is_empty());
     s.close().await;
     drop(s);
 
     let s = open(&path);
-    let b = s.claim(10, now).await.unwrap();
+    let b = s.claim(10).await.unwrap();
     assert_eq!(
         ids(&b.messages),
         vec![a1, b1],
@@ -916,13 +1002,13 @@ async fn reopen_clears_leases_and_keeps_everything() {
     s.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_accepts_all_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Arc::new(open(&db_path(&dir)));
+async fn concurrent_accepts_all_commit(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     let tasks: Vec<_> = (0..200)
         .map(|i| {
-            let s = s.clone();
+            let s = s.inner.clone();
             tokio::spawn(async move {
                 let out = s
                     .accept(vec![msg(&format!("c{i}"), &format!("key{}", i % 7))])
@@ -944,15 +1030,15 @@ async fn concurrent_accepts_all_commit() {
     let c = counts(&s).await;
     assert_eq!(c.get(&State::Pending), Some(&200));
     assert_eq!(c.len(), 1, "only pending: {c:?}");
-    let b = s.claim(1000, now_millis() + 1).await.unwrap();
+    let b = s.claim(1000).await.unwrap();
     assert_eq!(b.messages.len(), 7, "one head per key");
     s.close().await;
 }
 
-#[tokio::test]
-async fn closed_storage_refuses_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn closed_storage_refuses_work(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     s.ping().await.expect("ping while open");
     let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
     s.close().await;
@@ -962,7 +1048,7 @@ async fn closed_storage_refuses_work() {
         Err(StorageError::Closed)
     );
     assert_eq!(
-        s.claim(10, now_millis()).await.map(|b| b.messages.len()),
+        s.claim(10).await.map(|b| b.messages.len()),
         Err(StorageError::Closed)
     );
     assert_eq!(
@@ -1012,20 +1098,18 @@ async fn reopen_after_drop_without_close() {
     let path = db_path(&dir);
     let s = open(&path);
     let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
-    let now = now_millis() + 1;
-    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![id]);
+    assert_eq!(ids(&s.claim(10).await.unwrap().messages), vec![id]);
     drop(s);
 
     let s = open(&path);
-    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![id]);
+    assert_eq!(ids(&s.claim(10).await.unwrap().messages), vec![id]);
     s.close().await;
 }
 
-#[tokio::test]
-
-async fn reads_fail_after_close() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn reads_fail_after_close(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
     let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
     s.close().await;
     assert_eq!(
@@ -1035,55 +1119,88 @@ async fn reads_fail_after_close() {
     assert_eq!(s.counts().await, Err(StorageError::Closed));
 }
 
-#[tokio::test]
-
-async fn stale_report_after_lease_expiry_does_not_resurrect() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&db_path(&dir));
+async fn stale_report_after_lease_expiry_does_not_resurrect(b: Backend) {
+    let Some(s) = open_with(
+        b,
+        StorageOptions {
+            lease_ms: SHORT_LEASE_MS,
+            ..backends::options()
+        },
+    )
+    .await
+    else {
+        return;
+    };
     let id = stored_id(&accept_one(&s, msg("m1", "A")).await);
-    let now = now_millis() + 1;
-    assert_eq!(ids(&s.claim(10, now).await.unwrap().messages), vec![id]);
-    // The first lease (10 minutes) expires; a second claim takes the message.
-    let later = now + 11 * 60 * 1000;
-    assert_eq!(ids(&s.claim(10, later).await.unwrap().messages), vec![id]);
-    s.report(vec![report(id, Disposition::Delivered)])
+    let first = s.claim(10).await.unwrap().messages;
+    assert_eq!(ids(&first), vec![id]);
+    // The first lease expires; a second claim takes the message.
+    outwait_lease().await;
+    let second = s.claim(10).await.unwrap().messages;
+    assert_eq!(ids(&second), vec![id]);
+    assert_ne!(
+        first[0].lease, second[0].lease,
+        "each claim has its own lease"
+    );
+    // While the second lease lives, the message is not handed out again.
+    assert!(s.claim(10).await.unwrap().messages.is_empty());
+    // The first holder's late report is ignored and said to be stale.
+    let stale = s
+        .report(vec![Report {
+            lease: first[0].lease,
+            ..report(
+                id,
+                Disposition::Retry {
+                    next_attempt_at: now_millis(),
+                },
+            )
+        }])
         .await
         .unwrap();
-    // The first worker's late report arrives.
-    s.report(vec![report(
-        id,
-        Disposition::Retry {
-            next_attempt_at: later,
-        },
-    )])
-    .await
-    .unwrap();
+    assert_eq!(stale, vec![id]);
     let got = s.get(id).await.unwrap().unwrap();
-    // Either the stale report is ignored (Delivered), or the message is
-    // really queued again; a Pending message that is not queued is lost.
-    let requeued = !s.claim(10, later + 1).await.unwrap().messages.is_empty();
-    assert!(
-        got.state == State::Delivered || (got.state == State::Pending && requeued),
-        "state {:?}, next_attempt_at {:?}, claimable again: {requeued}",
-        got.state,
-        got.next_attempt_at
-    );
+    assert_eq!((got.state, got.attempts), (State::Pending, 0));
+    // The current holder's report counts.
+    let stale = s
+        .report(vec![Report {
+            lease: second[0].lease,
+            ..report(id, Disposition::Delivered)
+        }])
+        .await
+        .unwrap();
+    assert!(stale.is_empty());
+    assert_eq!(s.get(id).await.unwrap().unwrap().state, State::Delivered);
+    // A report after the message finished is stale as well.
+    let stale = s
+        .report(vec![Report {
+            lease: second[0].lease,
+            ..report(id, Disposition::Delivered)
+        }])
+        .await
+        .unwrap();
+    assert_eq!(stale, vec![id]);
+    assert!(s.claim(10).await.unwrap().messages.is_empty());
     s.close().await;
 }
 
 #[tokio::test]
 async fn retention_prunes_finished_messages_but_keeps_pending_and_dead() {
-    use totango_destination::storage::SqliteOptions;
     let dir = tempfile::tempdir().unwrap();
-    let storage = SqliteStorage::open_with(
-        &db_path(&dir),
-        SqliteOptions {
-            dedupe_window_ms: WINDOW,
-            retention_ms: Some(50),
-            prune_every_ms: 0,
-        },
-    )
-    .unwrap();
+    let storage = T::new(
+        Arc::new(
+            SqliteStorage::open_with(
+                &db_path(&dir),
+                StorageOptions {
+                    dedupe_window_ms: WINDOW,
+                    retention_ms: Some(50),
+                    prune_every_ms: 0,
+                    ..backends::options()
+                },
+            )
+            .unwrap(),
+        ),
+        None,
+    );
     let ids: Vec<i64> = storage
         .accept(vec![
             final_msg(
@@ -1102,8 +1219,7 @@ async fn retention_prunes_finished_messages_but_keeps_pending_and_dead() {
         .iter()
         .map(stored_id)
         .collect();
-    let now = now_millis();
-    let claimed = storage.claim(10, now).await.unwrap().messages;
+    let claimed = storage.claim(10).await.unwrap().messages;
     assert_eq!(claimed.len(), 3);
     storage
         .report(vec![
@@ -1118,7 +1234,7 @@ async fn retention_prunes_finished_messages_but_keeps_pending_and_dead() {
             report(
                 ids[3],
                 Disposition::Retry {
-                    next_attempt_at: now + 60_000,
+                    next_attempt_at: now_millis() + 60_000,
                 },
             ),
         ])
@@ -1154,18 +1270,23 @@ async fn retention_prunes_finished_messages_but_keeps_pending_and_dead() {
 
 #[tokio::test]
 async fn retention_catches_up_in_chunks() {
-    use totango_destination::storage::SqliteOptions;
     let dir = tempfile::tempdir().unwrap();
-    let storage = SqliteStorage::open_with(
-        &db_path(&dir),
-        SqliteOptions {
-            dedupe_window_ms: WINDOW,
-            retention_ms: Some(50),
-            // Once a minute: only the catch-up rule can prune twice in a row.
-            prune_every_ms: 60_000,
-        },
-    )
-    .unwrap();
+    let storage = T::new(
+        Arc::new(
+            SqliteStorage::open_with(
+                &db_path(&dir),
+                StorageOptions {
+                    dedupe_window_ms: WINDOW,
+                    retention_ms: Some(50),
+                    // Once a minute: only the catch-up rule can prune twice in a row.
+                    prune_every_ms: 60_000,
+                    ..backends::options()
+                },
+            )
+            .unwrap(),
+        ),
+        None,
+    );
     // Messages already past retention: the commit that stores them prunes one
     // chunk, and the following commits keep pruning until none is left.
     let old = now_millis() - 10_000;
@@ -1191,7 +1312,7 @@ async fn retention_catches_up_in_chunks() {
     let mut seen = vec![filtered(storage.counts().await.unwrap())];
     for _ in 0..3 {
         // Commits only: claims that find nothing.
-        storage.claim(1, now_millis()).await.unwrap();
+        storage.claim(1).await.unwrap();
         seen.push(filtered(storage.counts().await.unwrap()));
     }
     assert_eq!(
@@ -1251,3 +1372,94 @@ async fn a_damaged_database_is_refused_at_start_with_a_recovery_path() {
     assert_eq!(s.queue_stats().await.unwrap().depth, 2_000);
     s.close().await;
 }
+
+async fn pauses_are_shared_extended_and_expire(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
+    assert!(s.paused_endpoints().await.unwrap().is_empty());
+    let now = now_millis();
+    s.pause_endpoint("https://a.example", now + 60_000)
+        .await
+        .unwrap();
+    // A shorter pause does not shorten it; a longer one extends it.
+    s.pause_endpoint("https://a.example", now + 1_000)
+        .await
+        .unwrap();
+    s.pause_endpoint("https://b.example", now + 300)
+        .await
+        .unwrap();
+    let mut got = s.paused_endpoints().await.unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("https://a.example".to_owned(), now + 60_000),
+            ("https://b.example".to_owned(), now + 300)
+        ]
+    );
+    s.pause_endpoint("https://a.example", now + 90_000)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        s.paused_endpoints().await.unwrap(),
+        vec![("https://a.example".to_owned(), now + 90_000)],
+        "an ended pause is gone"
+    );
+    s.close().await;
+}
+
+async fn queued_work_signals_the_notifier(b: Backend) {
+    let Some(s) = open_on(b).await else {
+        return;
+    };
+    let notifier = s.notifier();
+    let waiting = notifier.notified();
+    accept_one(&s, msg("m1", "A")).await;
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("accepting a pending message signals the notifier");
+    s.close().await;
+}
+
+#[tokio::test]
+async fn a_second_process_cannot_use_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let s = open(&path);
+    // Another open of the file (as another server process would) is refused
+    // while the first holds it, and works once it is closed.
+    let e = match SqliteStorage::open(&path, WINDOW) {
+        Ok(_) => panic!("a second open of one file must be refused"),
+        Err(e) => e,
+    };
+    assert!(e.is_transient(), "{e:?}");
+    assert!(e.to_string().contains("in use by another"), "{e}");
+    s.close().await;
+    drop(s);
+    let again = open(&path);
+    again.close().await;
+}
+
+on_backends!(
+    accept_stores_all_and_queues_only_pending,
+    dedupe_by_source_and_message_id,
+    dedupe_window_expires,
+    duplicate_within_one_batch,
+    claim_one_per_key_in_acceptance_order,
+    claim_respects_limit_oldest_due_first,
+    retry_blocks_only_its_key_until_due,
+    dead_is_recorded_and_unblocks_key,
+    final_disposition_records_state,
+    requests_and_sent_persist_across_attempts,
+    activities_are_claimed_in_parallel_attribute_updates_in_order,
+    page_category_decided_at_acceptance_in_order,
+    page_category_applies_for_pages_in_a_final_state,
+    concurrent_accepts_all_commit,
+    closed_storage_refuses_work,
+    reads_fail_after_close,
+    stale_report_after_lease_expiry_does_not_resurrect,
+    pauses_are_shared_extended_and_expire,
+    queued_work_signals_the_notifier,
+);

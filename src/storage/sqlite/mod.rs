@@ -1,0 +1,303 @@
+//! Embedded storage: one SQLite file in WAL mode with `synchronous=FULL`.
+//!
+//! All writes go through one writer thread that commits in groups: every
+//! operation waiting when a transaction starts shares it, and its fsync.
+//! Callers are answered only after the commit. Reads use their own connection.
+//! One process uses a file at a time (a lock file says so), so leases left
+//! by an earlier process are released at start without stealing live ones.
+
+mod queue;
+mod reads;
+mod schema;
+mod writer;
+
+use crate::storage::*;
+use reads::{SELECT_MESSAGE, stored_message, where_clause};
+use rusqlite::{Connection, OptionalExtension};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use writer::{Op, Reply, Writer};
+
+pub struct SqliteStorage {
+    writer: Mutex<Option<mpsc::Sender<Op>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reader: Arc<Mutex<Connection>>,
+    notify: Arc<Notify>,
+    /// Endpoint → end of its 429 pause (one process per file, so in memory).
+    pauses: Mutex<HashMap<String, Millis>>,
+    /// Held while open: a second process on the same file is refused.
+    _lock: std::fs::File,
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _) => match f.code {
+                C::DatabaseCorrupt | C::NotADatabase => StorageError::Corrupt(e.to_string()),
+                C::ConstraintViolation => StorageError::Conflict(e.to_string()),
+                _ => StorageError::Unavailable(e.to_string()),
+            },
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => StorageError::Corrupt(e.to_string()),
+            _ => StorageError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Takes the file's lock (`<file>.lock`), or says which file is in use.
+fn lock(path: &Path) -> Result<std::fs::File, StorageError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            StorageError::Unavailable(format!("cannot open {}: {e}", lock_path.display()))
+        })?;
+    match fs4::fs_std::FileExt::try_lock_exclusive(&file) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(StorageError::Unavailable(format!(
+            "{} is in use by another server process; one process uses a SQLite file \
+             (run several replicas on PostgreSQL)",
+            path.display()
+        ))),
+        Err(e) => Err(StorageError::Unavailable(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
+    }
+}
+
+impl SqliteStorage {
+    /// Opens with the given dedupe window and default options otherwise.
+    pub fn open(path: &Path, dedupe_window_ms: Millis) -> Result<SqliteStorage, StorageError> {
+        Self::open_with(
+            path,
+            StorageOptions {
+                dedupe_window_ms,
+                ..StorageOptions::default()
+            },
+        )
+    }
+
+    /// Opens (creating when needed) the database file and starts the writer.
+    pub fn open_with(path: &Path, options: StorageOptions) -> Result<SqliteStorage, StorageError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let file_lock = lock(path)?;
+        let conn = schema::open(path).and_then(|c| {
+            schema::check_integrity(&c, path)?;
+            Ok(c)
+        });
+        let conn = conn.map_err(|e| match e {
+            StorageError::Corrupt(why) => schema::damaged(path, why),
+            StorageError::Unavailable(why)
+                if why.contains("malformed") || why.contains("not a database") =>
+            {
+                schema::damaged(path, why)
+            }
+            e => e,
+        })?;
+        schema::migrate(&conn, path)?;
+        // The lock proves no other process holds a lease on this file: what
+        // an earlier process leased and never reported is due again.
+        conn.execute(
+            "UPDATE queue SET leased_until = 0, lease = 0 WHERE lease <> 0 OR leased_until <> 0",
+            [],
+        )?;
+        let reader = schema::open(path)?;
+        let (tx, rx) = mpsc::channel(4096);
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || {
+                Writer {
+                    conn,
+                    options,
+                    last_prune: 0,
+                    lease: 0,
+                }
+                .run(rx)
+            })
+            .map_err(|e| StorageError::Unavailable(format!("cannot start writer: {e}")))?;
+        Ok(SqliteStorage {
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            reader: Arc::new(Mutex::new(reader)),
+            notify: Arc::new(Notify::new()),
+            pauses: Mutex::new(HashMap::new()),
+            _lock: file_lock,
+        })
+    }
+
+    /// Upgrades the file's schema and says which version it has.
+    pub fn migrate(path: &Path) -> Result<i64, StorageError> {
+        let _lock = lock(path)?;
+        let conn = schema::open(path)?;
+        schema::check_integrity(&conn, path)?;
+        schema::migrate(&conn, path)?;
+        Ok(schema::SCHEMA_VERSION)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StorageError> {
+        let sender = self.writer.lock().expect("writer lock").clone();
+        let Some(sender) = sender else {
+            return Err(StorageError::Closed);
+        };
+        let (tx, rx) = oneshot::channel();
+        sender
+            .send(make(tx))
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        if self.writer.lock().expect("writer lock").is_none() {
+            return Err(StorageError::Closed);
+        }
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock().expect("reader lock")))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("reader task: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+        let queues = batch.iter().any(|m| m.state == State::Pending);
+        let out = self.call(|r| Op::Accept(batch, r)).await?;
+        if queues {
+            self.notify.notify_one();
+        }
+        Ok(out)
+    }
+
+    async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
+        self.call(|r| Op::Claim(limit, r)).await
+    }
+
+    async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
+        let stale = self.call(|r| Op::Report(reports, r)).await?;
+        // What waited behind these messages may be claimable now.
+        self.notify.notify_one();
+        Ok(stale)
+    }
+
+    fn notifier(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+
+    async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError> {
+        let mut pauses = self.pauses.lock().expect("pause lock");
+        let entry = pauses.entry(endpoint.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+        Ok(())
+    }
+
+    async fn paused_endpoints(&self) -> Result<Vec<(String, Millis)>, StorageError> {
+        let now = now_millis();
+        let mut pauses = self.pauses.lock().expect("pause lock");
+        pauses.retain(|_, until| *until > now);
+        Ok(pauses.iter().map(|(e, u)| (e.clone(), *u)).collect())
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<StoredMessage>, StorageError> {
+        self.read(move |c| {
+            Ok(c.query_row(
+                &format!("{SELECT_MESSAGE} WHERE m.id = ?1"),
+                [id],
+                stored_message,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StorageError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT (SELECT COUNT(*) FROM queue), (SELECT m.received_at FROM queue q \
+                 JOIN messages m ON m.id = q.message ORDER BY q.seq LIMIT 1), \
+                 (SELECT COALESCE(SUM(length(m.payload)), 0) FROM queue q \
+                 JOIN messages m ON m.id = q.message)",
+                [],
+                |r| {
+                    Ok(QueueStats {
+                        depth: r.get::<_, i64>(0)? as u64,
+                        oldest_received_at: r.get(1)?,
+                        bytes: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )?)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: MessageFilter,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.read(move |c| {
+            let (clause, mut args) = where_clause(&filter);
+            args.push(Box::new(limit as i64));
+            let sql = format!("{SELECT_MESSAGE} WHERE {clause} ORDER BY m.id DESC LIMIT ?");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), stored_message)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn replay(&self, filter: MessageFilter) -> Result<Vec<i64>, StorageError> {
+        let ids = self.call(|r| Op::Replay(filter, r)).await?;
+        if !ids.is_empty() {
+            self.notify.notify_one();
+        }
+        Ok(ids)
+    }
+
+    async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM messages GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (state, n) = row?;
+                if let Some(s) = State::parse(&state) {
+                    out.push((s, n as u64));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        // Dropping the sender ends the writer after it has drained its queue.
+        self.writer.lock().expect("writer lock").take();
+        let thread = self.thread.lock().expect("thread lock").take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}

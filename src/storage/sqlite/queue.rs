@@ -1,0 +1,284 @@
+//! The queue's operations, run by the writer inside its transaction.
+
+use super::reads::where_clause;
+use crate::storage::*;
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Most dead messages one replay call queues again (keeps the transaction short).
+const REPLAY_MAX: i64 = 10_000;
+
+pub(super) fn replay(
+    c: &Connection,
+    filter: &MessageFilter,
+    now: Millis,
+) -> Result<Vec<i64>, StorageError> {
+    let dead = MessageFilter {
+        state: Some(State::Dead),
+        ..filter.clone()
+    };
+    let (clause, args) = where_clause(&dead);
+    let ids: Vec<(i64, Option<String>)> = c
+        .prepare(&format!(
+            "SELECT m.id, m.ordering_key FROM messages m WHERE {clause} \
+             ORDER BY m.id LIMIT {REPLAY_MAX}"
+        ))?
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut requeue = c.prepare_cached(
+        "UPDATE messages SET state = 'pending', code = NULL, reason = NULL, updated_at = ?2 WHERE id = ?1",
+    )?;
+    for (id, key) in &ids {
+        requeue.execute(params![id, now])?;
+        enqueue(c, *id, key.as_deref(), now)?;
+    }
+    Ok(ids.into_iter().map(|(id, _)| id).collect())
+}
+
+pub(super) fn accept(
+    c: &Connection,
+    batch: Vec<NewMessage>,
+    now: Millis,
+    window: Millis,
+) -> Result<Vec<Acceptance>, StorageError> {
+    let mut seen =
+        c.prepare_cached("SELECT accepted_at FROM dedupe WHERE source = ?1 AND message_id = ?2")?;
+    let mut remember = c.prepare_cached(
+        "INSERT INTO dedupe (source, message_id, accepted_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (source, message_id) DO UPDATE SET accepted_at = excluded.accepted_at",
+    )?;
+    let mut insert = c.prepare_cached(
+        "INSERT INTO messages (message_id, source, call, service_id, user_id, account_id, state, \
+         code, reason, payload, settings, received_at, updated_at, ordering_key, warnings, \
+         page_category) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14, ?15)",
+    )?;
+    let mut out = Vec::with_capacity(batch.len());
+    for m in batch {
+        let accepted_at: Option<Millis> = seen
+            .query_row(params![m.source, m.message_id], |r| r.get(0))
+            .optional()?;
+        let duplicate = accepted_at.is_some_and(|t| t >= now - window);
+        let (state, code, reason) = if duplicate {
+            (
+                State::Duplicate,
+                Some("duplicate".to_owned()),
+                Some(format!("messageId {:?} was already accepted", m.message_id)),
+            )
+        } else {
+            (m.state, m.code, m.reason)
+        };
+        // Page categories follow acceptance order: read before this
+        // message's own update, after the earlier messages of the batch.
+        let user = m.user_id.as_deref().filter(|_| !duplicate);
+        let page_category = match user {
+            Some(u) if m.needs_page_category => c
+                .prepare_cached(
+                    "SELECT category FROM page_categories WHERE service_id = ?1 AND user_id = ?2",
+                )?
+                .query_row(params![m.service_id, u], |r| r.get::<_, String>(0))
+                .optional()?,
+            _ => None,
+        };
+        match (user, &m.set_page_category) {
+            (Some(u), Some(Some(category))) => {
+                c.prepare_cached(
+                    "INSERT INTO page_categories (service_id, user_id, category) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (service_id, user_id) DO UPDATE SET category = excluded.category",
+                )?
+                .execute(params![m.service_id, u, category])?;
+            }
+            (Some(u), Some(None)) => {
+                c.prepare_cached(
+                    "DELETE FROM page_categories WHERE service_id = ?1 AND user_id = ?2",
+                )?
+                .execute(params![m.service_id, u])?;
+            }
+            _ => {}
+        }
+        insert.execute(params![
+            m.message_id,
+            m.source,
+            m.call,
+            m.service_id,
+            m.user_id,
+            m.account_id,
+            state.as_str(),
+            code,
+            reason,
+            m.payload,
+            m.settings,
+            m.received_at,
+            m.ordering_key,
+            (!m.warnings.is_empty()).then(|| serde_json::json!(m.warnings).to_string()),
+            page_category,
+        ])?;
+        let id = c.last_insert_rowid();
+        if duplicate {
+            out.push(Acceptance::Duplicate { id });
+            continue;
+        }
+        remember.execute(params![m.source, m.message_id, now])?;
+        if state == State::Pending {
+            enqueue(c, id, m.ordering_key.as_deref(), m.received_at.min(now))?;
+        }
+        out.push(Acceptance::Stored { id });
+    }
+    Ok(out)
+}
+
+/// Queues a message behind what its key already has; it is the head when the
+/// key has nothing queued, and always when it has no key.
+fn enqueue(c: &Connection, id: i64, key: Option<&str>, due: Millis) -> Result<(), StorageError> {
+    match key {
+        Some(key) => c
+            .prepare_cached(
+                "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+                 VALUES (?1, ?2, ?3, ?3, NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2))",
+            )?
+            .execute(params![id, key, due])?,
+        None => c
+            .prepare_cached(
+                "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+                 VALUES (?1, NULL, ?2, ?2, 1)",
+            )?
+            .execute(params![id, due])?,
+    };
+    Ok(())
+}
+
+/// Takes a message out of the queue; when it was its key's head, the next
+/// message of that key becomes the head.
+fn dequeue(c: &Connection, id: i64) -> Result<(), StorageError> {
+    let removed: Option<(Option<String>, bool)> = c
+        .prepare_cached("DELETE FROM queue WHERE message = ?1 RETURNING ordering_key, head")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((Some(key), true)) = removed {
+        c.prepare_cached(
+            "UPDATE queue SET head = 1 WHERE seq = \
+             (SELECT MIN(seq) FROM queue WHERE ordering_key = ?1)",
+        )?
+        .execute([key])?;
+    }
+    Ok(())
+}
+
+/// Leases up to `limit` due heads; each claim gets a new token.
+pub(super) fn claim(
+    c: &Connection,
+    limit: usize,
+    now: Millis,
+    lease_ms: Millis,
+    token: &mut i64,
+) -> Result<ClaimBatch, StorageError> {
+    let mut due = c.prepare_cached(
+        "SELECT seq FROM queue WHERE head = 1 AND next_attempt_at <= ?1 AND leased_until <= ?1 \
+         ORDER BY next_attempt_at, seq LIMIT ?2",
+    )?;
+    let seqs: Vec<i64> = due
+        .query_map(params![now, limit as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut lease =
+        c.prepare_cached("UPDATE queue SET leased_until = ?2, lease = ?3 WHERE seq = ?1")?;
+    let mut load = c.prepare_cached(
+        "SELECT m.id, m.payload, m.settings, m.requests, m.sent, m.attempts, m.received_at, \
+                m.page_category, m.source, q.enqueued_at \
+         FROM queue q JOIN messages m ON m.id = q.message WHERE q.seq = ?1",
+    )?;
+    let mut messages = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        *token += 1;
+        lease.execute(params![seq, now.saturating_add(lease_ms), *token])?;
+        messages.push(load.query_row([seq], |r| {
+            Ok(Claimed {
+                id: r.get(0)?,
+                lease: *token,
+                payload: r.get(1)?,
+                settings: r.get(2)?,
+                requests: r.get(3)?,
+                sent: r.get(4)?,
+                attempts: r.get(5)?,
+                received_at: r.get(6)?,
+                latest_page_category: r.get(7)?,
+                source: r.get(8)?,
+                retry_from: r.get(9)?,
+            })
+        })?);
+    }
+    let next_due = c
+        .prepare_cached(
+            "SELECT MIN(next_attempt_at) FROM queue \
+             WHERE head = 1 AND next_attempt_at > ?1 AND leased_until <= ?1",
+        )?
+        .query_row([now], |r| r.get(0))?;
+    Ok(ClaimBatch { messages, next_due })
+}
+
+/// Records results whose lease is current; returns the ids of stale ones.
+pub(super) fn report(
+    c: &Connection,
+    reports: Vec<Report>,
+    now: Millis,
+) -> Result<Vec<i64>, StorageError> {
+    let mut update = c.prepare_cached(
+        "UPDATE messages SET requests = COALESCE(?2, requests), sent = ?3, \
+         attempts = attempts + ?4, state = ?5, code = ?6, reason = ?7, \
+         last_status = CASE WHEN ?12 THEN ?8 ELSE last_status END, \
+         last_body = CASE WHEN ?12 THEN ?9 ELSE last_body END, \
+         last_error = CASE WHEN ?12 THEN ?10 ELSE last_error END, \
+         updated_at = ?11, settings = COALESCE(?13, settings) WHERE id = ?1",
+    )?;
+    let mut reschedule = c.prepare_cached(
+        "UPDATE queue SET next_attempt_at = ?2, leased_until = 0, lease = 0 WHERE message = ?1",
+    )?;
+    let mut current = c.prepare_cached("SELECT lease FROM queue WHERE message = ?1")?;
+    let mut stale = Vec::new();
+    for r in reports {
+        // A report whose lease is not the message's current one is stale (the
+        // lease ran out and another claim took the message, or finished it):
+        // it must not overwrite that result.
+        let lease: Option<i64> = current.query_row([r.id], |row| row.get(0)).optional()?;
+        if lease != Some(r.lease) || r.lease == 0 {
+            tracing::warn!(id = r.id, "ignoring a stale delivery report");
+            stale.push(r.id);
+            continue;
+        }
+        let (state, code, reason) = match &r.disposition {
+            Disposition::Delivered => (State::Delivered, None, None),
+            Disposition::Retry { .. } => (State::Pending, None, None),
+            Disposition::Dead { code, reason } => {
+                (State::Dead, Some(code.clone()), Some(reason.clone()))
+            }
+            Disposition::Final {
+                state,
+                code,
+                reason,
+            } => (*state, code.clone(), reason.clone()),
+        };
+        let last = r.last.clone().unwrap_or_default();
+        update.execute(params![
+            r.id,
+            r.requests,
+            r.sent,
+            r.attempted as i64,
+            state.as_str(),
+            code,
+            reason,
+            last.status,
+            last.body,
+            last.error,
+            now,
+            r.last.is_some(),
+            r.settings,
+        ])?;
+        match r.disposition {
+            Disposition::Retry { next_attempt_at } => {
+                reschedule.execute(params![r.id, next_attempt_at])?;
+            }
+            _ => dequeue(c, r.id)?,
+        }
+    }
+    Ok(stale)
+}
