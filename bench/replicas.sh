@@ -12,12 +12,13 @@
 # Totango that answers at once. Every 200 is committed.
 #
 # Delivery: MESSAGES track calls (1,000 users) are queued through /v1/batch
-# while Totango never answers (one request in flight per replica, 2 s leases),
-# the replicas are killed, then started again with the default configuration
-# against a fake Totango answering after 100 ms (examples/fake_totango.rs
-# --delay-ms 100). The rate is MESSAGES over the time from that start until the
-# fake has received every message (as bench/delivery.sh). The backlog's one or
-# two in-flight messages per replica become claimable 2 s after the kill.
+# while Totango never answers (one request in flight per replica, timing out
+# after 1 s and retried later: a few dozen messages get a retry due within a
+# second or two), the replicas are stopped (SIGTERM), then started again with
+# the default configuration against a fake Totango answering after 100 ms
+# (examples/fake_totango.rs --delay-ms 100). The rate is MESSAGES over the time
+# from that start until the fake has received every message (as
+# bench/delivery.sh does).
 #
 # BENCH_DATABASE_URL (or TEST_DATABASE_URL) names a server where this user may
 # create databases; a td_bench_* database is created per PostgreSQL setup and
@@ -33,7 +34,9 @@ PG_URL=${BENCH_DATABASE_URL:-${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:
 BASE_PORT=${BASE_PORT:-18190}
 FAKE_PORT=${FAKE_PORT:-18191}
 STALL_PORT=${STALL_PORT:-18192}
-BIN=target/release/totango-destination
+TARGET=${CARGO_TARGET_DIR:-target}
+BIN=$TARGET/release/totango-destination
+# Open mode (no write keys, loopback only): bench/track.lua sends no credentials.
 KEY=bench-key
 ADMIN=bench-admin
 
@@ -63,22 +66,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A fresh storage URL for a setup: a new SQLite file or a new PostgreSQL database.
+# Sets storage_url to a fresh SQLite file or a new PostgreSQL database.
 fresh_storage() {
   local kind=$1 name
   name="td_bench_$(date +%s%N | tail -c 9)_$RANDOM"
   if [ "$kind" = sqlite ]; then
-    echo "sqlite://$work/$name.db"
+    storage_url="sqlite://$work/$name.db"
   else
     psql -q "$PG_URL" -c "CREATE DATABASE $name" >/dev/null
     databases+=("$name")
     # Same server and credentials, the new database's name as the path.
-    python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$PG_URL" "$name"
+    storage_url=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$PG_URL" "$name")
   fi
 }
 
 start_fake() {
-  target/release/examples/fake_totango "127.0.0.1:$1" --delay-ms "$2" 2>/dev/null &
+  "$TARGET/release/examples/fake_totango" "127.0.0.1:$1" --delay-ms "$2" 2>/dev/null &
   fake_pid=$!
   for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$1/count" >/dev/null 2>&1 && return; sleep 0.05; done
   echo "fake Totango did not start"; exit 1
@@ -91,7 +94,7 @@ start_servers() {
   for i in $(seq 0 $((count - 1))); do
     port=$((BASE_PORT + 10 * i))
     env TD_TOTANGO__SERVICE_ID=SP-1234-01 TD_TOTANGO__ENDPOINT="$endpoint" \
-      TD_STORAGE__URL="$url" TD_AUTH__WRITE_KEYS="$KEY" TD_ADMIN__TOKEN="$ADMIN" \
+      TD_STORAGE__URL="$url" TD_ADMIN__TOKEN="$ADMIN" \
       RUST_LOG=warn "$@" \
       "$BIN" serve --listen "127.0.0.1:$port" >>"$work/server-$i.log" 2>&1 &
     server_pids+=($!)
@@ -123,7 +126,7 @@ peak_rss() {
 # Durable ingest: requests/s (summed over replicas), worst p99, non-2xx answers.
 measure_ingest() {
   local count=$1 kind=$2 url i pids=() conns rps=0 p99 worst=0 bad=0 out
-  url=$(fresh_storage "$kind")
+  fresh_storage "$kind"; url=$storage_url
   start_fake "$FAKE_PORT" 0
   start_servers "$count" "$url" "http://127.0.0.1:$FAKE_PORT"
   conns=$((64 / count))
@@ -148,7 +151,7 @@ measure_ingest() {
 # Backlog drain at DELAY_MS per answer: messages/s and seconds.
 measure_delivery() {
   local count=$1 kind=$2 url i start end got
-  url=$(fresh_storage "$kind")
+  fresh_storage "$kind"; url=$storage_url
   python3 - "$MESSAGES" "$work" <<'PY'
 import json, sys
 n, work = int(sys.argv[1]), sys.argv[2]
@@ -162,7 +165,7 @@ PY
   start_fake "$STALL_PORT" 3600000
   start_servers "$count" "$url" "http://127.0.0.1:$STALL_PORT" \
     TD_DELIVERY__CONCURRENCY=1 TD_DELIVERY__MIN_CONCURRENCY=1 TD_DELIVERY__MAX_CONCURRENCY=1 \
-    TD_DELIVERY__REQUEST_TIMEOUT_MS=3600000 TD_STORAGE__LEASE_SECS=2
+    TD_DELIVERY__REQUEST_TIMEOUT_MS=1000 TD_STORAGE__LEASE_SECS=3
   i=0
   for f in "$work"/batch-*.json; do
     curl -fsS -u "$KEY:" -H 'content-type: application/json' --data-binary @"$f" \
@@ -171,9 +174,11 @@ PY
   done
   rm -f "$work"/batch-*.json
   delivery_queued=$(queue_depth)
-  stop_servers
+  # SIGTERM: the request in flight times out and is recorded, so no lease is left behind.
+  for pid in "${server_pids[@]}"; do kill -TERM "$pid"; done
+  for pid in "${server_pids[@]}"; do wait "$pid" || true; done
+  server_pids=()
   stop_fake
-  sleep 2
   # Drain it with the defaults.
   start_fake "$FAKE_PORT" "$DELAY_MS"
   start=$(date +%s.%N)

@@ -191,6 +191,8 @@ impl Replica {
             .env("TD_TOTANGO__ENDPOINT", totango)
             .env("TD_AUTH__WRITE_KEYS", KEY)
             .env("TD_ADMIN__TOKEN", ADMIN)
+            // The lease must be at least three request timeouts.
+            .env("TD_DELIVERY__REQUEST_TIMEOUT_MS", "1000")
             .env("TD_DELIVERY__RETRY_BASE_MS", "50")
             .env("TD_DELIVERY__RETRY_MAX_MS", "500")
             .env("RUST_LOG", "warn")
