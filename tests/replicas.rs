@@ -713,6 +713,27 @@ async fn scenario(db_url: String, work: PathBuf) {
         String::from_utf8_lossy(&migrate.stderr)
     );
 
+    // Sent by both: how long before the kill the victim had its answer (its
+    // result was not committed yet), and how long after the victim the
+    // survivor sent it (the lease had to run out first).
+    let mut unrecorded_before_kill = Duration::ZERO;
+    let mut resend_gap_min: Option<Duration> = None;
+    for [v, s] in intervals.values() {
+        if let (Some(first_v), Some(first_s)) = (v.iter().min(), s.iter().min()) {
+            if first_v.1 < killed_at {
+                unrecorded_before_kill = unrecorded_before_kill.max(killed_at - first_v.1);
+            }
+            let gap = first_s.0.saturating_duration_since(first_v.0);
+            resend_gap_min = Some(resend_gap_min.map_or(gap, |m| m.min(gap)));
+        }
+    }
+    eprintln!(
+        "sent by both replicas: the survivor sent each at least {:.1?} after the victim; the \
+         victim had Totango's answer up to {unrecorded_before_kill:.1?} before its death \
+         without having recorded it",
+        resend_gap_min.unwrap_or_default()
+    );
+
     let redelivered = intervals
         .values()
         .filter(|[v, s]| v.len() + s.len() > 1)
