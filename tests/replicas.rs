@@ -8,7 +8,8 @@
 //! acceptance order; no message was in flight from both replicas at once;
 //! the messages the killed replica had in flight were sent again by the
 //! survivor once their leases ran out; the database holds each message once,
-//! delivered.
+//! delivered. Before the load, one batch goes to both replicas: deduplication
+//! is shared, so it is delivered once.
 //!
 //! Needs TEST_DATABASE_URL (a server where the user may create databases);
 //! skipped with a message when it is unset. A database `td_test_<random>` is
@@ -47,6 +48,8 @@ const TRACKS: usize = 12;
 /// The victim is killed once this many batches were acknowledged.
 const KILL_AFTER_BATCHES: usize = TASKS * BATCHES_PER_TASK * 2 / 5;
 const DRAIN: Duration = Duration::from_secs(90);
+/// Messages of the batch sent to both replicas.
+const DEDUPE_MESSAGES: usize = 10;
 
 type Params = BTreeMap<String, String>;
 
@@ -367,6 +370,16 @@ fn identify_hit(p: &Params) -> Option<(String, Option<String>, usize)> {
     Some((mid.to_owned(), None, 0))
 }
 
+/// Requests for `ids` that Totango answered, counting repeats.
+fn count_completed(logs: &[&FakeLog], ids: &[String]) -> usize {
+    logs.iter()
+        .flat_map(|log| log.snapshot())
+        .filter(|hit| hit.completed)
+        .filter_map(|hit| identify_hit(&hit.params).map(|(mid, _, _)| mid))
+        .filter(|mid| ids.contains(mid))
+        .count()
+}
+
 struct Replicas {
     /// Base URLs: 0 is the victim, 1 the survivor.
     bases: [String; 2],
@@ -471,6 +484,32 @@ async fn scenario(db_url: String, work: PathBuf) {
     let mut survivor = Replica::start("survivor", &work, &db_url, &survivor_totango);
     victim.wait_ready(&http).await;
     survivor.wait_ready(&http).await;
+
+    // Deduplication is shared: a batch sent to one replica and then again to
+    // the other (a client retrying elsewhere) is stored and delivered once.
+    let dedupe_ids: Vec<String> = (0..DEDUPE_MESSAGES).map(|i| format!("dup-{i}")).collect();
+    let dedupe_batch = json!({"batch": dedupe_ids.iter().map(|m| json!({
+        "type": "track", "messageId": m, "userId": "dup-user", "event": format!("T {m}"),
+        "context": {"groupId": "dup-account"}})).collect::<Vec<_>>()});
+    for base in [&victim.base, &survivor.base] {
+        let r = http
+            .post(format!("{base}/v1/batch"))
+            .basic_auth(KEY, Some(""))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&dedupe_batch).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count_completed(&[&victim_log, &survivor_log], &dedupe_ids) < DEDUPE_MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "the deduplicated batch was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let shared = Arc::new(Replicas {
         bases: [victim.base.clone(), survivor.base.clone()],
@@ -686,7 +725,20 @@ async fn scenario(db_url: String, work: PathBuf) {
         serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
     };
     let outcome = |name: &str| stats["outcomes"][name].as_u64().unwrap_or(0);
-    assert_eq!(outcome("delivered"), total as u64, "stats: {stats}");
+    assert_eq!(
+        outcome("delivered"),
+        (total + DEDUPE_MESSAGES) as u64,
+        "stats: {stats}"
+    );
+    assert!(
+        outcome("duplicate") >= DEDUPE_MESSAGES as u64,
+        "stats: {stats}"
+    );
+    assert_eq!(
+        count_completed(&[&victim_log, &survivor_log], &dedupe_ids),
+        DEDUPE_MESSAGES,
+        "a batch sent to both replicas was delivered once"
+    );
     assert_eq!(outcome("pending"), 0, "stats: {stats}");
     assert_eq!(outcome("dead"), 0, "stats: {stats}");
     assert_eq!(stats["queue"]["depth"], 0, "stats: {stats}");
