@@ -32,7 +32,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `sqlite://PATH` (embedded) or `postgres://…`.
+    /// `sqlite://PATH` (embedded) or `postgres://…`. Printed without its
+    /// password (userinfo or a `password=` parameter).
+    #[serde(serialize_with = "serialize_storage_url")]
     pub url: String,
     /// How long an accepted `messageId` is remembered for deduplication.
     pub dedupe_window_secs: u64,
@@ -191,6 +193,26 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
+}
+
+fn serialize_storage_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_storage_url(url))
+}
+
+/// `url` without the secrets a database URL can carry.
+pub fn redact_storage_url(url: &str) -> String {
+    let url = crate::secret::redact_url(url);
+    let Some((base, query)) = url.split_once('?') else {
+        return url;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=[redacted]"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
 }
 
 /// The storage backend named by `storage.url`.

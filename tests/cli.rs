@@ -77,6 +77,24 @@ fn check_config_redacts_secrets() {
 }
 
 #[test]
+fn check_config_hides_the_database_password() {
+    for url in [
+        "postgres://td:very-secret-pw@db:5432/totango?sslmode=require",
+        "postgres://td@db:5432/totango?sslmode=require&password=very-secret-pw",
+    ] {
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .env("TD_STORAGE__URL", url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains("very-secret"), "{text}");
+        assert!(text.contains("@db:5432/totango?sslmode=require"), "{text}");
+    }
+}
+
+#[test]
 fn check_config_names_the_bad_setting() {
     let out = Command::new(BIN)
         .arg("check-config")
