@@ -740,3 +740,26 @@ async fn lost_connections_are_restored() {
     a.close().await;
     b.close().await;
 }
+
+/// In one batch, a stale report ahead of the current one does not hide it.
+#[tokio::test]
+async fn a_stale_report_does_not_hide_the_current_one_behind_it() {
+    let Some(db) = TestDatabase::create("stale_then_current") else {
+        return;
+    };
+    let s = open(&db, 300).await;
+    let id = stored(&s.accept(vec![msg("m1", Some("K"))]).await.unwrap()[0]);
+    let first = s.claim(10).await.unwrap().messages[0].lease;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let second = s.claim(10).await.unwrap().messages[0].lease;
+    let stale = s
+        .report(vec![
+            report(id, first, Disposition::Delivered),
+            report(id, second, Disposition::Delivered),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stale, vec![id]);
+    assert_eq!(s.get(id).await.unwrap().unwrap().state, State::Delivered);
+    s.close().await;
+}

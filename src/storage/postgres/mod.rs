@@ -309,7 +309,7 @@ impl Inner {
         loop {
             let result = async {
                 let mut tx = self.pool.begin().await?;
-                let out = queue::report(&mut tx, reports.clone()).await?;
+                let out = queue::report(&mut tx, &reports).await?;
                 if out.promoted {
                     notify_others(&mut tx).await?;
                 }
