@@ -4,6 +4,8 @@
 # with delivery running against a local fake Totango.
 #
 #   bash bench/ingest.sh            (needs wrk: apt-get install wrk)
+#   BIN=path/to/other/totango-destination bash bench/ingest.sh   (another build; see
+#   bench/compare_ingest.sh to compare two builds in one run)
 #
 # With one fsync per request, throughput would stay flat as concurrency grows;
 # group commit lets concurrent requests share a commit, so it should rise.
@@ -13,6 +15,7 @@ DURATION=${DURATION:-10s}
 SERVER_PORT=${SERVER_PORT:-18090}
 FAKE_PORT=${FAKE_PORT:-18091}
 
+BIN=${BIN:-target/release/totango-destination}
 cargo build --release --quiet --bin totango-destination --example fake_totango
 work=$(mktemp -d)
 cleanup() { kill "${server_pid:-}" "${fake_pid:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -24,7 +27,7 @@ TD_TOTANGO__SERVICE_ID=SP-1234-01 \
 TD_TOTANGO__ENDPOINT="http://127.0.0.1:$FAKE_PORT" \
 TD_STORAGE__URL="sqlite://$work/bench.db" \
 RUST_LOG=warn \
-  target/release/totango-destination serve --listen "127.0.0.1:$SERVER_PORT" >"$work/server.log" 2>&1 &
+  "$BIN" serve --listen "127.0.0.1:$SERVER_PORT" >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 100); do
   curl -fsS "http://127.0.0.1:$SERVER_PORT/readyz" >/dev/null 2>&1 && break

@@ -1,0 +1,803 @@
+//! Two replicas of the real binary on one PostgreSQL database, each sending
+//! to its own fake Totango (so every request shows which replica sent it).
+//! Batches go to both replicas in turn; one replica is killed with SIGKILL
+//! while it has requests in flight, and the load goes on to the survivor.
+//!
+//! Then: every acknowledged message reached Totango at least once; each
+//! user's identify calls and each account's group calls reached it in
+//! acceptance order; no message was in flight from both replicas at once;
+//! the messages the killed replica had in flight were sent again by the
+//! survivor once their leases ran out; the database holds each message once,
+//! delivered. Before the load, one batch goes to both replicas: deduplication
+//! is shared, so it is delivered once.
+//!
+//! Needs TEST_DATABASE_URL (a server where the user may create databases);
+//! skipped with a message when it is unset. A database `td_test_<random>` is
+//! created for the run and dropped at the end.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const BIN: &str = env!("CARGO_BIN_EXE_totango-destination");
+const KEY: &str = "replica-test-key";
+const ADMIN: &str = "replica-test-admin";
+/// Short leases, so the killed replica's messages come back quickly.
+const LEASE_SECS: u64 = 3;
+/// Each fake answers after this long, like a round trip to Totango.
+const FAKE_DELAY: Duration = Duration::from_millis(30);
+/// Posting tasks; each owns its users and accounts, so the acceptance order
+/// of one user's (or account's) messages is the order its task posted them.
+const TASKS: usize = 4;
+const BATCHES_PER_TASK: usize = 50;
+const USERS_PER_TASK: usize = 10;
+const ACCOUNTS_PER_TASK: usize = 5;
+/// Per batch: identify, group and track calls.
+const IDENTIFIES: usize = 8;
+const GROUPS: usize = 4;
+const TRACKS: usize = 12;
+/// The victim is killed once this many batches were acknowledged.
+const KILL_AFTER_BATCHES: usize = TASKS * BATCHES_PER_TASK * 2 / 5;
+const DRAIN: Duration = Duration::from_secs(90);
+/// Messages of the batch sent to both replicas.
+const DEDUPE_MESSAGES: usize = 10;
+
+type Params = BTreeMap<String, String>;
+
+/// One request a fake received.
+#[derive(Debug, Clone)]
+struct Hit {
+    params: Params,
+    received: Instant,
+    /// When the handler finished, or was dropped because the sender vanished.
+    answered: Option<Instant>,
+    /// The handler ran to its answer (not cut off by the sender's death).
+    completed: bool,
+}
+
+#[derive(Default)]
+struct FakeLog {
+    hits: Mutex<Vec<Hit>>,
+}
+
+impl FakeLog {
+    fn snapshot(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+/// Marks a hit answered when the handler ends, also when it is dropped early.
+struct Answering {
+    log: Arc<FakeLog>,
+    index: usize,
+    completed: bool,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let mut hits = self.log.hits.lock().unwrap();
+        let hit = &mut hits[self.index];
+        hit.answered = Some(Instant::now());
+        hit.completed = self.completed;
+    }
+}
+
+async fn pixel(State(log): State<Arc<FakeLog>>, Query(params): Query<Params>) -> StatusCode {
+    let index = {
+        let mut hits = log.hits.lock().unwrap();
+        hits.push(Hit {
+            params,
+            received: Instant::now(),
+            answered: None,
+            completed: false,
+        });
+        hits.len() - 1
+    };
+    let mut answering = Answering {
+        log: log.clone(),
+        index,
+        completed: false,
+    };
+    tokio::time::sleep(FAKE_DELAY).await;
+    answering.completed = true;
+    StatusCode::OK
+}
+
+/// A fake Totango in this process; returns its base URL and its log.
+async fn fake_totango() -> (String, Arc<FakeLog>) {
+    let log = Arc::new(FakeLog::default());
+    let app = axum::Router::new()
+        .route("/pixel.gif/", get(pixel))
+        .with_state(log.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), log)
+}
+
+/// A fresh database on TEST_DATABASE_URL's server, dropped by [`TestDb::drop`].
+struct TestDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create(admin_url: &str) -> TestDb {
+        let name = format!("td_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("TEST_DATABASE_URL: cannot connect: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+        conn.close().await.ok();
+        let mut url = url::Url::parse(admin_url).expect("TEST_DATABASE_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        TestDb {
+            admin_url: admin_url.to_owned(),
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    async fn drop(self) {
+        match sqlx::PgConnection::connect(&self.admin_url).await {
+            Ok(mut conn) => {
+                let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+                if let Err(e) = sqlx::query(&sql).execute(&mut conn).await {
+                    eprintln!("could not drop test database {}: {e}", self.name);
+                }
+                conn.close().await.ok();
+            }
+            Err(e) => eprintln!("could not drop test database {}: {e}", self.name),
+        }
+    }
+}
+
+/// A server process; killed when dropped.
+struct Replica {
+    name: &'static str,
+    child: Option<Child>,
+    base: String,
+    log_path: PathBuf,
+}
+
+impl Replica {
+    fn start(name: &'static str, work: &Path, db_url: &str, totango: &str) -> Replica {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log_path = work.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(&dir)
+            .env("TD_STORAGE__URL", db_url)
+            .env("TD_STORAGE__LEASE_SECS", LEASE_SECS.to_string())
+            .env("TD_STORAGE__POOL_SIZE", "4")
+            .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
+            .env("TD_TOTANGO__ENDPOINT", totango)
+            .env("TD_AUTH__WRITE_KEYS", KEY)
+            .env("TD_ADMIN__TOKEN", ADMIN)
+            // The lease must be at least three request timeouts.
+            .env("TD_DELIVERY__REQUEST_TIMEOUT_MS", "1000")
+            .env("TD_DELIVERY__RETRY_BASE_MS", "50")
+            .env("TD_DELIVERY__RETRY_MAX_MS", "500")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{BIN}: {e}"));
+        Replica {
+            name,
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            log_path,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "replica {} exited at start ({status}):\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            let ready = http
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {} not ready in 60 s:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no last commit.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    async fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                child.kill().ok();
+                child.wait().ok();
+                panic!("replica {} did not stop within 60 s of SIGTERM", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+/// What the test sent, to check the fakes' records against.
+#[derive(Debug, Clone)]
+struct Sent {
+    message_id: String,
+    /// `u:<user>` (identify) or `a:<account>` (group): the entity whose
+    /// updates must keep acceptance order. `None` for track calls.
+    ordering: Option<String>,
+    /// Position in its entity's acceptance order.
+    seq: usize,
+}
+
+/// The batches of one posting task, in posting order.
+fn task_batches(task: usize) -> Vec<(Value, Vec<Sent>)> {
+    let mut seqs: HashMap<String, usize> = HashMap::new();
+    let mut next_seq = |key: &str| {
+        let n = seqs.entry(key.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let user = |i: usize| format!("u-{task}-{}", i % USERS_PER_TASK);
+    let account = |i: usize| format!("a-{task}-{}", i % ACCOUNTS_PER_TASK);
+    let mut out = Vec::new();
+    let mut n = 0;
+    for b in 0..BATCHES_PER_TASK {
+        let mut items = Vec::new();
+        let mut sent = Vec::new();
+        for i in 0..IDENTIFIES + GROUPS + TRACKS {
+            n += 1;
+            let message_id = format!("m-{task}-{b}-{i}");
+            let (item, ordering, seq) = if i < IDENTIFIES {
+                let u = user(n);
+                let key = format!("u:{u}");
+                let seq = next_seq(&key);
+                let item = json!({"type": "identify", "messageId": message_id, "userId": u,
+                    "traits": {"mid": message_id, "seq": seq}, "context": {"groupId": account(n)}});
+                (item, Some(key), seq)
+            } else if i < IDENTIFIES + GROUPS {
+                let a = account(n);
+                let key = format!("a:{a}");
+                let seq = next_seq(&key);
+                let item = json!({"type": "group", "messageId": message_id, "groupId": a,
+                    "traits": {"mid": message_id, "seq": seq}});
+                (item, Some(key), seq)
+            } else {
+                let item = json!({"type": "track", "messageId": message_id, "userId": user(n),
+                    "event": format!("T {message_id}"), "context": {"groupId": account(n)}});
+                (item, None, 0)
+            };
+            items.push(item);
+            sent.push(Sent {
+                message_id,
+                ordering,
+                seq,
+            });
+        }
+        out.push((json!({"batch": items}), sent));
+    }
+    out
+}
+
+/// What a fake's request was: (messageId, ordering key, seq).
+fn identify_hit(p: &Params) -> Option<(String, Option<String>, usize)> {
+    let seq = |k: &str| p.get(k).and_then(|s| s.parse().ok()).unwrap_or(0);
+    if let Some(mid) = p.get("sdr_u.mid") {
+        return Some((
+            mid.clone(),
+            Some(format!("u:{}", p.get("sdr_u")?)),
+            seq("sdr_u.seq"),
+        ));
+    }
+    if let Some(mid) = p.get("sdr_o.mid") {
+        return Some((
+            mid.clone(),
+            Some(format!("a:{}", p.get("sdr_o")?)),
+            seq("sdr_o.seq"),
+        ));
+    }
+    let mid = p.get("sdr_a")?.strip_prefix("T ")?;
+    Some((mid.to_owned(), None, 0))
+}
+
+/// Requests for `ids` that Totango answered, counting repeats.
+fn count_completed(logs: &[&FakeLog], ids: &[String]) -> usize {
+    logs.iter()
+        .flat_map(|log| log.snapshot())
+        .filter(|hit| hit.completed)
+        .filter_map(|hit| identify_hit(&hit.params).map(|(mid, _, _)| mid))
+        .filter(|mid| ids.contains(mid))
+        .count()
+}
+
+struct Replicas {
+    /// Base URLs: 0 is the victim, 1 the survivor.
+    bases: [String; 2],
+    victim_alive: AtomicBool,
+    acked_batches: AtomicUsize,
+    /// Batches that failed on the victim (killed mid-request) and were
+    /// posted again to the survivor.
+    reposted: AtomicUsize,
+}
+
+/// Posts one task's batches, alternating replicas while both live; a batch
+/// that fails is posted again (same messageIds) to the survivor, as
+/// Segment's libraries retry. Returns the messages, all acknowledged.
+async fn post_task(task: usize, shared: Arc<Replicas>) -> Vec<Sent> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let mut acked = Vec::new();
+    for (b, (body, sent)) in task_batches(task).into_iter().enumerate() {
+        let body = serde_json::to_vec(&body).unwrap();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            // Replica 0 is the victim; after its death everything goes to 1.
+            let target = if shared.victim_alive.load(Ordering::SeqCst) {
+                (task + b + tries - 1) % 2
+            } else {
+                1
+            };
+            let answer = http
+                .post(format!("{}/v1/batch", shared.bases[target]))
+                .basic_auth(KEY, Some(""))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    // 503 (backpressure, shutting down, storage busy) is retried.
+                    assert!(
+                        status == StatusCode::SERVICE_UNAVAILABLE && tries < 50,
+                        "batch {b} of task {task} to replica {target}: {status} {text}"
+                    );
+                }
+                Err(e) => {
+                    assert!(
+                        target == 0 && tries < 50,
+                        "batch {b} of task {task} to replica {target}: {e}"
+                    );
+                }
+            }
+            if target == 0 {
+                shared.reposted.fetch_add(1, Ordering::SeqCst);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shared.acked_batches.fetch_add(1, Ordering::SeqCst);
+        acked.extend(sent);
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_queue_and_survive_a_kill() {
+    let Ok(admin_url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!(
+            "SKIPPED two_replicas_share_the_queue_and_survive_a_kill: TEST_DATABASE_URL is not set \
+             (e.g. postgres://postgres@127.0.0.1:5432/test)"
+        );
+        return;
+    };
+    let db = TestDb::create(&admin_url).await;
+    let work = tempfile::tempdir().unwrap();
+    let outcome = tokio::spawn(scenario(db.url.clone(), work.path().to_owned())).await;
+    if outcome.is_err() {
+        for name in ["victim", "survivor"] {
+            let text = std::fs::read_to_string(work.path().join(format!("{name}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- {name} log (last 40 lines) ---\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
+    }
+    db.drop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn scenario(db_url: String, work: PathBuf) {
+    let http = reqwest::Client::new();
+    let (victim_totango, victim_log) = fake_totango().await;
+    let (survivor_totango, survivor_log) = fake_totango().await;
+    // Both start at once on an empty database: migrations run under a lock.
+    let mut victim = Replica::start("victim", &work, &db_url, &victim_totango);
+    let mut survivor = Replica::start("survivor", &work, &db_url, &survivor_totango);
+    victim.wait_ready(&http).await;
+    survivor.wait_ready(&http).await;
+
+    // Deduplication is shared: a batch sent to one replica and then again to
+    // the other (a client retrying elsewhere) is stored and delivered once.
+    let dedupe_ids: Vec<String> = (0..DEDUPE_MESSAGES).map(|i| format!("dup-{i}")).collect();
+    let dedupe_batch = json!({"batch": dedupe_ids.iter().map(|m| json!({
+        "type": "track", "messageId": m, "userId": "dup-user", "event": format!("T {m}"),
+        "context": {"groupId": "dup-account"}})).collect::<Vec<_>>()});
+    for base in [&victim.base, &survivor.base] {
+        let r = http
+            .post(format!("{base}/v1/batch"))
+            .basic_auth(KEY, Some(""))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&dedupe_batch).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count_completed(&[&victim_log, &survivor_log], &dedupe_ids) < DEDUPE_MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "the deduplicated batch was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let shared = Arc::new(Replicas {
+        bases: [victim.base.clone(), survivor.base.clone()],
+        victim_alive: AtomicBool::new(true),
+        acked_batches: AtomicUsize::new(0),
+        reposted: AtomicUsize::new(0),
+    });
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| tokio::spawn(post_task(t, shared.clone())))
+        .collect();
+
+    // Kill the victim mid-load, while it has a request to Totango that
+    // arrived just now (so it cannot have its answer yet).
+    while shared.acked_batches.load(Ordering::SeqCst) < KILL_AFTER_BATCHES {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "posting stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fresh = victim_log
+            .snapshot()
+            .iter()
+            .any(|h| h.answered.is_none() && h.received.elapsed() < FAKE_DELAY / 3);
+        if fresh {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the victim never had a request in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    shared.victim_alive.store(false, Ordering::SeqCst);
+    let killed_at = Instant::now();
+    let victim_pid = victim.pid();
+    victim.kill();
+    eprintln!(
+        "killed the victim (pid {victim_pid}) after {} acknowledged batches",
+        shared.acked_batches.load(Ordering::SeqCst)
+    );
+
+    let mut sent: Vec<Sent> = Vec::new();
+    for t in tasks {
+        sent.extend(t.await.expect("posting task"));
+    }
+    let posted_in = started.elapsed();
+    let total = TASKS * BATCHES_PER_TASK * (IDENTIFIES + GROUPS + TRACKS);
+    assert_eq!(sent.len(), total, "every batch acknowledged");
+
+    // Wait until every acknowledged message reached a fake.
+    let wanted: HashSet<&str> = sent.iter().map(|s| s.message_id.as_str()).collect();
+    let deadline = Instant::now() + DRAIN;
+    let missing = loop {
+        let mut delivered: HashSet<String> = HashSet::new();
+        for hit in victim_log
+            .snapshot()
+            .iter()
+            .chain(survivor_log.snapshot().iter())
+        {
+            if hit.completed {
+                if let Some((mid, _, _)) = identify_hit(&hit.params) {
+                    delivered.insert(mid);
+                }
+            }
+        }
+        let missing: Vec<&str> = wanted
+            .iter()
+            .filter(|m| !delivered.contains(**m))
+            .copied()
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let drained_in = started.elapsed();
+    let mut sample = missing.clone();
+    sample.sort_unstable();
+    sample.truncate(20);
+    assert!(
+        missing.is_empty(),
+        "{} of {total} acknowledged messages never reached Totango within {DRAIN:?} \
+         (first: {sample:?})",
+        missing.len()
+    );
+    // Late duplicates, if any, show up here.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim_hits = victim_log.snapshot();
+    let survivor_hits = survivor_log.snapshot();
+
+    // Acceptance order per user (identify) and per account (group): the
+    // requests of both replicas together, by arrival at Totango, never go
+    // back to an earlier update. A repeat (a takeover resending the
+    // victim's last one) is allowed.
+    let mut by_entity: HashMap<String, Vec<(Instant, usize, &'static str)>> = HashMap::new();
+    for (who, hits) in [("victim", &victim_hits), ("survivor", &survivor_hits)] {
+        for hit in hits {
+            if let Some((_, Some(key), seq)) = identify_hit(&hit.params) {
+                by_entity
+                    .entry(key)
+                    .or_default()
+                    .push((hit.received, seq, who));
+            }
+        }
+    }
+    let mut out_of_order = Vec::new();
+    for (key, hits) in &mut by_entity {
+        hits.sort_by_key(|(at, _, _)| *at);
+        for pair in hits.windows(2) {
+            if pair[1].1 < pair[0].1 {
+                out_of_order.push(format!(
+                    "{key}: update {} ({}) after update {} ({})",
+                    pair[1].1, pair[1].2, pair[0].1, pair[0].2
+                ));
+            }
+        }
+    }
+    let expected_entities: HashSet<&str> =
+        sent.iter().filter_map(|s| s.ordering.as_deref()).collect();
+    assert_eq!(
+        by_entity.len(),
+        expected_entities.len(),
+        "every user and account had updates delivered"
+    );
+    assert!(
+        out_of_order.is_empty(),
+        "{} updates out of acceptance order, e.g. {:?}",
+        out_of_order.len(),
+        &out_of_order[..out_of_order.len().min(10)]
+    );
+    // The seq numbers sent per entity were 1, 2, 3, … in posting order.
+    let mut last_seq: HashMap<&str, usize> = HashMap::new();
+    for s in &sent {
+        if let Some(key) = &s.ordering {
+            let last = last_seq.entry(key).or_insert(0);
+            assert_eq!(s.seq, *last + 1, "test bookkeeping for {key}");
+            *last = s.seq;
+        }
+    }
+
+    // No message was in flight from both replicas at the same time.
+    let mut intervals: HashMap<String, [Vec<(Instant, Instant)>; 2]> = HashMap::new();
+    let end = Instant::now();
+    for (side, hits) in [(0, &victim_hits), (1, &survivor_hits)] {
+        for hit in hits {
+            if let Some((mid, _, _)) = identify_hit(&hit.params) {
+                intervals.entry(mid).or_default()[side]
+                    .push((hit.received, hit.answered.unwrap_or(end)));
+            }
+        }
+    }
+    let mut overlapping = Vec::new();
+    let mut both = 0;
+    for (mid, [v, s]) in &intervals {
+        if v.is_empty() || s.is_empty() {
+            continue;
+        }
+        both += 1;
+        for a in v {
+            for b in s {
+                if a.0 < b.1 && b.0 < a.1 {
+                    overlapping.push(mid.clone());
+                }
+            }
+        }
+    }
+    assert!(
+        overlapping.is_empty(),
+        "{} messages were in flight from both replicas at once, e.g. {:?}",
+        overlapping.len(),
+        &overlapping[..overlapping.len().min(10)]
+    );
+
+    // What the victim had in flight when it died was sent again by the
+    // survivor, after the kill (its leases ran out).
+    let in_flight_at_kill: Vec<String> = victim_hits
+        .iter()
+        .filter(|h| h.received < killed_at && h.answered.is_none_or(|a| a > killed_at))
+        .filter_map(|h| identify_hit(&h.params).map(|(mid, _, _)| mid))
+        .collect();
+    assert!(
+        !in_flight_at_kill.is_empty(),
+        "the victim had nothing in flight at the kill: the takeover was not exercised"
+    );
+    let mut takeover_delay = Duration::ZERO;
+    for mid in &in_flight_at_kill {
+        let resent = survivor_hits
+            .iter()
+            .filter(|h| h.completed && h.received > killed_at)
+            .filter(|h| identify_hit(&h.params).is_some_and(|(m, _, _)| &m == mid))
+            .map(|h| h.received - killed_at)
+            .min();
+        let Some(after) = resent else {
+            panic!("{mid} was in flight at the victim's death and never sent by the survivor");
+        };
+        takeover_delay = takeover_delay.max(after);
+    }
+
+    // The database holds each message once, delivered (batches posted again
+    // after the kill were either stored then or recorded as duplicates).
+    let stats: Value = {
+        let r = http
+            .get(format!("{}/api/stats", survivor.base))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+    };
+    let outcome = |name: &str| stats["outcomes"][name].as_u64().unwrap_or(0);
+    assert_eq!(
+        outcome("delivered"),
+        (total + DEDUPE_MESSAGES) as u64,
+        "stats: {stats}"
+    );
+    assert!(
+        outcome("duplicate") >= DEDUPE_MESSAGES as u64,
+        "stats: {stats}"
+    );
+    assert_eq!(
+        count_completed(&[&victim_log, &survivor_log], &dedupe_ids),
+        DEDUPE_MESSAGES,
+        "a batch sent to both replicas was delivered once"
+    );
+    assert_eq!(outcome("pending"), 0, "stats: {stats}");
+    assert_eq!(outcome("dead"), 0, "stats: {stats}");
+    assert_eq!(stats["queue"]["depth"], 0, "stats: {stats}");
+
+    let survivor_status = survivor.stop().await;
+    assert!(
+        survivor_status.success(),
+        "the survivor did not stop cleanly on SIGTERM: {survivor_status}\n{}",
+        survivor.log_tail()
+    );
+
+    // Migrations ran at start; `migrate` now finds nothing to do.
+    let migrate = Command::new(BIN)
+        .arg("migrate")
+        .current_dir(&work)
+        .env("TD_STORAGE__URL", &db_url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&migrate.stdout);
+    assert!(
+        migrate.status.success() && stdout.chars().any(|c| c.is_ascii_digit()),
+        "migrate: {} {stdout} {}",
+        migrate.status,
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
+    // Sent by both: how long before the kill the victim had its answer (its
+    // result was not committed yet), and how long after the victim the
+    // survivor sent it (the lease had to run out first).
+    let mut unrecorded_before_kill = Duration::ZERO;
+    let mut resend_gap_min: Option<Duration> = None;
+    for [v, s] in intervals.values() {
+        if let (Some(first_v), Some(first_s)) = (v.iter().min(), s.iter().min()) {
+            if first_v.1 < killed_at {
+                unrecorded_before_kill = unrecorded_before_kill.max(killed_at - first_v.1);
+            }
+            let gap = first_s.0.saturating_duration_since(first_v.0);
+            resend_gap_min = Some(resend_gap_min.map_or(gap, |m| m.min(gap)));
+        }
+    }
+    eprintln!(
+        "sent by both replicas: the survivor sent each at least {:.1?} after the victim; the \
+         victim had Totango's answer up to {unrecorded_before_kill:.1?} before its death \
+         without having recorded it",
+        resend_gap_min.unwrap_or_default()
+    );
+
+    let redelivered = intervals
+        .values()
+        .filter(|[v, s]| v.len() + s.len() > 1)
+        .count();
+    eprintln!(
+        "{total} messages, {} batches posted again after failing on the victim; posted in \
+         {posted_in:.1?}, all delivered after {drained_in:.1?}; requests: victim {}, survivor {}; \
+         {redelivered} messages sent more than once ({both} by both replicas); {} in flight at the \
+         kill, all resent by the survivor within {takeover_delay:.1?} of it (lease {LEASE_SECS} s)",
+        shared.reposted.load(Ordering::SeqCst),
+        victim_hits.len(),
+        survivor_hits.len(),
+        in_flight_at_kill.len(),
+    );
+}
