@@ -495,6 +495,14 @@ async fn migrations_are_versioned_idempotent_and_refuse_newer_schemas() {
         .unwrap();
     let expected: Vec<i32> = (1..=postgres::SCHEMA_VERSION as i32).collect();
     assert_eq!(versions, expected, "each version applied once");
+    // Session settings of the pool's connections.
+    let mut conn = s.pool().acquire().await.unwrap();
+    let plans: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(plans, "force_custom_plan");
+    drop(conn);
     sqlx::query("INSERT INTO td_schema (version) VALUES (999)")
         .execute(s.pool())
         .await
@@ -545,6 +553,8 @@ async fn text_with_nul_is_stored() {
     let id = stored(&s.accept(vec![m.clone()]).await.unwrap()[0]);
     let got = s.get(id).await.unwrap().unwrap();
     assert_eq!(got.message_id, "a\u{FFFD}b");
+    // The payload is JSON, where NUL is an escape: kept as it came.
+    assert_eq!(got.payload["messageId"], "a\0b");
     assert_eq!(got.user_id.as_deref(), Some("u\u{FFFD}"));
     assert_eq!(got.warnings, vec!["odd\0warning".to_owned()]);
     assert!(matches!(
