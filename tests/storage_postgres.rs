@@ -495,6 +495,14 @@ async fn migrations_are_versioned_idempotent_and_refuse_newer_schemas() {
         .unwrap();
     let expected: Vec<i32> = (1..=postgres::SCHEMA_VERSION as i32).collect();
     assert_eq!(versions, expected, "each version applied once");
+    // Session settings of the pool's connections.
+    let mut conn = s.pool().acquire().await.unwrap();
+    let plans: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(plans, "force_custom_plan");
+    drop(conn);
     sqlx::query("INSERT INTO td_schema (version) VALUES (999)")
         .execute(s.pool())
         .await
@@ -545,6 +553,8 @@ async fn text_with_nul_is_stored() {
     let id = stored(&s.accept(vec![m.clone()]).await.unwrap()[0]);
     let got = s.get(id).await.unwrap().unwrap();
     assert_eq!(got.message_id, "a\u{FFFD}b");
+    // The payload is JSON, where NUL is an escape: kept as it came.
+    assert_eq!(got.payload["messageId"], "a\0b");
     assert_eq!(got.user_id.as_deref(), Some("u\u{FFFD}"));
     assert_eq!(got.warnings, vec!["odd\0warning".to_owned()]);
     assert!(matches!(
@@ -739,4 +749,27 @@ async fn lost_connections_are_restored() {
     admin.close().await;
     a.close().await;
     b.close().await;
+}
+
+/// In one batch, a stale report ahead of the current one does not hide it.
+#[tokio::test]
+async fn a_stale_report_does_not_hide_the_current_one_behind_it() {
+    let Some(db) = TestDatabase::create("stale_then_current") else {
+        return;
+    };
+    let s = open(&db, 300).await;
+    let id = stored(&s.accept(vec![msg("m1", Some("K"))]).await.unwrap()[0]);
+    let first = s.claim(10).await.unwrap().messages[0].lease;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let second = s.claim(10).await.unwrap().messages[0].lease;
+    let stale = s
+        .report(vec![
+            report(id, first, Disposition::Delivered),
+            report(id, second, Disposition::Delivered),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stale, vec![id]);
+    assert_eq!(s.get(id).await.unwrap().unwrap().state, State::Delivered);
+    s.close().await;
 }

@@ -17,7 +17,7 @@ pub use schema::SCHEMA_VERSION;
 use super::*;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::query::Query;
-use sqlx::{ConnectOptions, PgConnection, PgPool, Postgres, Row};
+use sqlx::{ConnectOptions, Executor, PgConnection, PgPool, Postgres, Row};
 use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -71,11 +71,6 @@ fn connect_options(url: &str) -> Result<PgConnectOptions, StorageError> {
         .map_err(|e| StorageError::Corrupt(format!("storage.url is not usable: {e}")))?;
     Ok(options
         .application_name("totango-destination")
-        // Plans fit the tables as they are now: a statement prepared while
-        // the queue was empty must not keep scanning it whole once it is
-        // long (generic plans are only replanned after an ANALYZE). JIT only
-        // slows down statements this short.
-        .options([("plan_cache_mode", "force_custom_plan"), ("jit", "off")])
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Warn, SLOW_STATEMENT))
 }
@@ -105,6 +100,19 @@ impl PostgresStorage {
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // Plans fit the tables as they are now: a statement
+                    // prepared while the queue was empty must not keep
+                    // scanning it whole once it is long (generic plans are
+                    // only replanned after an ANALYZE). JIT only slows down
+                    // statements this short. Set here rather than as startup
+                    // options, which poolers such as PgBouncer refuse.
+                    conn.execute("SET plan_cache_mode = force_custom_plan; SET jit = off")
+                        .await
+                        .map(|_| ())
+                })
+            })
             .connect_with(connect_options(url)?)
             .await?;
         schema::migrate(&pool).await?;
@@ -309,7 +317,7 @@ impl Inner {
         loop {
             let result = async {
                 let mut tx = self.pool.begin().await?;
-                let out = queue::report(&mut tx, reports.clone()).await?;
+                let out = queue::report(&mut tx, &reports).await?;
                 if out.promoted {
                     notify_others(&mut tx).await?;
                 }

@@ -424,15 +424,14 @@ pub struct Reported {
 
 /// Records results of the reports whose lease is current, in at most three
 /// statements; the rest are ignored. Runs in a transaction.
-pub async fn report(
-    conn: &mut PgConnection,
-    reports: Vec<Report>,
-) -> Result<Reported, StorageError> {
-    let all: Vec<i64> = reports.iter().map(|r| r.id).collect();
-    // The first report on a message wins; a second one carries a lease the
-    // first has released.
+pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported, StorageError> {
+    // At most one report per (message, lease) can apply: the first; a second
+    // one carries a lease the first has released.
     let mut seen = HashSet::new();
-    let reports: Vec<Report> = reports.into_iter().filter(|r| seen.insert(r.id)).collect();
+    let reports: Vec<&Report> = all
+        .iter()
+        .filter(|r| seen.insert((r.id, r.lease)))
+        .collect();
     let n = reports.len();
     let (mut ids, mut leases) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut requests, mut sent, mut attempted) = (Vec::new(), Vec::new(), Vec::new());
@@ -441,7 +440,7 @@ pub async fn report(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut settings, mut next) = (Vec::new(), Vec::new());
     let (mut dequeue_ids, mut dequeue_leases) = (Vec::new(), Vec::new());
-    for r in &reports {
+    for r in reports {
         let (state, code, reason, next_attempt_at) = match &r.disposition {
             Disposition::Delivered => (State::Delivered, None, None, None),
             Disposition::Retry { next_attempt_at } => {
@@ -511,7 +510,7 @@ pub async fn report(
                 last_body = CASE WHEN v.has_last THEN v.body ELSE m.last_body END, \
                 last_error = CASE WHEN v.has_last THEN v.error ELSE m.last_error END, \
                 updated_at = {CLOCK_MS}, settings = COALESCE(v.settings, m.settings) \
-            FROM valid v WHERE m.id = v.id RETURNING m.id), \
+            FROM valid v WHERE m.id = v.id RETURNING m.id, v.lease), \
          retried AS ( \
             UPDATE td_queue q SET next_attempt_at = v.next_attempt_at, leased_until = 0, \
                 lease = NULL \
@@ -521,7 +520,7 @@ pub async fn report(
             DELETE FROM td_queue q USING valid v \
             WHERE q.seq = v.seq AND v.next_attempt_at IS NULL \
             RETURNING q.ordering_key) \
-         SELECT ARRAY(SELECT id FROM updated), \
+         SELECT ARRAY(SELECT id FROM updated), ARRAY(SELECT lease FROM updated), \
             ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL)"
     ))
     .bind(&ids)
@@ -540,16 +539,22 @@ pub async fn report(
     .bind(&next)
     .fetch_one(&mut *conn)
     .await?;
-    let applied: Vec<i64> = row.try_get(0)?;
-    let dequeued_keys: Vec<String> = row.try_get(1)?;
+    let applied_ids: Vec<i64> = row.try_get(0)?;
+    let applied_leases: Vec<i64> = row.try_get(1)?;
+    let dequeued_keys: Vec<String> = row.try_get(2)?;
     let promoted = if dequeued_keys.is_empty() {
         false
     } else {
         promote(conn, &dequeued_keys).await?
     };
-    // Each applied id answers its first report; every other report is stale.
-    let mut applied: HashSet<i64> = applied.into_iter().collect();
-    let stale = all.into_iter().filter(|id| !applied.remove(id)).collect();
+    // Each applied (message, lease) answers its first report; every other
+    // report is stale.
+    let mut applied: HashSet<(i64, i64)> = applied_ids.into_iter().zip(applied_leases).collect();
+    let stale = all
+        .iter()
+        .filter(|r| !applied.remove(&(r.id, r.lease)))
+        .map(|r| r.id)
+        .collect();
     Ok(Reported { stale, promoted })
 }
 
