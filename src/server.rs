@@ -38,8 +38,6 @@ const HTTP_DRAIN: Duration = Duration::from_secs(30);
 pub enum RunError {
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("storage.url: {0}")]
-    UnsupportedStorage(String),
     #[error("outbound HTTP client: {0}")]
     Client(#[from] reqwest::Error),
     #[error("listener: {0}")]
