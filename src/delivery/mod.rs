@@ -179,11 +179,9 @@ impl Delivery {
             }
             let outcomes: Vec<(i64, State)> = batch
                 .iter()
-                .filter_map(|r| match &r.disposition {
-                    Disposition::Delivered => Some((r.id, State::Delivered)),
-                    Disposition::Dead { .. } => Some((r.id, State::Dead)),
-                    Disposition::Final { state, .. } => Some((r.id, *state)),
-                    Disposition::Retry { .. } => None,
+                .filter_map(|r| match r.disposition.outcome().0 {
+                    State::Pending => None,
+                    state => Some((r.id, state)),
                 })
                 .collect();
             match self.storage.report(batch).await {

@@ -218,6 +218,22 @@ pub enum Disposition {
     },
 }
 
+impl Disposition {
+    /// The state a message takes, with its code and reason (`Pending` for a retry).
+    pub fn outcome(&self) -> (State, Option<&str>, Option<&str>) {
+        match self {
+            Disposition::Delivered => (State::Delivered, None, None),
+            Disposition::Retry { .. } => (State::Pending, None, None),
+            Disposition::Dead { code, reason } => (State::Dead, Some(code), Some(reason)),
+            Disposition::Final {
+                state,
+                code,
+                reason,
+            } => (*state, code.as_deref(), reason.as_deref()),
+        }
+    }
+}
+
 /// A delivery worker's report on one claimed message.
 #[derive(Debug, Clone)]
 pub struct Report {

@@ -441,22 +441,11 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
     let (mut settings, mut next) = (Vec::new(), Vec::new());
     let (mut dequeue_ids, mut dequeue_leases) = (Vec::new(), Vec::new());
     for r in reports {
-        let (state, code, reason, next_attempt_at) = match &r.disposition {
-            Disposition::Delivered => (State::Delivered, None, None, None),
-            Disposition::Retry { next_attempt_at } => {
-                (State::Pending, None, None, Some(*next_attempt_at))
-            }
-            Disposition::Dead { code, reason } => (
-                State::Dead,
-                Some(pg_text(code)),
-                Some(pg_text(reason)),
-                None,
-            ),
-            Disposition::Final {
-                state,
-                code,
-                reason,
-            } => (*state, pg_text_opt(code), pg_text_opt(reason), None),
+        let (state, code, reason) = r.disposition.outcome();
+        let (code, reason) = (code.map(pg_text), reason.map(pg_text));
+        let next_attempt_at = match r.disposition {
+            Disposition::Retry { next_attempt_at } => Some(next_attempt_at),
+            _ => None,
         };
         if next_attempt_at.is_none() {
             dequeue_ids.push(r.id);

@@ -245,18 +245,7 @@ pub(super) fn report(
             stale.push(r.id);
             continue;
         }
-        let (state, code, reason) = match &r.disposition {
-            Disposition::Delivered => (State::Delivered, None, None),
-            Disposition::Retry { .. } => (State::Pending, None, None),
-            Disposition::Dead { code, reason } => {
-                (State::Dead, Some(code.clone()), Some(reason.clone()))
-            }
-            Disposition::Final {
-                state,
-                code,
-                reason,
-            } => (*state, code.clone(), reason.clone()),
-        };
+        let (state, code, reason) = r.disposition.outcome();
         let last = r.last.clone().unwrap_or_default();
         update.execute(params![
             r.id,
