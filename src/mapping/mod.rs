@@ -207,7 +207,8 @@ pub fn translate(
             let mut p = base(&ids);
             p.insert("sdr_u".into(), ids.user.clone().unwrap_or_default());
             let mut attrs = Vec::new();
-            attributes("sdr_u", "traits", &msg.traits, &mut attrs, &mut warnings);
+            let traits = identify_traits(msg);
+            attributes("sdr_u", "traits", &traits, &mut attrs, &mut warnings);
             p.extend(attrs);
             vec![p]
         }
@@ -356,6 +357,27 @@ fn check_id(field: &str, id: &str) -> Result<(), Translation> {
         ));
     }
     Ok(())
+}
+
+/// Identify's traits: top-level `traits`, then the keys of `context.traits`
+/// that the top level lacks (RudderStack's SDKs send them only there). The
+/// create date is taken from `context.traits` only when the top level has none.
+fn identify_traits(msg: &Message) -> std::borrow::Cow<'_, Map<String, Value>> {
+    let Some(Value::Object(extra)) = msg.context.get("traits") else {
+        return std::borrow::Cow::Borrowed(&msg.traits);
+    };
+    if extra.is_empty() {
+        return std::borrow::Cow::Borrowed(&msg.traits);
+    }
+    let top_has_date = CREATE_DATE_KEYS.iter().any(|k| msg.traits.contains_key(*k));
+    let mut merged = msg.traits.clone();
+    for (key, value) in extra {
+        if merged.contains_key(key) || (top_has_date && CREATE_DATE_KEYS.contains(&key.as_str())) {
+            continue;
+        }
+        merged.insert(key.clone(), value.clone());
+    }
+    std::borrow::Cow::Owned(merged)
 }
 
 /// Keys that carry the create date, in order of precedence.

@@ -546,3 +546,45 @@ fn page_category_to_remember() {
     );
     assert_eq!(cat(json!({"type": "page", "name": "N"})), None);
 }
+
+#[test]
+fn identify_reads_context_traits_when_traits_lack_a_key() {
+    // RudderStack's Python SDK sends identify traits only in context.traits.
+    let t = run(json!({"type": "identify", "userId": "u1",
+        "context": {"groupId": "acct-1", "traits": {"email": "a@b.c", "plan": "pro"}}}));
+    assert_eq!(
+        params(&t),
+        vec![expect(&[
+            ("sdr_s", "SP-3126-05"),
+            ("sdr_o", "acct-1"),
+            ("sdr_u", "u1"),
+            ("sdr_u.email", "a@b.c"),
+            ("sdr_u.plan", "pro"),
+        ])]
+    );
+    // Both: the top level wins key by key; context adds the keys it lacks.
+    let t = run(json!({"type": "identify", "userId": "u1",
+        "traits": {"email": "top@b.c", "createdAt": "2024-01-02T00:00:00Z"},
+        "context": {"groupId": "acct-1",
+            "traits": {"email": "ctx@b.c", "role": "admin", "created": "2020-01-01T00:00:00Z"}}}));
+    assert_eq!(
+        params(&t),
+        vec![expect(&[
+            ("sdr_s", "SP-3126-05"),
+            ("sdr_o", "acct-1"),
+            ("sdr_u", "u1"),
+            ("sdr_u.email", "top@b.c"),
+            ("sdr_u.Create Date", "2024-01-02T00:00:00.000Z"),
+            ("sdr_u.role", "admin"),
+        ])]
+    );
+}
+
+#[test]
+fn group_does_not_apply_context_traits_to_the_account() {
+    let t = run(json!({"type": "group", "userId": "u1", "groupId": "acct-1",
+        "traits": {"name": "Acme"},
+        "context": {"traits": {"email": "a@b.c"}}}));
+    let p = &params(&t)[0];
+    assert!(p.iter().all(|(k, _)| !k.contains("email")), "{p:?}");
+}
