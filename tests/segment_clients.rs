@@ -2,7 +2,9 @@
 //! library (segment-analytics-python, `tests/clients/python`) and the Node
 //! library (@segment/analytics-node, `tests/clients/node`) each send 1,000
 //! identify, group, page and track calls, and every one must be accepted and
-//! delivered to a fake Totango: nothing lost.
+//! delivered to a fake Totango: nothing lost. RudderStack's libraries
+//! (rudder-sdk-python, @rudderstack/rudder-sdk-node) speak the same API and
+//! are held to the same, with identify traits arriving from `context.traits`.
 //!
 //! Needs a virtualenv with the Python library in `target/clients-venv`
 //! (or `TD_CLIENTS_PYTHON` naming its python) and `npm ci` in
@@ -40,11 +42,15 @@ fn tool(name: &str, found: Option<PathBuf>, install: &str) -> Option<PathBuf> {
 }
 
 fn python() -> Option<PathBuf> {
+    python_with("segment.analytics")
+}
+
+fn python_with(module: &str) -> Option<PathBuf> {
     let candidate = std::env::var_os("TD_CLIENTS_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target/clients-venv/bin/python"));
     let importable = std::process::Command::new(&candidate)
-        .args(["-c", "import segment.analytics"])
+        .args(["-c", &format!("import {module}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -57,8 +63,13 @@ fn python() -> Option<PathBuf> {
 }
 
 fn node() -> Option<PathBuf> {
+    node_with("@segment/analytics-node")
+}
+
+fn node_with(package: &str) -> Option<PathBuf> {
     let installed = root()
-        .join("tests/clients/node/node_modules/@segment/analytics-node")
+        .join("tests/clients/node/node_modules")
+        .join(package)
         .exists();
     let node_runs = std::process::Command::new("node")
         .arg("--version")
@@ -185,6 +196,23 @@ impl Server {
                     .query_pairs()
                     .find(|(k, _)| k == "sdr_u")
                     .map(|(_, v)| v.into_owned())
+            })
+            .collect()
+    }
+
+    /// `sdr_u` → `sdr_u.email` of every request that carried an email attribute.
+    async fn delivered_emails(&self) -> std::collections::BTreeMap<String, String> {
+        let requests = self.fake.received_requests().await.unwrap_or_default();
+        requests
+            .iter()
+            .filter_map(|r| {
+                let get = |key: &str| {
+                    r.url
+                        .query_pairs()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.into_owned())
+                };
+                Some((get("sdr_u")?, get("sdr_u.email")?))
             })
             .collect()
     }
@@ -380,5 +408,57 @@ async fn node_library_loses_nothing_when_one_event_is_wrongly_typed() {
     );
     let summary = run_client(&node, &args).await;
     assert_only_bad_item_rejected(&server, "nodebad", &summary).await;
+    server.stop().await;
+}
+
+/// Every identify call of a run (every fourth user) reached Totango with its
+/// email trait, wherever the library put the traits.
+async fn assert_identify_traits_delivered(server: &Server, prefix: &str) {
+    let emails = server.delivered_emails().await;
+    for i in (0..EVENTS).step_by(4) {
+        let user = format!("{prefix}-{i}");
+        assert_eq!(
+            emails.get(&user),
+            Some(&format!("{user}@example.com")),
+            "identify traits of {user}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rudderstack_python_library_delivers_every_event_with_identify_traits() {
+    let Some(python) = python_with("rudderstack.analytics") else {
+        return;
+    };
+    let server = Server::start().await;
+    let args = script_args(
+        "tests/clients/python/send_events.py",
+        &server,
+        "rpy",
+        &["--library", "rudder"],
+    );
+    let summary = run_client(&python, &args).await;
+    assert_eq!(summary["sent"], EVENTS);
+    assert_all_delivered(&server, "rpy", &summary).await;
+    assert_identify_traits_delivered(&server, "rpy").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rudderstack_node_library_delivers_every_event_with_identify_traits() {
+    let Some(node) = node_with("@rudderstack/rudder-sdk-node") else {
+        return;
+    };
+    let server = Server::start().await;
+    let args = script_args(
+        "tests/clients/node/send_events_rudder.mjs",
+        &server,
+        "rnode",
+        &[],
+    );
+    let summary = run_client(&node, &args).await;
+    assert_eq!(summary["sent"], EVENTS);
+    assert_all_delivered(&server, "rnode", &summary).await;
+    assert_identify_traits_delivered(&server, "rnode").await;
     server.stop().await;
 }

@@ -1,18 +1,20 @@
 """Sends identify, group, page and track calls through Segment's Python
-library (segment-analytics-python) to a server given as --host, then prints a
-JSON summary on stdout. Run by tests/segment_clients.rs.
+library (segment-analytics-python) or, with --library rudder, RudderStack's
+(rudder-sdk-python, which puts identify traits only in context.traits) to a
+server given as --host, then prints a JSON summary on stdout. Run by
+tests/segment_clients.rs.
 
 Every call has its own user ID (`{prefix}-{i}`), so the test can tell which
 calls reached the fake Totango. With --bad-item one extra track call carries
 a wrongly typed field (`context.groupId` as an object) in the same batch as
-good calls.
+good calls. With --big-item one extra track call carries a 40 KB property,
+over the server's per-message limit.
 """
 
 import argparse
 import json
 import sys
 
-from segment.analytics import Client
 
 CALLS = ("identify", "group", "page", "track")
 
@@ -24,7 +26,13 @@ def main():
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--prefix", default="py")
     p.add_argument("--bad-item", action="store_true")
+    p.add_argument("--big-item", action="store_true")
+    p.add_argument("--library", choices=("segment", "rudder"), default="segment")
     args = p.parse_args()
+    if args.library == "rudder":
+        from rudderstack.analytics import Client
+    else:
+        from segment.analytics import Client
 
     errors = {}
 
@@ -54,9 +62,12 @@ def main():
             client.track(user, "Created Report", {"rows": i}, context=account)
         if args.bad_item and i == args.count // 2:
             client.track(f"{args.prefix}-bad", "Bad Item", {}, context={"groupId": {"id": "acme"}})
+        if args.big_item and i == args.count // 2:
+            client.track(f"{args.prefix}-big", "Big Item", {"blob": "x" * 40_000}, context=account)
     client.flush()
     client.shutdown()
-    json.dump({"sent": args.count + (1 if args.bad_item else 0), "errors": errors}, sys.stdout)
+    sent = args.count + (1 if args.bad_item else 0) + (1 if args.big_item else 0)
+    json.dump({"sent": sent, "errors": errors}, sys.stdout)
     print()
 
 
