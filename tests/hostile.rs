@@ -53,7 +53,7 @@ const ALL_INGEST: [&str; 10] = [
 struct Env {
     server: TestServer,
     _fake: MockServer,
-    _dir: tempfile::TempDir,
+    _place: common::TestPlace,
 }
 
 /// The real server with write keys, a webhook secret and an admin token,
@@ -66,13 +66,14 @@ async fn start(open: bool) -> Env {
         .respond_with(ResponseTemplate::new(200))
         .mount(&fake)
         .await;
-    let dir = tempfile::tempdir().unwrap();
+    // SQLite, or PostgreSQL with TEST_BACKEND=postgres (tests/common).
+    let place = common::place();
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\n\
-         [storage]\nurl = \"sqlite://{}\"\n\
+         [storage]\nurl = \"{}\"\n\
          [totango]\nservice_id = \"SP-1234-01\"\nendpoint = \"{}\"\n\
          [limits]\nbody_read_timeout_ms = {BODY_TIMEOUT_MS}\n",
-        dir.path().join("td.db").display(),
+        place.storage_url(),
         fake.uri()
     );
     if !open {
@@ -81,14 +82,15 @@ async fn start(open: bool) -> Env {
              [admin]\ntoken = \"{ADMIN_TOKEN}\"\n"
         ));
     }
-    let path = dir.path().join("td.toml");
+    let path = place.path().join("td.toml");
     std::fs::write(&path, toml).unwrap();
-    let config = Config::load(Some(&path)).unwrap();
+    let mut config = Config::load(Some(&path)).unwrap();
+    place.configure(&mut config);
     let server = TestServer::start(config).await;
     Env {
         server,
         _fake: fake,
-        _dir: dir,
+        _place: place,
     }
 }
 

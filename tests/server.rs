@@ -2184,3 +2184,119 @@ async fn below_the_free_disk_floor_ingest_answers_503() {
     assert_eq!(srv.counts().await, counts(&[]));
     srv.stop().await;
 }
+
+/// Every stored message (newest first), read back from storage.
+async fn all_stored(srv: &Server) -> Vec<StoredMessage> {
+    srv.storage
+        .list(Default::default(), 10_000)
+        .await
+        .expect("storage readable")
+}
+
+/// Issue 14.13: a `writeKey` in a body is a credential, not data: it is
+/// stripped before storage on every way in (it was kept on `/segment` and
+/// `/webhook`, and shown by the admin API), rejected messages included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_key_in_a_body_is_never_stored() {
+    let fake = Fake::ok().await;
+    let dir = common::place();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    let with_key = |mut m: Value| {
+        m["writeKey"] = json!("secret-in-body");
+        m
+    };
+    let r = srv
+        .post("/segment", Some(KEY), &with_key(track("u1", "S")))
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    let r = srv
+        .post("/webhook", Some(KEY), &with_key(track("u2", "W")))
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    // An array with a rejected element (group without groupId).
+    let body = json!([
+        with_key(track("u3", "W3")),
+        with_key(json!({"type": "group", "userId": "u3"}))
+    ]);
+    let r = srv.post("/webhook", Some(KEY), &body).await;
+    assert_eq!(r.status, 400, "{r:#?}");
+    let r = srv
+        .post("/v1/track", None, &with_key(track("u4", "T")))
+        .await;
+    assert_eq!(
+        r.status, 401,
+        "the body key is not a configured key: {r:#?}"
+    );
+    let r = srv
+        .post("/v1/track", Some(KEY), &with_key(track("u4", "T")))
+        .await;
+    assert_success(&r);
+    let body = json!({"batch": [with_key(track("u5", "B")), with_key(json!({"type": "track"}))]});
+    let r = srv.post("/v1/batch", Some(KEY), &body).await;
+    assert_success(&r);
+
+    let stored = all_stored(&srv).await;
+    assert_eq!(stored.len(), 7, "{stored:#?}");
+    for m in &stored {
+        assert!(
+            m.payload.get("writeKey").is_none()
+                && !m.payload.to_string().contains("secret-in-body"),
+            "message {} keeps the write key: {}",
+            m.id,
+            m.payload
+        );
+    }
+    srv.stop().await;
+}
+
+/// Issue 14.3 (ingest side): a batch whose large `context` is merged into
+/// many items that are rejected (no `userId`) stored the merged context with
+/// each of them: 34 KB sent became ~4 MB of rejected rows. Messages that will
+/// never be sent are now stored as their client sent them, so what a request
+/// stores stays within a small multiple of its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_batch_items_do_not_store_the_batch_context_each() {
+    let fake = Fake::ok().await;
+    let dir = common::place();
+    let srv = Server::start(config(&dir, &fake.uri())).await;
+    let items: Vec<Value> = (0..130)
+        .map(|i| json!({"type": "track", "event": format!("e{i}")}))
+        .collect();
+    let mut body = json!({
+        "batch": items,
+        "context": {"groupId": "acc1", "blob": "x".repeat(30_000)},
+    });
+    // One item that will be sent keeps the merged context (delivery needs it).
+    body["batch"]
+        .as_array_mut()
+        .unwrap()
+        .push(track("u1", "Sent"));
+    let sent = serde_json::to_vec(&body).unwrap();
+    let r = srv.post_raw("/v1/batch", Some(KEY), sent.clone()).await;
+    assert_success(&r);
+
+    let stored = all_stored(&srv).await;
+    assert_eq!(stored.len(), 131);
+    let rejected: Vec<&StoredMessage> = stored
+        .iter()
+        .filter(|m| m.state == State::Rejected)
+        .collect();
+    assert_eq!(rejected.len(), 130, "{:?}", srv.counts().await);
+    for m in &rejected {
+        assert_eq!(m.code.as_deref(), Some("missing_user_id"), "{m:#?}");
+        assert!(m.payload.get("context").is_none(), "{}", m.payload);
+        assert!(m.payload["event"].is_string() && m.payload["messageId"].is_string());
+    }
+    let kept = stored.iter().find(|m| m.state != State::Rejected).unwrap();
+    assert_eq!(
+        kept.payload["context"]["blob"].as_str().unwrap().len(),
+        30_000
+    );
+    let total: usize = stored.iter().map(|m| m.payload.to_string().len()).sum();
+    assert!(
+        total < 3 * sent.len(),
+        "{} bytes sent were stored as {total} bytes of payloads",
+        sent.len()
+    );
+    srv.stop().await;
+}

@@ -20,6 +20,8 @@ pub async fn handle(
     limits.check_raw(bytes.len(), "")?;
     let mut obj: Map<String, Value> = parse_json(&bytes)?;
     drop(bytes);
+    // A credential, not data: never stored (it authenticates nothing here).
+    obj.remove("writeKey");
     fill_message_id(&mut obj);
     let received = crate::storage::now_millis();
     let prepared = prepare(

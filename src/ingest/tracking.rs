@@ -104,13 +104,16 @@ pub async fn batch(
         let mut value: Value = serde_json::from_str(raw.get())
             .map_err(|e| ApiError::bad_request(&field[..field.len() - 1], e))?;
         // An item that is not an object is stored as rejected by `prepare`.
+        let mut merged = [Merged::Nothing, Merged::Nothing];
         if let Value::Object(obj) = &mut value {
             obj.remove("writeKey");
-            merge_defaults(obj, "context", body.context.as_ref());
-            merge_defaults(obj, "integrations", body.integrations.as_ref());
+            merged = [
+                merge_defaults(obj, "context", body.context.as_ref()),
+                merge_defaults(obj, "integrations", body.integrations.as_ref()),
+            ];
             fill(obj, received, body.sent_at.as_deref());
         }
-        prepared.push(prepare(
+        let mut item = prepare(
             &mut limits,
             value,
             source,
@@ -118,7 +121,14 @@ pub async fn batch(
             &field,
             received.timestamp_millis(),
             Invalid::RejectItem,
-        )?);
+        )?;
+        // A message that will never be sent is kept as its client sent it,
+        // without the batch-level defaults merged in: a large batch `context`
+        // copied into every rejected item would store many times the body.
+        if item.new.state != State::Pending && merged.iter().any(|m| *m != Merged::Nothing) {
+            item.new.payload = unmerge(&item.new.payload, &merged);
+        }
+        prepared.push(item);
     }
     drop(body);
     drop(bytes);
@@ -135,23 +145,69 @@ fn take_write_key(obj: &mut Map<String, Value>) -> Result<Option<String>, ApiErr
     }
 }
 
+/// What [`merge_defaults`] added to an item, so that it can be taken out again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Merged {
+    Nothing,
+    /// The item had no such object (or `null`): the defaults became it.
+    Whole(&'static str, Option<Value>),
+    /// These keys of the item's own object came from the defaults.
+    Keys(&'static str, Vec<String>),
+}
+
 /// Batch-level `context`/`integrations` apply to every item; the item's own keys win.
-fn merge_defaults(obj: &mut Map<String, Value>, key: &str, defaults: Option<&Map<String, Value>>) {
+fn merge_defaults(
+    obj: &mut Map<String, Value>,
+    key: &'static str,
+    defaults: Option<&Map<String, Value>>,
+) -> Merged {
     let Some(defaults) = defaults.filter(|d| !d.is_empty()) else {
-        return;
+        return Merged::Nothing;
     };
     match obj.get_mut(key) {
         Some(Value::Object(own)) => {
+            let mut added = Vec::new();
             for (k, v) in defaults {
-                own.entry(k.clone()).or_insert_with(|| v.clone());
+                if !own.contains_key(k) {
+                    own.insert(k.clone(), v.clone());
+                    added.push(k.clone());
+                }
             }
+            Merged::Keys(key, added)
         }
         None | Some(Value::Null) => {
-            obj.insert(key.to_owned(), Value::Object(defaults.clone()));
+            let before = obj.insert(key.to_owned(), Value::Object(defaults.clone()));
+            Merged::Whole(key, before)
         }
         // A wrong type is reported by the parser, naming the field.
-        Some(_) => {}
+        Some(_) => Merged::Nothing,
     }
+}
+
+/// The stored payload `merged` without what [`merge_defaults`] added.
+fn unmerge(payload: &str, merged: &[Merged]) -> String {
+    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(payload) else {
+        return payload.to_owned();
+    };
+    for m in merged {
+        match m {
+            Merged::Nothing => {}
+            Merged::Whole(key, None) => {
+                obj.remove(*key);
+            }
+            Merged::Whole(key, Some(before)) => {
+                obj.insert((*key).to_owned(), before.clone());
+            }
+            Merged::Keys(key, added) => {
+                if let Some(Value::Object(own)) = obj.get_mut(*key) {
+                    for k in added {
+                        own.remove(k);
+                    }
+                }
+            }
+        }
+    }
+    Value::Object(obj).to_string()
 }
 
 /// Fills what Segment's API fills: `messageId`, `receivedAt`, and `timestamp`
@@ -272,5 +328,22 @@ mod tests {
             Some(&obj(json!({"Totango": false}))),
         );
         assert_eq!(m["integrations"], json!({"Totango": false}));
+    }
+
+    #[test]
+    fn unmerge_restores_the_item_as_sent() {
+        let sent = json!({"context": {"ip": "1.1.1.1"}, "integrations": null, "x": 1});
+        let mut m = obj(sent.clone());
+        let merged = [
+            merge_defaults(
+                &mut m,
+                "context",
+                Some(&obj(json!({"ip": "2", "big": "…"}))),
+            ),
+            merge_defaults(&mut m, "integrations", Some(&obj(json!({"All": true})))),
+        ];
+        let back: Value =
+            serde_json::from_str(&unmerge(&Value::Object(m).to_string(), &merged)).unwrap();
+        assert_eq!(back, sent);
     }
 }

@@ -69,6 +69,8 @@ pub async fn handle(
         limits.check_raw(item.get().len(), &field)?;
         let mut value: Value = parse_json(item.get().as_bytes())?;
         if let Value::Object(obj) = &mut value {
+            // A credential, not data: never stored.
+            obj.remove("writeKey");
             fill_message_id(obj);
         }
         // In an array, an invalid element is stored as rejected on its own.
