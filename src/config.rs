@@ -70,6 +70,12 @@ pub struct AuthConfig {
     /// Allow starting without any write key on a non-loopback address.
     #[serde(default)]
     pub allow_open: bool,
+    /// In open mode (no write key), the `Host` names ingest accepts besides
+    /// the loopback ones (`localhost`, `127.0.0.1`, `[::1]`): a host name or
+    /// address, with `:port` to accept that port only. Others get `421`
+    /// (a DNS-rebinding page cannot post events to an open server).
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -121,7 +127,42 @@ pub struct LimitsConfig {
     /// Open connections from one client address at most; more are closed at
     /// once (0: no per-client cap). Behind a reverse proxy every client has
     /// the proxy's address: raise it there, or cap per client in the proxy.
+    /// A client is an address prefix: see `client_prefix_v4`/`_v6`.
     pub max_connections_per_client: usize,
+    /// IPv4 addresses sharing this many leading bits are one client for
+    /// `max_connections_per_client` (24: a /24; 32: each address).
+    #[serde(default = "default_prefix_v4")]
+    pub client_prefix_v4: u8,
+    /// IPv6 addresses sharing this many leading bits are one client (64: a
+    /// /64, what one host or site usually gets; 128: each address).
+    #[serde(default = "default_prefix_v6")]
+    pub client_prefix_v6: u8,
+    /// Request body bytes (after decompression) all requests together may
+    /// hold at once; beyond it a body is answered `503` + `Retry-After`.
+    #[serde(default = "default_inflight")]
+    pub max_inflight_body_bytes: usize,
+    /// Time before a body's first bytes count, for a request that carries no
+    /// credential in its headers (no `Authorization`, no `X-Signature`, no
+    /// session cookie), milliseconds; then the bytes that arrive buy time at
+    /// `min_body_bytes_per_sec`. Credentialed requests get 5 s.
+    #[serde(default = "default_uncredentialed_grace")]
+    pub uncredentialed_body_grace_ms: u64,
+}
+
+fn default_prefix_v4() -> u8 {
+    24
+}
+
+fn default_prefix_v6() -> u8 {
+    64
+}
+
+fn default_inflight() -> usize {
+    64 * 1024 * 1024
+}
+
+fn default_uncredentialed_grace() -> u64 {
+    2_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,6 +212,10 @@ impl Default for Config {
                 min_body_bytes_per_sec: 16 * 1024,
                 max_connections: 1_024,
                 max_connections_per_client: 256,
+                client_prefix_v4: default_prefix_v4(),
+                client_prefix_v6: default_prefix_v6(),
+                max_inflight_body_bytes: default_inflight(),
+                uncredentialed_body_grace_ms: default_uncredentialed_grace(),
             },
             sources: Vec::new(),
             insights: Default::default(),
@@ -435,6 +480,41 @@ impl Config {
                 return Err(ConfigError::invalid(name, "must be at least 1"));
             }
         }
+        if l.max_inflight_body_bytes < l.max_body_bytes {
+            return Err(ConfigError::invalid(
+                "limits.max_inflight_body_bytes",
+                format!(
+                    "must be at least limits.max_body_bytes ({}), or no full body could be read",
+                    l.max_body_bytes
+                ),
+            ));
+        }
+        if !(1..=32).contains(&l.client_prefix_v4) {
+            return Err(ConfigError::invalid(
+                "limits.client_prefix_v4",
+                "must be between 1 and 32 (bits of an IPv4 address)",
+            ));
+        }
+        if !(1..=128).contains(&l.client_prefix_v6) {
+            return Err(ConfigError::invalid(
+                "limits.client_prefix_v6",
+                "must be between 1 and 128 (bits of an IPv6 address)",
+            ));
+        }
+        if l.uncredentialed_body_grace_ms == 0 {
+            return Err(ConfigError::invalid(
+                "limits.uncredentialed_body_grace_ms",
+                "must be at least 1 (limits.body_read_timeout_ms caps it)",
+            ));
+        }
+        for (i, host) in self.auth.allowed_hosts.iter().enumerate() {
+            if let Err(why) = check_allowed_host(host) {
+                return Err(ConfigError::invalid(
+                    format!("auth.allowed_hosts[{i}]"),
+                    format!("{host:?}: {why}"),
+                ));
+            }
+        }
         let check = |setting: &str, patch: &SettingsPatch| -> Result<Settings, ConfigError> {
             patch
                 .resolve()
@@ -566,6 +646,47 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> 
         }
         Raw::Many(v) => v.into_iter().map(|s| Secret::new(s.0)).collect(),
     })
+}
+
+/// A string (comma-separated) or a list → list of strings.
+fn comma_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(Scalar),
+        Many(Vec<Scalar>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) => {
+            s.0.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }
+        Raw::Many(v) => v.into_iter().map(|s| s.0.trim().to_owned()).collect(),
+    })
+}
+
+/// An `auth.allowed_hosts` entry: what a `Host` header holds, a host name or
+/// address (IPv6 in brackets) with an optional `:port`, nothing else.
+fn check_allowed_host(host: &str) -> Result<(), &'static str> {
+    if host.is_empty() {
+        return Err("is empty");
+    }
+    if host.contains("://") || host.contains('/') {
+        return Err("expected a host name like td.example.com or td.example.com:8080, not a URL");
+    }
+    if host
+        .bytes()
+        .any(|b| !(b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b)))
+    {
+        return Err("may hold letters, digits, '-', '.', '_', ':' and IPv6 brackets only");
+    }
+    if host.parse::<axum::http::uri::Authority>().is_err() {
+        return Err("is not a valid host[:port]");
+    }
+    Ok(())
 }
 
 /// Environment values that look like numbers still mean text here.
@@ -754,5 +875,38 @@ mod tests {
             assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod transport_settings {
+    use super::*;
+
+    #[test]
+    fn allowed_hosts_and_limits_are_validated_naming_the_setting() {
+        let invalid = |c: Config| {
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mut c = Config::default();
+        c.auth.allowed_hosts = vec!["td.internal".into(), "http://td.example/".into()];
+        assert!(invalid(c).starts_with("auth.allowed_hosts[1]"));
+        let mut c = Config::default();
+        c.auth.allowed_hosts = vec!["td.internal:8080".into(), "[::1]:9".into()];
+        assert!(c.validate().is_ok());
+        let mut c = Config::default();
+        c.limits.max_inflight_body_bytes = c.limits.max_body_bytes - 1;
+        assert!(invalid(c).starts_with("limits.max_inflight_body_bytes"));
+        let mut c = Config::default();
+        c.limits.client_prefix_v6 = 129;
+        assert!(invalid(c).starts_with("limits.client_prefix_v6"));
+        let mut c = Config::default();
+        c.limits.client_prefix_v4 = 0;
+        assert!(invalid(c).starts_with("limits.client_prefix_v4"));
+        let mut c = Config::default();
+        c.limits.uncredentialed_body_grace_ms = 0;
+        assert!(invalid(c).starts_with("limits.uncredentialed_body_grace_ms"));
     }
 }

@@ -319,7 +319,7 @@ fn announce_admin(admin: &AdminAuth, loaded: &Loaded, address: std::net::SocketA
 
 fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
     Router::new()
-        .merge(ingest::routes())
+        .merge(ingest::routes(state.clone()))
         .merge(admin::routes(state.clone()))
         .merge(crate::insights::routes())
         .route("/healthz", get(healthz))

@@ -61,6 +61,11 @@ struct Env {
 /// the configuration then do not matter here). `open`: no write key, no admin
 /// token, no webhook secret (the quick start).
 async fn start(open: bool) -> Env {
+    start_with(open, "").await
+}
+
+/// [`start`], with `extra` TOML appended (tables of their own).
+async fn start_with(open: bool, extra: &str) -> Env {
     let fake = MockServer::start().await;
     Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(200))
@@ -82,6 +87,7 @@ async fn start(open: bool) -> Env {
              [admin]\ntoken = \"{ADMIN_TOKEN}\"\n"
         ));
     }
+    toml.push_str(extra);
     let path = place.path().join("td.toml");
     std::fs::write(&path, toml).unwrap();
     let mut config = Config::load(Some(&path)).unwrap();
@@ -2185,6 +2191,98 @@ async fn admin_path_ids_that_are_not_numbers_get_json_errors() {
             )
         })
         .collect();
+    run_strict(&env.server.base, cases).await;
+    env.server.stop().await;
+}
+
+/// Issue 14.6: DNS rebinding. A page on `rebind.attacker.example`, whose name
+/// the attacker re-points at 127.0.0.1, makes same-origin requests (`Host`
+/// and `Origin` agree, `Sec-Fetch-Site: same-origin`). An open-mode server
+/// (no write key) took them as ingest; it now serves loopback Host names
+/// only (and `auth.allowed_hosts`), answering others `421 host_not_allowed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_mode_refuses_rebound_host_names() {
+    let env = start(true).await;
+    let base = env.server.base.clone();
+    let port = base.rsplit(':').next().unwrap().to_owned();
+    let attacker = format!("rebind.attacker.example:{port}");
+    let mut cases: Vec<(Case, Check)> = Vec::new();
+    for (i, path) in ALL_INGEST.into_iter().enumerate() {
+        let mut m = message(path, "rebind");
+        m["messageId"] = json!(format!("rebind-{i}"));
+        cases.push((
+            Case::new(format!("rebound {path}"), "POST", path)
+                .header("Host", attacker.clone())
+                .header("Origin", format!("http://{attacker}"))
+                .header("Sec-Fetch-Site", "same-origin")
+                .header("Content-Type", "text/plain")
+                .body(wrap(path, &m))
+                .expect(error(421, "host_not_allowed")),
+            |a| {
+                let message = a.json().unwrap()["message"].to_string();
+                if message.contains("Host") && message.contains("rebind.attacker.example") {
+                    Ok(())
+                } else {
+                    Err(format!("message does not name the Host: {message}"))
+                }
+            },
+        ));
+    }
+    // The loopback names still work, with or without a port.
+    for (i, host) in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "localhost".into(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut m = message("/v1/track", "loopback");
+        m["messageId"] = json!(format!("loopback-{i}"));
+        cases.push((
+            Case::new(format!("Host {host}"), "POST", "/v1/track")
+                .header("Host", host.clone())
+                .header("Content-Type", "application/json")
+                .body(wrap("/v1/track", &m))
+                .expect(status(200)),
+            none,
+        ));
+    }
+    run_strict(&base, cases).await;
+    let stored = env
+        .server
+        .storage
+        .list(Default::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 3, "only the loopback requests were stored");
+    env.server.stop().await;
+}
+
+/// `auth.allowed_hosts` adds names an open-mode server answers to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_mode_serves_configured_host_names() {
+    let env = start_with(true, "[auth]\nallowed_hosts = [\"td.internal\"]\n").await;
+    let mut m = message("/v1/track", "allowed");
+    m["messageId"] = json!("allowed-host");
+    let cases: Vec<(Case, Check)> = vec![
+        (
+            Case::new("configured Host", "POST", "/v1/track")
+                .header("Host", "td.internal:8080")
+                .header("Content-Type", "application/json")
+                .body(wrap("/v1/track", &m))
+                .expect(status(200)),
+            none,
+        ),
+        (
+            Case::new("other Host", "POST", "/v1/track")
+                .header("Host", "td.internal.attacker.example")
+                .header("Content-Type", "application/json")
+                .body(wrap("/v1/track", &m))
+                .expect(error(421, "host_not_allowed")),
+            none,
+        ),
+    ];
     run_strict(&env.server.base, cases).await;
     env.server.stop().await;
 }

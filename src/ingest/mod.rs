@@ -37,7 +37,7 @@ pub struct AppState {
     pub backpressure: Arc<crate::backpressure::Backpressure>,
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
+pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/batch", post(tracking::batch))
         .route("/v1/import", post(tracking::batch))
@@ -45,6 +45,64 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/segment", post(partner::handle))
         .route("/webhook", post(webhook::handle))
         .route_layer(axum::middleware::from_fn(refuse_browsers_from_other_sites))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            open_mode_hosts_only,
+        ))
+}
+
+/// In open mode (no write key) any page a browser visits could post events
+/// through DNS rebinding: a name the attacker controls resolving to this
+/// server makes its requests same-origin. Open mode therefore takes only the
+/// loopback names and `auth.allowed_hosts` in `Host`; others get `421`.
+async fn open_mode_hosts_only(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    if state.runtime.sources.is_empty() {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(|h| h.to_str().unwrap_or("\u{fffd}"))
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        // Without a Host (HTTP/1.0), no browser is involved.
+        if let Some(host) = host {
+            if !host_allowed(host, &state.runtime.config.auth.allowed_hosts) {
+                return Err(ApiError::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "host_not_allowed",
+                    format!(
+                        "Host: {:?} is not served: without write keys, ingest accepts only \
+                         localhost, 127.0.0.1, [::1] and auth.allowed_hosts",
+                        host.chars().take(100).collect::<String>()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+/// Whether an open-mode server serves the `Host` value `host`: a loopback
+/// name (any port), or an `allowed` entry (its port, when it names one).
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    let name = match host.rsplit_once(':') {
+        // `[::1]:8080` or `name:8080`; a bare `[::1]` has its colons inside brackets.
+        Some((name, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host.as_str(),
+    };
+    let name = name.trim_end_matches('.');
+    if matches!(name, "localhost" | "127.0.0.1" | "[::1]") {
+        return true;
+    }
+    allowed.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        a == host || a.trim_end_matches('.') == name
+    })
 }
 
 /// Segment and its server-side libraries never send `Origin` or Fetch
@@ -550,6 +608,42 @@ impl<'a> RequestLimits<'a> {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::host_allowed;
+
+    #[test]
+    fn open_mode_serves_loopback_and_configured_hosts_only() {
+        let none: [String; 0] = [];
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST:1",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(host_allowed(ok, &none), "{ok}");
+        }
+        for bad in [
+            "rebind.attacker.example:8080",
+            "rebind.attacker.example",
+            "127.0.0.2:8080",
+            "localhost.attacker.example",
+            "",
+            "[::2]:80",
+        ] {
+            assert!(!host_allowed(bad, &none), "{bad}");
+        }
+        let allowed = ["td.internal".to_owned(), "td.example:9000".to_owned()];
+        assert!(host_allowed("td.internal:8080", &allowed));
+        assert!(host_allowed("TD.internal", &allowed));
+        assert!(host_allowed("td.example:9000", &allowed));
+        assert!(!host_allowed("td.example:9001", &allowed));
     }
 }
 
