@@ -1,5 +1,6 @@
 //! totango-destination: a Segment-compatible destination server for Totango.
 
+pub mod budget;
 pub mod config;
 pub mod delivery;
 pub mod ingest;

@@ -165,9 +165,11 @@ pub async fn run_with_storage(
         admin,
         backpressure: backpressure.clone(),
     });
+    let transport = crate::budget::Transport::new(&limits);
     let app = router(
         state.clone(),
         Duration::from_millis(limits.body_read_timeout_ms),
+        transport,
     );
 
     // HTTP/1 only: Segment and its libraries speak HTTP/1.1, and cleartext
@@ -180,7 +182,7 @@ pub async fn run_with_storage(
     let graceful = GracefulShutdown::new();
     tracing::info!(%address, "listening");
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let per_client = PerClient::new(limits.max_connections_per_client);
+    let per_client = PerClient::new(&limits);
     loop {
         // At most max_connections open: the next accept waits for a free slot.
         let slot = tokio::select! {
@@ -239,10 +241,13 @@ pub async fn run_with_storage(
     Ok(())
 }
 
-/// Counts open connections per client address.
+/// Counts open connections per client: an address prefix (/24 and /64 by
+/// default), so one host's or site's many addresses count as one.
 #[derive(Clone)]
 struct PerClient {
     max: usize,
+    v4: u8,
+    v6: u8,
     open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
 }
 
@@ -253,9 +258,11 @@ struct ClientSlot {
 }
 
 impl PerClient {
-    fn new(max: usize) -> PerClient {
+    fn new(limits: &crate::config::LimitsConfig) -> PerClient {
         PerClient {
-            max,
+            max: limits.max_connections_per_client,
+            v4: limits.client_prefix_v4,
+            v6: limits.client_prefix_v6,
             open: Default::default(),
         }
     }
@@ -264,6 +271,7 @@ impl PerClient {
         if self.max == 0 {
             return Some(None);
         }
+        let ip = crate::budget::client_prefix(ip, self.v4, self.v6);
         let mut open = self.open.lock().expect("connection counts");
         let n = open.entry(ip).or_insert(0);
         if *n >= self.max {
@@ -317,7 +325,11 @@ fn announce_admin(admin: &AdminAuth, loaded: &Loaded, address: std::net::SocketA
     }
 }
 
-fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
+fn router(
+    state: Arc<AppState>,
+    body_timeout: Duration,
+    transport: Arc<crate::budget::Transport>,
+) -> Router {
     Router::new()
         .merge(ingest::routes(state.clone()))
         .merge(admin::routes(state.clone()))
@@ -330,9 +342,16 @@ fn router(state: Arc<AppState>, body_timeout: Duration) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
+        // Decoded body bytes are charged to the global budget as they are read.
+        .layer(axum::middleware::from_fn(crate::budget::charge))
         // Segment's Java library (and others, optionally) gzip their bodies;
         // the body limit applies to the decompressed bytes.
         .layer(RequestDecompressionLayer::new())
+        // The wire body's deadline follows the bytes that arrive.
+        .layer(axum::middleware::from_fn_with_state(
+            transport,
+            crate::budget::pace,
+        ))
         .layer(axum::middleware::map_request(lowercase_content_encoding))
         .layer(axum::middleware::map_response(explain_unsupported_encoding))
         .layer(axum::middleware::map_response(security_headers))

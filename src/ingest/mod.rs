@@ -208,7 +208,9 @@ fn basic_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(user.to_owned()))
 }
 
-/// Reads the whole body within the configured limit (`413` beyond it).
+/// Reads the whole body within the configured limit (`413` beyond it). The
+/// deadline and the global budget are the transport's (`crate::budget`):
+/// `408` for a late body, `503` + `Retry-After` over budget.
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.limits().max_body_bytes;
     let declared = headers
@@ -218,41 +220,28 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
     }
-    let deadline = body_deadline(state.limits(), declared);
-    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| body_timeout())?;
+    let read = axum::body::to_bytes(body, limit).await;
     read.map_err(|e| {
         let mut source: Option<&dyn std::error::Error> = Some(&e);
         while let Some(s) = source {
             if s.is::<http_body_util::LengthLimitError>() {
                 return ApiError::too_large(limit);
             }
-            if s.is::<tower_http::timeout::TimeoutError>() {
+            if s.is::<tower_http::timeout::TimeoutError>() || s.is::<crate::budget::BodyLate>() {
                 return body_timeout();
+            }
+            if s.is::<crate::budget::OverBudget>() {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "over_budget",
+                    "body: the server holds as many request bytes as it may; retry later",
+                )
+                .with_retry_after(crate::budget::RETRY_AFTER_SECS);
             }
             source = s.source();
         }
         ApiError::bad_request("body", format!("could not read the request body: {e}"))
     })
-}
-
-/// The time a body may take: a few seconds plus what its declared size needs
-/// at `min_body_bytes_per_sec`, never more than `body_read_timeout_ms`. A
-/// slow client announcing a small body cannot hold its slot for long.
-fn body_deadline(
-    limits: &crate::config::LimitsConfig,
-    declared: Option<usize>,
-) -> std::time::Duration {
-    let most = limits.body_read_timeout_ms;
-    let ms = match declared {
-        Some(len) => {
-            let rate = limits.min_body_bytes_per_sec.max(1) as u64;
-            (5_000 + (len as u64).saturating_mul(1000) / rate).min(most)
-        }
-        None => most,
-    };
-    std::time::Duration::from_millis(ms)
 }
 
 fn body_timeout() -> ApiError {

@@ -97,6 +97,13 @@ pub async fn batch(
     let received = Utc::now();
     let mut limits = RequestLimits::new(&state);
     let mut prepared = Vec::with_capacity(body.batch.len());
+    // Batch-level defaults larger than this are not stored with messages that
+    // will never be sent (small ones, which explain an outcome, are).
+    let large = |d: &Option<Map<String, Value>>| {
+        d.as_ref()
+            .is_some_and(|d| serde_json::to_string(d).map_or(0, |t| t.len()) > KEEP_MERGED_MAX)
+    };
+    let large = [large(&body.context), large(&body.integrations)];
     for (i, raw) in body.batch.iter().enumerate() {
         let field = format!("batch[{i}].");
         limits.check_raw(raw.get().len(), &field)?;
@@ -125,8 +132,15 @@ pub async fn batch(
         // A message that will never be sent is kept as its client sent it,
         // without the batch-level defaults merged in: a large batch `context`
         // copied into every rejected item would store many times the body.
-        if item.new.state != State::Pending && merged.iter().any(|m| *m != Merged::Nothing) {
-            item.new.payload = unmerge(&item.new.payload, &merged);
+        if item.new.state != State::Pending {
+            for (m, large) in merged.iter_mut().zip(large) {
+                if !large {
+                    *m = Merged::Nothing;
+                }
+            }
+            if merged.iter().any(|m| *m != Merged::Nothing) {
+                item.new.payload = unmerge(&item.new.payload, &merged);
+            }
         }
         prepared.push(item);
     }
@@ -144,6 +158,10 @@ fn take_write_key(obj: &mut Map<String, Value>) -> Result<Option<String>, ApiErr
         Some(_) => Err(ApiError::bad_request("writeKey", "expected a string")),
     }
 }
+
+/// Batch-level `context`/`integrations` up to this size (serialised) stay
+/// merged into messages stored as never sent; larger ones are left out.
+const KEEP_MERGED_MAX: usize = 256;
 
 /// What [`merge_defaults`] added to an item, so that it can be taken out again.
 #[derive(Debug, Clone, PartialEq, Eq)]
