@@ -600,6 +600,14 @@ impl<'a> RequestLimits<'a> {
     }
 }
 
+fn field_name(field: &str) -> &str {
+    if field.is_empty() {
+        "message"
+    } else {
+        field.trim_end_matches('.')
+    }
+}
+
 #[cfg(test)]
 mod host_tests {
     use super::host_allowed;
@@ -633,13 +641,5 @@ mod host_tests {
         assert!(host_allowed("TD.internal", &allowed));
         assert!(host_allowed("td.example:9000", &allowed));
         assert!(!host_allowed("td.example:9001", &allowed));
-    }
-}
-
-fn field_name(field: &str) -> &str {
-    if field.is_empty() {
-        "message"
-    } else {
-        field.trim_end_matches('.')
     }
 }
