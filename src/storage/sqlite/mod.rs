@@ -216,9 +216,16 @@ impl SqliteStorage {
 
 #[async_trait]
 impl Storage for SqliteStorage {
-    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+    async fn accept_with(
+        &self,
+        batch: Vec<NewMessage>,
+        options: AcceptOptions,
+    ) -> Result<Vec<Acceptance>, AcceptError> {
         let queues = batch.iter().any(|m| m.state == State::Pending);
-        let out = self.call(|r| Op::Accept(batch, r)).await?;
+        let out = self
+            .call(|r| Op::Accept(batch, options, r))
+            .await?
+            .map_err(AcceptError::AlreadyStored)?;
         if queues {
             self.notify.notify_one();
         }
