@@ -222,3 +222,25 @@ on_backends!(
     first_unseen_stores_one_of_concurrent_batches,
     one_poisoned_operation_fails_alone,
 );
+
+/// The backlog's bytes count what a queued message stores besides its
+/// payload: a request's 300 KB of settings counts too.
+async fn backlog_bytes_count_settings(b: Backend) {
+    let Some(s) = b.open(backends::options()).await else {
+        return;
+    };
+    let mut m = message("big-settings", "svc", "u1");
+    m.settings = format!(r#"{{"service_id":"svc","pad":"{}"}}"#, "x".repeat(300_000));
+    let stored = (m.payload.len() + m.settings.len() + m.message_id.len()) as u64;
+    s.accept(vec![m]).await.unwrap();
+    let stats = s.queue_stats().await.unwrap();
+    assert_eq!(stats.depth, 1);
+    assert!(
+        stats.bytes >= stored,
+        "backlog bytes {} < stored {stored}",
+        stats.bytes
+    );
+    s.close().await;
+}
+
+on_backends!(backlog_bytes_count_settings);

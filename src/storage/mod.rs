@@ -205,7 +205,8 @@ pub struct ClaimBatch {
 pub struct QueueStats {
     pub depth: u64,
     pub oldest_received_at: Option<Millis>,
-    /// Stored size of the queued messages (their payloads), bytes.
+    /// Stored size of the queued messages, bytes: payload, request settings
+    /// (`X-Segment-Settings`), messageId, translated requests, last answer.
     pub bytes: u64,
 }
 

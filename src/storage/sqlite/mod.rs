@@ -283,7 +283,10 @@ impl Storage for SqliteStorage {
             Ok(c.query_row(
                 "SELECT (SELECT COUNT(*) FROM queue), (SELECT m.received_at FROM queue q \
                  JOIN messages m ON m.id = q.message ORDER BY q.seq LIMIT 1), \
-                 (SELECT COALESCE(SUM(length(m.payload)), 0) FROM queue q \
+                 (SELECT COALESCE(SUM(length(CAST(m.payload AS BLOB)) \
+                 + length(CAST(m.settings AS BLOB)) + length(CAST(m.message_id AS BLOB)) \
+                 + COALESCE(length(CAST(m.requests AS BLOB)), 0) \
+                 + COALESCE(length(CAST(m.last_body AS BLOB)), 0)), 0) FROM queue q \
                  JOIN messages m ON m.id = q.message)",
                 [],
                 |r| {
