@@ -149,8 +149,13 @@ impl AppState {
     async fn store(
         &self,
         prepared: Vec<Prepared>,
-        interface: &'static str,
+        interface: impl Into<crate::storage::AcceptAs>,
     ) -> Result<Vec<(Summary, Acceptance)>, ApiError> {
+        use crate::storage::AcceptError;
+        let crate::storage::AcceptAs {
+            label: interface,
+            options,
+        } = interface.into();
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("shutting down"));
         }
@@ -164,16 +169,26 @@ impl AppState {
         }
         let (batch, summaries): (Vec<NewMessage>, Vec<Summary>) =
             prepared.into_iter().map(|p| (p.new, p.summary)).unzip();
-        let accepted = self.storage.accept(batch).await.map_err(|e| {
-            tracing::error!(error = %e, "could not store accepted messages");
-            match e {
-                StorageError::Closed => ApiError::unavailable("shutting down"),
-                StorageError::Corrupt(_) => ApiError::unavailable("storage damaged"),
-                StorageError::Unavailable(_) | StorageError::Conflict(_) => {
-                    ApiError::unavailable("storage unavailable")
+        let accepted = self
+            .storage
+            .accept_with(batch, options)
+            .await
+            .map_err(|e| match e {
+                // Only asked for by the webhook's first-element signature.
+                AcceptError::AlreadyStored(_) => ApiError::unauthorized(
+                    "X-Signature: the signed element was already accepted; a replayed array is refused",
+                ),
+                AcceptError::Storage(e) => {
+                    tracing::error!(error = %e, "could not store accepted messages");
+                    match e {
+                        StorageError::Closed => ApiError::unavailable("shutting down"),
+                        StorageError::Corrupt(_) => ApiError::unavailable("storage damaged"),
+                        StorageError::Unavailable(_) | StorageError::Conflict(_) => {
+                            ApiError::unavailable("storage unavailable")
+                        }
+                    }
                 }
-            }
-        })?;
+            })?;
         metrics::counter!(telemetry::ACCEPTED, "interface" => interface)
             .increment(summaries.len() as u64);
         for (s, a) in summaries.iter().zip(&accepted) {

@@ -32,6 +32,7 @@ pub async fn handle(
         (None, key) => state.source_for(key.as_deref())?,
     };
     let bytes = read_body(&state, &headers, body).await?;
+    let mut accept = crate::storage::AcceptAs::from("webhook");
     if let Some(secret) = secret {
         let signed = verify_signature(
             secret,
@@ -41,6 +42,10 @@ pub async fn handle(
         )?;
         if let Signed::FirstElement(message_id) = signed {
             refuse_replayed_element(&state, &message_id).await?;
+            // The check above answers a plain replay early; this one, made
+            // where the array is stored and in the same transaction, holds
+            // under concurrency (and across replicas).
+            accept.options.first_unseen = true;
         }
     }
     let raw: &RawValue = parse_json(&bytes)?;
@@ -90,7 +95,7 @@ pub async fn handle(
         )?);
     }
     drop(items);
-    let stored = state.store(prepared, "webhook").await?;
+    let stored = state.store(prepared, accept).await?;
     let outcomes: Vec<Value> = stored.iter().map(|(s, a)| s.outcome_json(*a)).collect();
     // Rejected messages are stored, and reported with 400 so Segment shows them
     // and does not retry; the others in the same request are kept.

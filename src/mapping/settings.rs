@@ -174,6 +174,10 @@ impl SettingsError {
     }
 }
 
+/// Longest `service_id` accepted, in UTF-8 bytes: it is part of ordering
+/// keys and of the page-category key, both indexed.
+pub const MAX_SERVICE_ID_BYTES: usize = 256;
+
 impl SettingsPatch {
     /// Parses a JSON object of settings; unknown names are an error naming them.
     pub fn from_json(v: &serde_json::Value) -> Result<SettingsPatch, SettingsError> {
@@ -235,6 +239,15 @@ impl SettingsPatch {
                 )
             })?
             .to_owned();
+        if service_id.len() > MAX_SERVICE_ID_BYTES {
+            return Err(SettingsError::new(
+                "service_id",
+                format!(
+                    "{} bytes long; a service ID is at most {MAX_SERVICE_ID_BYTES} bytes",
+                    service_id.len()
+                ),
+            ));
+        }
         let endpoint = match self.endpoint.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(e) => {
@@ -317,6 +330,15 @@ mod tests {
                 .resolve()
                 .unwrap();
         assert_eq!(over.base_url(), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn overlong_service_id_is_refused() {
+        let long = "S".repeat(MAX_SERVICE_ID_BYTES + 1);
+        let e = patch(json!({"service_id": long})).resolve().unwrap_err();
+        assert_eq!(e.setting, "service_id");
+        let fits = "S".repeat(MAX_SERVICE_ID_BYTES);
+        assert!(patch(json!({"service_id": fits})).resolve().is_ok());
     }
 
     #[test]

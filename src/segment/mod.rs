@@ -90,6 +90,26 @@ impl ParseError {
     }
 }
 
+/// Longest id (`messageId`, `userId`, `anonymousId`, `groupId`,
+/// `previousId`, `context.groupId`) accepted, in UTF-8 bytes. Ids are stored
+/// in indexes (dedupe, ordering keys, lookups); PostgreSQL refuses index
+/// entries over about 2.7 KB, so ids are bounded well below that.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// An id longer than [`MAX_ID_BYTES`] is an error naming its field.
+pub fn check_id_length(field: &str, id: Option<&str>) -> Result<(), ParseError> {
+    match id {
+        Some(id) if id.len() > MAX_ID_BYTES => Err(ParseError::InvalidField {
+            field: field.to_owned(),
+            reason: format!(
+                "{} bytes long; ids are at most {MAX_ID_BYTES} bytes",
+                id.len()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// A parsed Segment message. Ids are kept in their text form (numbers in
 /// decimal), empty ids count as absent. Object fields default to empty.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +191,15 @@ impl Message {
                 reason: e.into_inner().to_string(),
             }
         })?;
+        for (field, id) in [
+            ("messageId", &wire.message_id),
+            ("userId", &wire.user_id),
+            ("anonymousId", &wire.anonymous_id),
+            ("groupId", &wire.group_id),
+            ("previousId", &wire.previous_id),
+        ] {
+            check_id_length(field, id.as_deref())?;
+        }
         let call = match wire.call.as_deref() {
             None | Some("") => return Err(ParseError::MissingType),
             Some(t) => CallType::parse(t).ok_or_else(|| ParseError::UnknownType(t.to_owned()))?,
@@ -200,10 +229,14 @@ impl Message {
     pub fn context_group_id(&self) -> Result<Option<String>, ParseError> {
         match self.context.get("groupId") {
             None => Ok(None),
-            Some(v) => scalar_text(v).map_err(|reason| ParseError::InvalidField {
-                field: "context.groupId".into(),
-                reason,
-            }),
+            Some(v) => {
+                let id = scalar_text(v).map_err(|reason| ParseError::InvalidField {
+                    field: "context.groupId".into(),
+                    reason,
+                })?;
+                check_id_length("context.groupId", id.as_deref())?;
+                Ok(id)
+            }
         }
     }
 }
@@ -294,6 +327,28 @@ mod tests {
     fn float_ids_keep_their_decimal_form() {
         let m = Message::from_value(&json!({"type": "group", "groupId": 1.5})).unwrap();
         assert_eq!(m.group_id.as_deref(), Some("1.5"));
+    }
+
+    #[test]
+    fn overlong_ids_name_the_field() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let fits = "x".repeat(MAX_ID_BYTES);
+        for field in [
+            "messageId",
+            "userId",
+            "anonymousId",
+            "groupId",
+            "previousId",
+        ] {
+            let e = Message::from_value(&json!({"type": "track", field: long})).unwrap_err();
+            assert_eq!(e.code(), "invalid_field");
+            assert_eq!(e.field(), Some(field));
+            assert!(Message::from_value(&json!({"type": "track", field: fits})).is_ok());
+        }
+        let m =
+            Message::from_value(&json!({"type": "track", "context": {"groupId": long}})).unwrap();
+        let e = m.context_group_id().unwrap_err();
+        assert_eq!(e.field(), Some("context.groupId"));
     }
 
     #[test]

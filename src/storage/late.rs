@@ -43,8 +43,12 @@ impl LateStorage {
 
 #[async_trait]
 impl Storage for LateStorage {
-    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
-        self.get()?.accept(batch).await
+    async fn accept_with(
+        &self,
+        batch: Vec<NewMessage>,
+        options: AcceptOptions,
+    ) -> Result<Vec<Acceptance>, AcceptError> {
+        self.get()?.accept_with(batch, options).await
     }
     async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
         self.get()?.claim(limit).await

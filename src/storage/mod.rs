@@ -128,6 +128,35 @@ pub struct NewMessage {
     pub needs_page_category: bool,
 }
 
+/// How a batch is accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcceptOptions {
+    /// The batch is stored only if no message with the first message's
+    /// `messageId` is stored yet (from any source, whatever its state);
+    /// otherwise nothing is stored and the call fails with
+    /// [`StorageError::AlreadyStored`]. Checked and recorded atomically:
+    /// of concurrent batches with the same first `messageId` (on every
+    /// replica sharing the storage), at most one is stored.
+    pub first_unseen: bool,
+}
+
+/// Who accepts a batch: a label (the ingest interface, for metrics) and the
+/// options. A bare label means the default options.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptAs {
+    pub label: &'static str,
+    pub options: AcceptOptions,
+}
+
+impl From<&'static str> for AcceptAs {
+    fn from(label: &'static str) -> AcceptAs {
+        AcceptAs {
+            label,
+            options: AcceptOptions::default(),
+        }
+    }
+}
+
 /// What became of one accepted message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acceptance {
@@ -176,7 +205,8 @@ pub struct ClaimBatch {
 pub struct QueueStats {
     pub depth: u64,
     pub oldest_received_at: Option<Millis>,
-    /// Stored size of the queued messages (their payloads), bytes.
+    /// Stored size of the queued messages, bytes: payload, request settings
+    /// (`X-Segment-Settings`), messageId, translated requests, last answer.
     pub bytes: u64,
 }
 
@@ -307,6 +337,17 @@ impl StorageError {
     }
 }
 
+/// Why [`Storage::accept_with`] stored nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// [`AcceptOptions::first_unseen`]: the first message's `messageId` is
+    /// already stored.
+    #[error("a message with messageId {0:?} is already stored")]
+    AlreadyStored(String),
+}
+
 /// The durable queue. Every method that returns `Ok` has committed.
 ///
 /// Several processes may share one backend (PostgreSQL replicas): claims
@@ -317,7 +358,22 @@ pub trait Storage: Send + Sync + 'static {
     /// Stores a batch whole (all or nothing): dedupes by (source, messageId)
     /// within the window and queues `Pending` messages. Signals the notifier
     /// when it queued something.
-    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError>;
+    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+        match self.accept_with(batch, AcceptOptions::default()).await {
+            Ok(out) => Ok(out),
+            Err(AcceptError::Storage(e)) => Err(e),
+            Err(AcceptError::AlreadyStored(id)) => Err(StorageError::Conflict(format!(
+                "messageId {id:?} already stored (no option asked for this check)"
+            ))),
+        }
+    }
+
+    /// [`Storage::accept`] with options, checked in the same transaction.
+    async fn accept_with(
+        &self,
+        batch: Vec<NewMessage>,
+        options: AcceptOptions,
+    ) -> Result<Vec<Acceptance>, AcceptError>;
 
     /// Leases up to `limit` due messages (by the backend's clock): messages
     /// without an ordering key, and at most one per ordering key, the oldest

@@ -63,7 +63,8 @@ struct PruneClock {
 
 struct AcceptCall {
     batch: Vec<NewMessage>,
-    reply: oneshot::Sender<Result<Vec<Acceptance>, StorageError>>,
+    options: AcceptOptions,
+    reply: oneshot::Sender<Result<Vec<Acceptance>, AcceptError>>,
 }
 
 fn connect_options(url: &str) -> Result<PgConnectOptions, StorageError> {
@@ -171,27 +172,34 @@ impl Inner {
     async fn accept_group(
         &self,
         group: &[AcceptCall],
-    ) -> Vec<Result<Vec<Acceptance>, StorageError>> {
+    ) -> Vec<Result<Vec<Acceptance>, AcceptError>> {
         let all = || {
             group
                 .iter()
                 .flat_map(|c| c.batch.iter())
                 .collect::<Vec<&NewMessage>>()
         };
+        if group.iter().any(|c| c.options.first_unseen) {
+            // Checked per call, in its own savepoint.
+            return self.accept_each(group).await;
+        }
         let mut result = self.accept_together(&all()).await;
         if group.len() == 1 {
             if matches!(result, Err(StorageError::Conflict(_))) {
                 // A deadlock or a concurrent duplicate: once more, afresh.
                 result = self.accept_together(&all()).await;
             }
-            return vec![result];
+            return vec![result.map_err(AcceptError::from)];
         }
         match result {
             Ok(mut acceptances) => group
                 .iter()
                 .map(|c| Ok(acceptances.drain(..c.batch.len()).collect()))
                 .collect(),
-            Err(e @ StorageError::Unavailable(_)) => group.iter().map(|_| Err(e.clone())).collect(),
+            Err(e @ StorageError::Unavailable(_)) => group
+                .iter()
+                .map(|_| Err(AcceptError::from(e.clone())))
+                .collect(),
             // One call's failure must not fail the others: each in a savepoint.
             Err(_) => self.accept_each(group).await,
         }
@@ -215,11 +223,13 @@ impl Inner {
     }
 
     /// Each call of the group in its own savepoint of one transaction.
-    async fn accept_each(
-        &self,
-        group: &[AcceptCall],
-    ) -> Vec<Result<Vec<Acceptance>, StorageError>> {
-        let all_fail = |e: StorageError| group.iter().map(|_| Err(e.clone())).collect();
+    async fn accept_each(&self, group: &[AcceptCall]) -> Vec<Result<Vec<Acceptance>, AcceptError>> {
+        let all_fail = |e: StorageError| {
+            group
+                .iter()
+                .map(|_| Err(AcceptError::from(e.clone())))
+                .collect()
+        };
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
             Err(e) => return all_fail(e.into()),
@@ -231,7 +241,16 @@ impl Inner {
                 return all_fail(e.into());
             }
             let batch: Vec<&NewMessage> = call.batch.iter().collect();
-            let step = match queue::accept(&mut tx, &batch, self.options.dedupe_window_ms).await {
+            let accepted = async {
+                if let (true, Some(first)) = (call.options.first_unseen, batch.first()) {
+                    if queue::message_id_stored_locked(&mut tx, &first.message_id).await? {
+                        return Err(AcceptError::AlreadyStored(first.message_id.clone()));
+                    }
+                }
+                Ok(queue::accept(&mut tx, &batch, self.options.dedupe_window_ms).await?)
+            }
+            .await;
+            let step = match accepted {
                 Ok(out) => {
                     queued |= out.queued;
                     sqlx::query("RELEASE SAVEPOINT accept")
@@ -434,18 +453,26 @@ async fn listen(pool: PgPool, notify: Arc<Notify>) {
 
 #[async_trait]
 impl Storage for PostgresStorage {
-    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+    async fn accept_with(
+        &self,
+        batch: Vec<NewMessage>,
+        options: AcceptOptions,
+    ) -> Result<Vec<Acceptance>, AcceptError> {
         self.inner.check_open()?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let sender = self.writer.lock().expect("writer lock").clone();
         let Some(sender) = sender else {
-            return Err(StorageError::Closed);
+            return Err(StorageError::Closed.into());
         };
         let (reply, answer) = oneshot::channel();
         sender
-            .send(AcceptCall { batch, reply })
+            .send(AcceptCall {
+                batch,
+                options,
+                reply,
+            })
             .await
             .map_err(|_| StorageError::Closed)?;
         answer.await.map_err(|_| StorageError::Closed)?
@@ -519,7 +546,9 @@ impl Storage for PostgresStorage {
                 "SELECT (SELECT count(*) FROM td_queue), \
                     (SELECT m.received_at FROM td_queue q JOIN td_messages m ON m.id = q.message \
                      ORDER BY q.seq LIMIT 1), \
-                    (SELECT COALESCE(sum(octet_length(m.payload)), 0)::bigint FROM td_queue q \
+                    (SELECT COALESCE(sum(octet_length(m.payload) + octet_length(m.settings) \
+                     + octet_length(m.message_id) + COALESCE(octet_length(m.requests), 0) \
+                     + COALESCE(octet_length(m.last_body), 0)), 0)::bigint FROM td_queue q \
                      JOIN td_messages m ON m.id = q.message)",
             )
             .fetch_one(&self.inner.pool)
@@ -718,9 +747,10 @@ fn pg_text_opt(s: &Option<String>) -> Option<Cow<'_, str>> {
 }
 
 impl From<sqlx::Error> for StorageError {
-    /// Sorts database failures into passing ones (connection, resources,
-    /// shutdown: `Unavailable`; serialization, deadlock, uniqueness:
-    /// `Conflict`) and ones an operator must handle (`Corrupt`).
+    /// Sorts database failures by SQLSTATE class into passing ones
+    /// (connection, resources, shutdown: `Unavailable`; serialization,
+    /// deadlock, uniqueness: `Conflict`) and ones retrying does not cure
+    /// (damage, or the operation's own data: `Corrupt`).
     fn from(e: sqlx::Error) -> StorageError {
         use sqlx::Error as E;
         match e {
@@ -731,8 +761,12 @@ impl From<sqlx::Error> for StorageError {
                 match (code.as_str(), class) {
                     ("40001" | "40P01" | "23505" | "55P03", _) => StorageError::Conflict(why),
                     // Data corrupted, index corrupted, internal error; schema
-                    // objects missing or refused; data a constraint rejects.
-                    (_, "XX" | "42" | "22" | "23") => StorageError::Corrupt(why),
+                    // objects missing or refused; data a constraint rejects;
+                    // a value over a limit (54000: an index entry too long),
+                    // caused by the operation's data: not worth retrying,
+                    // and (as every error but `Unavailable`) the group
+                    // commit isolates the operation that caused it.
+                    (_, "XX" | "42" | "22" | "23" | "54") => StorageError::Corrupt(why),
                     // Connection, resources, shutdown, system errors, and
                     // anything else: may pass.
                     _ => StorageError::Unavailable(why),

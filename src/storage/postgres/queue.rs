@@ -682,3 +682,24 @@ pub async fn prune(
     more |= keys as i64 >= PRUNE_CHUNK;
     Ok(Some(more))
 }
+
+/// Whether any message with this `messageId` is stored (any source, any
+/// state), decided atomically for this transaction: a transaction-scoped
+/// advisory lock on the id's hash makes concurrent checks of one id (on any
+/// replica) wait for each other's commit, and the read that follows it (read
+/// committed: a fresh snapshot per statement) sees what they stored.
+pub async fn message_id_stored_locked(
+    conn: &mut PgConnection,
+    message_id: &str,
+) -> Result<bool, StorageError> {
+    let id = pg_text(message_id);
+    sqlx::query("SELECT pg_advisory_xact_lock(7340, hashtext($1))")
+        .bind(id.as_ref())
+        .execute(&mut *conn)
+        .await?;
+    let row = sqlx::query("SELECT EXISTS(SELECT 1 FROM td_messages WHERE message_id = $1)")
+        .bind(id.as_ref())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.try_get(0)?)
+}

@@ -48,12 +48,49 @@ impl From<rusqlite::Error> for StorageError {
     }
 }
 
+/// Options that create a file readable and writable by its owner only.
+fn private_options() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
+/// Makes the database and its companions (`-wal`, `-shm`, `.lock`) private to
+/// the owner: they hold payloads and API tokens. Creates the database file
+/// (empty) with mode 0600 when it is missing, since SQLite creates the WAL and
+/// shm files with the database file's mode; narrows files that exist.
+fn make_private(path: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |p: &Path, e: std::io::Error| {
+        StorageError::Unavailable(format!("cannot restrict {} to its owner: {e}", p.display()))
+    };
+    if let Err(e) = private_options().create(true).append(true).open(path) {
+        return Err(fail(path, e));
+    }
+    for suffix in ["", "-wal", "-shm", "-journal", ".lock"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        match std::fs::metadata(&file) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                let mode = m.permissions().mode() & 0o700 | 0o600;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| fail(&file, e))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(&file, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Takes the file's lock (`<file>.lock`), or says which file is in use.
 fn lock(path: &Path) -> Result<std::fs::File, StorageError> {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     let lock_path = PathBuf::from(name);
-    let file = std::fs::OpenOptions::new()
+    let file = private_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -95,6 +132,7 @@ impl SqliteStorage {
             })?;
         }
         let file_lock = lock(path)?;
+        make_private(path)?;
         let conn = schema::open(path).and_then(|c| {
             schema::check_integrity(&c, path)?;
             Ok(c)
@@ -142,6 +180,7 @@ impl SqliteStorage {
     /// Upgrades the file's schema and says which version it has.
     pub fn migrate(path: &Path) -> Result<i64, StorageError> {
         let _lock = lock(path)?;
+        make_private(path)?;
         let conn = schema::open(path)?;
         schema::check_integrity(&conn, path)?;
         schema::migrate(&conn, path)?;
@@ -177,9 +216,16 @@ impl SqliteStorage {
 
 #[async_trait]
 impl Storage for SqliteStorage {
-    async fn accept(&self, batch: Vec<NewMessage>) -> Result<Vec<Acceptance>, StorageError> {
+    async fn accept_with(
+        &self,
+        batch: Vec<NewMessage>,
+        options: AcceptOptions,
+    ) -> Result<Vec<Acceptance>, AcceptError> {
         let queues = batch.iter().any(|m| m.state == State::Pending);
-        let out = self.call(|r| Op::Accept(batch, r)).await?;
+        let out = self
+            .call(|r| Op::Accept(batch, options, r))
+            .await?
+            .map_err(AcceptError::AlreadyStored)?;
         if queues {
             self.notify.notify_one();
         }
@@ -237,7 +283,10 @@ impl Storage for SqliteStorage {
             Ok(c.query_row(
                 "SELECT (SELECT COUNT(*) FROM queue), (SELECT m.received_at FROM queue q \
                  JOIN messages m ON m.id = q.message ORDER BY q.seq LIMIT 1), \
-                 (SELECT COALESCE(SUM(length(m.payload)), 0) FROM queue q \
+                 (SELECT COALESCE(SUM(length(CAST(m.payload AS BLOB)) \
+                 + length(CAST(m.settings AS BLOB)) + length(CAST(m.message_id AS BLOB)) \
+                 + COALESCE(length(CAST(m.requests AS BLOB)), 0) \
+                 + COALESCE(length(CAST(m.last_body AS BLOB)), 0)), 0) FROM queue q \
                  JOIN messages m ON m.id = q.message)",
                 [],
                 |r| {

@@ -271,3 +271,11 @@ pub(super) fn report(
     }
     Ok(stale)
 }
+
+/// Whether any message with this `messageId` is stored (any source, any state).
+pub(super) fn message_id_stored(c: &Connection, message_id: &str) -> Result<bool, StorageError> {
+    Ok(
+        c.prepare_cached("SELECT EXISTS(SELECT 1 FROM messages WHERE message_id = ?1)")?
+            .query_row([message_id], |r| r.get(0))?,
+    )
+}

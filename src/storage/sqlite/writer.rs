@@ -15,7 +15,12 @@ const PRUNE_CHUNK: i64 = 2_000;
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 pub(super) enum Op {
-    Accept(Vec<NewMessage>, Reply<Vec<Acceptance>>),
+    /// Answers `Ok(Err(id))` when `AcceptOptions::first_unseen` refused it.
+    Accept(
+        Vec<NewMessage>,
+        AcceptOptions,
+        Reply<Result<Vec<Acceptance>, String>>,
+    ),
     Replay(MessageFilter, Reply<Vec<i64>>),
     Claim(usize, Reply<ClaimBatch>),
     Report(Vec<Report>, Reply<Vec<i64>>),
@@ -135,7 +140,7 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
 
 fn fail(op: Op, e: &StorageError) {
     match op {
-        Op::Accept(_, r) => drop(r.send(Err(e.clone()))),
+        Op::Accept(_, _, r) => drop(r.send(Err(e.clone()))),
         Op::Replay(_, r) => drop(r.send(Err(e.clone()))),
         Op::Claim(_, r) => drop(r.send(Err(e.clone()))),
         Op::Report(_, r) => drop(r.send(Err(e.clone()))),
@@ -174,8 +179,16 @@ fn apply_in_savepoint(
     lease: &mut i64,
 ) -> Deferred {
     match op {
-        Op::Accept(batch, r) => run(tx, r, |c| {
-            queue::accept(c, batch, now, options.dedupe_window_ms)
+        Op::Accept(batch, accept, r) => run(tx, r, |c| {
+            if accept.first_unseen {
+                // One writer: nothing can slip in between check and insert.
+                if let Some(first) = batch.first() {
+                    if queue::message_id_stored(c, &first.message_id)? {
+                        return Ok(Err(first.message_id.clone()));
+                    }
+                }
+            }
+            queue::accept(c, batch, now, options.dedupe_window_ms).map(Ok)
         }),
         Op::Replay(filter, r) => run(tx, r, |c| queue::replay(c, &filter, now)),
         Op::Claim(limit, r) => run(tx, r, |c| {
