@@ -78,6 +78,9 @@ pub struct AuthConfig {
     pub allowed_hosts: Vec<String>,
 }
 
+/// Shortest `admin.token` accepted.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 12;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -404,6 +407,17 @@ impl Config {
             )
         })?;
         let storage = parse_storage_url(&self.storage.url)?;
+        if let Some(t) = &self.admin.token {
+            if t.expose().chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                return Err(ConfigError::invalid(
+                    "admin.token",
+                    format!(
+                        "must be at least {MIN_ADMIN_TOKEN_CHARS} characters (a random value, \
+                         e.g. `openssl rand -hex 32`)"
+                    ),
+                ));
+            }
+        }
         let d = &self.delivery;
         if d.retry_base_ms == 0 {
             return Err(ConfigError::invalid(

@@ -20,6 +20,8 @@ struct Srv {
     /// The admin token: configured, or generated at first start.
     token: String,
     dir: common::TestPlace,
+    /// `storage.url`, to look at the sessions table.
+    storage_url: String,
 }
 
 impl Srv {
@@ -34,6 +36,7 @@ impl Srv {
         let mut c = common::config(&dir, &fake.uri());
         c.totango.api_token = Some("sdr-secret".into());
         c.admin.token = token.map(Into::into);
+        let storage_url = c.storage.url.clone();
         let server = TestServer::start(c).await;
         let token = match token {
             Some(t) => t.to_owned(),
@@ -54,6 +57,7 @@ impl Srv {
             server,
             token,
             dir,
+            storage_url,
         }
     }
 
@@ -166,17 +170,12 @@ async fn without_a_configured_token_one_is_generated_and_required_even_locally()
     let (status, _) = srv.call(reqwest::Method::GET, "/api/stats", None).await;
     assert_eq!(status, 200);
 
-    // The login link sets a session cookie (not the token) and leaves the
-    // token out of the address bar.
+    // Signing in (the token in a POST body) sets a random session cookie.
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let r = http
-        .get(format!("{}/login?token={}", srv.base, srv.token))
-        .send()
-        .await
-        .unwrap();
+    let r = sign_in(&http, &srv.base, &srv.token).await;
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/");
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
@@ -202,13 +201,17 @@ async fn without_a_configured_token_one_is_generated_and_required_even_locally()
         "{csp}"
     );
     assert!(page.text().await.unwrap().contains("id=\"rows\""));
-    let wrong = http
-        .get(format!("{}/login?token=nope", srv.base))
+    let wrong = sign_in(&http, &srv.base, "nope").await;
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    // The token is never taken from the address (history, proxy logs).
+    let r = http
+        .get(format!("{}/login?token={}", srv.base, srv.token))
         .send()
         .await
         .unwrap();
-    assert_eq!(wrong.status(), 401);
-    assert!(wrong.headers().get("set-cookie").is_none());
+    assert_eq!(r.status(), 200, "the sign-in form");
+    assert!(r.headers().get("set-cookie").is_none());
 
     // With the cookie, changes must come from the page's own origin.
     for (name, value) in [
@@ -420,4 +423,289 @@ async fn list_answers_stay_bounded_for_large_messages() {
     let m = rest["messages"].as_array().unwrap().len();
     assert!(n + m <= 200 && m > 0, "{n} + {m}");
     srv.stop().await;
+}
+
+async fn sign_in(http: &reqwest::Client, base: &str, token: &str) -> reqwest::Response {
+    http.post(format!("{base}/login"))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap()
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// One column of a query on the storage backend (SQLite file or PostgreSQL).
+async fn db_strings(url: &str, sql: &str) -> Vec<String> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let c = rusqlite::Connection::open(path).unwrap();
+        let mut stmt = c.prepare(sql).unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let rows: Vec<(String,)> = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
+        rows.into_iter().map(|(s,)| s).collect()
+    }
+}
+
+async fn db_exec(url: &str, sql: &str) {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+}
+
+fn cookie_of(r: &reqwest::Response) -> String {
+    r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_random_stored_as_digests_expire_and_end_at_logout() {
+    let srv = Srv::start(Some("admin-secret-0123"), 200).await;
+    let http = no_redirects();
+    let a = cookie_of(&sign_in(&http, &srv.base, "admin-secret-0123").await);
+    let b = cookie_of(&sign_in(&http, &srv.base, "admin-secret-0123").await);
+    assert_ne!(a, b, "every sign-in gets its own random session");
+    let id = a.strip_prefix("td_session=").unwrap().to_owned();
+    assert_eq!(id.len(), 64, "256 bits, hex: {a}");
+    let stats = |cookie: String| {
+        let http = http.clone();
+        let base = srv.base.clone();
+        async move {
+            http.get(format!("{base}/api/stats"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(stats(a.clone()).await, 200);
+    assert_eq!(stats(b.clone()).await, 200);
+    // Only the SHA-256 digest of the id is stored.
+    let stored = db_strings(&srv.storage_url, "SELECT digest FROM admin_sessions").await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(!stored.contains(&id));
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+    assert!(stored.contains(&digest), "{stored:?}");
+
+    // Logout revokes the session on the server: the old cookie is refused.
+    let r = http
+        .post(format!("{}/logout", srv.base))
+        .header("cookie", &a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        stats(a.clone()).await,
+        401,
+        "a logged-out cookie never works again"
+    );
+    assert_eq!(stats(b.clone()).await, 200, "other sessions stay");
+
+    // A session idle for 12 hours has expired.
+    db_exec(
+        &srv.storage_url,
+        "UPDATE admin_sessions SET last_seen_at = last_seen_at - 43200001",
+    )
+    .await;
+    assert_eq!(stats(b).await, 401);
+    // A made-up cookie is no session.
+    assert_eq!(stats(format!("td_session={}", "0".repeat(64))).await, 401);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_live_in_the_storage_backend_shared_by_every_server() {
+    let fake = MockServer::start().await;
+    let dir = common::place();
+    let mut c = common::config(&dir, &fake.uri());
+    c.admin.token = Some("shared-admin-token".into());
+    let first = TestServer::start(c.clone()).await;
+    let http = no_redirects();
+    let cookie = cookie_of(&sign_in(&http, &first.base, "shared-admin-token").await);
+    // PostgreSQL: a second replica at the same time. SQLite (one process
+    // per file): the next process on the same file.
+    let first = if dir.is_postgres() {
+        Some(first)
+    } else {
+        first.stop().await;
+        None
+    };
+    let second = TestServer::start(c.clone()).await;
+    let get = |base: String, cookie: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{base}/api/stats"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(get(second.base.clone(), cookie.clone()).await, 200);
+    let r = http
+        .post(format!("{}/logout", second.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(get(second.base.clone(), cookie.clone()).await, 401);
+    if let Some(first) = first {
+        assert_eq!(
+            get(first.base.clone(), cookie.clone()).await,
+            401,
+            "logged out on one replica, out on all"
+        );
+        first.stop().await;
+    }
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_link_carries_a_one_time_code_not_the_token() {
+    let fake = MockServer::start().await;
+    let dir = common::place();
+    let mut c = common::config(&dir, &fake.uri());
+    c.admin.token = Some("link-admin-token".into());
+    let srv = TestServer::start(c.clone()).await;
+    let runtime = c.clone().validate().unwrap();
+    let (auth, _) = totango_destination::admin::auth::AdminAuth::load(&runtime).unwrap();
+    let link = auth.login_link(&srv.base);
+    assert!(!link.contains("link-admin-token"), "{link}");
+    let code = link
+        .strip_prefix(&format!("{}/login?code=", srv.base))
+        .unwrap_or_else(|| panic!("{link}"));
+    assert_eq!(code.len(), 64);
+    let stored = db_strings(&c.storage.url, "SELECT digest FROM admin_sessions").await;
+    assert!(!stored.iter().any(|d| d == code), "codes are stored hashed");
+    let http = no_redirects();
+    let r = http.get(&link).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = cookie_of(&r);
+    let r = http
+        .get(format!("{}/api/stats", srv.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Used once: the same link now opens only the sign-in form.
+    let again = http.get(&link).send().await.unwrap();
+    assert_eq!(again.status(), 401);
+    assert!(again.headers().get("set-cookie").is_none());
+    // An expired code is refused too.
+    let link = auth.login_link(&srv.base);
+    db_exec(
+        &c.storage.url,
+        "UPDATE admin_sessions SET expires_at = 0 WHERE kind = 'code'",
+    )
+    .await;
+    assert_eq!(http.get(&link).send().await.unwrap().status(), 401);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_are_throttled_per_address() {
+    let srv = Srv::start(Some("admin-secret-0123"), 200).await;
+    let http = no_redirects();
+    // A burst of 30 wrong tokens (form or Bearer) is forgiven, then the
+    // address is locked out: ~6k guesses a second become ~2.
+    for i in 0..30 {
+        let r = sign_in(&http, &srv.base, &format!("guess-{i}")).await;
+        assert_eq!(r.status(), 401, "guess {i}");
+    }
+    let (status, _) = srv
+        .call(reqwest::Method::GET, "/api/stats", Some("guess-bearer"))
+        .await;
+    assert_eq!(status, 401, "the 31st wrong token");
+    // Locked out: every attempt, the right token too, gets 429 + Retry-After.
+    let r = sign_in(&http, &srv.base, "admin-secret-0123").await;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let (status, body) = srv.call(reqwest::Method::GET, "/api/stats", None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "too_many_attempts");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_takes_a_small_uncompressed_form_only() {
+    let srv = Srv::start(Some("admin-secret-0123"), 200).await;
+    let http = no_redirects();
+    // More than 4 KB: refused before it is read whole.
+    let big = format!("token={}", "a".repeat(5000));
+    let r = http
+        .post(format!("{}/login", srv.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // A small gzip body inflating to 1 MB is cut at 4 KB as well.
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(b"token=").unwrap();
+    gz.write_all(&vec![b'a'; 1 << 20]).unwrap();
+    let r = http
+        .post(format!("{}/login", srv.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(r.status().as_u16(), 413 | 415), "{}", r.status());
+    // The hook for the server's layers answers 415 to any encoded login.
+    let req = axum::http::Request::post("/login")
+        .header("content-encoding", "gzip")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let refused = totango_destination::admin::refuse_encoded_login(req)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), 415);
+    srv.stop().await;
+}
+
+#[test]
+fn short_admin_tokens_are_refused_naming_the_setting() {
+    let dir = common::place();
+    let mut c = common::config(&dir, "http://127.0.0.1:9");
+    for short in ["a", "12345678901"] {
+        c.admin.token = Some(short.into());
+        let e = c.clone().validate().err().expect("refused").to_string();
+        assert!(e.contains("admin.token") && e.contains("12"), "{e}");
+    }
+    c.admin.token = Some("123456789012".into());
+    assert!(c.validate().is_ok());
 }

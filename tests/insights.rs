@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use totango_destination::config::{Config, Runtime};
 use totango_destination::insights::config::SalesforceAuth;
 use totango_destination::insights::sync::{NoProgress, RunOutcome, RunStatus};
-use totango_destination::insights::{sign, sync_and_store};
+use totango_destination::insights::{Target, sign, sync_and_store};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -288,8 +288,12 @@ fn config(dir: &common::TestPlace, totango: &MockServer, salesforce: &MockServer
     i.salesforce.client_id = Some(CLIENT_ID.into());
     i.salesforce.client_secret = Some(CLIENT_SECRET.into());
     i.widget_secret = Some("widget-secret".into());
+    i.frame_ancestors = MY_DOMAIN.into();
     c
 }
+
+/// The customer's own org, as `insights.frame_ancestors` must name it.
+const MY_DOMAIN: &str = "'self' https://acme.lightning.force.com https://acme.my.salesforce.com";
 
 async fn sync(c: &Config, dry_run: bool) -> RunOutcome {
     let runtime: Runtime = c.clone().validate().unwrap();
@@ -618,14 +622,14 @@ async fn the_widget_and_its_json_twin() {
     let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
     let dir = common::place();
     let mut c = config(&dir, &totango, &salesforce);
-    c.admin.token = Some("admin-token".into());
+    c.admin.token = Some("admin-token-0123456789".into());
     let o = sync(&c, false).await;
     assert_eq!(o.summary.status, RunStatus::Ok, "{:#?}", o.summary);
     let srv = common::TestServer::start(c).await;
     let http = reqwest::Client::new();
     let get = |url: String| http.get(url).send();
 
-    let sig = sign("widget-secret", "acct-1", None);
+    let sig = sign("widget-secret", Target::Account, "acct-1", None);
     let r = get(format!("{}/insights/accounts/acct-1?sig={sig}", srv.base))
         .await
         .unwrap();
@@ -636,7 +640,10 @@ async fn the_widget_and_its_json_twin() {
         csp.contains("default-src 'none'") && csp.contains("style-src 'self'"),
         "{csp}"
     );
-    assert!(csp.contains("frame-ancestors 'self' https://*.salesforce.com https://*.force.com"));
+    assert!(
+        csp.ends_with(&format!("frame-ancestors {MY_DOMAIN}")),
+        "{csp}"
+    );
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert_eq!(h["referrer-policy"], "no-referrer");
     let html = r.text().await.unwrap();
@@ -654,11 +661,11 @@ async fn the_widget_and_its_json_twin() {
     }
     assert!(!html.contains("<script") && !html.contains("style="));
 
-    // The signed link works by Salesforce Id too.
+    // By Salesforce record Id, on its own route, with a link signed for a record.
     let sfid = "001000000000000001";
-    let sig = sign("widget-secret", sfid, None);
+    let sig = sign("widget-secret", Target::Record, sfid, None);
     let r = get(format!(
-        "{}/api/insights/accounts/{sfid}?sig={sig}",
+        "{}/api/insights/records/{sfid}?sig={sig}",
         srv.base
     ))
     .await
@@ -672,7 +679,7 @@ async fn the_widget_and_its_json_twin() {
     assert_eq!(v["active_users_14_days"], 11.0);
 
     // Refused: a wrong signature, another account's, none at all.
-    let other = sign("widget-secret", "acct-2", None);
+    let other = sign("widget-secret", Target::Account, "acct-2", None);
     for (query, status, code) in [
         (format!("sig={other}"), 403, "bad_signature"),
         ("sig=00ff".to_owned(), 403, "bad_signature"),
@@ -692,7 +699,7 @@ async fn the_widget_and_its_json_twin() {
 
     // Expiring links: valid until exp, and exp is signed.
     let future = chrono::Utc::now().timestamp() + 600;
-    let sig = sign("widget-secret", "acct-1", Some(future));
+    let sig = sign("widget-secret", Target::Account, "acct-1", Some(future));
     let ok = get(format!(
         "{}/insights/accounts/acct-1?sig={sig}&exp={future}",
         srv.base
@@ -709,7 +716,7 @@ async fn the_widget_and_its_json_twin() {
     .unwrap();
     assert_eq!(moved.status(), 403);
     let past = chrono::Utc::now().timestamp() - 1;
-    let sig = sign("widget-secret", "acct-1", Some(past));
+    let sig = sign("widget-secret", Target::Account, "acct-1", Some(past));
     let r = get(format!(
         "{}/insights/accounts/acct-1?sig={sig}&exp={past}",
         srv.base
@@ -720,7 +727,7 @@ async fn the_widget_and_its_json_twin() {
     assert_eq!(json(r).await["code"], "link_expired");
 
     // The admin token opens everything; unknown accounts are 404.
-    let admin = |url: String| http.get(url).bearer_auth("admin-token").send();
+    let admin = |url: String| http.get(url).bearer_auth("admin-token-0123456789").send();
     let r = admin(format!("{}/insights/accounts/acct-3", srv.base))
         .await
         .unwrap();
@@ -854,6 +861,7 @@ totango_api_url = "{totango}"
 totango_app_token = "{APP_TOKEN}"
 widget_secret = "widget-secret"
 public_url = "https://td.example.com"
+frame_ancestors = "https://acme.lightning.force.com"
 
 [insights.salesforce]
 login_url = "{salesforce}"
@@ -977,10 +985,25 @@ async fn cli_link_prints_a_signed_widget_url() {
     ])
     .await;
     assert_eq!(code, 0, "{err}");
-    let sig = sign("widget-secret", "0015g00000AbCdEAAV", None);
+    let sig = sign("widget-secret", Target::Account, "0015g00000AbCdEAAV", None);
     assert_eq!(
         out.trim(),
         format!("https://td.example.com/insights/accounts/0015g00000AbCdEAAV?sig={sig}")
+    );
+    let (code, out, err) = cli(&[
+        "insights",
+        "link",
+        "--record",
+        "0015g00000AbCdEAAV",
+        "--config",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let sig = sign("widget-secret", Target::Record, "0015g00000AbCdEAAV", None);
+    assert_eq!(
+        out.trim(),
+        format!("https://td.example.com/insights/records/0015g00000AbCdEAAV?sig={sig}")
     );
     let (code, out, _) = cli(&[
         "insights",
@@ -997,7 +1020,10 @@ async fn cli_link_prints_a_signed_widget_url() {
     let q: HashMap<String, String> = url.query_pairs().into_owned().collect();
     let exp: i64 = q["exp"].parse().unwrap();
     assert!((exp - chrono::Utc::now().timestamp() - 600).abs() < 30);
-    assert_eq!(q["sig"], sign("widget-secret", "acme", Some(exp)));
+    assert_eq!(
+        q["sig"],
+        sign("widget-secret", Target::Account, "acme", Some(exp))
+    );
 }
 
 #[tokio::test]
@@ -1014,4 +1040,230 @@ async fn the_documented_example_file_holds_the_insights_defaults() {
         "{defaults}"
     );
     assert_eq!(from_file, defaults);
+}
+
+/// A Totango fake answering these hits (default fields, `sfid` last).
+async fn totango_with(hits: Vec<Value>) -> MockServer {
+    let server = MockServer::start().await;
+    let total = hits.len();
+    Mock::given(method("POST"))
+        .and(path("/api/v1/search/accounts"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "status": "success",
+            "response": {"accounts": {"total_hits": total, "hits": hits}}
+        })))
+        .mount(&server)
+        .await;
+    server
+}
+
+/// `account(i)` renamed, linked to `sfid` (or to nothing).
+fn hit(name: &str, i: usize, sfid: Option<&str>) -> Value {
+    let mut h = account(i);
+    h["name"] = json!(name);
+    h["display_name"] = json!(format!("Display {name}"));
+    let fields = h["selected_fields"].as_array_mut().unwrap();
+    *fields.last_mut().unwrap() = sfid.map_or(Value::Null, |s| json!(s));
+    h
+}
+
+#[tokio::test]
+async fn an_account_named_like_a_record_id_cannot_take_over_its_widget() {
+    // acct-1 is linked to record R; an account *named* R (account ids are
+    // client-controlled through Segment `group`) must not be R's widget.
+    let record = "001000000000000001";
+    let totango = totango_with(vec![hit("acct-1", 1, Some(record)), hit(record, 2, None)]).await;
+    let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
+    let dir = common::place();
+    let mut c = config(&dir, &totango, &salesforce);
+    c.admin.token = Some("admin-token-0123456789".into());
+    let o = sync(&c, false).await;
+    assert_eq!(o.summary.records_updated, 1, "{:#?}", o.summary);
+    let srv = common::TestServer::start(c).await;
+    let http = reqwest::Client::new();
+    let get = |url: String| http.get(url).send();
+
+    // The record's widget is acct-1's, by a link signed for the record.
+    let sig = sign("widget-secret", Target::Record, record, None);
+    for prefix in ["/insights/records", "/api/insights/records"] {
+        let r = get(format!("{}{prefix}/{record}?sig={sig}", srv.base))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{prefix}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains("Display acct-1"), "{prefix}: {body}");
+        assert!(!body.contains(&format!("Display {record}")), "{body}");
+    }
+    // The account named like the record has its own widget, on the account
+    // route only, and a link signed for it does not open the record's.
+    let as_account = sign("widget-secret", Target::Account, record, None);
+    let r = get(format!(
+        "{}/api/insights/accounts/{record}?sig={as_account}",
+        srv.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["account_id"], record);
+    for prefix in ["/insights/records", "/api/insights/records"] {
+        let r = get(format!("{}{prefix}/{record}?sig={as_account}", srv.base))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{prefix}");
+        assert_eq!(json(r).await["code"], "bad_signature");
+    }
+    // And the record's link does not open the account named like it.
+    let r = get(format!(
+        "{}/api/insights/accounts/{record}?sig={sig}",
+        srv.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    // The account route never falls back to record Ids.
+    let r = http
+        .get(format!(
+            "{}/api/insights/accounts/001000000000000009",
+            srv.base
+        ))
+        .bearer_auth("admin-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn two_accounts_claiming_one_record_are_refused_and_reported() {
+    // a and b claim R (in its 18- and 15-character forms); c has its own.
+    let totango = totango_with(vec![
+        hit("a", 0, Some("001000000000000AAA")),
+        hit("b", 1, Some("001000000000000")),
+        hit("c", 2, Some("001000000000000002")),
+    ])
+    .await;
+    let (salesforce, fake) = fake_salesforce(SfState::default()).await;
+    let dir = common::place();
+    let mut c = config(&dir, &totango, &salesforce);
+    c.admin.token = Some("admin-token-0123456789".into());
+    let s = sync(&c, false).await.summary;
+    assert_eq!(s.records_updated, 1, "{s:#?}");
+    assert_eq!(s.records_failed, 2, "{s:#?}");
+    assert_eq!(s.status, RunStatus::Partial);
+    for (who, other) in [("a", "b"), ("b", "a")] {
+        let f = s.failures.iter().find(|f| f.account_id == who).unwrap();
+        assert!(
+            f.reason.contains("duplicate link") && f.reason.contains(&format!("{other:?}")),
+            "{f:?}"
+        );
+    }
+    let updated: Vec<String> = fake.0.lock().unwrap().updated.keys().cloned().collect();
+    assert_eq!(
+        updated,
+        ["001000000000000002"],
+        "no write to the contested record"
+    );
+
+    // The record's widget is refused as ambiguous rather than picking one.
+    let srv = common::TestServer::start(c).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!(
+            "{}/api/insights/records/001000000000000AAA",
+            srv.base
+        ))
+        .bearer_auth("admin-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "both forms name one record, claimed twice");
+    assert_eq!(json(r).await["code"], "ambiguous_record");
+    let r = http
+        .get(format!("{}/api/insights/runs", srv.base))
+        .bearer_auth("admin-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    let v = json(r).await;
+    assert_eq!(v["runs"][0]["records_failed"], 2, "{v}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_record_claimed_twice_in_the_store_is_ambiguous_not_first_come() {
+    let totango = totango_with(vec![
+        hit("a", 0, Some("001000000000000005")),
+        hit("b", 1, Some("001000000000000005")),
+    ])
+    .await;
+    let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
+    let dir = common::place();
+    let mut c = config(&dir, &totango, &salesforce);
+    c.admin.token = Some("admin-token-0123456789".into());
+    let s = sync(&c, false).await.summary;
+    assert_eq!((s.records_updated, s.records_failed), (0, 2), "{s:#?}");
+    let srv = common::TestServer::start(c).await;
+    let sig = sign("widget-secret", Target::Record, "001000000000000005", None);
+    let r = reqwest::get(format!(
+        "{}/insights/records/001000000000000005?sig={sig}",
+        srv.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(json(r).await["code"], "ambiguous_record");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn signed_links_have_one_encoding_and_one_spelling_of_exp() {
+    let totango = totango_with(vec![hit("a", 0, None)]).await;
+    let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
+    let dir = common::place();
+    let c = config(&dir, &totango, &salesforce);
+    sync(&c, false).await;
+    let srv = common::TestServer::start(c).await;
+    let get = |q: String| reqwest::get(format!("{}/api/insights/accounts/{q}", srv.base));
+    let exp = chrono::Utc::now().timestamp() + 600;
+    let sig = sign("widget-secret", Target::Account, "a", Some(exp));
+    assert_eq!(
+        get(format!("a?sig={sig}&exp={exp}"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Other spellings of the same expiry are refused, naming `exp`.
+    for spelling in [format!("%2B{exp}"), format!("0{exp}"), format!("{exp}.0")] {
+        let r = get(format!("a?sig={sig}&exp={spelling}")).await.unwrap();
+        assert_eq!(r.status(), 400, "{spelling}");
+        assert!(
+            json(r).await["message"].as_str().unwrap().contains("exp"),
+            "{spelling}"
+        );
+    }
+    // The link for "a" expiring at exp is not a non-expiring link for "a\n<exp>".
+    let r = get(format!("a%0A{exp}?sig={sig}")).await.unwrap();
+    assert_eq!(r.status(), 403);
+    srv.stop().await;
+}
+
+#[test]
+fn signed_links_need_the_customers_own_my_domain_as_frame_ancestor() {
+    let dir = common::place();
+    let mut c = common::config(&dir, "http://127.0.0.1:9");
+    c.insights.widget_secret = Some("widget-secret".into());
+    // The default admitted every Salesforce org.
+    let e = c.clone().validate().err().expect("refused").to_string();
+    assert!(e.contains("insights.frame_ancestors"), "{e}");
+    c.insights.frame_ancestors = "'self' https://*.force.com".into();
+    let e = c.clone().validate().err().expect("refused").to_string();
+    assert!(e.contains("insights.frame_ancestors"), "{e}");
+    c.insights.frame_ancestors = MY_DOMAIN.into();
+    assert!(c.clone().validate().is_ok());
+    // Without signed links the widget needs the admin credential only.
+    c.insights.widget_secret = None;
+    c.insights.frame_ancestors = "'self'".into();
+    assert!(c.validate().is_ok());
 }

@@ -7,7 +7,7 @@
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
-use totango_destination::insights::{sign, sync_and_store};
+use totango_destination::insights::{Target, sign, sync_and_store};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 mod common;
@@ -87,7 +87,7 @@ async fn widget_renders_in_a_290_px_frame() {
     assert_eq!(outcome.summary.records_updated, 1, "{:#?}", outcome.summary);
 
     let srv = common::TestServer::start(c).await;
-    let sig = sign("widget-secret", "acct-2", None);
+    let sig = sign("widget-secret", Target::Account, "acct-2", None);
     let url = format!("{}/insights/accounts/acct-2?sig={sig}", srv.base);
     let screenshot = dir.path().join("widget.png");
     let out = tokio::process::Command::from({

@@ -71,7 +71,8 @@ async fn operator_page_shows_and_replays_messages() {
         .mount(&fake)
         .await;
     let dir = common::place();
-    let srv = TestServer::start(common::config(&dir, &fake.uri())).await;
+    let config = common::config(&dir, &fake.uri());
+    let srv = TestServer::start(config.clone()).await;
     let (base, storage) = (srv.base.clone(), srv.storage.clone());
 
     let http = reqwest::Client::new();
@@ -95,6 +96,10 @@ async fn operator_page_shows_and_replays_messages() {
 
     // The token the server generated at first start, beside the database.
     let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    // A login link as `admin-link` prints it: a one-time code, not the token.
+    let runtime = config.validate().unwrap();
+    let (auth, _) = totango_destination::admin::auth::AdminAuth::load(&runtime).unwrap();
+    let link = auth.login_link(&base);
     let screenshot = dir.path().join("operator.png");
     let out = tokio::process::Command::from({
         let mut cmd = Command::new("node");
@@ -102,6 +107,7 @@ async fn operator_page_shows_and_replays_messages() {
             .arg(&base)
             .arg(&screenshot)
             .arg(token.trim())
+            .arg(&link)
             .env("CHROMIUM", &chromium);
         cmd
     })

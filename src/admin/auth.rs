@@ -1,15 +1,24 @@
 //! The admin credential: a token from the configuration, or one generated at
 //! first start and kept (mode 0600) in a file in the data directory, so a
 //! person on the same machine can sign in from the login link printed then.
-//! Browsers sign in once (`/login`) and carry a session cookie derived from
-//! the token; API clients send `Authorization: Bearer <token>`.
+//!
+//! API clients send `Authorization: Bearer <token>`. Browsers sign in once
+//! (`POST /login` with the token, or the printed link's one-time code) and
+//! carry a random session id in a cookie; the session lives in the storage
+//! backend ([`super::sessions`]), expires when idle and ends at logout.
+//! Wrong tokens and codes are throttled per client address
+//! ([`super::throttle`]).
 
+use super::sessions::{self, Kind, SessionStore};
+use super::throttle::Throttle;
 use crate::config::{Runtime, StorageUrl};
 use crate::secret::{Secret, digest};
 use axum::http::{HeaderMap, header};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use subtle::ConstantTimeEq;
+use std::sync::Arc;
+use std::time::Duration;
 
 const COOKIE: &str = "td_session";
 
@@ -20,12 +29,27 @@ pub enum Credential {
     Cookie,
 }
 
+/// What checking a request's credential found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Valid(Credential),
+    /// No credential, or a session that is unknown, expired or revoked.
+    Missing,
+    /// A wrong bearer token (counted by the throttle).
+    Wrong,
+    /// This address tried too many wrong credentials: wait this long.
+    Locked(Duration),
+    /// The session store cannot be reached.
+    Unavailable,
+}
+
 #[derive(Clone)]
 pub struct AdminAuth {
     token: Secret,
-    /// The cookie value: a digest of the token, so the token itself never
-    /// sits in the browser.
-    session: String,
+    /// Stored with every session and code: a new token ends them all.
+    fingerprint: String,
+    sessions: Option<SessionStore>,
+    throttle: Arc<Throttle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +67,37 @@ pub enum Loaded {
 }
 
 impl AdminAuth {
+    /// A token without a session store: bearer only (browsers cannot sign in).
     pub fn new(token: Secret) -> AdminAuth {
-        let session = hex::encode(digest(format!("td-session\0{}", token.expose()).as_bytes()));
-        AdminAuth { token, session }
+        let fingerprint = hex::encode(digest(
+            format!("td-admin-token\0{}", token.expose()).as_bytes(),
+        ));
+        AdminAuth {
+            token,
+            fingerprint,
+            sessions: None,
+            throttle: Arc::default(),
+        }
+    }
+
+    /// Keeps browser sessions and login codes in `store`.
+    pub fn with_sessions(mut self, store: SessionStore) -> AdminAuth {
+        self.sessions = Some(store);
+        self
     }
 
     /// The configured token, else the one in the token file, else a new one
-    /// written there.
+    /// written there; sessions in the configured storage backend.
     pub fn load(runtime: &Runtime) -> Result<(AdminAuth, Loaded), TokenFileError> {
+        let (auth, loaded) = Self::load_token(runtime)?;
+        let store = SessionStore::for_storage(&runtime.storage).map_err(|e| TokenFileError {
+            path: "storage.url".into(),
+            reason: e.to_string(),
+        })?;
+        Ok((auth.with_sessions(store), loaded))
+    }
+
+    fn load_token(runtime: &Runtime) -> Result<(AdminAuth, Loaded), TokenFileError> {
         if let Some(t) = &runtime.config.admin.token {
             return Ok((AdminAuth::new(t.clone()), Loaded::Configured));
         }
@@ -83,8 +130,14 @@ impl AdminAuth {
         self.token.matches(given.as_bytes())
     }
 
-    /// The credential a request carries, if it is valid.
-    pub fn credential(&self, headers: &HeaderMap) -> Option<Credential> {
+    /// The throttle of wrong credentials.
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
+    }
+
+    /// Checks the credential a request carries: a bearer token (wrong ones
+    /// count against `peer`), else the session cookie.
+    pub async fn check(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Check {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -92,46 +145,143 @@ impl AdminAuth {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
         if let Some(token) = bearer {
-            return self.token_matches(token).then_some(Credential::Bearer);
+            if let Err(wait) = self.throttle.check(peer) {
+                return Check::Locked(wait);
+            }
+            if self.token_matches(token) {
+                return Check::Valid(Credential::Bearer);
+            }
+            self.throttle.failed(peer);
+            return Check::Wrong;
         }
-        let cookie = headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(name, _)| *name == COOKIE)
-            .map(|(_, value)| value)?;
-        let ok: bool = digest(cookie.as_bytes())
-            .ct_eq(&digest(self.session.as_bytes()))
-            .into();
-        ok.then_some(Credential::Cookie)
+        let Some(id) = session_cookie(headers) else {
+            return Check::Missing;
+        };
+        let Some(store) = &self.sessions else {
+            return Check::Missing;
+        };
+        match store
+            .check(sessions::stored_digest(id), self.fingerprint.clone())
+            .await
+        {
+            Ok(true) => Check::Valid(Credential::Cookie),
+            Ok(false) => Check::Missing,
+            Err(e) => {
+                tracing::error!(error = %e, "admin session store unavailable");
+                Check::Unavailable
+            }
+        }
     }
 
-    /// `Set-Cookie` for a signed-in browser: not readable by scripts, never
-    /// sent along with another site's requests; `Secure` behind HTTPS.
-    pub fn session_cookie(&self, headers: &HeaderMap) -> String {
-        let https = headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("https"));
-        format!(
-            "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{}",
-            self.session,
-            if https { "; Secure" } else { "" }
-        )
+    /// Starts a session; returns its `Set-Cookie` value.
+    pub async fn start_session(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<String, sessions::SessionError> {
+        let store = self.store()?;
+        let (id, stored) = sessions::new_secret();
+        store
+            .create(
+                Kind::Session,
+                stored,
+                self.fingerprint.clone(),
+                sessions::ABSOLUTE,
+            )
+            .await?;
+        Ok(session_cookie_header(&id, headers))
+    }
+
+    /// Uses up a login code (true once).
+    pub async fn redeem_code(&self, code: &str) -> Result<bool, sessions::SessionError> {
+        self.store()?
+            .redeem(sessions::stored_digest(code), self.fingerprint.clone())
+            .await
+    }
+
+    /// Ends the session this request's cookie names, if any.
+    pub async fn end_session(&self, headers: &HeaderMap) -> Result<(), sessions::SessionError> {
+        match (session_cookie(headers), &self.sessions) {
+            (Some(id), Some(store)) => store.revoke(sessions::stored_digest(id)).await,
+            _ => Ok(()),
+        }
+    }
+
+    fn store(&self) -> Result<&SessionStore, sessions::SessionError> {
+        self.sessions
+            .as_ref()
+            .ok_or_else(|| sessions::SessionError::new("no session store"))
     }
 
     pub fn clear_cookie() -> String {
         format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
     }
 
-    /// The login link for a server reachable at `base` (`http://host:port`).
-    pub fn login_link(&self, base: &str) -> String {
-        let token: String =
-            form_urlencoded::byte_serialize(self.token.expose().as_bytes()).collect();
-        format!("{}/login?token={token}", base.trim_end_matches('/'))
+    /// A new one-time login code, stored (hashed) in the session store.
+    pub async fn issue_code(&self) -> Result<String, sessions::SessionError> {
+        let (code, stored) = sessions::new_secret();
+        self.store()?
+            .create(
+                Kind::Code,
+                stored,
+                self.fingerprint.clone(),
+                sessions::CODE_TTL,
+            )
+            .await?;
+        Ok(code)
     }
+
+    /// The login link for a server reachable at `base` (`http://host:port`):
+    /// `/login?code=…` with a one-time code good for 15 minutes (never the
+    /// token). Callable from synchronous code, inside a runtime or not; when
+    /// no code can be stored, the link of the sign-in form (`/login`).
+    pub fn login_link(&self, base: &str) -> String {
+        let base = base.trim_end_matches('/');
+        let auth = self.clone();
+        let code = std::thread::scope(|s| {
+            s.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| sessions::SessionError::new(e.to_string()))?;
+                rt.block_on(auth.issue_code())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(sessions::SessionError::new("code thread failed")))
+        });
+        match code {
+            Ok(code) => format!("{base}/login?code={code}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "no one-time login code; the link opens the sign-in form");
+                format!("{base}/login")
+            }
+        }
+    }
+}
+
+/// The session id a request's cookie carries.
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `Set-Cookie` for a signed-in browser: not readable by scripts, never
+/// sent along with another site's requests; `Secure` behind HTTPS.
+fn session_cookie_header(id: &str, headers: &HeaderMap) -> String {
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+    format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{}",
+        if https { "; Secure" } else { "" }
+    )
 }
 
 /// Why a browser request comes from another site, when it does (Fetch
@@ -204,30 +354,33 @@ mod tests {
         h
     }
 
-    #[test]
-    fn bearer_in_any_case_and_the_cookie_authenticate() {
+    #[tokio::test]
+    async fn bearer_in_any_case_authenticates_and_wrong_ones_are_throttled() {
         let auth = AdminAuth::new(Secret::new("t0ken"));
+        let peer: Option<IpAddr> = Some("192.0.2.9".parse().unwrap());
         for scheme in ["Bearer", "bearer", "BEARER"] {
             let h = headers(&[("authorization", &format!("{scheme} t0ken"))]);
-            assert_eq!(auth.credential(&h), Some(Credential::Bearer), "{scheme}");
+            assert_eq!(
+                auth.check(&h, peer).await,
+                Check::Valid(Credential::Bearer),
+                "{scheme}"
+            );
         }
+        let wrong = headers(&[("authorization", "Bearer nope")]);
+        assert_eq!(auth.check(&wrong, peer).await, Check::Wrong);
         assert_eq!(
-            auth.credential(&headers(&[("authorization", "Bearer nope")])),
-            None
+            auth.check(&headers(&[("authorization", "Basic dDBrZW46")]), peer)
+                .await,
+            Check::Missing
         );
-        assert_eq!(
-            auth.credential(&headers(&[("authorization", "Basic dDBrZW46")])),
-            None
-        );
-        let cookie = auth.session_cookie(&HeaderMap::new());
-        let value = cookie.split(';').next().unwrap();
-        assert!(!value.contains("t0ken"));
-        let h = headers(&[("cookie", &format!("a=b; {value}"))]);
-        assert_eq!(auth.credential(&h), Some(Credential::Cookie));
-        assert_eq!(
-            auth.credential(&headers(&[("cookie", "td_session=x")])),
-            None
-        );
+        // A cookie without a session store is no credential; a forged one neither.
+        let h = headers(&[("cookie", &format!("td_session={}", "a".repeat(64)))]);
+        assert_eq!(auth.check(&h, peer).await, Check::Missing);
+        for _ in 0..super::super::throttle::BURST as usize {
+            auth.check(&wrong, peer).await;
+        }
+        let right = headers(&[("authorization", "Bearer t0ken")]);
+        assert!(matches!(auth.check(&right, peer).await, Check::Locked(_)));
     }
 
     #[test]

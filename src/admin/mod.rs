@@ -3,25 +3,31 @@
 //! talks to Totango itself.
 //!
 //! Auth: every request needs the admin token, as `Authorization: Bearer
-//! <token>` or as the session cookie that `/login` sets. A reverse proxy makes
+//! <token>`, or the session cookie that `/login` sets. A reverse proxy makes
 //! every request look local, so there is no "local only" exception. Without a
 //! configured token one is generated at first start (see [`auth`]).
 
 pub mod auth;
+pub mod sessions;
+pub mod throttle;
 
 use crate::ingest::{ApiError, AppState};
 use crate::storage::{MessageFilter, State, StoredMessage, now_millis};
-use auth::Credential;
+use auth::{Check, Credential};
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, Request, State as Extract};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State as Extract};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+/// Most bytes of a `POST /login` body (a form with one token field).
+pub const LOGIN_BODY_LIMIT: usize = 4096;
 
 const PAGE: &str = include_str!("page.html");
 const LOGIN: &str = include_str!("login.html");
@@ -47,7 +53,12 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route_layer(middleware::from_fn_with_state(state, authorize));
     Router::new()
         .route("/", get(page))
-        .route("/login", get(login_link).post(login_form))
+        .route(
+            "/login",
+            get(login_link)
+                .post(login_form)
+                .layer(DefaultBodyLimit::max(LOGIN_BODY_LIMIT)),
+        )
         .route("/logout", post(logout))
         .route("/assets/operator.js", get(script))
         .route("/assets/operator.css", get(style))
@@ -68,11 +79,34 @@ fn html(status: StatusCode, body: &'static str) -> Response {
 
 /// The page holds no data itself, but it is served only to a signed-in
 /// operator; anyone else gets the sign-in form.
-async fn page(Extract(state): Extract<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match state.admin.credential(&headers) {
-        Some(_) => html(StatusCode::OK, PAGE),
-        None => html(StatusCode::UNAUTHORIZED, LOGIN),
+async fn page(Extract(state): Extract<Arc<AppState>>, req: Request) -> Response {
+    match state.admin.check(req.headers(), peer(&req)).await {
+        Check::Valid(_) => html(StatusCode::OK, PAGE),
+        Check::Locked(wait) => too_many(wait),
+        Check::Unavailable => html(StatusCode::SERVICE_UNAVAILABLE, LOGIN),
+        Check::Missing | Check::Wrong => html(StatusCode::UNAUTHORIZED, LOGIN),
     }
+}
+
+/// The client's address (the connection's peer).
+pub fn peer(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip())
+}
+
+/// `429` with `Retry-After` for an address locked out after wrong tokens.
+fn too_many(wait: std::time::Duration) -> Response {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut resp = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_attempts",
+        format!("too many wrong admin tokens from this address; try again in {secs} s"),
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, secs.max(1).into());
+    resp
 }
 
 async fn script() -> impl IntoResponse {
@@ -91,52 +125,97 @@ struct TokenForm {
     token: String,
 }
 
-/// `GET /login?token=…`: the login link printed at first start. Sets the
+#[derive(Deserialize)]
+struct CodeQuery {
+    code: Option<String>,
+}
+
+/// `GET /login?code=…`: the login link printed at first start (or by
+/// `admin-link`). The code is good once, for 15 minutes; it sets the
 /// session cookie and sends the browser on to `/`, out of the address bar.
+/// Without a code (or with the old `?token=`, never accepted in a URL):
+/// the sign-in form.
 async fn login_link(
     Extract(state): Extract<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    q: Result<Query<TokenForm>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<CodeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    match q {
-        Ok(Query(form)) => sign_in(&state, &headers, &form.token),
-        Err(_) => html(StatusCode::OK, LOGIN),
+    let Some(code) = q.ok().and_then(|Query(q)| q.code) else {
+        return html(StatusCode::OK, LOGIN);
+    };
+    let peer = Some(addr.ip());
+    if let Err(wait) = state.admin.throttle().check(peer) {
+        return too_many(wait);
+    }
+    match state.admin.redeem_code(&code).await {
+        Ok(true) => signed_in(&state, &headers).await,
+        Ok(false) => {
+            state.admin.throttle().failed(peer);
+            html(StatusCode::UNAUTHORIZED, LOGIN)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "admin session store unavailable");
+            html(StatusCode::SERVICE_UNAVAILABLE, LOGIN)
+        }
     }
 }
 
-/// `POST /login` from the sign-in form.
+/// `POST /login` from the sign-in form: the token in the body (at most
+/// [`LOGIN_BODY_LIMIT`] bytes, not compressed).
 async fn login_form(
     Extract(state): Extract<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     if auth::cross_site(&headers).is_some() {
         return html(StatusCode::FORBIDDEN, LOGIN);
     }
-    match form {
-        Ok(axum::Form(form)) => sign_in(&state, &headers, &form.token),
-        Err(_) => html(StatusCode::BAD_REQUEST, LOGIN),
+    let peer = Some(addr.ip());
+    if let Err(wait) = state.admin.throttle().check(peer) {
+        return too_many(wait);
     }
-}
-
-fn sign_in(state: &AppState, headers: &HeaderMap, token: &str) -> Response {
-    if !state.admin.token_matches(token) {
+    let form = match form {
+        Ok(axum::Form(form)) => form,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return html(StatusCode::PAYLOAD_TOO_LARGE, LOGIN);
+        }
+        Err(_) => return html(StatusCode::BAD_REQUEST, LOGIN),
+    };
+    if !state.admin.token_matches(&form.token) {
+        state.admin.throttle().failed(peer);
         return html(StatusCode::UNAUTHORIZED, LOGIN);
     }
-    (
-        StatusCode::SEE_OTHER,
-        [
-            (header::LOCATION, "/".to_owned()),
-            (header::SET_COOKIE, state.admin.session_cookie(headers)),
-            (header::CACHE_CONTROL, "no-store".to_owned()),
-        ],
-    )
-        .into_response()
+    signed_in(&state, &headers).await
 }
 
-async fn logout(headers: HeaderMap) -> Response {
+async fn signed_in(state: &AppState, headers: &HeaderMap) -> Response {
+    match state.admin.start_session(headers).await {
+        Ok(cookie) => (
+            StatusCode::SEE_OTHER,
+            [
+                (header::LOCATION, "/".to_owned()),
+                (header::SET_COOKIE, cookie),
+                (header::CACHE_CONTROL, "no-store".to_owned()),
+            ],
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "admin session store unavailable");
+            html(StatusCode::SERVICE_UNAVAILABLE, LOGIN)
+        }
+    }
+}
+
+/// Ends the session everywhere (it is deleted from storage) and clears the cookie.
+async fn logout(Extract(state): Extract<Arc<AppState>>, headers: HeaderMap) -> Response {
     if auth::cross_site(&headers).is_some() {
         return html(StatusCode::FORBIDDEN, LOGIN);
+    }
+    if let Err(e) = state.admin.end_session(&headers).await {
+        tracing::error!(error = %e, "admin session store unavailable");
+        return html(StatusCode::SERVICE_UNAVAILABLE, LOGIN);
     }
     (
         StatusCode::SEE_OTHER,
@@ -148,6 +227,20 @@ async fn logout(headers: HeaderMap) -> Response {
         .into_response()
 }
 
+/// For the server's layers, outside request decompression: `POST /login`
+/// takes no `Content-Encoding` (`415`), so its body limit is the bytes sent.
+pub async fn refuse_encoded_login(req: Request) -> Result<Request, Response> {
+    if req.uri().path() == "/login" && req.headers().contains_key(header::CONTENT_ENCODING) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            "Content-Encoding: /login takes an uncompressed form",
+        )
+        .into_response());
+    }
+    Ok(req)
+}
+
 async fn authorize(
     Extract(state): Extract<Arc<AppState>>,
     req: Request,
@@ -157,11 +250,13 @@ async fn authorize(
         ApiError::unauthorized("Authorization: expected Bearer <admin token>")
             .with_challenge("Bearer realm=\"totango-destination admin\"")
     };
-    match state.admin.credential(req.headers()) {
-        None => return Err(unauthorized()),
+    match state.admin.check(req.headers(), peer(&req)).await {
+        Check::Missing | Check::Wrong => return Err(unauthorized()),
+        Check::Locked(wait) => return Ok(too_many(wait)),
+        Check::Unavailable => return Err(ApiError::unavailable("admin sessions unavailable")),
         // A cookie rides along with any request the browser makes: changes
         // must come from the page itself, not from another site.
-        Some(Credential::Cookie) if req.method() != axum::http::Method::GET => {
+        Check::Valid(Credential::Cookie) if req.method() != axum::http::Method::GET => {
             if let Some(why) = auth::cross_site(req.headers()) {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -170,7 +265,7 @@ async fn authorize(
                 ));
             }
         }
-        Some(_) => {}
+        Check::Valid(_) => {}
     }
     Ok(next.run(req).await)
 }

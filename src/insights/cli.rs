@@ -18,10 +18,13 @@ pub enum InsightsCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print a signed widget URL for an account (Totango account id or
-    /// Salesforce record Id).
+    /// Print a signed widget URL for a Totango account id, or with
+    /// `--record` for a Salesforce record Id.
     Link {
         account_id: String,
+        /// The id is a Salesforce record Id (`/insights/records/{id}`).
+        #[arg(long)]
+        record: bool,
         /// Make the link expire after this many seconds.
         #[arg(long)]
         expires_in: Option<u64>,
@@ -35,9 +38,17 @@ pub fn run(command: InsightsCommand) -> anyhow::Result<ExitCode> {
         InsightsCommand::Sync { dry_run, config } => sync(config.as_deref(), dry_run),
         InsightsCommand::Link {
             account_id,
+            record,
             expires_in,
             config,
-        } => link(config.as_deref(), &account_id, expires_in),
+        } => {
+            let target = if record {
+                super::Target::Record
+            } else {
+                super::Target::Account
+            };
+            link(config.as_deref(), target, &account_id, expires_in)
+        }
     }
 }
 
@@ -125,7 +136,12 @@ pub fn summary_text(s: &RunSummary, planned: usize) -> String {
             .as_deref()
             .map(|r| format!(" ({r})"))
             .unwrap_or_default();
-        out += &format!("    {}{record}: {}\n", f.account_id, f.reason);
+        out += &format!(
+            "    {}{}: {}\n",
+            printable(&f.account_id),
+            printable(&record),
+            printable(&f.reason)
+        );
     }
     if s.failures.len() < s.records_failed {
         out += &format!("    … and {} more\n", s.records_failed - s.failures.len());
@@ -144,13 +160,75 @@ pub fn summary_text(s: &RunSummary, planned: usize) -> String {
         s.api_calls.totango, s.api_calls.salesforce
     );
     if let Some(m) = &s.message {
-        out += &format!("  {m}\n");
+        out += &format!("  {}\n", printable(m));
     }
     out
 }
 
+/// Text from Totango or Salesforce (account ids are client-controlled) as
+/// the text logs write it: control characters escaped (`\n`, `\x1b`…), so
+/// it cannot forge summary lines or drive the terminal.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_ascii_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::insights::sync::{ApiCalls, RecordFailure};
+
+    #[test]
+    fn summaries_escape_control_characters_in_ids_and_reasons() {
+        let s = RunSummary {
+            id: None,
+            started_at: String::new(),
+            finished_at: String::new(),
+            dry_run: false,
+            status: RunStatus::Partial,
+            message: Some("warn\x1b[2J".into()),
+            total_hits: 1,
+            accounts_read: 1,
+            truncated: false,
+            records_updated: 0,
+            records_failed: 1,
+            records_skipped: 0,
+            failures: vec![RecordFailure {
+                account_id: "a\n  records failed:   0\x1b[31m\u{9b}".into(),
+                record: Some("001\r".into()),
+                reason: "bad\x07".into(),
+            }],
+            api_calls: ApiCalls {
+                totango: 1,
+                salesforce: 1,
+            },
+            salesforce_api_usage: None,
+        };
+        let text = summary_text(&s, 0);
+        assert!(
+            text.contains("    a\\n  records failed:   0\\x1b[31m\\u{9b} (001\\r): bad\\x07\n"),
+            "{text}"
+        );
+        assert!(text.contains("  warn\\x1b[2J\n"), "{text}");
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
+        assert_eq!(text.matches("records failed").count(), 2, "{text}");
+        assert_eq!(printable("Zürich"), "Zürich");
+    }
+}
+
 fn link(
     path: Option<&Path>,
+    target: super::Target,
     account_id: &str,
     expires_in: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
@@ -165,12 +243,13 @@ fn link(
         .unwrap_or_else(|| format!("http://{}", runtime.listen));
     let exp = expires_in.map(|s| chrono::Utc::now().timestamp() + s as i64);
     use secrecy::ExposeSecret;
-    let sig = super::sign(secret.expose_secret(), account_id, exp);
+    let sig = super::sign(secret.expose_secret(), target, account_id, exp);
     let id: String = url::form_urlencoded::byte_serialize(account_id.as_bytes()).collect();
     let id = id.replace('+', "%20");
     let mut url = format!(
-        "{}/insights/accounts/{id}?sig={sig}",
-        base.trim_end_matches('/')
+        "{}/insights/{}/{id}?sig={sig}",
+        base.trim_end_matches('/'),
+        target.path()
     );
     if let Some(exp) = exp {
         url += &format!("&exp={exp}");

@@ -354,8 +354,74 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             "a space-separated list of sources, without ; or ,",
         ));
     }
+    if c.widget_secret.is_some() {
+        check_frame_ancestors(&c.frame_ancestors)?;
+    }
     if c.enabled {
         ready_to_sync(config)?;
+    }
+    Ok(())
+}
+
+/// Domains that every Salesforce org shares: a wildcard over one of them
+/// admits every org's pages, not just the customer's.
+const SHARED_DOMAINS: &[&str] = &[
+    "force.com",
+    "salesforce.com",
+    "visualforce.com",
+    "salesforce-sites.com",
+    "site.com",
+    "cloudforce.com",
+    "database.com",
+    "lightning.com",
+    "salesforce-setup.com",
+    "sfcrmapps.cn",
+    "sfcrmproducts.cn",
+];
+
+/// With signed links (the widget embedded in a CRM page) the widget may be
+/// framed by the customer's own org only: `frame_ancestors` must name its
+/// My Domain hosts, never a wildcard over a domain all orgs share.
+fn check_frame_ancestors(value: &str) -> Result<(), ConfigError> {
+    let example = "list your org's My Domain hosts, e.g. \
+        \"https://acme.lightning.force.com https://acme.my.salesforce.com \
+        https://acme--c.vf.force.com\"";
+    let mut hosts = 0;
+    for source in value.split_whitespace() {
+        let lower = source.to_ascii_lowercase();
+        if lower.starts_with('\'') {
+            continue; // 'self', 'none'
+        }
+        let host = lower.split_once("://").map_or(&*lower, |(_, h)| h);
+        let host = host.split(['/', ':']).next().unwrap_or("");
+        if host.is_empty() || host == "*" || lower.ends_with(':') {
+            return Err(invalid(
+                "frame_ancestors",
+                format!("{source:?} admits any site; {example}"),
+            ));
+        }
+        if let Some(suffix) = host.strip_prefix("*.") {
+            let shared = SHARED_DOMAINS
+                .iter()
+                .any(|d| suffix == *d || suffix.ends_with(&format!(".{d}")))
+                || !suffix.contains('.');
+            if shared {
+                return Err(invalid(
+                    "frame_ancestors",
+                    format!("{source:?} admits every Salesforce org; {example}"),
+                ));
+            }
+        }
+        hosts += 1;
+    }
+    if hosts == 0 {
+        return Err(invalid(
+            "frame_ancestors",
+            format!(
+                "signed widget links are enabled (insights.widget_secret) but no page of your \
+                 org may frame the widget; {example}"
+            ),
+        ));
     }
     Ok(())
 }
@@ -450,6 +516,37 @@ fn redact<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S
 }
 
 /// Text (numbers too, as environment values may look like them); empty is unset.
+#[cfg(test)]
+mod frame_tests {
+    use super::*;
+
+    #[test]
+    fn frame_ancestors_must_name_the_customers_own_org() {
+        for bad in [
+            DEFAULT_FRAME_ANCESTORS,
+            "'self'",
+            "",
+            "https://*.force.com",
+            "https://acme.my.salesforce.com https://*.lightning.force.com",
+            "*.my.salesforce.com",
+            "https://*.vf.force.com",
+            "*",
+            "https:",
+            "https://*.com",
+        ] {
+            let e = check_frame_ancestors(bad).unwrap_err().to_string();
+            assert!(e.contains("insights.frame_ancestors"), "{bad}: {e}");
+        }
+        for good in [
+            "'self' https://acme.lightning.force.com https://acme.my.salesforce.com",
+            "https://acme--c.vf.force.com",
+            "https://*.crm.acme.example",
+        ] {
+            assert!(check_frame_ancestors(good).is_ok(), "{good}");
+        }
+    }
+}
+
 fn opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
     Ok(crate::secret::opt_secret(d)?.map(|s| SecretString::from(s.expose().to_owned())))
 }

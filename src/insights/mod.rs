@@ -15,7 +15,7 @@ pub mod totango;
 mod widget;
 
 pub use config::InsightsConfig;
-pub use widget::{routes, sign};
+pub use widget::{Target, mac_input, routes, sign};
 
 use crate::config::Runtime;
 use std::sync::Arc;

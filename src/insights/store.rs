@@ -4,10 +4,13 @@
 //! and its trait is about messages; insights are a cache of Totango's data
 //! that can be rebuilt by the next sync.
 
-use super::model::AccountInsights;
+use super::model::{AccountInsights, record_key};
 use super::sync::RunSummary;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
+
+/// A record's account, or how many accounts claim it when several do.
+pub type Linked = Result<AccountInsights, usize>;
 
 /// Run summaries kept.
 const KEEP_RUNS: i64 = 200;
@@ -46,6 +49,8 @@ impl Store {
                  insights TEXT NOT NULL
              );
              CREATE INDEX IF NOT EXISTS snapshots_salesforce_id ON snapshots (salesforce_id);
+             CREATE INDEX IF NOT EXISTS snapshots_record_key
+                 ON snapshots (substr(salesforce_id, 1, 15));
              CREATE TABLE IF NOT EXISTS runs (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  started_at TEXT NOT NULL,
@@ -86,21 +91,49 @@ impl Store {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// The snapshot of an account, by Totango account id or Salesforce Id.
-    pub fn snapshot(&self, id: &str) -> Result<Option<AccountInsights>, StoreError> {
+    /// The snapshot of an account, by Totango account id (only).
+    pub fn snapshot_by_account(&self, id: &str) -> Result<Option<AccountInsights>, StoreError> {
         let conn = self.conn.lock().expect("store lock");
         let json: Option<String> = conn
             .query_row(
-                "SELECT insights FROM snapshots WHERE account_id = ?1
-                 UNION ALL
-                 SELECT insights FROM snapshots WHERE salesforce_id = ?1
-                 LIMIT 1",
+                "SELECT insights FROM snapshots WHERE account_id = ?1",
                 [id],
                 |r| r.get(0),
             )
             .optional()
             .map_err(|e| self.err(e))?;
         Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// The snapshot of the account linked to a Salesforce record Id (only;
+    /// its 15- and 18-character forms are one record); `Some(Err(n))` when
+    /// `n` > 1 accounts claim that record.
+    pub fn snapshot_by_record(&self, id: &str) -> Result<Option<Linked>, StoreError> {
+        let key = record_key(id);
+        let conn = self.conn.lock().expect("store lock");
+        let mut stmt = conn
+            .prepare(
+                "SELECT salesforce_id, insights FROM snapshots
+                 WHERE substr(salesforce_id, 1, 15) = substr(?1, 1, 15)",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<String> = stmt
+            .query_map([key], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.err(e))?
+            .filter_map(|row| match row {
+                Ok((sfid, json)) if record_key(&sfid) == key => Some(Ok(json)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(match rows.as_slice() {
+            [] => None,
+            [one] => serde_json::from_str(one).ok().map(Ok),
+            many => Some(Err(many.len())),
+        })
     }
 
     /// Stores a finished run; returns its id.

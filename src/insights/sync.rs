@@ -266,13 +266,16 @@ async fn read_accounts(
 }
 
 /// The records to write: one per account linked to a Salesforce record.
+/// A record claimed by several accounts (through the link attribute) is
+/// written by none of them: each claimant is a failure naming the others,
+/// so the run summary shows the conflict instead of the last write winning.
 fn plan(
     c: &InsightsConfig,
     accounts: &[AccountInsights],
     s: &mut RunSummary,
 ) -> Vec<PlannedRecord> {
     let by_external_id = c.salesforce.external_id_field.is_some();
-    let mut out = Vec::new();
+    let mut linked: Vec<(&AccountInsights, String)> = Vec::new();
     for a in accounts {
         let record = if by_external_id {
             Some(a.account_id.clone())
@@ -280,13 +283,49 @@ fn plan(
             a.salesforce_id.clone()
         };
         match record {
-            Some(record) => out.push(PlannedRecord {
-                account_id: a.account_id.clone(),
-                record,
-                fields: model::salesforce_fields(a, &c.mapping),
-            }),
+            Some(record) => linked.push((a, record)),
             None => s.records_skipped += 1,
         }
+    }
+    let mut claims: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for (a, record) in &linked {
+        claims
+            .entry(model::record_key(record))
+            .or_default()
+            .push(&a.account_id);
+    }
+    let mut out = Vec::new();
+    for (a, record) in &linked {
+        let claimants = &claims[model::record_key(record)];
+        if claimants.len() > 1 {
+            let others: Vec<&str> = claimants
+                .iter()
+                .copied()
+                .filter(|o| *o != a.account_id)
+                .take(5)
+                .collect();
+            let more = claimants.len() - 1 - others.len();
+            fail(
+                s,
+                &a.account_id,
+                Some(record),
+                format!(
+                    "duplicate link: record also claimed by {:?}{}; not written",
+                    others,
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            continue;
+        }
+        out.push(PlannedRecord {
+            account_id: a.account_id.clone(),
+            record: record.clone(),
+            fields: model::salesforce_fields(a, &c.mapping),
+        });
     }
     out
 }

@@ -1,10 +1,17 @@
-//! The widget (`/insights/accounts/{id}`), its JSON twin and the run list
-//! under `/api/insights/`. Served from the last snapshot; never calls
-//! Totango or Salesforce. Reachable with the admin token or a link signed
-//! with `insights.widget_secret`.
+//! The widget (`/insights/accounts/{account_id}` by Totango account id,
+//! `/insights/records/{record_id}` by Salesforce record Id), their JSON
+//! twins and the run list under `/api/insights/`. Served from the last
+//! snapshot; never calls Totango or Salesforce. Reachable with the admin
+//! token or a link signed with `insights.widget_secret`.
+//!
+//! The two kinds of id are separate namespaces: an account id is never
+//! looked up as a record Id (account ids are client-controlled through
+//! Segment `group`, so an account named like a record Id would otherwise
+//! take over that record's widget), and a signed link names its kind.
 
 use super::model::AccountInsights;
 use super::store::Store;
+use crate::admin::auth::Check;
 use crate::ingest::{ApiError, AppState};
 use axum::Json;
 use axum::Router;
@@ -25,8 +32,10 @@ const CSS: &str = include_str!("widget.css");
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/insights/widget.css", get(css))
-        .route("/insights/accounts/{account_id}", get(widget))
+        .route("/insights/accounts/{account_id}", get(account_widget))
+        .route("/insights/records/{record_id}", get(record_widget))
         .route("/api/insights/accounts/{account_id}", get(account_json))
+        .route("/api/insights/records/{record_id}", get(record_json))
         .route("/api/insights/runs", get(runs))
         .route_layer(axum::middleware::map_response(common_headers))
 }
@@ -44,25 +53,80 @@ async fn common_headers(mut resp: Response) -> Response {
     resp
 }
 
-/// Hex HMAC-SHA256 of the account id (and `"\n" + exp` for a link that
-/// expires at `exp`, Unix seconds) with `insights.widget_secret`.
-pub fn sign(secret: &str, account_id: &str, exp: Option<i64>) -> String {
-    hex::encode(mac(secret, account_id, exp).finalize().into_bytes())
+/// What a widget id names: a Totango account or a Salesforce record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Account,
+    Record,
 }
 
-fn mac(secret: &str, account_id: &str, exp: Option<i64>) -> Hmac<Sha256> {
-    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    m.update(account_id.as_bytes());
-    if let Some(exp) = exp {
-        m.update(format!("\n{exp}").as_bytes());
+impl Target {
+    /// The path segment of the widget's route.
+    pub fn path(self) -> &'static str {
+        match self {
+            Target::Account => "accounts",
+            Target::Record => "records",
+        }
     }
+}
+
+/// Hex HMAC-SHA256 with `insights.widget_secret` of the canonical encoding
+/// of (kind, id, exp): see [`mac_input`].
+pub fn sign(secret: &str, target: Target, id: &str, exp: Option<i64>) -> String {
+    hex::encode(mac(secret, target, id, exp).finalize().into_bytes())
+}
+
+/// The signed bytes, unambiguous by construction: a version label, the
+/// kind of id, the id's length (8 bytes, big-endian) and bytes, then `0`
+/// for a link without expiry or `1` and the expiry (8 bytes, big-endian).
+/// No two (kind, id, exp) give the same bytes.
+pub fn mac_input(target: Target, id: &str, exp: Option<i64>) -> Vec<u8> {
+    let mut m = Vec::with_capacity(id.len() + 48);
+    m.extend_from_slice(b"td-widget-link-v2\0");
+    m.extend_from_slice(match target {
+        Target::Account => b"account\0",
+        Target::Record => b"record\0\0",
+    });
+    m.extend_from_slice(&(id.len() as u64).to_be_bytes());
+    m.extend_from_slice(id.as_bytes());
+    match exp {
+        None => m.push(0),
+        Some(exp) => {
+            m.push(1);
+            m.extend_from_slice(&exp.to_be_bytes());
+        }
+    }
+    m
+}
+
+fn mac(secret: &str, target: Target, id: &str, exp: Option<i64>) -> Hmac<Sha256> {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    m.update(&mac_input(target, id, exp));
     m
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct LinkQuery {
     sig: Option<String>,
-    exp: Option<i64>,
+    exp: Option<String>,
+}
+
+/// `exp` as signed: Unix seconds in canonical decimal (digits only, no
+/// sign, no leading zero), so one expiry has exactly one spelling.
+fn parse_exp(exp: &str) -> Result<i64, ApiError> {
+    let canonical = !exp.is_empty()
+        && exp.len() <= 18
+        && exp.bytes().all(|b| b.is_ascii_digit())
+        && !exp.starts_with('0');
+    canonical
+        .then(|| exp.parse::<i64>().ok())
+        .flatten()
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "exp",
+                "expected Unix seconds as plain digits (no sign, no leading zero)",
+            )
+        })
 }
 
 fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -71,10 +135,23 @@ fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
 
 /// Admin access: the operator's credential (the admin token as Bearer, or
 /// the operator page's session cookie), as for the admin API.
-fn admin(state: &AppState, headers: &HeaderMap, _peer: Option<SocketAddr>) -> Result<(), ApiError> {
-    match state.admin.credential(headers) {
-        Some(_) => Ok(()),
-        None => Err(ApiError::unauthorized(
+async fn admin(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Result<(), ApiError> {
+    match state.admin.check(headers, peer.map(|p| p.ip())).await {
+        Check::Valid(_) => Ok(()),
+        Check::Locked(wait) => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            format!(
+                "too many wrong admin tokens from this address; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        )),
+        Check::Unavailable => Err(ApiError::unavailable("admin sessions unavailable")),
+        Check::Missing | Check::Wrong => Err(ApiError::unauthorized(
             "Authorization: expected Bearer <admin token>, or a signed link (?sig=)",
         )
         .with_challenge("Bearer realm=\"totango-destination admin\"")),
@@ -82,15 +159,16 @@ fn admin(state: &AppState, headers: &HeaderMap, _peer: Option<SocketAddr>) -> Re
 }
 
 /// A signed link when `sig` is given, else admin access.
-fn authorize(
+async fn authorize(
     state: &AppState,
-    account_id: &str,
+    target: Target,
+    id: &str,
     q: &LinkQuery,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
 ) -> Result<(), ApiError> {
     let Some(sig) = q.sig.as_deref() else {
-        return admin(state, headers, peer);
+        return admin(state, headers, peer).await;
     };
     let Some(secret) = state.runtime.config.insights.widget_secret.as_ref() else {
         return Err(forbidden(
@@ -98,12 +176,13 @@ fn authorize(
             "sig: signed links need insights.widget_secret on the server",
         ));
     };
+    let exp = q.exp.as_deref().map(parse_exp).transpose()?;
     let given = hex::decode(sig).map_err(|_| forbidden("bad_signature", "sig: not hex"))?;
     use secrecy::ExposeSecret;
-    mac(secret.expose_secret(), account_id, q.exp)
+    mac(secret.expose_secret(), target, id, exp)
         .verify_slice(&given)
-        .map_err(|_| forbidden("bad_signature", "sig: wrong signature for this account"))?;
-    if let Some(exp) = q.exp {
+        .map_err(|_| forbidden("bad_signature", "sig: wrong signature for this id"))?;
+    if let Some(exp) = exp {
         if chrono::Utc::now().timestamp() > exp {
             return Err(forbidden("link_expired", "exp: this link has expired"));
         }
@@ -145,19 +224,42 @@ async fn with_store<T: Send + 'static>(
 
 async fn load(
     state: &AppState,
-    account_id: &str,
+    target: Target,
+    id: &str,
     req: Request,
 ) -> Result<Option<AccountInsights>, ApiError> {
     authorize(
         state,
-        account_id,
+        target,
+        id,
         &link_query(&req)?,
         req.headers(),
         peer_of(&req),
-    )?;
+    )
+    .await?;
     drop(req);
-    let id = account_id.to_owned();
-    with_store(state, move |s| s.snapshot(&id)).await
+    let id = id.to_owned();
+    let found = match target {
+        Target::Account => {
+            with_store(state, move |s| {
+                Ok(s.snapshot_by_account(&id)?.map(super::store::Linked::Ok))
+            })
+            .await?
+        }
+        Target::Record => with_store(state, move |s| s.snapshot_by_record(&id)).await?,
+    };
+    match found {
+        None => Ok(None),
+        Some(Ok(a)) => Ok(Some(a)),
+        Some(Err(accounts)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ambiguous_record",
+            format!(
+                "record_id: claimed by {accounts} Totango accounts; the sync refuses to write \
+                 it until one account links to it"
+            ),
+        )),
+    }
 }
 
 async fn css() -> impl IntoResponse {
@@ -175,12 +277,35 @@ async fn account_json(
     Path(account_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    match load(&state, &account_id, req).await? {
+    json_twin(&state, Target::Account, &account_id, req).await
+}
+
+async fn record_json(
+    State(state): State<Arc<AppState>>,
+    Path(record_id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    json_twin(&state, Target::Record, &record_id, req).await
+}
+
+async fn json_twin(
+    state: &AppState,
+    target: Target,
+    id: &str,
+    req: Request,
+) -> Result<Response, ApiError> {
+    match load(state, target, id, req).await? {
         Some(a) => Ok(([(header::CACHE_CONTROL, "no-store")], Json(a)).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("account {account_id:?}: no insights synced yet"),
+            format!(
+                "{} {id:?}: no insights synced yet",
+                match target {
+                    Target::Account => "account",
+                    Target::Record => "record",
+                }
+            ),
         )),
     }
 }
@@ -192,7 +317,7 @@ struct RunsQuery {
 }
 
 async fn runs(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    admin(&state, req.headers(), peer_of(&req))?;
+    admin(&state, req.headers(), peer_of(&req)).await?;
     let q = Query::<RunsQuery>::try_from_uri(req.uri())
         .map(|Query(q)| q)
         .map_err(|e| ApiError::bad_request("query", e.body_text()))?;
@@ -206,12 +331,29 @@ async fn runs(State(state): State<Arc<AppState>>, req: Request) -> Result<Respon
         .into_response())
 }
 
-async fn widget(
+async fn account_widget(
     State(state): State<Arc<AppState>>,
     Path(account_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let snapshot = load(&state, &account_id, req).await?;
+    widget(&state, Target::Account, &account_id, req).await
+}
+
+async fn record_widget(
+    State(state): State<Arc<AppState>>,
+    Path(record_id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    widget(&state, Target::Record, &record_id, req).await
+}
+
+async fn widget(
+    state: &AppState,
+    target: Target,
+    account_id: &str,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let snapshot = load(state, target, account_id, req).await?;
     let status = if snapshot.is_some() {
         StatusCode::OK
     } else {
@@ -225,7 +367,7 @@ async fn widget(
     let mut resp = (
         status,
         [(header::CACHE_CONTROL, "private, no-store")],
-        Html(render(&account_id, snapshot.as_ref())),
+        Html(render(account_id, snapshot.as_ref())),
     )
         .into_response();
     if let Ok(v) = HeaderValue::from_str(&csp) {
@@ -375,17 +517,74 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signatures_bind_the_account_and_expiry() {
-        let s = sign("k", "acme", None);
+    fn signatures_bind_the_kind_the_id_and_expiry() {
+        let a = Target::Account;
+        let s = sign("k", a, "acme", None);
         assert_eq!(s.len(), 64);
-        assert_ne!(s, sign("k", "other", None));
-        assert_ne!(s, sign("k2", "acme", None));
-        assert_ne!(sign("k", "acme", Some(1)), sign("k", "acme", Some(2)));
-        // HMAC-SHA256("key", "The quick brown fox jumps over the lazy dog") (RFC 4231 style vector).
+        assert_ne!(s, sign("k", a, "other", None));
+        assert_ne!(s, sign("k2", a, "acme", None));
+        assert_ne!(s, sign("k", Target::Record, "acme", None));
+        assert_ne!(sign("k", a, "acme", Some(1)), sign("k", a, "acme", Some(2)));
+        // HMAC-SHA256 of the canonical bytes (a fixed vector, so the
+        // encoding cannot change unnoticed: links in CRM pages use it).
+        let mut m = Hmac::<Sha256>::new_from_slice(b"key").unwrap();
+        m.update(b"td-widget-link-v2\0account\0\0\0\0\0\0\0\0\x04acme\x01");
+        m.update(&1_700_000_000i64.to_be_bytes());
         assert_eq!(
-            sign("key", "The quick brown fox jumps over the lazy dog", None),
-            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+            sign("key", a, "acme", Some(1_700_000_000)),
+            hex::encode(m.finalize().into_bytes())
         );
+    }
+
+    #[test]
+    fn the_documented_apex_recipe_signs_record_links() {
+        // docs/insights.md: the bytes as the Apex snippet builds them from hex.
+        let id = "0015g00000AbCdEAAV";
+        let input = hex::decode(format!(
+            "74642d7769646765742d6c696e6b2d7632007265636f72640000{}{}00",
+            "0000000000000012",
+            hex::encode(id)
+        ))
+        .unwrap();
+        assert_eq!(input, mac_input(Target::Record, id, None));
+    }
+
+    #[test]
+    fn the_signed_encoding_is_unambiguous() {
+        // Before: "a" expiring at E and "a\nE" without expiry signed the same bytes.
+        let e = 4_102_444_800i64;
+        for (x, y) in [
+            (
+                (Target::Account, "a", Some(e)),
+                (Target::Account, &*format!("a\n{e}"), None),
+            ),
+            ((Target::Account, "ab", None), (Target::Record, "ab", None)),
+            (
+                (Target::Account, "", Some(0)),
+                (Target::Account, "\0", None),
+            ),
+        ] {
+            assert_ne!(mac_input(x.0, x.1, x.2), mac_input(y.0, y.1, y.2));
+        }
+    }
+
+    #[test]
+    fn exp_has_one_spelling() {
+        assert_eq!(parse_exp("1700000000").unwrap(), 1_700_000_000);
+        for bad in [
+            "",
+            "+1700000000",
+            "01700000000",
+            "0",
+            "-1",
+            " 1",
+            "1e9",
+            "1_000",
+            "９",
+            "9999999999999999999",
+        ] {
+            assert!(parse_exp(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 // Drives the operator page in Debian's Chromium: filter by outcome, open a dead
 // message, check the Segment input beside the Totango request and answer, replay it.
-// Signs in with the login link, checks that the page runs under its strict CSP
-// (no inline script or style) and cannot be framed.
-// Usage: node operator.mjs BASE_URL SCREENSHOT_PATH ADMIN_TOKEN   (run by tests/operator_page.rs)
+// Signs in with the login link (a one-time code), checks that the page runs under
+// its strict CSP (no inline script or style) and cannot be framed; then that the
+// link is used up, that the sign-in form (token in a POST body) works, and that
+// signing out ends the session on the server.
+// Usage: node operator.mjs BASE_URL SCREENSHOT_PATH ADMIN_TOKEN LOGIN_LINK   (run by tests/operator_page.rs)
 import { chromium } from "playwright-core";
 
-const [base, screenshot, token] = process.argv.slice(2);
+const [base, screenshot, token, link] = process.argv.slice(2);
 const fail = (msg) => { throw new Error(msg); };
 
 const browser = await chromium.launch({
@@ -25,9 +27,10 @@ try {
   // From here on, any console error (a CSP violation among them) fails the test.
   page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
   // The login link sets the session cookie and lands on the page.
-  const landed = await page.goto(base + "/login?token=" + encodeURIComponent(token));
+  if (link.includes(token)) fail("the login link carries the token");
+  const landed = await page.goto(link);
   if (landed.status() !== 200) fail(`login link answered ${landed.status()}`);
-  if (page.url() !== base + "/") fail(`login link left the token in the address bar: ${page.url()}`);
+  if (page.url() !== base + "/") fail(`login link left its code in the address bar: ${page.url()}`);
   const headers = landed.headers();
   if (!/frame-ancestors 'none'/.test(headers["content-security-policy"] || "")) fail("no frame-ancestors in CSP");
   if ((headers["x-frame-options"] || "").toUpperCase() !== "DENY") fail("no X-Frame-Options: DENY");
@@ -79,6 +82,29 @@ try {
   const framedRows = inner ? await inner.locator("#rows").count().catch(() => 0) : 0;
   if (framedRows !== 0) fail("the operator page rendered inside a frame");
   if (errors.length) fail("page errors (CSP violations show here): " + errors.join("; "));
+
+  // The link was good once: in a fresh browser it opens the sign-in form only.
+  const other = await browser.newContext();
+  const second = await other.newPage();
+  const reused = await second.goto(link);
+  if (reused.status() !== 401) fail(`a used login link answered ${reused.status()}`);
+  if (await second.locator("#rows").count() !== 0) fail("a used login link opened the page");
+  // The sign-in form posts the token and lands on the page.
+  await second.locator('input[name="token"]').fill(token);
+  await Promise.all([second.waitForURL(base + "/"), second.locator('button[type="submit"]').click()]);
+  await second.locator("#rows tr").first().waitFor({ timeout: 10000 });
+  if (second.url().includes(token)) fail("the token reached the address bar");
+  // Signing out ends the session on the server: the old cookie opens nothing.
+  const [cookie] = (await other.cookies()).filter((c) => c.name === "td_session");
+  if (!cookie) fail("no session cookie after signing in");
+  await Promise.all([
+    second.waitForResponse((r) => r.url() === base + "/logout"),
+    second.locator('form[action="/logout"] button').click(),
+  ]);
+  await second.waitForLoadState();
+  const after = await fetch(base + "/api/stats", { headers: { cookie: `td_session=${cookie.value}` } });
+  if (after.status !== 401) fail(`a signed-out session answered ${after.status}`);
+  await other.close();
   console.log("operator page: ok");
 } finally {
   await browser.close();
