@@ -462,7 +462,7 @@ async fn after_a_totango_outage_the_backlog_drains_at_once() {
     })
     .await;
 
-    // Load: a batch of 50 every 100 ms, over 300 users and 60 accounts;
+    // Load: a batch of 50 every 200 ms, over 300 users and 60 accounts;
     // every user's identify and every account's group carry a rising `n`.
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop = CancellationToken::new();
@@ -475,8 +475,11 @@ async fn after_a_totango_outage_the_backlog_drains_at_once() {
                 let batch: Vec<Value> = (0..50)
                     .map(|_| {
                         i += 1;
-                        let user = format!("u{}", i % USERS);
-                        let account = format!("a{}", i % ACCOUNTS);
+                        // Every fourth message starts a round of the four
+                        // calls; rounds go round all users and accounts.
+                        let round = i / 4;
+                        let user = format!("u{}", round % USERS);
+                        let account = format!("a{}", round % ACCOUNTS);
                         match i % 4 {
                             0 => json!({"type": "identify", "userId": user, "traits": {"n": i},
                                         "context": {"groupId": account}}),
@@ -499,7 +502,7 @@ async fn after_a_totango_outage_the_backlog_drains_at_once() {
                     .unwrap();
                 assert_eq!(r.status(), 200);
                 sent.fetch_add(50, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
     };
@@ -529,10 +532,35 @@ async fn after_a_totango_outage_the_backlog_drains_at_once() {
         if delivered == total {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not delivered within 10 s of Totango's return: {counts:?}"
-        );
+        if Instant::now() >= deadline {
+            let waiting = srv
+                .storage
+                .list(
+                    totango_destination::storage::MessageFilter {
+                        state: Some(State::Pending),
+                        ..Default::default()
+                    },
+                    10,
+                )
+                .await
+                .unwrap();
+            let now = totango_destination::storage::now_millis();
+            let waiting: Vec<String> = waiting
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} {:?} attempts {} due in {:?} ms",
+                        m.call,
+                        m.user_id,
+                        m.attempts,
+                        m.next_attempt_at.map(|t| t - now)
+                    )
+                })
+                .collect();
+            panic!(
+                "not delivered within 10 s of Totango's return: {counts:?}; waiting: {waiting:#?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained = up_at.elapsed();
@@ -542,7 +570,10 @@ async fn after_a_totango_outage_the_backlog_drains_at_once() {
         .iter()
         .find(|t| **t > up_at)
         .map(|t| *t - up_at);
-    println!("after recovery: first delivery {first:?}, all {total} delivered {drained:?}");
+    println!(
+        "after recovery: first delivery {first:?}, all {total} delivered {drained:?}; {}",
+        srv.stats().await["delivery"]
+    );
     assert!(
         first.is_some_and(|f| f < Duration::from_secs(5)),
         "draining started {first:?} after recovery"

@@ -523,8 +523,13 @@ impl Delivery {
                 .await;
             let rtt = started.elapsed();
             metrics::histogram!(telemetry::DELIVERY_LATENCY).record(rtt.as_secs_f64());
-            self.concurrency
-                .record(rtt, Signal::of_status(attempt.last.status));
+            // A refused connection says nothing about Totango's load (the
+            // endpoint pause deals with it): the limit keeps what it learnt,
+            // and the backlog of an outage goes at the speed it had before.
+            if !attempt.connect_error {
+                self.concurrency
+                    .record(rtt, Signal::of_status(attempt.last.status));
+            }
             let class = match attempt.last.status {
                 Some(s) if s < 300 => "2xx",
                 Some(s) if s < 400 => "3xx",
