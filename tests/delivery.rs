@@ -76,6 +76,15 @@ struct Server {
 
 impl Server {
     async fn start(place: &common::TestPlace, endpoint: &str) -> Server {
+        Server::start_with(place, endpoint, |_| {}).await
+    }
+
+    /// Starts with the test settings, then `adjust`.
+    async fn start_with(
+        place: &common::TestPlace,
+        endpoint: &str,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Server {
         let mut c = Config::default();
         place.configure(&mut c);
         c.totango.service_id = Some("SP-3126-05".into());
@@ -85,6 +94,7 @@ impl Server {
         c.delivery.retry_base_ms = 20;
         c.delivery.retry_max_ms = 100;
         c.delivery.request_timeout_ms = 5_000;
+        adjust(&mut c);
         let runtime = c.validate().expect("valid configuration");
         let storage = open_storage(&runtime).await.expect("open storage");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -353,5 +363,244 @@ async fn concurrency_comes_down_on_errors_and_goes_back_up() {
         .await;
     assert!(up["in_flight"].is_u64(), "{up}");
     srv.wait_all_delivered(4_000).await;
+    srv.shutdown.cancel();
+}
+
+/// A TCP front for the fake Totango that the test can take down (listener
+/// closed, open connections cut: connections are refused) and bring back on
+/// the same port.
+struct Outage {
+    addr: SocketAddr,
+    backend: SocketAddr,
+    front: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Outage {
+    async fn start(backend: SocketAddr) -> Arc<Outage> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let outage = Arc::new(Outage {
+            addr,
+            backend,
+            front: Mutex::new(None),
+        });
+        outage.serve(listener);
+        outage
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let backend = self.backend;
+        let task = tokio::spawn(async move {
+            // Dropping this (the task is aborted) cuts every connection.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { continue };
+                        conns.spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        *self.front.lock().unwrap() = Some(task);
+    }
+
+    async fn down(&self) {
+        let task = self.front.lock().unwrap().take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    async fn up(&self) {
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+/// Totango refuses connections for 30 s while traffic keeps coming (thousands
+/// of messages over hundreds of users, default retry settings): once it is
+/// back, the whole backlog is delivered within 10 s, in per-user and
+/// per-account order, and the outage cost few attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_totango_outage_the_backlog_drains_at_once() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    const USERS: usize = 300;
+    const ACCOUNTS: usize = 60;
+    let log = Arc::new(Log::default());
+    let ok_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let backend = {
+        let (log, ok_at) = (log.clone(), ok_at.clone());
+        fake(move |p: Params| {
+            let (log, ok_at) = (log.clone(), ok_at.clone());
+            async move {
+                log.push(&p, 200);
+                ok_at.lock().unwrap().push(Instant::now());
+                StatusCode::OK
+            }
+        })
+        .await
+    };
+    let backend: SocketAddr = backend.trim_start_matches("http://").parse().unwrap();
+    let front = Outage::start(backend).await;
+    let dir = common::place();
+    let srv = Server::start_with(&dir, &format!("http://{}", front.addr), |c| {
+        // The documented defaults: the first retry within 1 s, doubling.
+        c.delivery.retry_base_ms = 1_000;
+        c.delivery.retry_max_ms = 300_000;
+    })
+    .await;
+
+    // Load: a batch of 50 every 200 ms, over 300 users and 60 accounts;
+    // every user's identify and every account's group carry a rising `n`.
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let load = {
+        let (sent, stop) = (sent.clone(), stop.clone());
+        let (addr, http) = (srv.addr, srv.http.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.is_cancelled() {
+                let batch: Vec<Value> = (0..50)
+                    .map(|_| {
+                        i += 1;
+                        // Every fourth message starts a round of the four
+                        // calls; rounds go round all users and accounts.
+                        let round = i / 4;
+                        let user = format!("u{}", round % USERS);
+                        let account = format!("a{}", round % ACCOUNTS);
+                        match i % 4 {
+                            0 => json!({"type": "identify", "userId": user, "traits": {"n": i},
+                                        "context": {"groupId": account}}),
+                            1 => json!({"type": "group", "userId": user, "groupId": account,
+                                        "traits": {"n": i}}),
+                            2 => json!({"type": "track", "userId": user, "event": format!("e{i}"),
+                                        "context": {"groupId": account}}),
+                            _ => json!({"type": "page", "userId": user, "category": "C",
+                                        "context": {"groupId": account}}),
+                        }
+                    })
+                    .collect();
+                let r = http
+                    .post(format!("http://{addr}/v1/batch"))
+                    .basic_auth(KEY, Some(""))
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&json!({"batch": batch})).unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                sent.fetch_add(50, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    front.down().await;
+    let down_at = Instant::now();
+    tokio::time::sleep(OUTAGE).await;
+    stop.cancel();
+    load.await.unwrap();
+    let total = sent.load(Ordering::SeqCst);
+    let backlog = total - log.ok().len() as u64;
+    front.up().await;
+    let up_at = Instant::now();
+    println!(
+        "outage of {:?}: {total} messages accepted, {backlog} waiting at recovery",
+        up_at - down_at
+    );
+    assert!(backlog >= 2_000, "a backlog of thousands: {backlog}");
+
+    let deadline = up_at + Duration::from_secs(10);
+    loop {
+        let counts = srv.storage.counts().await.unwrap();
+        let delivered = counts
+            .iter()
+            .find(|(s, _)| *s == State::Delivered)
+            .map_or(0, |(_, n)| *n);
+        if delivered == total {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let waiting = srv
+                .storage
+                .list(
+                    totango_destination::storage::MessageFilter {
+                        state: Some(State::Pending),
+                        ..Default::default()
+                    },
+                    10,
+                )
+                .await
+                .unwrap();
+            let now = totango_destination::storage::now_millis();
+            let waiting: Vec<String> = waiting
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} {:?} attempts {} due in {:?} ms",
+                        m.call,
+                        m.user_id,
+                        m.attempts,
+                        m.next_attempt_at.map(|t| t - now)
+                    )
+                })
+                .collect();
+            panic!(
+                "not delivered within 10 s of Totango's return: {counts:?}; waiting: {waiting:#?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = up_at.elapsed();
+    let first = ok_at
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|t| **t > up_at)
+        .map(|t| *t - up_at);
+    println!(
+        "after recovery: first delivery {first:?}, all {total} delivered {drained:?}; {}",
+        srv.stats().await["delivery"]
+    );
+    assert!(
+        first.is_some_and(|f| f < Duration::from_secs(5)),
+        "draining started {first:?} after recovery"
+    );
+
+    // Attribute updates in acceptance order per user and per account.
+    let ok = log.ok();
+    for (key, what) in [("sdr_u.n", "sdr_u"), ("sdr_o.n", "sdr_o")] {
+        let mut last: std::collections::HashMap<String, u64> = Default::default();
+        for p in ok.iter().filter(|p| p.contains_key(key)) {
+            let n: u64 = p[key].parse().unwrap();
+            let entity = p.get(what).cloned().unwrap_or_default();
+            let prev = last.insert(entity.clone(), n).unwrap_or(0);
+            assert!(n >= prev, "{what} {entity}: {n} after {prev}");
+        }
+    }
+    // What the outage cost in attempts (printed, for the record).
+    let all = srv
+        .storage
+        .list(Default::default(), total as usize)
+        .await
+        .unwrap();
+    let failed = all.iter().filter(|m| m.attempts > 1).count();
+    let extra: u32 = all.iter().map(|m| m.attempts.saturating_sub(1)).sum();
+    let most = all.iter().map(|m| m.attempts).max().unwrap_or(0);
+    println!(
+        "{failed} messages needed more than one attempt; {extra} failed attempts, at most {most} for one message"
+    );
     srv.shutdown.cancel();
 }

@@ -12,6 +12,9 @@ pub struct Attempt {
     pub verdict: Verdict,
     pub last: LastResponse,
     pub retry_after: Option<Duration>,
+    /// No connection could be made (refused, unreachable, DNS): nothing
+    /// listens there now.
+    pub connect_error: bool,
 }
 
 #[derive(Clone)]
@@ -57,9 +60,11 @@ impl TotangoClient {
                         error: None,
                     },
                     retry_after,
+                    connect_error: false,
                 }
             }
             Err(e) => Attempt {
+                connect_error: e.is_connect(),
                 // Timeouts and connection errors are transient by nature.
                 verdict: Verdict::Retry,
                 last: LastResponse {

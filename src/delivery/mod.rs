@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod concurrency;
+pub mod endpoint;
 pub mod retry;
 
 use crate::config::Runtime;
@@ -16,11 +17,13 @@ use crate::storage::{
 use crate::telemetry;
 use client::TotangoClient;
 use concurrency::{AdaptiveConcurrency, ConcurrencyStats, Signal};
+use endpoint::{Admission, Change, EndpointState, Health, ProbePolicy};
 use retry::{Backoff, Verdict};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +33,10 @@ const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
 const PAUSE_REFRESH: Duration = Duration::from_millis(500);
 /// Most messages claimed at once.
 const CLAIM_BATCH: usize = 512;
+/// Shared pauses under this prefix are outages (probed at their end); the
+/// others are Totango's 429s (sent to at their end). Storage treats the
+/// endpoint as an opaque name.
+const OUTAGE_PREFIX: &str = "outage ";
 
 /// The request parameter that carries the SDR token; added at send time from
 /// the current settings, never stored.
@@ -46,9 +53,14 @@ pub struct Delivery {
     /// Results waiting to be written, and the signal that there are some.
     reports: Mutex<Vec<Report>>,
     reports_ready: Notify,
-    /// Endpoint → time until which a 429 paused sending to it: what this
-    /// process saw, merged with storage's shared pauses at every claim.
-    paused: Mutex<HashMap<String, Millis>>,
+    /// Endpoint → its health: 429 pauses and outages this process saw,
+    /// merged with storage's shared pauses before claims.
+    endpoints: Mutex<HashMap<String, EndpointState>>,
+    probe: ProbePolicy,
+    /// Bumped at every endpoint change; messages waiting for a probe watch it.
+    endpoint_changes: watch::Sender<u64>,
+    /// Bumped when an endpoint comes back (ends the dispatcher's pause).
+    releases: AtomicU64,
     /// Storage failures repeat while it is down; they are logged once a minute.
     quiet: telemetry::Throttle,
     /// When the shared pauses were last read.
@@ -79,7 +91,10 @@ impl Delivery {
             grace: timeout * 2 + Duration::from_secs(1),
             reports: Mutex::new(Vec::new()),
             reports_ready: Notify::new(),
-            paused: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
+            probe: ProbePolicy::new(config.request_timeout_ms),
+            endpoint_changes: watch::Sender::new(0),
+            releases: AtomicU64::new(0),
             quiet: telemetry::Throttle::default(),
             pauses_read: Mutex::new(None),
         }))
@@ -101,6 +116,10 @@ impl Delivery {
         let stop_reports = CancellationToken::new();
         let reporter = tokio::spawn(self.clone().write_reports(stop_reports.clone()));
         let mut tasks = JoinSet::new();
+        // While everything claimed went to paused endpoints: claim nothing
+        // until the earliest of those pauses ends or an endpoint comes back
+        // (so an outage does not churn the whole backlog through storage).
+        let mut hold: Option<(Millis, u64)> = None;
         loop {
             while tasks.try_join_next().is_some() {}
             let free = self.concurrency.free();
@@ -108,14 +127,33 @@ impl Delivery {
             // quarter of the limit is free keeps claims (commits) few.
             let worth = (self.concurrency.limit() / 4).clamp(1, CLAIM_BATCH);
             let mut wait = MAX_IDLE_WAIT;
-            if free >= worth || (free > 0 && self.concurrency.in_flight() == 0) {
+            if let Some((until, releases)) = hold {
+                let now = now_millis();
+                if now >= until || self.releases.load(Ordering::SeqCst) != releases {
+                    hold = None;
+                } else {
+                    wait = Duration::from_millis((until - now) as u64).min(MAX_IDLE_WAIT);
+                }
+            }
+            if hold.is_none() && (free >= worth || (free > 0 && self.concurrency.in_flight() == 0))
+            {
                 let limit = free.min(CLAIM_BATCH);
                 self.refresh_pauses().await;
                 let now = now_millis();
+                let releases = self.releases.load(Ordering::SeqCst);
                 match self.storage.claim(limit).await {
                     Ok(batch) => {
                         let full = batch.messages.len() == limit;
+                        let claimed = batch.messages.len();
+                        let mut deferred: Option<Millis> = None;
+                        let mut sent = 0usize;
                         for m in batch.messages {
+                            if let Some((report, until)) = self.defer_at_claim(&m, now) {
+                                self.queue_report(report);
+                                deferred = Some(deferred.map_or(until, |d| d.min(until)));
+                                continue;
+                            }
+                            sent += 1;
                             self.concurrency.start();
                             let this = self.clone();
                             tasks.spawn(async move {
@@ -125,10 +163,14 @@ impl Delivery {
                                 this.wake();
                             });
                         }
-                        if full {
+                        if let Some(until) = deferred.filter(|_| claimed > 0 && sent == 0) {
+                            hold = Some((until, releases));
+                            wait = Duration::from_millis((until - now).max(1) as u64)
+                                .min(MAX_IDLE_WAIT);
+                        } else if full {
                             continue;
                         }
-                        if let Some(due) = batch.next_due {
+                        if let (Some(due), None) = (batch.next_due, hold) {
                             wait =
                                 Duration::from_millis((due - now).max(1) as u64).min(MAX_IDLE_WAIT);
                         }
@@ -202,19 +244,80 @@ impl Delivery {
         }
     }
 
-    fn paused_until(&self, endpoint: &str, now: Millis) -> Option<Millis> {
-        let paused = self.paused.lock().expect("pause lock");
-        paused.get(endpoint).copied().filter(|until| *until > now)
+    /// Decides for one request to `endpoint` (and takes the probe slot
+    /// when it is the probe).
+    fn admit(&self, endpoint: &str) -> Admission {
+        let mut endpoints = self.endpoints.lock().expect("endpoint lock");
+        match endpoints.get_mut(endpoint) {
+            Some(state) => state.admit(now_millis(), &self.probe),
+            None => Admission::Send,
+        }
     }
 
-    async fn pause(&self, endpoint: &str, until: Millis) {
-        {
-            let mut paused = self.paused.lock().expect("pause lock");
-            let entry = paused.entry(endpoint.to_owned()).or_insert(until);
-            *entry = (*entry).max(until);
+    /// Records what a request found out about its endpoint and acts on the
+    /// change: shares an outage pause, wakes what waits for a probe.
+    async fn record_health(&self, endpoint: &str, health: Health, probe: bool, error: &str) {
+        let change = {
+            let mut endpoints = self.endpoints.lock().expect("endpoint lock");
+            if health == Health::Answered && !endpoints.contains_key(endpoint) {
+                return;
+            }
+            let state = endpoints.entry(endpoint.to_owned()).or_default();
+            state.record(now_millis(), health, probe, &self.probe, &mut rand::rng())
+        };
+        match change {
+            Change::None => return,
+            Change::Paused { until } => {
+                tracing::warn!(
+                    endpoint,
+                    error,
+                    "Totango endpoint down: pausing it, probing until it answers"
+                );
+                self.share_pause(&format!("{OUTAGE_PREFIX}{endpoint}"), until)
+                    .await;
+            }
+            Change::Extended { until } => {
+                tracing::debug!(endpoint, error, "Totango endpoint still down");
+                self.share_pause(&format!("{OUTAGE_PREFIX}{endpoint}"), until)
+                    .await;
+            }
+            Change::Released { down_ms } => {
+                tracing::info!(
+                    endpoint,
+                    down_ms,
+                    "Totango endpoint answers again: sending what waited for it"
+                );
+                self.releases.fetch_add(1, Ordering::SeqCst);
+                self.wake();
+            }
         }
-        // Other processes sharing storage pause too.
-        if let Err(e) = self.storage.pause_endpoint(endpoint, until).await {
+        self.endpoint_changes
+            .send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// When the endpoint is down: when its next probe is due.
+    fn next_probe_at(&self, endpoint: &str) -> Option<Millis> {
+        let endpoints = self.endpoints.lock().expect("endpoint lock");
+        endpoints
+            .get(endpoint)
+            .and_then(EndpointState::next_probe_at)
+    }
+
+    /// Totango answered 429 with `Retry-After`: nothing goes to `endpoint`
+    /// until `until`, here and in every process sharing storage.
+    async fn throttle(&self, endpoint: &str, until: Millis) {
+        {
+            let mut endpoints = self.endpoints.lock().expect("endpoint lock");
+            endpoints
+                .entry(endpoint.to_owned())
+                .or_default()
+                .throttle(until);
+        }
+        self.share_pause(endpoint, until).await;
+    }
+
+    async fn share_pause(&self, key: &str, until: Millis) {
+        if let Err(e) = self.storage.pause_endpoint(key, until).await {
             tracing::warn!(error = %e, "could not share a pause of the Totango endpoint");
         }
     }
@@ -231,11 +334,20 @@ impl Delivery {
         match self.storage.paused_endpoints().await {
             Ok(shared) => {
                 let now = now_millis();
-                let mut paused = self.paused.lock().expect("pause lock");
-                paused.retain(|_, until| *until > now);
-                for (endpoint, until) in shared {
-                    let entry = paused.entry(endpoint).or_insert(until);
-                    *entry = (*entry).max(until);
+                let mut endpoints = self.endpoints.lock().expect("endpoint lock");
+                for (key, until) in shared {
+                    match key.strip_prefix(OUTAGE_PREFIX) {
+                        Some(endpoint) => {
+                            let state = endpoints.entry(endpoint.to_owned()).or_default();
+                            if state.adopt_outage(until, now, &self.probe) {
+                                tracing::info!(
+                                    endpoint,
+                                    "Totango endpoint paused by another process: probing it at the pause's end"
+                                );
+                            }
+                        }
+                        None => endpoints.entry(key).or_default().throttle(until),
+                    }
                 }
             }
             Err(e) => {
@@ -243,6 +355,63 @@ impl Delivery {
                     tracing::warn!(error = %e, "could not read endpoint pauses (said once a minute)");
                 }
             }
+        }
+    }
+
+    /// A claimed message whose endpoint is paused now is not sent: it is
+    /// due again when the pause ends, without spending an attempt.
+    fn defer_at_claim(&self, m: &Claimed, now: Millis) -> Option<(Report, Millis)> {
+        let until = {
+            let endpoints = self.endpoints.lock().expect("endpoint lock");
+            if endpoints.is_empty() {
+                return None;
+            }
+            let overrides: SettingsPatch = serde_json::from_str(&m.settings).ok()?;
+            let settings = self.runtime.settings_for(&m.source, &overrides).ok()?;
+            endpoints
+                .get(settings.base_url())?
+                .deferred_until(now, &self.probe)?
+        };
+        let report = Report {
+            id: m.id,
+            lease: m.lease,
+            requests: None,
+            sent: m.sent,
+            attempted: false,
+            disposition: Disposition::Delivered,
+            last: None,
+            settings: None,
+        };
+        Some((self.retry_at(report, m, until, None), until))
+    }
+
+    /// `report` as a retry at `next`, or dead when `next` is past the
+    /// message's retry age.
+    fn retry_at(
+        &self,
+        report: Report,
+        m: &Claimed,
+        next: Millis,
+        last: Option<&LastResponse>,
+    ) -> Report {
+        if next > m.retry_from.saturating_add(self.max_retry_age_ms) {
+            let attempts = m.attempts + u32::from(report.attempted);
+            let reason = match last {
+                Some(l) => format!(
+                    "retries exhausted after {attempts} attempts; last: {}",
+                    describe(Some(l))
+                ),
+                None => format!(
+                    "retries exhausted after {attempts} attempts; the Totango endpoint was still paused"
+                ),
+            };
+            return report.dead("retries_exhausted", reason);
+        }
+        Report {
+            disposition: Disposition::Retry {
+                next_attempt_at: next,
+            },
+            ..report
         }
     }
 
@@ -326,13 +495,23 @@ impl Delivery {
         };
         let endpoint = settings.base_url();
         while (report.sent as usize) < requests.len() {
-            let now = now_millis();
-            if let Some(until) = self.paused_until(endpoint, now) {
-                report.disposition = Disposition::Retry {
-                    next_attempt_at: until,
-                };
-                return report;
-            }
+            let probe = loop {
+                // Subscribed before deciding, so no change is missed.
+                let mut changes = self.endpoint_changes.subscribe();
+                match self.admit(endpoint) {
+                    Admission::Send => break false,
+                    Admission::Probe => break true,
+                    Admission::Defer { until } => {
+                        return self.retry_at(report, &m, until, None);
+                    }
+                    Admission::Wait { until } => {
+                        let left = (until - now_millis()).max(1) as u64;
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(left), changes.changed())
+                                .await;
+                    }
+                }
+            };
             let started = std::time::Instant::now();
             let attempt = self
                 .client
@@ -344,8 +523,13 @@ impl Delivery {
                 .await;
             let rtt = started.elapsed();
             metrics::histogram!(telemetry::DELIVERY_LATENCY).record(rtt.as_secs_f64());
-            self.concurrency
-                .record(rtt, Signal::of_status(attempt.last.status));
+            // A refused connection says nothing about Totango's load (the
+            // endpoint pause deals with it): the limit keeps what it learnt,
+            // and the backlog of an outage goes at the speed it had before.
+            if !attempt.connect_error {
+                self.concurrency
+                    .record(rtt, Signal::of_status(attempt.last.status));
+            }
             let class = match attempt.last.status {
                 Some(s) if s < 300 => "2xx",
                 Some(s) if s < 400 => "3xx",
@@ -356,6 +540,14 @@ impl Delivery {
             metrics::counter!(telemetry::ATTEMPTS, "class" => class).increment(1);
             report.attempted = true;
             let status = attempt.last.status;
+            let health = Health::of(status, attempt.connect_error);
+            self.record_health(
+                endpoint,
+                health,
+                probe,
+                attempt.last.error.as_deref().unwrap_or_default(),
+            )
+            .await;
             report.last = Some(attempt.last);
             match attempt.verdict {
                 Verdict::Success => report.sent += 1,
@@ -368,24 +560,23 @@ impl Delivery {
                     let delay =
                         self.backoff
                             .delay(m.attempts + 1, attempt.retry_after, &mut rand::rng());
-                    let next = now.saturating_add(millis(delay));
+                    let mut next = now.saturating_add(millis(delay));
                     if status == Some(429) {
                         if let Some(ra) = attempt.retry_after {
-                            self.pause(endpoint, now.saturating_add(millis(ra))).await;
+                            self.throttle(endpoint, now.saturating_add(millis(ra)))
+                                .await;
                         }
                     }
-                    if next > m.retry_from.saturating_add(self.max_retry_age_ms) {
-                        let reason = format!(
-                            "retries exhausted after {} attempts; last: {}",
-                            m.attempts + 1,
-                            describe(report.last.as_ref())
-                        );
-                        return report.dead("retries_exhausted", reason);
+                    // Failed because the endpoint is down: due again at its
+                    // next probe, not after this message's own backoff.
+                    if health != Health::Answered {
+                        if let Some(probe_at) = self.next_probe_at(endpoint) {
+                            let asked = attempt.retry_after.map_or(0, millis);
+                            next = probe_at.max(now.saturating_add(asked));
+                        }
                     }
-                    report.disposition = Disposition::Retry {
-                        next_attempt_at: next,
-                    };
-                    return report;
+                    let last = report.last.clone();
+                    return self.retry_at(report, &m, next, last.as_ref());
                 }
             }
         }
