@@ -703,7 +703,7 @@ fn short_admin_tokens_are_refused_naming_the_setting() {
     let mut c = common::config(&dir, "http://127.0.0.1:9");
     for short in ["a", "12345678901"] {
         c.admin.token = Some(short.into());
-        let e = c.clone().validate().err().expect("refused").to_string();
+        let e = c.clone().validate().expect_err("refused").to_string();
         assert!(e.contains("admin.token") && e.contains("12"), "{e}");
     }
     c.admin.token = Some("123456789012".into());

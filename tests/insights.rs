@@ -1255,10 +1255,10 @@ fn signed_links_need_the_customers_own_my_domain_as_frame_ancestor() {
     let mut c = common::config(&dir, "http://127.0.0.1:9");
     c.insights.widget_secret = Some("widget-secret".into());
     // The default admitted every Salesforce org.
-    let e = c.clone().validate().err().expect("refused").to_string();
+    let e = c.clone().validate().expect_err("refused").to_string();
     assert!(e.contains("insights.frame_ancestors"), "{e}");
     c.insights.frame_ancestors = "'self' https://*.force.com".into();
-    let e = c.clone().validate().err().expect("refused").to_string();
+    let e = c.clone().validate().expect_err("refused").to_string();
     assert!(e.contains("insights.frame_ancestors"), "{e}");
     c.insights.frame_ancestors = MY_DOMAIN.into();
     assert!(c.clone().validate().is_ok());

@@ -515,7 +515,15 @@ fn redact<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S
     }
 }
 
-/// Text (numbers too, as environment values may look like them); empty is unset.
+fn opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(crate::secret::opt_secret(d)?.map(|s| SecretString::from(s.expose().to_owned())))
+}
+
+/// `Some(secret)` as text, for the few places that must send it.
+pub fn expose(secret: &Option<SecretString>) -> &str {
+    secret.as_ref().map(|s| s.expose_secret()).unwrap_or("")
+}
+
 #[cfg(test)]
 mod frame_tests {
     use super::*;
@@ -545,13 +553,4 @@ mod frame_tests {
             assert!(check_frame_ancestors(good).is_ok(), "{good}");
         }
     }
-}
-
-fn opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
-    Ok(crate::secret::opt_secret(d)?.map(|s| SecretString::from(s.expose().to_owned())))
-}
-
-/// `Some(secret)` as text, for the few places that must send it.
-pub fn expose(secret: &Option<SecretString>) -> &str {
-    secret.as_ref().map(|s| s.expose_secret()).unwrap_or("")
 }
