@@ -25,7 +25,7 @@ use totango_destination::server::{open_storage, run_with_storage};
 use totango_destination::storage::{State, Storage};
 
 const KEY: &str = "key-1";
-const ADMIN: &str = "admin-token";
+const ADMIN: &str = "admin-token-delivery";
 const WAIT: Duration = Duration::from_secs(20);
 
 type Params = BTreeMap<String, String>;
