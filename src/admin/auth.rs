@@ -293,7 +293,13 @@ pub fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
             return Some("the request comes from another site (Sec-Fetch-Site)");
         }
     }
-    if let Some(origin) = text(header::ORIGIN.as_str()) {
+    // A page served with `Referrer-Policy: no-referrer` (every page here)
+    // posts its forms with `Origin: null`; the browser's own
+    // `Sec-Fetch-Site: same-origin` says where it came from then.
+    let same_origin_fetch = text("sec-fetch-site") == Some("same-origin");
+    if let Some(origin) =
+        text(header::ORIGIN.as_str()).filter(|o| !(same_origin_fetch && *o == "null"))
+    {
         let host = text(header::HOST.as_str()).unwrap_or("");
         let origin_host = origin.split_once("://").map(|(_, rest)| rest);
         if origin_host != Some(host) {
@@ -396,6 +402,11 @@ mod tests {
         ]);
         assert!(cross_site(&h).is_none());
         assert!(cross_site(&HeaderMap::new()).is_none());
+        // The sign-in form under `Referrer-Policy: no-referrer` (Chromium).
+        let h = headers(&[("origin", "null"), ("sec-fetch-site", "same-origin")]);
+        assert!(cross_site(&h).is_none());
+        let h = headers(&[("origin", "null"), ("host", "127.0.0.1:8080")]);
+        assert!(cross_site(&h).is_some());
     }
 
     #[test]

@@ -91,7 +91,12 @@ try {
   if (await second.locator("#rows").count() !== 0) fail("a used login link opened the page");
   // The sign-in form posts the token and lands on the page.
   await second.locator('input[name="token"]').fill(token);
-  await Promise.all([second.waitForURL(base + "/"), second.locator('button[type="submit"]').click()]);
+  const [posted] = await Promise.all([
+    second.waitForResponse((r) => r.url() === base + "/login" && r.request().method() === "POST"),
+    second.locator('button[type="submit"]').click(),
+  ]);
+  if (posted.status() !== 303) fail(`the sign-in form answered ${posted.status()}: ${await posted.text().catch(() => "")}`);
+  await second.waitForURL(base + "/");
   await second.locator("#rows tr").first().waitFor({ timeout: 10000 });
   if (second.url().includes(token)) fail("the token reached the address bar");
   // Signing out ends the session on the server: the old cookie opens nothing.
