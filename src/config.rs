@@ -46,9 +46,15 @@ pub struct StorageConfig {
     pub max_backlog_bytes: u64,
     /// Below this much free space where the database lives, ingest answers 503.
     pub min_free_disk_bytes: u64,
-    /// How long a claimed message is held by the process delivering it. If
-    /// that process dies, another delivers the message after this long.
+    /// How long a claimed message is held by the process delivering it,
+    /// renewed by its heartbeat while it lives: a backstop for a replica that
+    /// vanished without being noticed.
     pub lease_secs: u64,
+    /// How often each replica records that it is alive (PostgreSQL).
+    pub heartbeat_secs: u64,
+    /// A replica not heard from for this long is gone: the messages it held
+    /// are claimable again at once (PostgreSQL).
+    pub replica_timeout_secs: u64,
     /// Database connections each process keeps (PostgreSQL).
     pub pool_size: u32,
 }
@@ -191,6 +197,8 @@ impl Default for Config {
                 max_backlog_bytes: 2 * 1024 * 1024 * 1024,
                 min_free_disk_bytes: 512 * 1024 * 1024,
                 lease_secs: 600,
+                heartbeat_secs: 3,
+                replica_timeout_secs: 15,
                 pool_size: 8,
             },
             totango: SettingsPatch::default(),
@@ -471,6 +479,27 @@ impl Config {
                 format!(
                     "must be at least {min_lease} (three times delivery.request_timeout_ms, in seconds)"
                 ),
+            ));
+        }
+        if self.storage.heartbeat_secs == 0 {
+            return Err(ConfigError::invalid(
+                "storage.heartbeat_secs",
+                "must be at least 1",
+            ));
+        }
+        // Three missed heartbeats before a replica is judged gone, so one slow
+        // write does not cost a live replica its work.
+        let min_timeout = self.storage.heartbeat_secs.saturating_mul(3);
+        if self.storage.replica_timeout_secs < min_timeout {
+            return Err(ConfigError::invalid(
+                "storage.replica_timeout_secs",
+                format!("must be at least {min_timeout} (three times storage.heartbeat_secs)"),
+            ));
+        }
+        if self.storage.replica_timeout_secs >= self.storage.lease_secs {
+            return Err(ConfigError::invalid(
+                "storage.replica_timeout_secs",
+                "must be shorter than storage.lease_secs",
             ));
         }
         if !(1..=1000).contains(&self.storage.pool_size) {

@@ -58,6 +58,8 @@ pub fn storage_options(runtime: &Runtime) -> StorageOptions {
         retention_ms: (storage.retention_secs > 0).then(|| secs(storage.retention_secs)),
         prune_every_ms: 60_000,
         lease_ms: secs(storage.lease_secs),
+        heartbeat_ms: secs(storage.heartbeat_secs),
+        replica_timeout_ms: secs(storage.replica_timeout_secs),
         pool_size: storage.pool_size,
     }
 }

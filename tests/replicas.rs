@@ -32,7 +32,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_totango-destination");
 const KEY: &str = "replica-test-key";
 const ADMIN: &str = "replica-test-admin";
 /// Short leases, so the killed replica's messages come back quickly.
-const LEASE_SECS: u64 = 3;
+const LEASE_SECS: u64 = 4;
 /// Each fake answers after this long, like a round trip to Totango.
 const FAKE_DELAY: Duration = Duration::from_millis(30);
 /// Posting tasks; each owns its users and accounts, so the acceptance order
@@ -189,6 +189,8 @@ impl Replica {
             .current_dir(&dir)
             .env("TD_STORAGE__URL", db_url)
             .env("TD_STORAGE__LEASE_SECS", LEASE_SECS.to_string())
+            .env("TD_STORAGE__HEARTBEAT_SECS", "1")
+            .env("TD_STORAGE__REPLICA_TIMEOUT_SECS", "3")
             .env("TD_STORAGE__POOL_SIZE", "4")
             .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
             .env("TD_TOTANGO__ENDPOINT", totango)

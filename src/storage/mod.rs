@@ -34,9 +34,14 @@ pub struct StorageOptions {
     pub retention_ms: Option<Millis>,
     /// How often pruning runs.
     pub prune_every_ms: Millis,
-    /// How long a claim holds a message. A holder that vanished (killed,
-    /// partitioned) gives its messages back when their leases run out.
+    /// How long a claim holds a message; a live holder's heartbeat renews
+    /// it. The backstop for a holder that vanished unnoticed.
     pub lease_ms: Millis,
+    /// How often a process sharing the backend says it is alive.
+    pub heartbeat_ms: Millis,
+    /// A process not heard from for this long is gone: its claims are
+    /// claimable again at once.
+    pub replica_timeout_ms: Millis,
     /// Connections a networked backend keeps (SQLite ignores it).
     pub pool_size: u32,
 }
@@ -48,6 +53,8 @@ impl Default for StorageOptions {
             retention_ms: Some(7 * 24 * 3600 * 1000),
             prune_every_ms: 60 * 1000,
             lease_ms: 10 * 60 * 1000,
+            heartbeat_ms: 3 * 1000,
+            replica_timeout_ms: 15 * 1000,
             pool_size: 8,
         }
     }
