@@ -227,6 +227,9 @@ pub async fn run_with_storage(
     tracing::info!("shutting down: no new requests");
     state.shutting_down.store(true, Ordering::Relaxed);
     drop(listener);
+    // Delivery stops claiming now (other replicas take the queue) and winds
+    // down while open requests finish, so both fit one termination grace.
+    stop_delivery.cancel();
     if tokio::time::timeout(HTTP_DRAIN, graceful.shutdown())
         .await
         .is_err()
@@ -235,7 +238,6 @@ pub async fn run_with_storage(
     }
     stop_monitor.cancel();
     let _ = monitor.await;
-    stop_delivery.cancel();
     let _ = delivery_task.await;
     insights.stop().await;
     storage.close().await;

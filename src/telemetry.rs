@@ -161,6 +161,11 @@ pub struct Throttle(std::sync::Mutex<Option<std::time::Instant>>);
 impl Throttle {
     pub const PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
 
+    /// A throttle that has said nothing yet (usable in a `static`).
+    pub const fn new() -> Throttle {
+        Throttle(std::sync::Mutex::new(None))
+    }
+
     /// True when the line should be logged now.
     pub fn ready(&self) -> bool {
         let mut last = self.0.lock().expect("throttle lock");

@@ -23,10 +23,6 @@ const WINDOW: i64 = 24 * 60 * 60 * 1000;
 /// A lease short enough for a test to outwait.
 const SHORT_LEASE_MS: i64 = 500;
 
-async fn outwait_lease() {
-    tokio::time::sleep(Duration::from_millis(SHORT_LEASE_MS as u64 + 100)).await;
-}
-
 fn db_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("data").join("queue.db")
 }
@@ -35,7 +31,7 @@ fn db_path(dir: &tempfile::TempDir) -> PathBuf {
 /// built with lease 0 carries the lease of the message's latest claim.
 struct T {
     inner: Arc<dyn Storage>,
-    _place: Option<Opened>,
+    place: Option<Opened>,
     leases: Mutex<HashMap<i64, i64>>,
 }
 
@@ -50,9 +46,16 @@ impl T {
     fn new(inner: Arc<dyn Storage>, place: Option<Opened>) -> T {
         T {
             inner,
-            _place: place,
+            place,
             leases: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The claims held so far are lost, as when their holder is lost
+    /// (SQLite: the short lease runs out; PostgreSQL: the replica is judged gone).
+    async fn lose_claims(&self) {
+        let opened = self.place.as_ref().expect("a storage opened on a backend");
+        opened.lose_claims(SHORT_LEASE_MS).await;
     }
 
     async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
@@ -253,7 +256,7 @@ async fn accept_stores_all_and_queues_only_pending(b: Backend) {
 
     // After its lease expired the pending message is claimable again, and
     // still nothing else.
-    outwait_lease().await;
+    s.lose_claims().await;
     let later = s.claim(10).await.unwrap();
     assert_eq!(ids(&later.messages), vec![p]);
 
@@ -335,7 +338,7 @@ async fn dedupe_by_source_and_message_id(b: Backend) {
     let batch = s.claim(10).await.unwrap();
     assert_eq!(ids(&batch.messages), vec![first, other]);
     // Even after their leases expired, only those two are ever claimed.
-    outwait_lease().await;
+    s.lose_claims().await;
     let again = s.claim(10).await.unwrap();
     assert_eq!(ids(&again.messages), vec![first, other]);
 
@@ -1141,7 +1144,7 @@ async fn stale_report_after_lease_expiry_does_not_resurrect(b: Backend) {
     let first = s.claim(10).await.unwrap().messages;
     assert_eq!(ids(&first), vec![id]);
     // The first lease expires; a second claim takes the message.
-    outwait_lease().await;
+    s.lose_claims().await;
     let second = s.claim(10).await.unwrap().messages;
     assert_eq!(ids(&second), vec![id]);
     assert_ne!(

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::pg::TestDatabase;
+use common::pg::{self, TestDatabase};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,10 +17,15 @@ use totango_destination::storage::{
     StorageError, StorageOptions, now_millis,
 };
 
+/// How long a replica may go unheard in these tests before it is judged gone.
+const REPLICA_TIMEOUT_MS: i64 = 2_000;
+
 fn options(lease_ms: i64) -> StorageOptions {
     StorageOptions {
         lease_ms,
         pool_size: 4,
+        heartbeat_ms: 200,
+        replica_timeout_ms: REPLICA_TIMEOUT_MS,
         ..StorageOptions::default()
     }
 }
@@ -283,8 +288,9 @@ async fn replicas_enqueueing_and_dequeueing_one_key_keep_it_whole() {
     b.close().await;
 }
 
-/// A lease that ran out and was taken by another replica: the first holder's
-/// late report is ignored (and counted); the current holder's counts.
+/// A claim taken over from a replica judged gone (its heartbeat stopped
+/// reaching the database): the first holder's late report is ignored (and
+/// counted); the current holder's counts.
 #[tokio::test]
 async fn a_report_on_a_lease_taken_over_is_ignored() {
     let Some(db) = TestDatabase::create("stale_report") else {
@@ -295,13 +301,14 @@ async fn a_report_on_a_lease_taken_over_is_ignored() {
     let id = stored(&a.accept(vec![msg("m1", Some("K"))]).await.unwrap()[0]);
     let first = a.claim(10).await.unwrap().messages;
     assert_eq!(first.len(), 1);
+    tokio::time::sleep(Duration::from_millis(450)).await;
     assert!(
         b.claim(10).await.unwrap().messages.is_empty(),
-        "a live lease is never claimed again"
+        "a live replica's claim is never taken, even past its lease"
     );
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    pg::judge_replicas_gone(db.url(), Some(a.replica_id())).await;
     let second = b.claim(10).await.unwrap().messages;
-    assert_eq!(second.len(), 1, "an expired lease is claimable again");
+    assert_eq!(second.len(), 1, "a gone replica's claim is claimable again");
     assert_ne!(first[0].lease, second[0].lease);
 
     let ignored = a
@@ -455,22 +462,87 @@ async fn work_queued_elsewhere_wakes_this_replica() {
     b.close().await;
 }
 
-/// Leases belong to their holders even across a restart: nothing clears
-/// them at open; they run out on their own.
-#[tokio::test]
-async fn leases_survive_a_restart_and_run_out() {
-    let Some(db) = TestDatabase::create("leases_survive") else {
+/// A replica that stops gives its claims back at once; one that is killed
+/// (dropped without closing: no more heartbeats) keeps them only until the
+/// others judge it gone, one replica timeout later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_gives_claims_back_and_a_killed_ones_return_after_the_timeout() {
+    let Some(db) = TestDatabase::create("claims_back") else {
         return;
     };
-    let a = open(&db, 400).await;
+    let a = open(&db, 600_000).await;
     let id = stored(&a.accept(vec![msg("m1", None)]).await.unwrap()[0]);
     assert_eq!(a.claim(10).await.unwrap().messages.len(), 1);
     a.close().await;
-    let b = open(&db, 400).await;
-    assert!(b.claim(10).await.unwrap().messages.is_empty());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = open(&db, 600_000).await;
     let again = b.claim(10).await.unwrap().messages;
-    assert_eq!(again.iter().map(|c| c.id).collect::<Vec<_>>(), vec![id]);
+    assert_eq!(
+        again.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![id],
+        "a closed replica's claim is claimable at once"
+    );
+    let b_id = b.replica_id();
+    drop(b);
+    let killed = std::time::Instant::now();
+    let c = open(&db, 600_000).await;
+    assert!(
+        c.claim(10).await.unwrap().messages.is_empty(),
+        "a replica just killed still holds its claim"
+    );
+    let taken = loop {
+        let got = c.claim(10).await.unwrap().messages;
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_millis(REPLICA_TIMEOUT_MS as u64 * 4),
+            "a killed replica's claim is not back after four timeouts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let waited = killed.elapsed();
+    assert_eq!(taken.iter().map(|c| c.id).collect::<Vec<_>>(), vec![id]);
+    assert!(
+        waited >= Duration::from_millis(REPLICA_TIMEOUT_MS as u64 / 2),
+        "taken over after {waited:?}, before the replica could be judged gone"
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM td_replicas WHERE id = $1")
+        .bind(b_id)
+        .fetch_one(c.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the killed replica was judged gone and removed");
+    c.close().await;
+}
+
+/// A live replica keeps its claims for as long as it lives, however slow
+/// its work: many replica timeouts and past its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_replica_keeps_its_claims_however_long_it_takes() {
+    let Some(db) = TestDatabase::create("live_keeps") else {
+        return;
+    };
+    let a = open(&db, 300).await;
+    let b = open(&db, 300).await;
+    let id = stored(&a.accept(vec![msg("m1", Some("K"))]).await.unwrap()[0]);
+    let first = a.claim(10).await.unwrap().messages;
+    assert_eq!(first.len(), 1);
+    let until = std::time::Instant::now() + Duration::from_millis(REPLICA_TIMEOUT_MS as u64 * 3);
+    while std::time::Instant::now() < until {
+        assert!(
+            b.claim(10).await.unwrap().messages.is_empty(),
+            "another replica took a live replica's claim"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.holds_claims(), "the live replica still holds its claims");
+    let stale = a
+        .report(vec![report(id, first[0].lease, Disposition::Delivered)])
+        .await
+        .unwrap();
+    assert!(stale.is_empty(), "its report still counts");
+    assert_eq!(a.get(id).await.unwrap().unwrap().state, State::Delivered);
+    a.close().await;
     b.close().await;
 }
 
@@ -760,7 +832,8 @@ async fn a_stale_report_does_not_hide_the_current_one_behind_it() {
     let s = open(&db, 300).await;
     let id = stored(&s.accept(vec![msg("m1", Some("K"))]).await.unwrap()[0]);
     let first = s.claim(10).await.unwrap().messages[0].lease;
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Judged gone and back under a new id: the claim is taken afresh.
+    pg::judge_replicas_gone(db.url(), None).await;
     let second = s.claim(10).await.unwrap().messages[0].lease;
     let stale = s
         .report(vec![

@@ -33,6 +33,10 @@ const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
 const PAUSE_REFRESH: Duration = Duration::from_millis(500);
 /// Most messages claimed at once.
 const CLAIM_BATCH: usize = 512;
+/// Longest pause between attempts to record results while storage fails.
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long results are still tried after delivery stopped.
+const REPORT_FLUSH: Duration = Duration::from_secs(10);
 /// Shared pauses under this prefix are outages (probed at their end); the
 /// others are Totango's 429s (sent to at their end). Storage treats the
 /// endpoint as an opaque name.
@@ -65,6 +69,54 @@ pub struct Delivery {
     quiet: telemetry::Throttle,
     /// When the shared pauses were last read.
     pauses_read: Mutex<Option<std::time::Instant>>,
+    /// Cancelled when delivery stops: claimed messages not yet started are
+    /// given back instead of sent.
+    stopping: CancellationToken,
+    /// Results that could not be recorded are said once a minute.
+    quiet_reports: telemetry::Throttle,
+}
+
+/// A claimed message in this process's hands. Dropped before its report was
+/// queued (its task aborted at shutdown, or it panicked), it gives the
+/// message back, so a live replica never sits on a claim it dropped.
+struct Held {
+    delivery: Arc<Delivery>,
+    id: i64,
+    lease: i64,
+    sent: u32,
+    reported: bool,
+}
+
+impl Held {
+    /// Its report is about to be queued: nothing to give back.
+    fn reported(mut self) {
+        self.reported = true;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.delivery
+                .queue_report(release(self.id, self.lease, self.sent));
+        }
+    }
+}
+
+/// Gives a claimed message back, due now, without spending an attempt.
+fn release(id: i64, lease: i64, sent: u32) -> Report {
+    Report {
+        id,
+        lease,
+        requests: None,
+        sent,
+        attempted: false,
+        disposition: Disposition::Retry {
+            next_attempt_at: now_millis(),
+        },
+        last: None,
+        settings: None,
+    }
 }
 
 impl Delivery {
@@ -97,6 +149,8 @@ impl Delivery {
             releases: AtomicU64::new(0),
             quiet: telemetry::Throttle::default(),
             pauses_read: Mutex::new(None),
+            stopping: CancellationToken::new(),
+            quiet_reports: telemetry::Throttle::default(),
         }))
     }
 
@@ -110,8 +164,10 @@ impl Delivery {
         self.concurrency.stats()
     }
 
-    /// Runs until `shutdown`, then lets in-flight deliveries finish (within a
-    /// grace period) and writes their results. Unfinished work stays in storage.
+    /// Runs until `shutdown`, then claims nothing more, gives back what it
+    /// claimed and has not started, lets requests under way finish (within a
+    /// grace period; what does not finish is given back too) and writes the
+    /// results. Nothing stays claimed by a process that stopped.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let stop_reports = CancellationToken::new();
         let reporter = tokio::spawn(self.clone().write_reports(stop_reports.clone()));
@@ -156,9 +212,17 @@ impl Delivery {
                             sent += 1;
                             self.concurrency.start();
                             let this = self.clone();
+                            let held = Held {
+                                delivery: self.clone(),
+                                id: m.id,
+                                lease: m.lease,
+                                sent: m.sent,
+                                reported: false,
+                            };
                             tasks.spawn(async move {
                                 let report = this.deliver(m).await;
                                 this.concurrency.finish();
+                                held.reported();
                                 this.queue_report(report);
                                 this.wake();
                             });
@@ -189,10 +253,15 @@ impl Delivery {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        self.stopping.cancel();
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(self.grace, drain).await.is_err() {
-            tracing::warn!("in-flight deliveries did not finish in time; they stay queued");
+            tracing::warn!(
+                "in-flight deliveries did not finish in time; they go back to the queue"
+            );
             tasks.abort_all();
+            // Aborted tasks drop their `Held`, which queues the release.
+            while tasks.join_next().await.is_some() {}
         }
         stop_reports.cancel();
         let _ = reporter.await;
@@ -204,9 +273,14 @@ impl Delivery {
     }
 
     /// Writes finished deliveries' results, all waiting ones in one storage
-    /// call. A result that cannot be recorded leaves its message leased; it
-    /// is claimed again when the lease runs out or at the next start.
+    /// call. While storage is unavailable the results wait and are tried
+    /// again (with a growing pause), up to [`REPORT_FLUSH`] after delivery
+    /// stopped; what is still unrecorded then stays claimed by this process
+    /// and goes back to the queue when it is judged gone (PostgreSQL) or at
+    /// the next start (SQLite).
     async fn write_reports(self: Arc<Self>, stop: CancellationToken) {
+        let mut pause = Duration::from_millis(100);
+        let mut flush_until: Option<tokio::time::Instant> = None;
         loop {
             let batch = std::mem::take(&mut *self.reports.lock().expect("reports lock"));
             if batch.is_empty() {
@@ -226,8 +300,39 @@ impl Delivery {
                     state => Some((r.id, state)),
                 })
                 .collect();
-            match self.storage.report(batch).await {
+            match self.storage.report(batch.clone()).await {
+                Err(e) if e.is_transient() => {
+                    let waiting = batch.len();
+                    {
+                        // Back in front of what arrived since, in order.
+                        let mut reports = self.reports.lock().expect("reports lock");
+                        let newer = std::mem::replace(&mut *reports, batch);
+                        reports.extend(newer);
+                    }
+                    if self.quiet_reports.ready() {
+                        tracing::error!(error = %e, waiting, "could not record delivery results; trying again (said once a minute)");
+                    }
+                    if stop.is_cancelled() {
+                        let until = *flush_until
+                            .get_or_insert_with(|| tokio::time::Instant::now() + REPORT_FLUSH);
+                        if tokio::time::Instant::now() >= until {
+                            let left = self.reports.lock().expect("reports lock").len();
+                            tracing::error!(
+                                results = left,
+                                "stopping with delivery results unrecorded; their messages are sent again"
+                            );
+                            return;
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.cancelled(), if !stop.is_cancelled() => {}
+                    }
+                    pause = (pause * 2).min(REPORT_RETRY_MAX);
+                    continue;
+                }
                 Ok(stale) => {
+                    pause = Duration::from_millis(100);
                     // A stale report's message is counted by whoever holds
                     // the newer lease, not here.
                     for (id, state) in outcomes {
@@ -495,6 +600,16 @@ impl Delivery {
         };
         let endpoint = settings.base_url();
         while (report.sent as usize) < requests.len() {
+            // Not started yet and delivery stops, or this process may have
+            // lost its claims: give the message back.
+            if !report.attempted && (self.stopping.is_cancelled() || !self.storage.holds_claims()) {
+                return Report {
+                    disposition: Disposition::Retry {
+                        next_attempt_at: now_millis(),
+                    },
+                    ..report
+                };
+            }
             let probe = loop {
                 // Subscribed before deciding, so no change is missed.
                 let mut changes = self.endpoint_changes.subscribe();
@@ -506,9 +621,18 @@ impl Delivery {
                     }
                     Admission::Wait { until } => {
                         let left = (until - now_millis()).max(1) as u64;
-                        let _ =
-                            tokio::time::timeout(Duration::from_millis(left), changes.changed())
-                                .await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(left)) => {}
+                            _ = changes.changed() => {}
+                            _ = self.stopping.cancelled(), if !report.attempted => {
+                                return Report {
+                                    disposition: Disposition::Retry {
+                                        next_attempt_at: now_millis(),
+                                    },
+                                    ..report
+                                };
+                            }
+                        }
                     }
                 }
             };

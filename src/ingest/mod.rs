@@ -25,6 +25,10 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// `Retry-After` of a 503 while storage is unavailable: a database restart
+/// or failover takes seconds.
+const STORAGE_RETRY_AFTER_SECS: u64 = 5;
+
 /// Shared by every handler.
 pub struct AppState {
     pub storage: Arc<dyn Storage>,
@@ -179,7 +183,12 @@ impl AppState {
                     "X-Signature: the signed element was already accepted; a replayed array is refused",
                 ),
                 AcceptError::Storage(e) => {
-                    tracing::error!(error = %e, "could not store accepted messages");
+                    // While storage is down every request fails alike: said
+                    // once a minute, not once per request.
+                    static QUIET: telemetry::Throttle = telemetry::Throttle::new();
+                    if QUIET.ready() {
+                        tracing::error!(error = %e, "could not store accepted messages (said once a minute)");
+                    }
                     match e {
                         StorageError::Closed => ApiError::unavailable("shutting down"),
                         StorageError::Corrupt(_) => ApiError::unavailable("storage damaged"),
@@ -187,6 +196,7 @@ impl AppState {
                             ApiError::unavailable("storage unavailable")
                         }
                     }
+                    .with_retry_after(STORAGE_RETRY_AFTER_SECS)
                 }
             })?;
         metrics::counter!(telemetry::ACCEPTED, "interface" => interface)

@@ -397,6 +397,14 @@ pub trait Storage: Send + Sync + 'static {
     /// Waiters should still poll: a signal may be missed.
     fn notifier(&self) -> Arc<Notify>;
 
+    /// Whether claims this process holds are still its own. A backend shared
+    /// by replicas says `false` once others may have judged this process
+    /// gone (and taken its claims): delivery then sends nothing more until
+    /// it is `true` again.
+    fn holds_claims(&self) -> bool {
+        true
+    }
+
     /// Pauses sending to a Totango endpoint until `until` (Totango answered
     /// 429), for every process sharing this storage. Extends, never shortens.
     async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError>;

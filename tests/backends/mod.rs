@@ -20,7 +20,23 @@ pub enum Backend {
 /// database, removed when this is dropped).
 pub struct Opened {
     pub storage: Arc<dyn Storage>,
+    /// The database's URL (PostgreSQL).
+    pub url: Option<String>,
     _place: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Opened {
+    /// Claims this storage holds stop being held, the way they would when
+    /// their holder was lost: on SQLite by outwaiting the lease `lease_ms`,
+    /// on PostgreSQL by the replica being judged gone.
+    pub async fn lose_claims(&self, lease_ms: i64) {
+        match &self.url {
+            None => {
+                tokio::time::sleep(std::time::Duration::from_millis(lease_ms as u64 + 100)).await
+            }
+            Some(url) => pg::judge_replicas_gone(url, None).await,
+        }
+    }
 }
 
 impl std::ops::Deref for Opened {
@@ -30,10 +46,13 @@ impl std::ops::Deref for Opened {
     }
 }
 
-/// Options for tests: a long lease unless a test shortens it.
+/// Options for tests: a long lease unless a test shortens it, and a quick
+/// heartbeat (with room for a loaded machine before a replica is judged gone).
 pub fn options() -> StorageOptions {
     StorageOptions {
         lease_ms: 60_000,
+        heartbeat_ms: 200,
+        replica_timeout_ms: 3_000,
         ..StorageOptions::default()
     }
 }
@@ -50,6 +69,7 @@ impl Backend {
                     SqliteStorage::open_with(&path, options).expect("open SQLite storage");
                 Some(Opened {
                     storage: Arc::new(storage),
+                    url: None,
                     _place: Box::new(dir),
                 })
             }
@@ -60,6 +80,7 @@ impl Backend {
                     .expect("open PostgreSQL storage");
                 Some(Opened {
                     storage: Arc::new(storage),
+                    url: Some(db.url().to_owned()),
                     _place: Box::new(db),
                 })
             }

@@ -76,3 +76,30 @@ fn on_server(admin_url: &str, statement: String) -> Result<(), sqlx::Error> {
     .join()
     .expect("test database thread")
 }
+
+/// Makes replica `only` (or every replica) registered in the database at
+/// `url` late for its heartbeat, as if it had been partitioned away, and
+/// waits until the heartbeats judged it gone and no claim is held.
+pub async fn judge_replicas_gone(url: &str, only: Option<i64>) {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    sqlx::query("UPDATE td_replicas SET alive_until = 0 WHERE $1::bigint IS NULL OR id = $1")
+        .bind(only)
+        .execute(&mut conn)
+        .await
+        .expect("expire replicas");
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM td_queue WHERE lease IS NOT NULL")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count claims");
+        if held == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "{held} claims still held 15 s after their replicas were judged gone"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -10,6 +10,7 @@
 //! PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
 
 mod queue;
+mod replica;
 mod schema;
 
 pub use schema::SCHEMA_VERSION;
@@ -21,7 +22,7 @@ use sqlx::{ConnectOptions, Executor, PgConnection, PgPool, Postgres, Row};
 use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -43,6 +44,7 @@ pub struct PostgresStorage {
     writer: Mutex<Option<mpsc::Sender<AcceptCall>>>,
     writer_task: Mutex<Option<JoinHandle<()>>>,
     listener_task: Mutex<Option<JoinHandle<()>>>,
+    heartbeat_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -51,6 +53,10 @@ struct Inner {
     notify: Arc<Notify>,
     closed: AtomicBool,
     prune: Mutex<PruneClock>,
+    /// This process's id in `td_replicas` (see `replica.rs`).
+    replica: AtomicI64,
+    /// When the last heartbeat that reached the database was sent.
+    heard: Mutex<Instant>,
 }
 
 /// When this process pruned last, and whether it has more to prune.
@@ -109,30 +115,54 @@ impl PostgresStorage {
                     // only replanned after an ANALYZE). JIT only slows down
                     // statements this short. Set here rather than as startup
                     // options, which poolers such as PgBouncer refuse.
-                    conn.execute("SET plan_cache_mode = force_custom_plan; SET jit = off")
-                        .await
-                        .map(|_| ())
+                    // The server drops a connection whose client vanished
+                    // (a partition leaves it half-open) within a minute, with
+                    // the locks of any transaction it had open.
+                    conn.execute(
+                        "SET plan_cache_mode = force_custom_plan; SET jit = off; \
+                         SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                         SET tcp_keepalives_count = 3; \
+                         SET idle_in_transaction_session_timeout = '60s'",
+                    )
+                    .await
+                    .map(|_| ())
                 })
             })
             .connect_with(connect_options(url)?)
             .await?;
         schema::migrate(&pool).await?;
+        let heard = Instant::now();
+        let id = replica::register(&pool, options.replica_timeout_ms).await?;
+        // Claims left by replicas that are gone (killed while none was
+        // running) are claimable from now on.
+        let first = replica::beat(&pool, id, options.replica_timeout_ms, true).await?;
+        log_beat(&first, id);
         let inner = Arc::new(Inner {
             pool,
             options,
             notify: Arc::new(Notify::new()),
             closed: AtomicBool::new(false),
             prune: Mutex::new(PruneClock::default()),
+            replica: AtomicI64::new(first.id),
+            heard: Mutex::new(heard),
         });
         let (tx, rx) = mpsc::channel(4096);
         let writer_task = tokio::spawn(write_loop(inner.clone(), rx));
         let listener_task = tokio::spawn(listen(inner.pool.clone(), inner.notify.clone()));
+        let heartbeat_task = tokio::spawn(heartbeat(inner.clone()));
         Ok(PostgresStorage {
             inner,
             writer: Mutex::new(Some(tx)),
             writer_task: Mutex::new(Some(writer_task)),
             listener_task: Mutex::new(Some(listener_task)),
+            heartbeat_task: Mutex::new(Some(heartbeat_task)),
         })
+    }
+
+    /// This process's replica id (it changes if the process was judged gone
+    /// and rejoined).
+    pub fn replica_id(&self) -> i64 {
+        self.inner.replica.load(Ordering::Acquire)
     }
 
     /// The pool, for tests and tools that inspect the database.
@@ -322,10 +352,30 @@ impl Inner {
         };
     }
 
+    /// Whether this replica may hold claims: its last heartbeat reached the
+    /// database recently enough that no other replica can have judged it
+    /// gone (one heartbeat of margin before the timeout).
+    fn holds_claims(&self) -> bool {
+        let margin = self
+            .options
+            .replica_timeout_ms
+            .saturating_sub(self.options.heartbeat_ms)
+            .max(0) as u64;
+        self.heard.lock().expect("heard lock").elapsed() < Duration::from_millis(margin)
+    }
+
     async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
+        if !self.holds_claims() {
+            return Err(StorageError::Unavailable(
+                "this replica's heartbeat has not reached the database lately; \
+                 not claiming until it does"
+                    .into(),
+            ));
+        }
         let batch = {
             let mut conn = self.pool.acquire().await?;
-            queue::claim(&mut conn, limit, self.options.lease_ms).await?
+            let me = self.replica.load(Ordering::Acquire);
+            queue::claim(&mut conn, limit, self.options.lease_ms, me).await?
         };
         self.maybe_prune().await;
         Ok(batch)
@@ -396,6 +446,71 @@ async fn notify_others(conn: &mut PgConnection) -> Result<(), StorageError> {
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Renews this replica's row every heartbeat and judges the others (see
+/// `replica.rs`). A heartbeat that fails or hangs is retried at the next
+/// tick; failures are logged once a minute.
+async fn heartbeat(inner: Arc<Inner>) {
+    let every = Duration::from_millis(inner.options.heartbeat_ms.max(1) as u64);
+    let quiet = crate::telemetry::Throttle::default();
+    let mut ticks: u64 = 0;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        ticks += 1;
+        let me = inner.replica.load(Ordering::Acquire);
+        let sent = Instant::now();
+        // Now and then, a sweep for claims of holders nobody judged.
+        let sweep = ticks % 20 == 0;
+        let beat = tokio::time::timeout(
+            every.max(Duration::from_secs(1)),
+            replica::beat(&inner.pool, me, inner.options.replica_timeout_ms, sweep),
+        )
+        .await;
+        match beat {
+            Ok(Ok(beat)) => {
+                *inner.heard.lock().expect("heard lock") = sent;
+                inner.replica.store(beat.id, Ordering::Release);
+                log_beat(&beat, me);
+                if beat.freed > 0 {
+                    inner.notify.notify_one();
+                }
+            }
+            Ok(Err(e)) => {
+                if quiet.ready() {
+                    tracing::warn!(error = %e, "replica heartbeat failed (said once a minute)");
+                }
+            }
+            Err(_) => {
+                if quiet.ready() {
+                    tracing::warn!(
+                        "replica heartbeat did not reach the database in time (said once a minute)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn log_beat(beat: &replica::Beat, me: i64) {
+    if beat.id != me {
+        tracing::warn!(
+            old = me,
+            new = beat.id,
+            "this replica was judged gone (its heartbeat was late): the messages it held \
+             went back to the queue; rejoined under a new id"
+        );
+    }
+    if !beat.gone.is_empty() || beat.freed > 0 {
+        tracing::info!(
+            replicas = ?beat.gone,
+            messages = beat.freed,
+            "replicas gone: the messages they held are claimable again"
+        );
+    }
 }
 
 async fn write_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<AcceptCall>) {
@@ -493,6 +608,10 @@ impl Storage for PostgresStorage {
 
     fn notifier(&self) -> Arc<Notify> {
         self.inner.notify.clone()
+    }
+
+    fn holds_claims(&self) -> bool {
+        !self.inner.closed.load(Ordering::Acquire) && self.inner.holds_claims()
     }
 
     async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError> {
@@ -620,19 +739,35 @@ impl Storage for PostgresStorage {
         if let Some(task) = listener {
             task.abort();
         }
+        let heartbeat = self
+            .heartbeat_task
+            .lock()
+            .expect("heartbeat task lock")
+            .take();
+        if let Some(task) = heartbeat {
+            task.abort();
+        }
+        // What this replica still holds goes back to the queue now, not
+        // after the others judge it gone.
+        let me = self.inner.replica.load(Ordering::Acquire);
+        match replica::leave(&self.inner.pool, me).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(messages = n, "gave back the messages this replica held"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not leave the replica table; the others take over what this replica held once it times out"
+            ),
+        }
         self.inner.pool.close().await;
     }
 }
 
 impl Drop for PostgresStorage {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .listener_task
-            .lock()
-            .expect("listener task lock")
-            .take()
-        {
-            task.abort();
+        for task in [&self.listener_task, &self.heartbeat_task] {
+            if let Some(task) = task.lock().expect("task lock").take() {
+                task.abort();
+            }
         }
     }
 }

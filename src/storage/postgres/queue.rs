@@ -353,11 +353,19 @@ async fn page_categories(
     Ok(stored)
 }
 
-/// Leases up to `limit` due heads on the database clock. One statement.
+/// Not held: never claimed, released, or claimed before replicas had ids
+/// (version 1) and run out. A replica's claim is held while the replica
+/// lives (`replica.rs` gives back the claims of gone ones).
+const CLAIMABLE: &str =
+    "(q.lease IS NULL OR (q.replica IS NULL AND q.leased_until <= (SELECT t FROM now)))";
+
+/// Leases up to `limit` due heads on the database clock for `replica`. One
+/// statement.
 pub async fn claim(
     conn: &mut PgConnection,
     limit: usize,
     lease_ms: Millis,
+    replica: i64,
 ) -> Result<ClaimBatch, StorageError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = sqlx::query(&format!(
@@ -365,18 +373,18 @@ pub async fn claim(
          picked AS ( \
             SELECT q.seq FROM td_queue q \
             WHERE q.head AND q.next_attempt_at <= (SELECT t FROM now) \
-                AND q.leased_until <= (SELECT t FROM now) \
+                AND {CLAIMABLE} \
             ORDER BY q.next_attempt_at, q.seq LIMIT $1 \
             FOR UPDATE SKIP LOCKED), \
          leased AS ( \
             UPDATE td_queue q SET leased_until = (SELECT t FROM now) + $2, \
-                lease = nextval('td_lease') \
+                lease = nextval('td_lease'), replica = $3 \
             FROM picked WHERE q.seq = picked.seq \
             RETURNING q.seq, q.message, q.lease, q.enqueued_at) \
          SELECT due.next_due, c.* FROM ( \
             SELECT min(q.next_attempt_at) AS next_due FROM td_queue q \
             WHERE q.head AND q.next_attempt_at > (SELECT t FROM now) \
-                AND q.leased_until <= (SELECT t FROM now)) due \
+                AND {CLAIMABLE}) due \
          LEFT JOIN ( \
             SELECT l.seq, m.id, l.lease, m.source, m.payload, m.settings, m.requests, m.sent, \
                 m.attempts, m.received_at, l.enqueued_at, m.page_category \
@@ -385,6 +393,7 @@ pub async fn claim(
     ))
     .bind(limit)
     .bind(lease_ms)
+    .bind(replica)
     .fetch_all(conn)
     .await?;
     let mut batch = ClaimBatch::default();
@@ -502,7 +511,7 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
             FROM valid v WHERE m.id = v.id RETURNING m.id, v.lease), \
          retried AS ( \
             UPDATE td_queue q SET next_attempt_at = v.next_attempt_at, leased_until = 0, \
-                lease = NULL \
+                lease = NULL, replica = NULL \
             FROM valid v WHERE q.seq = v.seq AND v.next_attempt_at IS NOT NULL \
             RETURNING q.seq), \
          dequeued AS ( \

@@ -96,8 +96,25 @@ CREATE TABLE td_paused_endpoints (
 );
 "#;
 
+/// Replica liveness: each process registers for its lifetime and renews
+/// `alive_until` (database clock) by its heartbeat; a claim records its
+/// holder, so a holder judged gone gives its claims back at once, while a
+/// live one keeps them however long it takes.
+const V2: &str = r#"
+CREATE TABLE td_replicas (
+    id          bigint PRIMARY KEY,
+    name        text NOT NULL,
+    started_at  bigint NOT NULL,
+    alive_until bigint NOT NULL
+);
+CREATE SEQUENCE td_replica;
+-- The holder of the current claim (td_replicas.id); NULL when not claimed,
+-- or for claims made before version 2, which run out at leased_until.
+ALTER TABLE td_queue ADD COLUMN replica bigint;
+"#;
+
 /// Migrations in order; version N is `MIGRATIONS[N - 1]`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

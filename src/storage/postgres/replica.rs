@@ -1,0 +1,139 @@
+//! Replica liveness. Each process sharing the database registers a row in
+//! `td_replicas` for its lifetime and renews its `alive_until` (database
+//! clock) every heartbeat. Every heartbeat also judges the others: a replica
+//! not heard from by its `alive_until` is deleted, and the claims it held
+//! (`td_queue.replica`) become claimable at once. A replica whose own
+//! heartbeat has not reached the database for nearly the timeout stops
+//! claiming and sending (it fences itself) before anyone may judge it gone.
+//!
+//! A heartbeat row judged by the others was chosen over a session advisory
+//! lock: a lock is freed only when PostgreSQL notices the connection is dead,
+//! which for a half-open connection (a partition) takes as long as TCP
+//! keepalives say, and it would pin one pooled connection per replica. A
+//! row needs no connection of its own, works through poolers, and its
+//! timeout is a setting (`storage.replica_timeout_secs`).
+
+use super::super::StorageError;
+use super::queue::{CHANNEL, CLOCK_MS};
+use sqlx::{PgConnection, PgExecutor, PgPool};
+
+/// Registers a new replica (named after its host and process, for people
+/// reading the table); returns its id.
+pub async fn register<'c>(conn: impl PgExecutor<'c>, timeout_ms: i64) -> Result<i64, StorageError> {
+    let name = format!(
+        "{}:{}",
+        hostname().unwrap_or_else(|| "unknown".into()),
+        std::process::id()
+    );
+    let id: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO td_replicas (id, name, started_at, alive_until) \
+         VALUES (nextval('td_replica'), $1, {CLOCK_MS}, {CLOCK_MS} + $2) RETURNING id"
+    ))
+    .bind(name)
+    .bind(timeout_ms)
+    .fetch_one(conn)
+    .await?;
+    Ok(id)
+}
+
+/// What one heartbeat found.
+pub struct Beat {
+    /// This replica's id: `me`, or a new one when `me` had been judged gone.
+    pub id: i64,
+    /// Replicas judged gone by this heartbeat.
+    pub gone: Vec<i64>,
+    /// Claims given back (of gone replicas, or orphaned).
+    pub freed: u64,
+}
+
+/// One heartbeat of replica `me`, in one transaction: judges the others (and
+/// itself: a replica late for its own deadline may already have lost its
+/// claims, so it rejoins under a new id), renews its own row, and gives back
+/// the claims of replicas that are gone. `sweep` also looks for claims whose
+/// holder vanished without being judged (a scan of the queue; done at start
+/// and now and then).
+pub async fn beat(
+    pool: &PgPool,
+    me: i64,
+    timeout_ms: i64,
+    sweep: bool,
+) -> Result<Beat, StorageError> {
+    let mut tx = pool.begin().await?;
+    let gone: Vec<i64> = sqlx::query_scalar(&format!(
+        "DELETE FROM td_replicas WHERE alive_until < {CLOCK_MS} RETURNING id"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    let renewed: Option<i64> = sqlx::query_scalar(&format!(
+        "UPDATE td_replicas SET alive_until = {CLOCK_MS} + $2 WHERE id = $1 RETURNING id"
+    ))
+    .bind(me)
+    .bind(timeout_ms)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let id = match renewed {
+        Some(id) => id,
+        None => register(&mut *tx, timeout_ms).await?,
+    };
+    let freed = if !gone.is_empty() || sweep || renewed.is_none() {
+        free_orphans(&mut tx).await?
+    } else {
+        0
+    };
+    if freed > 0 {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Beat { id, gone, freed })
+}
+
+/// Gives back every claim whose holder is not a registered replica.
+async fn free_orphans(conn: &mut PgConnection) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "UPDATE td_queue q SET lease = NULL, leased_until = 0, replica = NULL \
+         WHERE q.replica IS NOT NULL AND NOT EXISTS ( \
+            SELECT 1 FROM td_replicas r WHERE r.id = q.replica)",
+    )
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// A replica that stops: gives back what it still holds and leaves.
+pub async fn leave(pool: &PgPool, me: i64) -> Result<u64, StorageError> {
+    let mut tx = pool.begin().await?;
+    let freed = sqlx::query(
+        "UPDATE td_queue SET lease = NULL, leased_until = 0, replica = NULL WHERE replica = $1",
+    )
+    .bind(me)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("DELETE FROM td_replicas WHERE id = $1")
+        .bind(me)
+        .execute(&mut *tx)
+        .await?;
+    if freed > 0 {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(freed)
+}
+
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+}
