@@ -367,7 +367,10 @@ fn router(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
+        })
+        // Failed answers are logged by the handlers that know why, once per
+        // cause; a log line per 503 would flood the log in an outage.
+        .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 

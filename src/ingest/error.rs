@@ -77,7 +77,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Backpressure or storage down: every request gets it alike and
+            // its cause is logged where it is found (once a minute).
+            tracing::debug!(status = %self.status, code = %self.code, "{}", self.message);
+        } else if self.status.is_server_error() {
             tracing::warn!(status = %self.status, code = %self.code, "{}", self.message);
         } else {
             tracing::info!(status = %self.status, code = %self.code, "{}", self.message);

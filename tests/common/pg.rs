@@ -77,16 +77,17 @@ fn on_server(admin_url: &str, statement: String) -> Result<(), sqlx::Error> {
     .expect("test database thread")
 }
 
-/// Makes replica `only` (or every replica) registered in the database at
-/// `url` late for its heartbeat, as if it had been partitioned away, and
-/// waits until the heartbeats judged it gone and no claim is held.
+/// Judges replica `only` (or every replica) registered in the database at
+/// `url` gone, as another replica would after missing its heartbeats
+/// (removes its row), and waits until no claim is held: the claims of a
+/// replica judged gone are given back.
 pub async fn judge_replicas_gone(url: &str, only: Option<i64>) {
     let mut conn = PgConnection::connect(url).await.expect("connect");
-    sqlx::query("UPDATE td_replicas SET alive_until = 0 WHERE $1::bigint IS NULL OR id = $1")
+    sqlx::query("DELETE FROM td_replicas WHERE $1::bigint IS NULL OR id = $1")
         .bind(only)
         .execute(&mut conn)
         .await
-        .expect("expire replicas");
+        .expect("judge replicas gone");
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let held: i64 = sqlx::query_scalar("SELECT count(*) FROM td_queue WHERE lease IS NOT NULL")

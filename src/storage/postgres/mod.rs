@@ -135,7 +135,7 @@ impl PostgresStorage {
         let id = replica::register(&pool, options.replica_timeout_ms).await?;
         // Claims left by replicas that are gone (killed while none was
         // running) are claimable from now on.
-        let first = replica::beat(&pool, id, options.replica_timeout_ms, true).await?;
+        let first = replica::beat(&pool, id, options.replica_timeout_ms, true, true).await?;
         log_beat(&first, id);
         let inner = Arc::new(Inner {
             pool,
@@ -455,6 +455,8 @@ async fn heartbeat(inner: Arc<Inner>) {
     let every = Duration::from_millis(inner.options.heartbeat_ms.max(1) as u64);
     let quiet = crate::telemetry::Throttle::default();
     let mut ticks: u64 = 0;
+    // Whether the previous heartbeat reached the database.
+    let mut in_touch = true;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -467,9 +469,16 @@ async fn heartbeat(inner: Arc<Inner>) {
         let sweep = ticks % 20 == 0;
         let beat = tokio::time::timeout(
             every.max(Duration::from_secs(1)),
-            replica::beat(&inner.pool, me, inner.options.replica_timeout_ms, sweep),
+            replica::beat(
+                &inner.pool,
+                me,
+                inner.options.replica_timeout_ms,
+                in_touch,
+                sweep,
+            ),
         )
         .await;
+        in_touch = matches!(beat, Ok(Ok(_)));
         match beat {
             Ok(Ok(beat)) => {
                 *inner.heard.lock().expect("heard lock") = sent;

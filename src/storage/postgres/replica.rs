@@ -2,7 +2,9 @@
 //! `td_replicas` for its lifetime and renews its `alive_until` (database
 //! clock) every heartbeat. Every heartbeat also judges the others: a replica
 //! not heard from by its `alive_until` is deleted, and the claims it held
-//! (`td_queue.replica`) become claimable at once. A replica whose own
+//! (`td_queue.replica`) become claimable at once, in the same transaction:
+//! claims are only ever taken from a replica by deleting its row, so a
+//! replica that finds its row still there has lost nothing. A replica whose own
 //! heartbeat has not reached the database for nearly the timeout stops
 //! claiming and sending (it fences itself) before anyone may judge it gone.
 //!
@@ -46,24 +48,32 @@ pub struct Beat {
     pub freed: u64,
 }
 
-/// One heartbeat of replica `me`, in one transaction: judges the others (and
-/// itself: a replica late for its own deadline may already have lost its
-/// claims, so it rejoins under a new id), renews its own row, and gives back
-/// the claims of replicas that are gone. `sweep` also looks for claims whose
-/// holder vanished without being judged (a scan of the queue; done at start
-/// and now and then).
+/// One heartbeat of replica `me`, in one transaction: judges the others when
+/// `judge` (only a replica that has been in touch with the database all
+/// along does: after an outage every replica gets a heartbeat's time to
+/// renew before anyone is judged), renews its own row (or, when it was
+/// judged gone and its claims given back, rejoins under a new id), and gives
+/// back the claims of replicas that are gone. `sweep` also looks for claims
+/// whose holder vanished without being judged (a scan of the queue; done at
+/// start and now and then).
 pub async fn beat(
     pool: &PgPool,
     me: i64,
     timeout_ms: i64,
+    judge: bool,
     sweep: bool,
 ) -> Result<Beat, StorageError> {
     let mut tx = pool.begin().await?;
-    let gone: Vec<i64> = sqlx::query_scalar(&format!(
-        "DELETE FROM td_replicas WHERE alive_until < {CLOCK_MS} RETURNING id"
-    ))
-    .fetch_all(&mut *tx)
-    .await?;
+    let gone: Vec<i64> = if judge {
+        sqlx::query_scalar(&format!(
+            "DELETE FROM td_replicas WHERE alive_until < {CLOCK_MS} AND id <> $1 RETURNING id"
+        ))
+        .bind(me)
+        .fetch_all(&mut *tx)
+        .await?
+    } else {
+        Vec::new()
+    };
     let renewed: Option<i64> = sqlx::query_scalar(&format!(
         "UPDATE td_replicas SET alive_until = {CLOCK_MS} + $2 WHERE id = $1 RETURNING id"
     ))
