@@ -46,9 +46,9 @@ pub struct StorageConfig {
     pub max_backlog_bytes: u64,
     /// Below this much free space where the database lives, ingest answers 503.
     pub min_free_disk_bytes: u64,
-    /// How long a claimed message is held by the process delivering it,
-    /// renewed by its heartbeat while it lives: a backstop for a replica that
-    /// vanished without being noticed.
+    /// How long a claim holds a message when its holder cannot be watched:
+    /// SQLite within one process, and claims made by a version without
+    /// replica heartbeats. A replica's claims last as long as it lives.
     pub lease_secs: u64,
     /// How often each replica records that it is alive (PostgreSQL).
     pub heartbeat_secs: u64,
@@ -496,12 +496,6 @@ impl Config {
                 format!("must be at least {min_timeout} (three times storage.heartbeat_secs)"),
             ));
         }
-        if self.storage.replica_timeout_secs >= self.storage.lease_secs {
-            return Err(ConfigError::invalid(
-                "storage.replica_timeout_secs",
-                "must be shorter than storage.lease_secs",
-            ));
-        }
         if !(1..=1000).contains(&self.storage.pool_size) {
             return Err(ConfigError::invalid(
                 "storage.pool_size",
@@ -884,6 +878,37 @@ mod tests {
             jail.set_env("TD_LISTEN", "nowhere");
             let e = Config::load(None).unwrap().validate().unwrap_err();
             assert!(e.to_string().starts_with("listen"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_STORAGE__HEARTBEAT_SECS", "0");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with("storage.heartbeat_secs"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_STORAGE__HEARTBEAT_SECS", "5");
+            jail.set_env("TD_STORAGE__REPLICA_TIMEOUT_SECS", "14");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(
+                e.to_string().starts_with("storage.replica_timeout_secs")
+                    && e.to_string().contains("at least 15"),
+                "{e}"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_STORAGE__HEARTBEAT_SECS", "1");
+            jail.set_env("TD_STORAGE__REPLICA_TIMEOUT_SECS", "3");
+            let config = Config::load(None).unwrap();
+            assert_eq!(
+                (
+                    config.storage.heartbeat_secs,
+                    config.storage.replica_timeout_secs
+                ),
+                (1, 3)
+            );
+            config.validate().unwrap();
             Ok(())
         });
     }
