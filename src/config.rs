@@ -40,6 +40,9 @@ pub struct StorageConfig {
     pub dedupe_window_secs: u64,
     /// How long finished messages (not pending, not dead) are kept; 0 keeps them forever.
     pub retention_secs: u64,
+    /// How long messages that were never to be sent (rejected, duplicate,
+    /// filtered, unsupported) are kept; 0: as long as `retention_secs`.
+    pub refused_retention_secs: u64,
     /// Past this many queued messages ingest answers 503 (0: no bound).
     pub max_backlog_messages: u64,
     /// Past this many bytes of queued messages ingest answers 503 (0: no bound).
@@ -193,6 +196,7 @@ impl Default for Config {
                 url: "sqlite://data/totango-destination.db".into(),
                 dedupe_window_secs: 24 * 3600,
                 retention_secs: 7 * 24 * 3600,
+                refused_retention_secs: 24 * 3600,
                 max_backlog_messages: 2_000_000,
                 max_backlog_bytes: 2 * 1024 * 1024 * 1024,
                 min_free_disk_bytes: 512 * 1024 * 1024,

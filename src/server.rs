@@ -56,6 +56,8 @@ pub fn storage_options(runtime: &Runtime) -> StorageOptions {
     StorageOptions {
         dedupe_window_ms: secs(storage.dedupe_window_secs),
         retention_ms: (storage.retention_secs > 0).then(|| secs(storage.retention_secs)),
+        refused_retention_ms: (storage.refused_retention_secs > 0)
+            .then(|| secs(storage.refused_retention_secs)),
         prune_every_ms: 60_000,
         lease_ms: secs(storage.lease_secs),
         heartbeat_ms: secs(storage.heartbeat_secs),

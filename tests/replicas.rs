@@ -1106,11 +1106,39 @@ async fn rolling_restart(db_url: String, work: PathBuf) {
 }
 
 /// A TCP proxy in front of PostgreSQL that the test can cut (every open
-/// connection closed, new ones refused) and restore.
+/// connection closed, new ones refused) and restore, or freeze: from then on
+/// nothing is forwarded either way while every connection stays open, as in
+/// a network partition that leaves connections half-open.
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// Forwards `from` to `to` until either ends; once `frozen`, holds both open
+/// and forwards nothing more.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            let _held = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -1118,21 +1146,32 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (flag, open) = (cut.clone(), connections.clone());
+        let (flag, freeze, open) = (cut.clone(), frozen.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
                 if flag.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
-                let upstream = upstream.clone();
+                let (upstream, freeze) = (upstream.clone(), freeze.clone());
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if freeze.load(Ordering::SeqCst) {
+                        // Connected, and never answered.
+                        let _held = &client;
+                        std::future::pending::<()>().await;
+                    }
+                    if let Ok(server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        tokio::join!(
+                            forward(cr, sw, freeze.clone()),
+                            forward(sr, cw, freeze.clone())
+                        );
                     }
                 });
                 let mut open = open.lock().unwrap();
@@ -1143,8 +1182,17 @@ impl Proxy {
         Proxy {
             port,
             cut,
+            frozen,
             connections,
         }
+    }
+
+    /// A URL like `db_url` that goes through this proxy.
+    fn url_for(&self, db_url: &str) -> String {
+        let mut url = url::Url::parse(db_url).unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(self.port)).unwrap();
+        url.to_string()
     }
 
     fn cut(&self) {
@@ -1157,6 +1205,20 @@ impl Proxy {
     fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Upstream `host:port` of a PostgreSQL URL.
+fn upstream_of(db_url: &str) -> String {
+    let url = url::Url::parse(db_url).unwrap();
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    )
 }
 
 /// PostgreSQL unreachable for 10 s under load, through both replicas: ingest
@@ -1179,17 +1241,8 @@ async fn database_outage(db_url: String, work: PathBuf) {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let url = url::Url::parse(&db_url).unwrap();
-    let upstream = format!(
-        "{}:{}",
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5432)
-    );
-    let proxy = Proxy::start(upstream).await;
-    let mut proxied = url.clone();
-    proxied.set_host(Some("127.0.0.1")).unwrap();
-    proxied.set_port(Some(proxy.port)).unwrap();
-    let proxied = proxied.to_string();
+    let proxy = Proxy::start(upstream_of(&db_url)).await;
+    let proxied = proxy.url_for(&db_url);
 
     let (totango, log) = fake_totango().await;
     let mut a = Replica::start("a", &work, &proxied, &totango, &[]);
@@ -1352,4 +1405,105 @@ async fn slow_replica(db_url: String, work: PathBuf) {
     assert_eq!(per_message.len(), ids.len());
     assert!(a.stop().await.success());
     assert!(b.stop().await.success());
+}
+
+/// A replica partitioned from the database with its connections left
+/// half-open (the proxy forwards nothing more, closes nothing) while it holds
+/// claims: the other replica judges it gone and delivers everything within
+/// 30 s; the partitioned one fences itself and sends nothing it had not
+/// started before the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_half_open_partition_loses_its_work_to_the_others() {
+    on_fresh_database(
+        "a_replica_behind_a_half_open_partition_loses_its_work_to_the_others",
+        &["cut-off", "other"],
+        half_open_partition,
+    )
+    .await;
+}
+
+async fn half_open_partition(db_url: String, work: PathBuf) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let proxy = Proxy::start(upstream_of(&db_url)).await;
+    // Totango answers in 1 s, so the replica holds claims when it is cut off.
+    let (totango_a, log_a) = fake_totango_answering_in(Duration::from_secs(1)).await;
+    let (totango_b, log_b) = fake_totango_answering_in(Duration::from_secs(1)).await;
+    let slow = [("TD_DELIVERY__REQUEST_TIMEOUT_MS", "5000")];
+    let mut a = Replica::start("cut-off", &work, &proxy.url_for(&db_url), &totango_a, &slow);
+    let mut b = Replica::start("other", &work, &db_url, &totango_b, &slow);
+    a.wait_ready(&http).await;
+    b.wait_ready(&http).await;
+    let ids: Vec<String> = (0..400).map(|i| format!("p-{i}")).collect();
+    for chunk in ids.chunks(100) {
+        let batch = json!({"batch": chunk.iter().map(|m| json!({
+            "type": "track", "messageId": m, "userId": format!("user-{m}"),
+            "event": format!("T {m}"), "context": {"groupId": "p-account"}}))
+            .collect::<Vec<_>>()});
+        let r = http
+            .post(format!("{}/v1/batch", b.base))
+            .basic_auth(KEY, Some(""))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&batch).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Partition `a` while it has requests to Totango in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log_a.snapshot().iter().any(|h| h.answered.is_none()) {
+        assert!(Instant::now() < deadline, "replica a never claimed anything");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    let deadline = frozen_at + TAKEOVER_LIMIT;
+    while count_completed(&[&log_a, &log_b], &ids) < ids.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} messages delivered 30 s after replica a was partitioned",
+            count_completed(&[&log_a, &log_b], &ids),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = frozen_at.elapsed();
+    // `a` can claim nothing once partitioned; what it sends after the
+    // partition are only requests it had claimed before it.
+    let after: Vec<Hit> = log_a
+        .snapshot()
+        .into_iter()
+        .filter(|h| h.received > frozen_at + Duration::from_secs(2))
+        .collect();
+    assert!(
+        after.is_empty(),
+        "the partitioned replica kept sending: {} requests more than 2 s after the partition",
+        after.len()
+    );
+    let mut both = 0;
+    let hits_b = log_b.snapshot();
+    for hit in log_a.snapshot() {
+        let Some((mid, _, _)) = identify_hit(&hit.params) else {
+            continue;
+        };
+        let answered = hit.answered.unwrap_or_else(Instant::now);
+        for other in &hits_b {
+            if identify_hit(&other.params).is_some_and(|(m, _, _)| m == mid) {
+                both += 1;
+                assert!(
+                    other.received >= answered,
+                    "{mid} in flight from both replicas at once"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "half-open partition: all {} messages delivered {took:.1?} after it; {both} sent by both",
+        ids.len()
+    );
+    assert!(b.stop().await.success());
+    drop(a);
 }

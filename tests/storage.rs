@@ -86,6 +86,7 @@ impl T {
 fn open(path: &Path) -> T {
     let options = StorageOptions {
         retention_ms: None,
+        refused_retention_ms: None,
         ..backends::options()
     };
     T::new(
@@ -1451,7 +1452,81 @@ async fn a_second_process_cannot_use_the_same_file() {
     again.close().await;
 }
 
+/// Messages that were never to be sent (rejected, duplicate, filtered,
+/// unsupported) have their own, shorter retention: they go while delivered
+/// ones of the same age stay.
+async fn refused_messages_have_their_own_shorter_retention(b: Backend) {
+    let Some(s) = open_with(
+        b,
+        StorageOptions {
+            dedupe_window_ms: WINDOW,
+            retention_ms: Some(60_000),
+            refused_retention_ms: Some(50),
+            prune_every_ms: 0,
+            ..backends::options()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let ids: Vec<i64> = s
+        .accept(vec![
+            final_msg("rejected", "k0", State::Rejected, "invalid", "no userId"),
+            final_msg("filtered", "k1", State::Filtered, "filtered", "off"),
+            final_msg("unsupported", "k2", State::Unsupported, "unsupported", "alias"),
+            msg("delivered", "k3"),
+            msg("dead", "k4"),
+        ])
+        .await
+        .unwrap()
+        .iter()
+        .map(stored_id)
+        .collect();
+    let duplicate = match s.accept(vec![msg("delivered", "k3")]).await.unwrap()[0] {
+        Acceptance::Duplicate { id } => id,
+        ref other => panic!("expected a duplicate, got {other:?}"),
+    };
+    assert_eq!(s.claim(10).await.unwrap().messages.len(), 2);
+    s.report(vec![
+        report(ids[3], Disposition::Delivered),
+        report(
+            ids[4],
+            Disposition::Dead {
+                code: "rejected_by_totango".into(),
+                reason: "HTTP 400".into(),
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Any commit may prune (prune_every_ms = 0); PostgreSQL prunes at claims too.
+    s.accept(vec![msg("later", "k9")]).await.unwrap();
+    let _ = s.claim(10).await.unwrap();
+    for (id, what) in [
+        (ids[0], "rejected"),
+        (ids[1], "filtered"),
+        (ids[2], "unsupported"),
+        (duplicate, "duplicate"),
+    ] {
+        assert!(s.get(id).await.unwrap().is_none(), "{what} kept past its retention");
+    }
+    assert_eq!(
+        s.get(ids[3]).await.unwrap().map(|m| m.state),
+        Some(State::Delivered),
+        "delivered messages keep the longer retention"
+    );
+    assert_eq!(
+        s.get(ids[4]).await.unwrap().map(|m| m.state),
+        Some(State::Dead),
+        "dead letters stay"
+    );
+    s.close().await;
+}
+
 on_backends!(
+    refused_messages_have_their_own_shorter_retention,
     accept_stores_all_and_queues_only_pending,
     dedupe_by_source_and_message_id,
     dedupe_window_expires,

@@ -163,7 +163,17 @@ impl AppState {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("shutting down"));
         }
-        if let Some(why) = self.backpressure.reason() {
+        let (queued, queued_bytes) = prepared
+            .iter()
+            .filter(|p| p.new.state == State::Pending)
+            .fold((0u64, 0u64), |(n, b), p| {
+                let size = p.new.payload.len() + p.new.settings.len() + p.new.message_id.len();
+                (n + 1, b + size as u64)
+            });
+        if let Err(why) = self
+            .backpressure
+            .admit(&self.runtime, queued, queued_bytes)
+        {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "backpressure",

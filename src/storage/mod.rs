@@ -32,6 +32,10 @@ pub struct StorageOptions {
     /// Finished messages (all but pending and dead) are deleted this long
     /// after their last change; `None` keeps them forever.
     pub retention_ms: Option<Millis>,
+    /// Finished messages that were never to be sent (rejected, duplicate,
+    /// filtered, unsupported) are deleted after this long, at most
+    /// `retention_ms`; `None`: as `retention_ms`.
+    pub refused_retention_ms: Option<Millis>,
     /// How often pruning runs.
     pub prune_every_ms: Millis,
     /// How long a claim holds a message; a live holder's heartbeat renews
@@ -51,6 +55,7 @@ impl Default for StorageOptions {
         StorageOptions {
             dedupe_window_ms: 24 * 3600 * 1000,
             retention_ms: Some(7 * 24 * 3600 * 1000),
+            refused_retention_ms: Some(24 * 3600 * 1000),
             prune_every_ms: 60 * 1000,
             lease_ms: 10 * 60 * 1000,
             heartbeat_ms: 3 * 1000,
@@ -355,11 +360,16 @@ pub enum AcceptError {
     AlreadyStored(String),
 }
 
+/// States of finished messages that were never to be sent; their own
+/// (shorter) retention applies.
+pub const REFUSED_STATES: &str = "('rejected', 'duplicate', 'filtered', 'unsupported')";
+
 /// The durable queue. Every method that returns `Ok` has committed.
 ///
 /// Several processes may share one backend (PostgreSQL replicas): claims
-/// never hand a message to two holders of live leases, leases are timed by
-/// the backend's clock, and results come back with the lease they answer.
+/// are held while their holder lives and never handed to two live holders,
+/// times are the backend's clock, and results come back with the lease
+/// they answer.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// Stores a batch whole (all or nothing): dedupes by (source, messageId)

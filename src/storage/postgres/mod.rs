@@ -104,10 +104,14 @@ pub async fn migrate(url: &str) -> Result<u32, StorageError> {
 impl PostgresStorage {
     /// See [`open`].
     pub async fn open(url: &str, options: StorageOptions) -> Result<PostgresStorage, StorageError> {
+        // A transaction left idle this long has lost its client (a
+        // partition): the server ends it and frees its row locks before the
+        // others judge the replica gone.
+        let idle_in_transaction_ms = options.replica_timeout_ms.max(1000);
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|conn, _| {
+            .after_connect(move |conn, _| {
                 Box::pin(async move {
                     // Plans fit the tables as they are now: a statement
                     // prepared while the queue was empty must not keep
@@ -116,13 +120,16 @@ impl PostgresStorage {
                     // statements this short. Set here rather than as startup
                     // options, which poolers such as PgBouncer refuse.
                     // The server drops a connection whose client vanished
-                    // (a partition leaves it half-open) within a minute, with
+                    // (a partition leaves it half-open) within seconds, with
                     // the locks of any transaction it had open.
                     conn.execute(
-                        "SET plan_cache_mode = force_custom_plan; SET jit = off; \
-                         SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
-                         SET tcp_keepalives_count = 3; \
-                         SET idle_in_transaction_session_timeout = '60s'",
+                        format!(
+                            "SET plan_cache_mode = force_custom_plan; SET jit = off; \
+                             SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                             SET tcp_keepalives_count = 3; \
+                             SET idle_in_transaction_session_timeout = {idle_in_transaction_ms}"
+                        )
+                        .as_str(),
                     )
                     .await
                     .map(|_| ())
@@ -334,6 +341,7 @@ impl Inner {
                 &mut tx,
                 self.options.dedupe_window_ms,
                 self.options.retention_ms,
+                self.options.refused_retention_ms,
             )
             .await?;
             tx.commit().await?;

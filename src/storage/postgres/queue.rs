@@ -18,8 +18,8 @@
 //! back work. The unique index `td_queue_one_head` backs all this up.
 
 use super::super::{
-    Acceptance, ClaimBatch, Claimed, Disposition, MessageFilter, Millis, NewMessage, Report, State,
-    StorageError,
+    Acceptance, ClaimBatch, Claimed, Disposition, MessageFilter, Millis, NewMessage,
+    REFUSED_STATES, Report, State, StorageError,
 };
 use super::{Arg, bind_args, pg_text, pg_text_opt, where_clause};
 use sqlx::{PgConnection, Row};
@@ -636,6 +636,7 @@ pub async fn prune(
     conn: &mut PgConnection,
     window_ms: Millis,
     retention_ms: Option<Millis>,
+    refused_retention_ms: Option<Millis>,
 ) -> Result<Option<bool>, StorageError> {
     let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(PRUNE_LOCK)
@@ -660,6 +661,21 @@ pub async fn prune(
     .await?
     .rows_affected();
     let mut more = dedupe as i64 >= PRUNE_DEDUPE_CHUNK;
+    if let Some(refused) = refused_retention_ms.or(retention_ms) {
+        let messages = sqlx::query(&format!(
+            "DELETE FROM td_messages m WHERE m.id IN ( \
+                SELECT id FROM td_messages \
+                WHERE state NOT IN ('pending', 'dead') AND state IN {REFUSED_STATES} \
+                    AND updated_at < $1 LIMIT $2) \
+             AND m.state IN {REFUSED_STATES} AND m.updated_at < $1"
+        ))
+        .bind(now - refused)
+        .bind(PRUNE_CHUNK)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        more |= messages as i64 >= PRUNE_CHUNK;
+    }
     if let Some(retention) = retention_ms {
         // The state condition matches the partial index td_messages_finished.
         let messages = sqlx::query(

@@ -118,8 +118,20 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
             "DELETE FROM dedupe WHERE accepted_at < ?1",
             [now - options.dedupe_window_ms],
         )?;
+        let mut more = false;
+        if let Some(refused) = options.refused_retention_ms.or(options.retention_ms) {
+            let deleted = c.execute(
+                &format!(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+                     WHERE state NOT IN ('pending', 'dead') AND state IN {REFUSED_STATES} \
+                     AND updated_at < ?1 LIMIT ?2)"
+                ),
+                params![now - refused, PRUNE_CHUNK],
+            )?;
+            more |= deleted as i64 == PRUNE_CHUNK;
+        }
         let Some(retention) = options.retention_ms else {
-            return Ok(false);
+            return Ok(more);
         };
         // The state condition matches the partial index messages_finished.
         let deleted = c.execute(
@@ -127,7 +139,7 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
              WHERE state NOT IN ('pending', 'dead') AND updated_at < ?1 LIMIT ?2)",
             params![now - retention, PRUNE_CHUNK],
         )?;
-        Ok(deleted as i64 == PRUNE_CHUNK)
+        Ok(more || deleted as i64 == PRUNE_CHUNK)
     })();
     match result {
         Ok(more) => c.execute("RELEASE prune", []).map(|_| more),
