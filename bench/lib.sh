@@ -119,3 +119,12 @@ wrk_secs() { awk '/requests in/ {sub(/,$/, "", $4); v = $4; if (v ~ /ms$/) v = v
 wrk_non2xx() { awk '/Non-2xx/ {n = $NF} END {print n + 0}' <<<"$1"; }
 
 median() { sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+
+# stored_messages PORT: messages the storage holds, every state (the admin
+# API's /api/stats outcomes): what was committed, whether or not the client saw
+# its answer (a client that disconnects mid-request can leave a commit that the
+# td_messages_accepted_total counter never hears of).
+stored_messages() {
+  curl -fsS -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$1/api/stats" |
+    python3 -c 'import json, sys; print(sum(json.load(sys.stdin)["outcomes"].values()))'
+}

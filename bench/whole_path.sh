@@ -17,9 +17,10 @@
 #   2. POST /v1/track with wrk (2 threads, 64 connections, bench/track.lua:
 #      unique messageIds, TRACK_USERS users) for DURATION while delivery runs;
 #   3. then waits until the fake has received every accepted message.
-# Prints: /healthz req/s; accepted/s (messages the server counted as accepted,
-# td_messages_accepted_total, over wrk's duration; it includes the few requests
-# that were in flight when wrk stopped, so it can exceed wrk's 2xx count); the share of them the fake
+# Prints: /healthz req/s; accepted/s (messages the storage holds after the load,
+# from the admin API, over wrk's duration: it includes the few requests in
+# flight when wrk stopped, so it can exceed wrk's 2xx count and the server's
+# td_messages_accepted_total, both shown in the last column); the share of them the fake
 # had received when wrk stopped; drain time after wrk stopped; end-to-end msg/s
 # (accepted ÷ (load + drain)); accepted/s ÷ /healthz; the server's peak RSS
 # (VmHWM) at the end of the load. With --rounds N, the median of each column per
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --backend) BACKENDS=${2:?--backend sqlite|postgres|both}; [ "$BACKENDS" = both ] && BACKENDS="sqlite postgres"; shift 2 ;;
     --rounds) ROUNDS=${2:?--rounds N}; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (--backend sqlite|postgres|both, --rounds N)" >&2; exit 2 ;;
   esac
 done
@@ -46,7 +47,7 @@ SERVER_PORT=${SERVER_PORT:-18290}
 FAKE_PORT=${FAKE_PORT:-18291}
 source bench/lib.sh
 
-need_tools wrk curl
+need_tools wrk curl python3
 case " $BACKENDS " in *" postgres "*) need_tools psql ;; esac
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin totango-destination --example fake_totango
 work=$(mktemp -d)
@@ -69,7 +70,8 @@ whole_path() {
   t0=$(now)
   delivered_at_stop=$(fake_count "$FAKE_PORT")
   row_rss=$(peak_rss "$bench_server_pid")
-  accepted=$(metric "$SERVER_PORT" td_messages_accepted_total)
+  accepted=$(stored_messages "$SERVER_PORT")
+  row_counter=$(metric "$SERVER_PORT" td_messages_accepted_total)
   requests=$(wrk_requests "$out"); non2xx=$(wrk_non2xx "$out"); secs=$(wrk_secs "$out")
   row_p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   row_wrk_2xx=$((requests - non2xx))
@@ -77,11 +79,11 @@ whole_path() {
   # Drain: until the fake has received every accepted message.
   deadline=$(awk -v a="$t0" -v d="$DRAIN_TIMEOUT_SECS" 'BEGIN {printf "%.0f", a + d}')
   # Requests that were in flight when wrk closed its connections may still
-  # commit, so the accepted count is read again once the fake has caught up.
+  # commit, so the stored count is read again once the fake has caught up.
   while :; do
     got=$(fake_count "$FAKE_PORT")
     if [ "$got" -ge "$accepted" ]; then
-      recount=$(metric "$SERVER_PORT" td_messages_accepted_total)
+      recount=$(stored_messages "$SERVER_PORT")
       [ "$recount" -le "$accepted" ] && break
       accepted=$recount
       continue
@@ -107,12 +109,12 @@ declare -A col
 columns="healthz rate share drain e2e ratio rss"
 echo "Whole path: $DURATION of POST /v1/track (wrk -t$THREADS -c$CONNECTIONS) with delivery to the fake Totango answering after $DELAY_MS ms; GET /healthz in the same round."
 echo
-echo "| backend | round | GET /healthz req/s | accepted/s | delivered during load | drain after load (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | track p99 | accepted (wrk 2xx) / received by fake / queue depth at drain end |"
+echo "| backend | round | GET /healthz req/s | accepted/s | delivered during load | drain after load (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | track p99 | stored / wrk 2xx / accepted counter / received by fake / queue depth at drain end |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
   for backend in $BACKENDS; do
     whole_path "$backend" "$round"
-    echo "| $backend | $round | $row_healthz | $row_rate | $row_share | $row_drain | $row_e2e | $row_ratio | $row_rss | $row_p99 | $row_accepted ($row_wrk_2xx) / $row_delivered / $row_queue |"
+    echo "| $backend | $round | $row_healthz | $row_rate | $row_share | $row_drain | $row_e2e | $row_ratio | $row_rss | $row_p99 | $row_accepted / $row_wrk_2xx / $row_counter / $row_delivered / $row_queue |"
     for c in $columns; do v="row_$c"; col[$backend-$c]+="${!v} "; done
   done
 done
