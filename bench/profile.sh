@@ -14,7 +14,7 @@
 #   whole   the whole path: the fake Totango answers after 100 ms.
 #
 # perf: records the server process only (`perf record -e cpu-clock -F FREQ
-# --call-graph dwarf -p PID`) for PERF_SECS once the load has run for 2 s, then
+# --call-graph dwarf,32768 -p PID`) for PERF_SECS once the load has run for 2 s, then
 # writes to OUT (default: a new temp dir, kept) per scenario: SCENARIO.data, and
 # SCENARIO.txt with wrk's result under perf, the top entries by self time and
 # by inclusive time (children), and the share of each thread and library.
@@ -34,12 +34,15 @@ cd "$(dirname "$0")/.."
 TOOL=${TOOL:-perf}
 BACKEND=${BACKEND:-sqlite}
 PERF_SECS=${PERF_SECS:-8}
-FREQ=${FREQ:-499}
+FREQ=${FREQ:-999}
+CALL_GRAPH=${CALL_GRAPH:-dwarf,32768}
 DURATION=${DURATION:-$((PERF_SECS + 4))s}
 N=${N:-2000}
 SERVER_PORT=${SERVER_PORT:-18390}
 FAKE_PORT=${FAKE_PORT:-18391}
 TOP=${TOP:-30}
+# Frames every sample passes through, left out of the inclusive list.
+GENERIC_FRAMES='\(inlined\)|0xffffffffffffffff|start_thread|clone3|thread_start|call_once|catch_unwind|do_call|__rust_begin_short_backtrace|tokio::runtime|entry_SYSCALL|do_syscall_64|std::thread|tokio::task|Oneshot<S,Req>|RouteFuture|from_fn::ResponseFuture|future::map::Map<|MapIntoResponseFuture|Dispatcher<D,Bs,I,T>::poll_loop|Dispatcher<D,Bs,I,T>::poll_inner|hyper_util::server::conn::auto|tokio::runtime'
 source bench/lib.sh
 
 scenarios=("$@")
@@ -80,7 +83,7 @@ perf_scenario() {
     "http://127.0.0.1:$SERVER_PORT" >"$work/wrk.txt" 2>&1 &
   wrk_pid=$!
   sleep 2
-  perf record -q -e cpu-clock -F "$FREQ" --call-graph dwarf -p "$bench_server_pid" \
+  perf record -q -e cpu-clock -F "$FREQ" --call-graph "$CALL_GRAPH" -p "$bench_server_pid" \
     -o "$OUT/$s.data" -- sleep "$PERF_SECS" 2>>"$work/perf.log"
   wait "$wrk_pid"
   {
@@ -88,6 +91,7 @@ perf_scenario() {
     grep -E 'Requests/sec|requests in|Non-2xx|  99%' "$work/wrk.txt" || true
     echo "accepted: $(metric "$SERVER_PORT" td_messages_accepted_total); attempts: $(metric "$SERVER_PORT" td_delivery_attempts_total); delivered: $(metric "$SERVER_PORT" td_messages_total 'outcome="delivered"')"
     echo
+    perf report -i "$OUT/$s.data" --stdio --sort comm -g none 2>/dev/null | grep -m1 '^# Samples'
     echo "== threads (share of the server's samples)"
     perf report -i "$OUT/$s.data" --stdio --no-children --sort comm -g none --percent-limit 1 2>/dev/null | grep -E '^ +[0-9]'
     echo
@@ -95,10 +99,11 @@ perf_scenario() {
     perf report -i "$OUT/$s.data" --stdio --no-children --sort dso -g none --percent-limit 1 2>/dev/null | grep -E '^ +[0-9]'
     echo
     echo "== top $TOP by self time"
-    perf report -i "$OUT/$s.data" --stdio --no-children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' | head -n "$TOP"
+    perf report -i "$OUT/$s.data" --stdio --no-children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' | awk -v n="$TOP" 'NR <= n'
     echo
-    echo "== top $TOP by inclusive time (children)"
-    perf report -i "$OUT/$s.data" --stdio --children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' | head -n "$TOP"
+    echo "== top $TOP by inclusive time (children; without inlined copies and thread/runtime/syscall entry frames)"
+    perf report -i "$OUT/$s.data" --stdio --children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' |
+      grep -vE "$GENERIC_FRAMES" | awk -v n="$TOP" 'NR <= n'
   } >"$report"
   stop_server
   stop_fake
@@ -125,6 +130,15 @@ for i in range(count):
 PY
 }
 
+# Function lines only (an entry per function, not per inlined source file),
+# without recursive poll chains counted more than once (over 100%), with
+# shorter paths.
+tidy_callgrind() {
+  grep -E '^ *[0-9,]+ \(' | grep ' \[' | grep -v 'PROGRAM TOTALS' |
+    awk '{p = $2; gsub(/[()%]/, "", p); if (p + 0 <= 100) print}' |
+    sed -E 's#/root/\.cargo/registry/src/[^/]+/##; s#/rustc/[0-9a-f]+/library/##; s# \[[^]]*\]$##'
+}
+
 callgrind_scenario() {
   local s=$1 path=/v1/track pid ir report="$OUT/$1.txt" got
   [ "$s" = healthz ] && path=/healthz
@@ -144,17 +158,19 @@ callgrind_scenario() {
   sleep 1
   stop_server
   stop_fake
-  cat "$OUT/$s.callgrind".* >"$OUT/$s.callgrind" 2>/dev/null || true
+  # The dump (suffix .1) holds the measured requests; the file written at
+  # exit holds nothing counted (instrumentation was off).
+  mv "$(ls "$OUT/$s.callgrind".*.1 | head -n 1)" "$OUT/$s.callgrind"
   rm -f "$OUT/$s.callgrind".*
-  ir=$(callgrind_annotate "$OUT/$s.callgrind" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+  ir=$(callgrind_annotate "$OUT/$s.callgrind" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
   {
     echo "== $s ($BACKEND): $N requests to $path, one connection; instructions (Ir) per request: $(awk -v a="$ir" -v n="$N" 'BEGIN {printf "%.0f", a / n}') (total $ir)"
     echo
     echo "== top $TOP inclusive"
-    callgrind_annotate --inclusive=yes "$OUT/$s.callgrind" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | head -n "$TOP"
+    callgrind_annotate --inclusive=yes "$OUT/$s.callgrind" 2>/dev/null | tidy_callgrind | grep -vE "$GENERIC_FRAMES" | awk -v n="$TOP" 'NR <= n'
     echo
     echo "== top $TOP self"
-    callgrind_annotate "$OUT/$s.callgrind" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | head -n "$TOP"
+    callgrind_annotate "$OUT/$s.callgrind" 2>/dev/null | tidy_callgrind | awk -v n="$TOP" 'NR <= n'
   } >"$report"
   echo "$s: $report"
 }
