@@ -104,7 +104,7 @@ perf_scenario() {
     echo "== top $TOP by inclusive time (children; without inlined copies and thread/runtime/syscall entry frames)"
     perf report -i "$OUT/$s.data" --stdio --children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' |
       grep -vE "$GENERIC_FRAMES" | awk -v n="$TOP" 'NR <= n'
-  } >"$report"
+  } | sed 's/ *$//' >"$report"
   stop_server
   stop_fake
   echo "$s: $report"

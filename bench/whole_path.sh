@@ -26,15 +26,21 @@
 # (VmHWM) at the end of the load. With --rounds N, the median of each column per
 # backend and, with both backends, PostgreSQL's end-to-end rate ÷ SQLite's
 # median. wrk, the fake, PostgreSQL and the server share the machine's cores.
+#
+# --scenario ingest|outage (default whole) measures the other two scenarios of
+# issue 20 the same way, without the drain: ingest with delivery idle (the fake
+# never answers in time), outage with Totango refusing connections.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BACKENDS="sqlite postgres"
 ROUNDS=${ROUNDS:-1}
+SCENARIO=${SCENARIO:-whole}
 while [ $# -gt 0 ]; do
   case $1 in
     --backend) BACKENDS=${2:?--backend sqlite|postgres|both}; [ "$BACKENDS" = both ] && BACKENDS="sqlite postgres"; shift 2 ;;
     --rounds) ROUNDS=${2:?--rounds N}; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    --scenario) SCENARIO=${2:?--scenario whole|ingest|outage}; shift 2 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (--backend sqlite|postgres|both, --rounds N)" >&2; exit 2 ;;
   esac
 done
@@ -57,10 +63,14 @@ now() { date +%s.%N; }
 
 # One round on one backend: sets the row_* variables.
 whole_path() {
-  local backend=$1 round=$2 out t0 t1 requests non2xx secs delivered_at_stop accepted recount deadline got=0
+  local backend=$1 round=$2 endpoint out t0 t1 requests non2xx secs delivered_at_stop accepted recount deadline got=0
   fresh_storage "$backend"
-  start_fake "$FAKE_PORT" "$DELAY_MS"
-  start_server "$SERVER_PORT" "$storage_url" "http://127.0.0.1:$FAKE_PORT"
+  case $SCENARIO in
+    whole) start_fake "$FAKE_PORT" "$DELAY_MS"; endpoint="http://127.0.0.1:$FAKE_PORT" ;;
+    ingest) start_fake "$FAKE_PORT" 3600000; endpoint="http://127.0.0.1:$FAKE_PORT" ;;
+    outage) endpoint=http://127.0.0.1:9 ;;
+  esac
+  start_server "$SERVER_PORT" "$storage_url" "$endpoint"
 
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$SERVER_PORT/healthz" 2>&1)
   row_healthz=$(wrk_rps "$out")
@@ -76,11 +86,12 @@ whole_path() {
   row_p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   row_wrk_2xx=$((requests - non2xx))
 
-  # Drain: until the fake has received every accepted message.
+  # Drain: until the fake has received every accepted message (nothing
+  # arrives in the other scenarios).
   deadline=$(awk -v a="$t0" -v d="$DRAIN_TIMEOUT_SECS" 'BEGIN {printf "%.0f", a + d}')
   # Requests that were in flight when wrk closed its connections may still
   # commit, so the stored count is read again once the fake has caught up.
-  while :; do
+  while [ "$SCENARIO" = whole ]; do
     got=$(fake_count "$FAKE_PORT")
     if [ "$got" -ge "$accepted" ]; then
       recount=$(stored_messages "$SERVER_PORT")
@@ -93,6 +104,9 @@ whole_path() {
     sleep 0.05
   done
   t1=$(now)
+  if [ "$SCENARIO" != whole ]; then
+    got=$(fake_count "$FAKE_PORT"); accepted=$(stored_messages "$SERVER_PORT"); t1=$t0
+  fi
   row_queue=$(metric "$SERVER_PORT" td_queue_depth)
   row_accepted=$accepted
   row_delivered=$got
@@ -107,6 +121,12 @@ whole_path() {
 
 declare -A col
 columns="healthz rate share drain e2e ratio rss"
+case $SCENARIO in
+  whole) ;;
+  ingest) echo "Scenario ingest: delivery idle (the fake Totango never answers in time); drain columns do not apply." ;;
+  outage) echo "Scenario outage: Totango refuses connections (127.0.0.1:9); drain columns do not apply." ;;
+  *) echo "unknown scenario $SCENARIO (whole, ingest, outage)" >&2; exit 2 ;;
+esac
 echo "Whole path: $DURATION of POST /v1/track (wrk -t$THREADS -c$CONNECTIONS) with delivery to the fake Totango answering after $DELAY_MS ms; GET /healthz in the same round."
 echo
 echo "| backend | round | GET /healthz req/s | accepted/s | delivered during load | drain after load (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | track p99 | stored / wrk 2xx / accepted counter / received by fake / queue depth at drain end |"
