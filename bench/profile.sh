@@ -15,7 +15,8 @@
 #
 # perf: records the server process only (`perf record -e cpu-clock -F FREQ
 # --call-graph dwarf,32768 -p PID`) for PERF_SECS once the load has run for 2 s, then
-# writes to OUT (default: a new temp dir, kept) per scenario: SCENARIO.data, and
+# writes to OUT (default: a new temp dir, kept) per scenario: SCENARIO.data,
+# SCENARIO.children.txt (every symbol, inclusive and self share), and
 # SCENARIO.txt with wrk's result under perf, the top entries by self time and
 # by inclusive time (children), and the share of each thread and library.
 #
@@ -86,25 +87,26 @@ perf_scenario() {
   perf record -q -e cpu-clock -F "$FREQ" --call-graph "$CALL_GRAPH" -p "$bench_server_pid" \
     -o "$OUT/$s.data" -- sleep "$PERF_SECS" 2>>"$work/perf.log"
   wait "$wrk_pid"
+  perf report --no-inline -i "$OUT/$s.data" --stdio --children --sort symbol -g none 2>/dev/null |
+    grep -E '^ +[0-9]' | sed -E 's/ +-? *$//' >"$OUT/$s.children.txt"
   {
     echo "== $s ($BACKEND): wrk under perf"
     grep -E 'Requests/sec|requests in|Non-2xx|  99%' "$work/wrk.txt" || true
     echo "accepted: $(metric "$SERVER_PORT" td_messages_accepted_total); attempts: $(metric "$SERVER_PORT" td_delivery_attempts_total); delivered: $(metric "$SERVER_PORT" td_messages_total 'outcome="delivered"')"
     echo
-    perf report -i "$OUT/$s.data" --stdio --sort comm -g none 2>/dev/null | grep -m1 '^# Samples'
+    perf report --no-inline -i "$OUT/$s.data" --stdio --sort comm -g none 2>/dev/null | grep -m1 '^# Samples'
     echo "== threads (share of the server's samples)"
-    perf report -i "$OUT/$s.data" --stdio --no-children --sort comm -g none --percent-limit 1 2>/dev/null | grep -E '^ +[0-9]'
+    perf report --no-inline -i "$OUT/$s.data" --stdio --no-children --sort comm -g none --percent-limit 1 2>/dev/null | grep -E '^ +[0-9]'
     echo
     echo "== libraries"
-    perf report -i "$OUT/$s.data" --stdio --no-children --sort dso -g none --percent-limit 1 2>/dev/null | grep -E '^ +[0-9]'
+    perf report --no-inline -i "$OUT/$s.data" --stdio --no-children --sort dso -g none --percent-limit 1 2>/dev/null | grep -E '^ +[0-9]'
     echo
     echo "== top $TOP by self time"
-    perf report -i "$OUT/$s.data" --stdio --no-children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' | awk -v n="$TOP" 'NR <= n'
+    perf report --no-inline -i "$OUT/$s.data" --stdio --no-children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' | awk -v n="$TOP" 'NR <= n'
     echo
-    echo "== top $TOP by inclusive time (children; without inlined copies and thread/runtime/syscall entry frames)"
-    perf report -i "$OUT/$s.data" --stdio --children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' |
-      grep -vE "$GENERIC_FRAMES" | awk -v n="$TOP" 'NR <= n'
-  } | sed 's/ *$//' >"$report"
+    echo "== top $TOP by inclusive time (children; without thread/runtime/syscall entry frames; all in $s.children.txt)"
+    grep -vE "$GENERIC_FRAMES" "$OUT/$s.children.txt" | awk -v n="$TOP" 'NR <= n'
+  } | sed -E 's/ +-? *$//' >"$report"
   stop_server
   stop_fake
   echo "$s: $report"
