@@ -128,3 +128,6 @@ stored_messages() {
   curl -fsS -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$1/api/stats" |
     python3 -c 'import json, sys; print(sum(json.load(sys.stdin)["outcomes"].values()))'
 }
+
+# cpu_secs PID: user + system CPU seconds the process has used so far.
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
