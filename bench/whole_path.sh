@@ -26,7 +26,7 @@
 # (VmHWM) at the end of the load; the server's CPU during the load (user +
 # system, in cores, and per accepted message: while ingest and delivery run
 # together this is the cost of a message in and out; PostgreSQL's own CPU is
-# not included). With --rounds N, the median of each column per
+# not included), and its CPU per /healthz request for comparison. With --rounds N, the median of each column per
 # backend and, with both backends, PostgreSQL's end-to-end rate ÷ SQLite's
 # median. wrk, the fake, PostgreSQL and the server share the machine's cores.
 #
@@ -75,8 +75,11 @@ whole_path() {
   esac
   start_server "$SERVER_PORT" "$storage_url" "$endpoint"
 
+  cpu0=$(cpu_secs "$bench_server_pid")
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$SERVER_PORT/healthz" 2>&1)
+  cpu1=$(cpu_secs "$bench_server_pid")
   row_healthz=$(wrk_rps "$out")
+  row_cpu_healthz=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$(wrk_requests "$out")" 'BEGIN {printf "%.1f", (n ? (b - a) * 1e6 / n : 0)}')
 
   cpu0=$(cpu_secs "$bench_server_pid")
   out=$(RUN="whole-$backend-$round-$$" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
@@ -127,7 +130,7 @@ whole_path() {
 }
 
 declare -A col
-columns="healthz rate share drain e2e ratio rss cpu cpu_msg"
+columns="healthz rate share drain e2e ratio rss cpu cpu_msg cpu_healthz"
 case $SCENARIO in
   whole) ;;
   ingest) echo "Scenario ingest: delivery idle (the fake Totango never answers in time); drain columns do not apply." ;;
@@ -136,19 +139,19 @@ case $SCENARIO in
 esac
 echo "Whole path: $DURATION of POST /v1/track (wrk -t$THREADS -c$CONNECTIONS) with delivery to the fake Totango answering after $DELAY_MS ms; GET /healthz in the same round."
 echo
-echo "| backend | round | GET /healthz req/s | accepted/s | delivered during load | drain after load (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message | track p99 | stored / wrk 2xx / accepted counter / received by fake / queue depth at drain end |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| backend | round | GET /healthz req/s | accepted/s | delivered during load | drain after load (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message | server CPU µs per /healthz | track p99 | stored / wrk 2xx / accepted counter / received by fake / queue depth at drain end |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
   for backend in $BACKENDS; do
     whole_path "$backend" "$round"
-    echo "| $backend | $round | $row_healthz | $row_rate | $row_share | $row_drain | $row_e2e | $row_ratio | $row_rss | $row_cpu | $row_cpu_msg | $row_p99 | $row_accepted / $row_wrk_2xx / $row_counter / $row_delivered / $row_queue |"
+    echo "| $backend | $round | $row_healthz | $row_rate | $row_share | $row_drain | $row_e2e | $row_ratio | $row_rss | $row_cpu | $row_cpu_msg | $row_cpu_healthz | $row_p99 | $row_accepted / $row_wrk_2xx / $row_counter / $row_delivered / $row_queue |"
     for c in $columns; do v="row_$c"; col[$backend-$c]+="${!v} "; done
   done
 done
 if [ "$ROUNDS" -gt 1 ] || [ "$(wc -w <<<"$BACKENDS")" -gt 1 ]; then
   echo
-  echo "| backend (median of $ROUNDS) | GET /healthz req/s | accepted/s | delivered during load | drain (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| backend (median of $ROUNDS) | GET /healthz req/s | accepted/s | delivered during load | drain (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message | server CPU µs per /healthz |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
   declare -A med
   for backend in $BACKENDS; do
     line="| $backend"
