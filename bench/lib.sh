@@ -131,3 +131,11 @@ stored_messages() {
 
 # cpu_secs PID: user + system CPU seconds the process has used so far.
 cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+
+# postgres_cpu_secs: CPU seconds used so far by every process named postgres on
+# this machine (the server's backends for this bench, and any other client's).
+postgres_cpu_secs() {
+  local pid
+  for pid in $(pgrep -x postgres || true); do cat "/proc/$pid/stat" 2>/dev/null || true; done |
+    awk -v hz="$(getconf CLK_TCK)" '{s += $14 + $15} END {printf "%.2f\n", s / hz}'
+}

@@ -26,7 +26,8 @@
 # (VmHWM) at the end of the load; the server's CPU during the load (user +
 # system, in cores, and per accepted message: while ingest and delivery run
 # together this is the cost of a message in and out; PostgreSQL's own CPU is
-# not included), and its CPU per /healthz request for comparison. With --rounds N, the median of each column per
+# not included), and its CPU per /healthz request for comparison; on
+# PostgreSQL, the CPU of every postgres process on the machine during the load. With --rounds N, the median of each column per
 # backend and, with both backends, PostgreSQL's end-to-end rate ÷ SQLite's
 # median. wrk, the fake, PostgreSQL and the server share the machine's cores.
 #
@@ -66,7 +67,7 @@ now() { date +%s.%N; }
 
 # One round on one backend: sets the row_* variables.
 whole_path() {
-  local backend=$1 round=$2 endpoint cpu0 cpu1 out t0 t1 requests non2xx secs delivered_at_stop accepted recount deadline got=0
+  local backend=$1 round=$2 endpoint cpu0 cpu1 pg0 pg1 out t0 t1 requests non2xx secs delivered_at_stop accepted recount deadline got=0
   fresh_storage "$backend"
   case $SCENARIO in
     whole) start_fake "$FAKE_PORT" "$DELAY_MS"; endpoint="http://127.0.0.1:$FAKE_PORT" ;;
@@ -81,13 +82,13 @@ whole_path() {
   row_healthz=$(wrk_rps "$out")
   row_cpu_healthz=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$(wrk_requests "$out")" 'BEGIN {printf "%.1f", (n ? (b - a) * 1e6 / n : 0)}')
 
-  cpu0=$(cpu_secs "$bench_server_pid")
+  cpu0=$(cpu_secs "$bench_server_pid"); pg0=$(postgres_cpu_secs)
   out=$(RUN="whole-$backend-$round-$$" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
     -s bench/track.lua "http://127.0.0.1:$SERVER_PORT" 2>&1)
   t0=$(now)
   delivered_at_stop=$(fake_count "$FAKE_PORT")
   row_rss=$(peak_rss "$bench_server_pid")
-  cpu1=$(cpu_secs "$bench_server_pid")
+  cpu1=$(cpu_secs "$bench_server_pid"); pg1=$(postgres_cpu_secs)
   accepted=$(stored_messages "$SERVER_PORT")
   row_counter=$(metric "$SERVER_PORT" td_messages_accepted_total)
   requests=$(wrk_requests "$out"); non2xx=$(wrk_non2xx "$out"); secs=$(wrk_secs "$out")
@@ -123,6 +124,8 @@ whole_path() {
   row_drain=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
   row_e2e=$(awk -v n="$accepted" -v s="$secs" -v d="$row_drain" 'BEGIN {printf "%.0f", n / (s + d)}')
   row_cpu=$(awk -v a="$cpu0" -v b="$cpu1" -v s="$secs" 'BEGIN {printf "%.2f", (b - a) / s}')
+  row_pg_cpu=-
+  [ "$backend" = postgres ] && row_pg_cpu=$(awk -v a="$pg0" -v b="$pg1" -v s="$secs" 'BEGIN {printf "%.2f", (b - a) / s}')
   row_cpu_msg=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$accepted" 'BEGIN {printf "%.0f", (n ? (b - a) * 1e6 / n : 0)}')
   row_ratio=$(awk -v a="$row_rate" -v b="$row_healthz" 'BEGIN {printf "%.3f", a / b}')
   stop_server
@@ -139,12 +142,12 @@ case $SCENARIO in
 esac
 echo "Whole path: $DURATION of POST /v1/track (wrk -t$THREADS -c$CONNECTIONS) with delivery to the fake Totango answering after $DELAY_MS ms; GET /healthz in the same round."
 echo
-echo "| backend | round | GET /healthz req/s | accepted/s | delivered during load | drain after load (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message | server CPU µs per /healthz | track p99 | stored / wrk 2xx / accepted counter / received by fake / queue depth at drain end |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| backend | round | GET /healthz req/s | accepted/s | delivered during load | drain after load (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message | server CPU µs per /healthz | PostgreSQL CPU (cores) | track p99 | stored / wrk 2xx / accepted counter / received by fake / queue depth at drain end |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
   for backend in $BACKENDS; do
     whole_path "$backend" "$round"
-    echo "| $backend | $round | $row_healthz | $row_rate | $row_share | $row_drain | $row_e2e | $row_ratio | $row_rss | $row_cpu | $row_cpu_msg | $row_cpu_healthz | $row_p99 | $row_accepted / $row_wrk_2xx / $row_counter / $row_delivered / $row_queue |"
+    echo "| $backend | $round | $row_healthz | $row_rate | $row_share | $row_drain | $row_e2e | $row_ratio | $row_rss | $row_cpu | $row_cpu_msg | $row_cpu_healthz | $row_pg_cpu | $row_p99 | $row_accepted / $row_wrk_2xx / $row_counter / $row_delivered / $row_queue |"
     for c in $columns; do v="row_$c"; col[$backend-$c]+="${!v} "; done
   done
 done
