@@ -17,7 +17,8 @@
 # --call-graph dwarf,32768 -p PID`) for PERF_SECS once the load has run for 2 s, then
 # writes to OUT (default: a new temp dir, kept) per scenario: SCENARIO.data,
 # SCENARIO.children.txt (every symbol, inclusive and self share), and
-# SCENARIO.txt with wrk's result under perf, the top entries by self time and
+# SCENARIO.txt with wrk's result under perf, (BACKEND=postgres) the self time of
+# PostgreSQL's own processes recorded at the same time, the top entries by self time and
 # by inclusive time (children), and the share of each thread and library.
 #
 # callgrind: runs the server under `valgrind --tool=callgrind
@@ -84,8 +85,17 @@ perf_scenario() {
     "http://127.0.0.1:$SERVER_PORT" >"$work/wrk.txt" 2>&1 &
   wrk_pid=$!
   sleep 2
+  local pg_perf=""
+  if [ "$BACKEND" = postgres ] && [ -n "$(pgrep -x postgres)" ]; then
+    # PostgreSQL's processes (its backends serving this server, and any other
+    # client's), self time only: its binary has no DWARF here.
+    perf record -q -e cpu-clock -F "$FREQ" -p "$(pgrep -d, -x postgres)" \
+      -o "$OUT/$s.postgres.data" -- sleep "$PERF_SECS" 2>>"$work/perf.log" &
+    pg_perf=$!
+  fi
   perf record -q -e cpu-clock -F "$FREQ" --call-graph "$CALL_GRAPH" -p "$bench_server_pid" \
     -o "$OUT/$s.data" -- sleep "$PERF_SECS" 2>>"$work/perf.log"
+  [ -n "$pg_perf" ] && wait "$pg_perf"
   wait "$wrk_pid"
   perf report --no-inline -i "$OUT/$s.data" --stdio --children --sort symbol -g none 2>/dev/null |
     grep -E '^ +[0-9]' | sed -E 's/ +-? *$//' >"$OUT/$s.children.txt"
@@ -104,6 +114,13 @@ perf_scenario() {
     echo "== top $TOP by self time"
     perf report --no-inline -i "$OUT/$s.data" --stdio --no-children --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' | awk -v n="$TOP" 'NR <= n'
     echo
+    if [ -n "$pg_perf" ]; then
+      echo "== PostgreSQL's processes: samples beside the server's, and top $TOP by self time"
+      perf report --no-inline -i "$OUT/$s.postgres.data" --stdio --sort comm -g none 2>/dev/null | grep -m1 '^# Samples'
+      perf report --no-inline -i "$OUT/$s.postgres.data" --stdio --sort dso -g none --percent-limit 2 2>/dev/null | grep -E '^ +[0-9]'
+      perf report --no-inline -i "$OUT/$s.postgres.data" --stdio --sort symbol -g none 2>/dev/null | grep -E '^ +[0-9]' | awk -v n="$TOP" 'NR <= n'
+      echo
+    fi
     echo "== top $TOP by inclusive time (children; without thread/runtime/syscall entry frames; all in $s.children.txt)"
     grep -vE "$GENERIC_FRAMES" "$OUT/$s.children.txt" | awk -v n="$TOP" 'NR <= n'
   } | sed -E 's/ +-? *$//' >"$report"

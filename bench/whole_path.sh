@@ -133,7 +133,7 @@ whole_path() {
 }
 
 declare -A col
-columns="healthz rate share drain e2e ratio rss cpu cpu_msg cpu_healthz"
+columns="healthz rate share drain e2e ratio rss cpu cpu_msg cpu_healthz pg_cpu"
 case $SCENARIO in
   whole) ;;
   ingest) echo "Scenario ingest: delivery idle (the fake Totango never answers in time); drain columns do not apply." ;;
@@ -153,8 +153,8 @@ for round in $(seq "$ROUNDS"); do
 done
 if [ "$ROUNDS" -gt 1 ] || [ "$(wc -w <<<"$BACKENDS")" -gt 1 ]; then
   echo
-  echo "| backend (median of $ROUNDS) | GET /healthz req/s | accepted/s | delivered during load | drain (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message | server CPU µs per /healthz |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| backend (median of $ROUNDS) | GET /healthz req/s | accepted/s | delivered during load | drain (s) | end-to-end msg/s | accepted ÷ healthz | peak RSS (MB) | server CPU (cores) | server CPU µs per message | server CPU µs per /healthz | PostgreSQL CPU (cores) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   declare -A med
   for backend in $BACKENDS; do
     line="| $backend"
