@@ -1,7 +1,7 @@
 # Helpers shared by bench/whole_path.sh and bench/profile.sh (sourced, not run).
 #
 # The caller sets `work` (a temp dir), TARGET (the cargo target dir) and BIN,
-# installs `trap bench_cleanup EXIT`, and starts processes only through these
+# calls bench_traps (cleanup on exit, Ctrl-C or SIGTERM), and starts processes only through these
 # functions, so that every process and database it made is gone on exit.
 
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -38,6 +38,13 @@ stop_fake() {
   bench_fake_pid=""
 }
 
+# bench_traps: clean up on exit, also when interrupted or terminated.
+bench_traps() {
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM HUP
+}
+
 bench_cleanup() {
   stop_server
   stop_fake
@@ -48,6 +55,7 @@ bench_cleanup() {
   [ -n "${work:-}" ] && rm -rf "$work"
 }
 
+# shellcheck disable=SC2034  # storage_url is read by the caller
 # fresh_storage sqlite|postgres: sets storage_url to a new SQLite file in $work
 # or a new PostgreSQL database on $PG_URL's server (dropped on exit).
 fresh_storage() {
@@ -92,6 +100,8 @@ start_fake() {
 start_server() {
   local port=$1 url=$2 endpoint=$3
   shift 3
+  # WRAP is a command line: split on purpose.
+  # shellcheck disable=SC2086
   env TD_TOTANGO__SERVICE_ID=SP-1234-01 TD_TOTANGO__ENDPOINT="$endpoint" \
     TD_STORAGE__URL="$url" TD_ADMIN__TOKEN="$ADMIN" RUST_LOG=warn "$@" \
     ${WRAP:-} "$BIN" serve --listen "127.0.0.1:$port" >>"$work/server.log" 2>&1 &

@@ -62,7 +62,7 @@ esac
 OUT=${OUT:-$(mktemp -d /tmp/td-profile.XXXXXX)}
 mkdir -p "$OUT"
 work=$(mktemp -d)
-trap bench_cleanup EXIT
+bench_traps
 
 # start SCENARIO: the fake (if any) and the server for it.
 start() {
@@ -179,7 +179,8 @@ callgrind_scenario() {
   stop_fake
   # The dump (suffix .1) holds the measured requests; the file written at
   # exit holds nothing counted (instrumentation was off).
-  mv "$(ls "$OUT/$s.callgrind".*.1 | head -n 1)" "$OUT/$s.callgrind"
+  local dumps=("$OUT/$s.callgrind".*.1)
+  mv "${dumps[0]}" "$OUT/$s.callgrind"
   rm -f "$OUT/$s.callgrind".*
   ir=$(callgrind_annotate "$OUT/$s.callgrind" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
   {

@@ -61,7 +61,7 @@ need_tools wrk curl python3
 case " $BACKENDS " in *" postgres "*) need_tools psql ;; esac
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin totango-destination --example fake_totango
 work=$(mktemp -d)
-trap bench_cleanup EXIT
+bench_traps
 
 now() { date +%s.%N; }
 
