@@ -1455,7 +1455,10 @@ async fn half_open_partition(db_url: String, work: PathBuf) {
     // Partition `a` while it has requests to Totango in flight.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !log_a.snapshot().iter().any(|h| h.answered.is_none()) {
-        assert!(Instant::now() < deadline, "replica a never claimed anything");
+        assert!(
+            Instant::now() < deadline,
+            "replica a never claimed anything"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     proxy.freeze();

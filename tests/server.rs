@@ -2199,7 +2199,10 @@ async fn concurrent_bursts_do_not_overshoot_the_backlog_bound() {
         accepted += c.await.unwrap();
     }
     let pending = srv.counts().await.get("pending").copied().unwrap_or(0);
-    assert_eq!(pending as usize, accepted, "every accepted message is queued");
+    assert_eq!(
+        pending as usize, accepted,
+        "every accepted message is queued"
+    );
     assert!(
         accepted <= 1_000,
         "{accepted} messages queued against a bound of 1,000"

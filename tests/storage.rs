@@ -1474,7 +1474,13 @@ async fn refused_messages_have_their_own_shorter_retention(b: Backend) {
         .accept(vec![
             final_msg("rejected", "k0", State::Rejected, "invalid", "no userId"),
             final_msg("filtered", "k1", State::Filtered, "filtered", "off"),
-            final_msg("unsupported", "k2", State::Unsupported, "unsupported", "alias"),
+            final_msg(
+                "unsupported",
+                "k2",
+                State::Unsupported,
+                "unsupported",
+                "alias",
+            ),
             msg("delivered", "k3"),
             msg("dead", "k4"),
         ])
@@ -1510,7 +1516,10 @@ async fn refused_messages_have_their_own_shorter_retention(b: Backend) {
         (ids[2], "unsupported"),
         (duplicate, "duplicate"),
     ] {
-        assert!(s.get(id).await.unwrap().is_none(), "{what} kept past its retention");
+        assert!(
+            s.get(id).await.unwrap().is_none(),
+            "{what} kept past its retention"
+        );
     }
     assert_eq!(
         s.get(ids[3]).await.unwrap().map(|m| m.state),

@@ -170,10 +170,7 @@ impl AppState {
                 let size = p.new.payload.len() + p.new.settings.len() + p.new.message_id.len();
                 (n + 1, b + size as u64)
             });
-        if let Err(why) = self
-            .backpressure
-            .admit(&self.runtime, queued, queued_bytes)
-        {
+        if let Err(why) = self.backpressure.admit(&self.runtime, queued, queued_bytes) {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "backpressure",

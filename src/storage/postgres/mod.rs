@@ -20,6 +20,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{ConnectOptions, Executor, PgConnection, PgPool, Postgres, Row};
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -57,6 +58,19 @@ struct Inner {
     replica: AtomicI64,
     /// When the last heartbeat that reached the database was sent.
     heard: Mutex<Instant>,
+    /// The claims this process holds, by lease; held while claiming, so a
+    /// clean-up never races a claim.
+    held: tokio::sync::Mutex<HeldClaims>,
+}
+
+/// Leases handed out and not yet reported, and whether a claim failed in a
+/// way that may have committed (its answer lost with the connection): then
+/// rows may be claimed by this replica that nobody here knows of, and the
+/// next heartbeat gives back every claim of this replica not in `leases`.
+#[derive(Default)]
+struct HeldClaims {
+    leases: HashSet<i64>,
+    uncertain: bool,
 }
 
 /// When this process pruned last, and whether it has more to prune.
@@ -152,6 +166,7 @@ impl PostgresStorage {
             prune: Mutex::new(PruneClock::default()),
             replica: AtomicI64::new(first.id),
             heard: Mutex::new(heard),
+            held: tokio::sync::Mutex::new(HeldClaims::default()),
         });
         let (tx, rx) = mpsc::channel(4096);
         let writer_task = tokio::spawn(write_loop(inner.clone(), rx));
@@ -381,12 +396,54 @@ impl Inner {
             ));
         }
         let batch = {
-            let mut conn = self.pool.acquire().await?;
-            let me = self.replica.load(Ordering::Acquire);
-            queue::claim(&mut conn, limit, self.options.lease_ms, me).await?
+            let mut held = self.held.lock().await;
+            let claimed = async {
+                let mut conn = self.pool.acquire().await?;
+                let me = self.replica.load(Ordering::Acquire);
+                queue::claim(&mut conn, limit, self.options.lease_ms, me).await
+            }
+            .await;
+            match claimed {
+                Ok(batch) => {
+                    held.leases.extend(batch.messages.iter().map(|m| m.lease));
+                    batch
+                }
+                Err(e) => {
+                    held.uncertain = true;
+                    return Err(e);
+                }
+            }
         };
         self.maybe_prune().await;
         Ok(batch)
+    }
+
+    /// After a claim that may have committed unseen: gives back this
+    /// replica's claims that nobody here holds.
+    async fn settle_claims(&self) -> Result<(), StorageError> {
+        let mut held = self.held.lock().await;
+        if !held.uncertain {
+            return Ok(());
+        }
+        let known: Vec<i64> = held.leases.iter().copied().collect();
+        let freed = sqlx::query(
+            "UPDATE td_queue SET lease = NULL, leased_until = 0, replica = NULL \
+             WHERE replica = $1 AND lease IS NOT NULL AND NOT (lease = ANY($2))",
+        )
+        .bind(self.replica.load(Ordering::Acquire))
+        .bind(&known)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        held.uncertain = false;
+        if freed > 0 {
+            tracing::info!(
+                messages = freed,
+                "gave back messages claimed by a claim whose answer was lost"
+            );
+            self.notify.notify_one();
+        }
+        Ok(())
     }
 
     async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
@@ -406,6 +463,12 @@ impl Inner {
                 Err(StorageError::Conflict(_)) if !retried => retried = true,
                 Err(e) => return Err(e),
                 Ok(out) => {
+                    {
+                        let mut held = self.held.lock().await;
+                        for r in &reports {
+                            held.leases.remove(&r.lease);
+                        }
+                    }
                     // What waited behind these messages may be claimable now.
                     self.notify.notify_one();
                     if !out.stale.is_empty() {
@@ -494,6 +557,11 @@ async fn heartbeat(inner: Arc<Inner>) {
                 log_beat(&beat, me);
                 if beat.freed > 0 {
                     inner.notify.notify_one();
+                }
+                if let Err(e) = inner.settle_claims().await {
+                    if quiet.ready() {
+                        tracing::warn!(error = %e, "could not settle this replica's claims (said once a minute)");
+                    }
                 }
             }
             Ok(Err(e)) => {
