@@ -1088,6 +1088,52 @@ async fn first_element_signatures_when_enabled_are_never_accepted_twice() {
     srv.stop().await;
 }
 
+/// Twelve arrays sharing one signed first element, sent at once: exactly one
+/// is accepted (recording the element and storing the array are one step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_arrays_sharing_a_signed_element_are_accepted_once() {
+    const SECRET: &str = "hook-secret";
+    let fake = Fake::ok().await;
+    let dir = common::place();
+    let mut c = config(&dir, &fake.uri());
+    c.auth.webhook_secret = Some(SECRET.into());
+    c.auth.webhook_first_element_signature = true;
+    let srv = Arc::new(Server::start(c).await);
+    let mut first = track("u1", "Signed");
+    first["messageId"] = json!("signed-first");
+    let sig = hmac_hex(SECRET, &serde_json::to_vec(&first).unwrap());
+    let posts: Vec<_> = (0..12)
+        .map(|i| {
+            let (srv, first, sig) = (srv.clone(), first.clone(), sig.clone());
+            tokio::spawn(async move {
+                let items: Vec<Value> = std::iter::once(first)
+                    .chain((0..50).map(|j| track(&format!("r{i}-{j}"), &format!("Extra{i}"))))
+                    .collect();
+                let body = serde_json::to_vec(&Value::Array(items)).unwrap();
+                let r = srv
+                    .send(
+                        srv.request("/webhook", None, body)
+                            .header("X-Signature", sig),
+                    )
+                    .await;
+                assert!(
+                    r.status == 200 || r.status == 401,
+                    "unexpected answer: {r:#?}"
+                );
+                r.status == 200
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for p in posts {
+        accepted += usize::from(p.await.unwrap());
+    }
+    assert_eq!(accepted, 1, "arrays accepted with one signed element");
+    let stored: u64 = srv.counts().await.values().sum();
+    assert_eq!(stored, 51, "only the accepted array is stored");
+    Arc::into_inner(srv).expect("one owner").stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // 5. Dedupe
 // ---------------------------------------------------------------------------
