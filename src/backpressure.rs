@@ -22,11 +22,74 @@ pub const RETRY_AFTER_SECS: u64 = 30;
 pub struct Backpressure {
     reason: RwLock<Option<String>>,
     quiet: crate::telemetry::Throttle,
-    /// The backlog at the last reading: (messages, bytes).
-    measured: Mutex<(u64, u64)>,
-    /// Queued messages and bytes admitted since the last reading.
-    admitted_messages: AtomicU64,
-    admitted_bytes: AtomicU64,
+    /// The last reading: the backlog (messages, bytes), and the committed
+    /// totals below when it began.
+    measured: Mutex<Reading>,
+    /// Admitted and not yet stored (or refused by storage).
+    in_flight: Totals,
+    /// Stored since the process started.
+    committed: Totals,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Reading {
+    messages: u64,
+    bytes: u64,
+    committed_messages: u64,
+    committed_bytes: u64,
+}
+
+#[derive(Default)]
+struct Totals {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Totals {
+    fn add(&self, messages: u64, bytes: u64) -> (u64, u64) {
+        (
+            self.messages.fetch_add(messages, Ordering::SeqCst),
+            self.bytes.fetch_add(bytes, Ordering::SeqCst),
+        )
+    }
+
+    fn take(&self, messages: u64, bytes: u64) {
+        take(&self.messages, messages);
+        take(&self.bytes, bytes);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (
+            self.messages.load(Ordering::SeqCst),
+            self.bytes.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// An admitted request's messages, counted as in flight until this is
+/// dropped; [`Admitted::stored`] moves them to the committed totals.
+pub struct Admitted<'a> {
+    backpressure: &'a Backpressure,
+    messages: u64,
+    bytes: u64,
+    stored: bool,
+}
+
+impl Admitted<'_> {
+    /// Storage committed them.
+    pub fn stored(mut self) {
+        self.stored = true;
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let bp = self.backpressure;
+        if self.stored {
+            bp.committed.add(self.messages, self.bytes);
+        }
+        bp.in_flight.take(self.messages, self.bytes);
+    }
 }
 
 impl Backpressure {
@@ -36,44 +99,54 @@ impl Backpressure {
     }
 
     /// Admits a request that queues `messages` of `bytes` in all, or says
-    /// why not: a bound already reached, or one this request would cross
-    /// (estimated from the last reading and what was admitted since).
-    pub fn admit(&self, runtime: &Runtime, messages: u64, bytes: u64) -> Result<(), String> {
+    /// why not: a bound already reached, or one this request would cross,
+    /// estimated as the last reading plus what was committed since it began
+    /// plus what is being stored now (counted twice at worst, never missed).
+    pub fn admit(
+        &self,
+        runtime: &Runtime,
+        messages: u64,
+        bytes: u64,
+    ) -> Result<Admitted<'_>, String> {
         if let Some(why) = self.reason() {
             return Err(why);
         }
+        let admitted = Admitted {
+            backpressure: self,
+            messages,
+            bytes,
+            stored: false,
+        };
         if messages == 0 {
-            return Ok(());
+            return Ok(admitted);
         }
         let c = &runtime.config.storage;
-        let (depth, size) = *self.measured.lock().expect("backpressure lock");
-        let before_messages = self.admitted_messages.fetch_add(messages, Ordering::SeqCst);
-        let before_bytes = self.admitted_bytes.fetch_add(bytes, Ordering::SeqCst);
+        let reading = *self.measured.lock().expect("backpressure lock");
+        let (flying_messages, flying_bytes) = self.in_flight.add(messages, bytes);
+        let (committed_messages, committed_bytes) = self.committed.get();
         let would = (
-            depth + before_messages + messages,
-            size + before_bytes + bytes,
+            reading.messages
+                + committed_messages.saturating_sub(reading.committed_messages)
+                + flying_messages
+                + messages,
+            reading.bytes
+                + committed_bytes.saturating_sub(reading.committed_bytes)
+                + flying_bytes
+                + bytes,
         );
-        let refuse = if c.max_backlog_messages > 0 && would.0 > c.max_backlog_messages {
-            Some(format!(
+        if c.max_backlog_messages > 0 && would.0 > c.max_backlog_messages {
+            return Err(format!(
                 "the backlog would hold about {} messages (storage.max_backlog_messages = {})",
                 would.0, c.max_backlog_messages
-            ))
-        } else if c.max_backlog_bytes > 0 && would.1 > c.max_backlog_bytes {
-            Some(format!(
+            ));
+        }
+        if c.max_backlog_bytes > 0 && would.1 > c.max_backlog_bytes {
+            return Err(format!(
                 "the backlog would hold about {} bytes (storage.max_backlog_bytes = {})",
                 would.1, c.max_backlog_bytes
-            ))
-        } else {
-            None
-        };
-        match refuse {
-            Some(why) => {
-                take(&self.admitted_messages, messages);
-                take(&self.admitted_bytes, bytes);
-                Err(why)
-            }
-            None => Ok(()),
+            ));
         }
+        Ok(admitted)
     }
 
     fn set(&self, reason: Option<String>) {
@@ -91,16 +164,16 @@ impl Backpressure {
     pub async fn check(&self, runtime: &Runtime, storage: &dyn Storage) {
         let c = &runtime.config.storage;
         let mut reason = None;
-        // What is admitted from now on counts on top of this reading.
-        let admitted = (
-            self.admitted_messages.load(Ordering::SeqCst),
-            self.admitted_bytes.load(Ordering::SeqCst),
-        );
+        // What is committed from now on counts on top of this reading.
+        let (committed_messages, committed_bytes) = self.committed.get();
         match storage.queue_stats().await {
             Ok(q) => {
-                *self.measured.lock().expect("backpressure lock") = (q.depth, q.bytes);
-                take(&self.admitted_messages, admitted.0);
-                take(&self.admitted_bytes, admitted.1);
+                *self.measured.lock().expect("backpressure lock") = Reading {
+                    messages: q.depth,
+                    bytes: q.bytes,
+                    committed_messages,
+                    committed_bytes,
+                };
                 if c.max_backlog_messages > 0 && q.depth >= c.max_backlog_messages {
                     reason = Some(format!(
                         "the backlog holds {} messages (storage.max_backlog_messages = {})",

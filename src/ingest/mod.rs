@@ -170,14 +170,17 @@ impl AppState {
                 let size = p.new.payload.len() + p.new.settings.len() + p.new.message_id.len();
                 (n + 1, b + size as u64)
             });
-        if let Err(why) = self.backpressure.admit(&self.runtime, queued, queued_bytes) {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "backpressure",
-                format!("not accepting messages for now: {why}; retry later"),
-            )
-            .with_retry_after(crate::backpressure::RETRY_AFTER_SECS));
-        }
+        let admitted = self
+            .backpressure
+            .admit(&self.runtime, queued, queued_bytes)
+            .map_err(|why| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backpressure",
+                    format!("not accepting messages for now: {why}; retry later"),
+                )
+                .with_retry_after(crate::backpressure::RETRY_AFTER_SECS)
+            })?;
         let (batch, summaries): (Vec<NewMessage>, Vec<Summary>) =
             prepared.into_iter().map(|p| (p.new, p.summary)).unzip();
         let accepted = self
@@ -206,6 +209,7 @@ impl AppState {
                     .with_retry_after(STORAGE_RETRY_AFTER_SECS)
                 }
             })?;
+        admitted.stored();
         metrics::counter!(telemetry::ACCEPTED, "interface" => interface)
             .increment(summaries.len() as u64);
         for (s, a) in summaries.iter().zip(&accepted) {
