@@ -119,7 +119,12 @@ pub struct DeliveryConfig {
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_message_bytes: usize,
+    /// Body of a single-message request.
     pub max_body_bytes: usize,
+    /// Body of `/v1/batch`, `/v1/import` and `/webhook` (RudderStack's
+    /// libraries build batches up to 4 MB).
+    #[serde(default = "default_batch_body")]
+    pub max_batch_body_bytes: usize,
     /// Total size of one request's messages as stored (after a batch's
     /// `context` is merged into every item).
     pub max_request_stored_bytes: usize,
@@ -164,6 +169,10 @@ fn default_prefix_v4() -> u8 {
 
 fn default_prefix_v6() -> u8 {
     64
+}
+
+fn default_batch_body() -> usize {
+    4 * 1024 * 1024
 }
 
 fn default_inflight() -> usize {
@@ -216,7 +225,8 @@ impl Default for Config {
             limits: LimitsConfig {
                 max_message_bytes: 32 * 1024,
                 max_body_bytes: 500 * 1024,
-                max_request_stored_bytes: 4 * 1024 * 1024,
+                max_batch_body_bytes: default_batch_body(),
+                max_request_stored_bytes: 8 * 1024 * 1024,
                 max_batch_messages: 2_500,
                 header_read_timeout_ms: 10_000,
                 body_read_timeout_ms: 30_000,
@@ -512,6 +522,7 @@ impl Config {
         for (name, v) in [
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.max_batch_body_bytes", l.max_batch_body_bytes),
             (
                 "limits.max_request_stored_bytes",
                 l.max_request_stored_bytes,
@@ -523,12 +534,23 @@ impl Config {
                 return Err(ConfigError::invalid(name, "must be at least 1"));
             }
         }
-        if l.max_inflight_body_bytes < l.max_body_bytes {
+        if l.max_request_stored_bytes < l.max_batch_body_bytes {
+            return Err(ConfigError::invalid(
+                "limits.max_request_stored_bytes",
+                format!(
+                    "must be at least limits.max_batch_body_bytes ({}), or a full batch \
+                     could not be stored",
+                    l.max_batch_body_bytes
+                ),
+            ));
+        }
+        let largest_body = l.max_body_bytes.max(l.max_batch_body_bytes);
+        if l.max_inflight_body_bytes < largest_body {
             return Err(ConfigError::invalid(
                 "limits.max_inflight_body_bytes",
                 format!(
-                    "must be at least limits.max_body_bytes ({}), or no full body could be read",
-                    l.max_body_bytes
+                    "must be at least limits.max_body_bytes and limits.max_batch_body_bytes \
+                     ({largest_body}), or no full body could be read"
                 ),
             ));
         }
@@ -782,6 +804,7 @@ mod tests {
             assert_eq!(c.delivery.max_concurrency, 1024);
             assert_eq!(c.limits.max_message_bytes, 32 * 1024);
             assert_eq!(c.limits.max_body_bytes, 500 * 1024);
+            assert_eq!(c.limits.max_batch_body_bytes, 4 * 1024 * 1024);
             assert_eq!(c.limits.max_batch_messages, 2500);
             let rt = c.validate().unwrap();
             assert!(rt.sources.is_empty());
@@ -942,6 +965,12 @@ mod transport_settings {
         let mut c = Config::default();
         c.limits.max_inflight_body_bytes = c.limits.max_body_bytes - 1;
         assert!(invalid(c).starts_with("limits.max_inflight_body_bytes"));
+        let mut c = Config::default();
+        c.limits.max_inflight_body_bytes = c.limits.max_batch_body_bytes - 1;
+        assert!(invalid(c).starts_with("limits.max_inflight_body_bytes"));
+        let mut c = Config::default();
+        c.limits.max_batch_body_bytes = 0;
+        assert!(invalid(c).starts_with("limits.max_batch_body_bytes"));
         let mut c = Config::default();
         c.limits.client_prefix_v6 = 129;
         assert!(invalid(c).starts_with("limits.client_prefix_v6"));

@@ -48,7 +48,7 @@ pub async fn single(
     if header_key.is_some() {
         state.source_for(header_key.as_deref())?;
     }
-    let bytes = read_body(&state, &headers, body).await?;
+    let bytes = read_body(&state, &headers, body, BodyKind::Single).await?;
     let mut limits = RequestLimits::new(&state);
     limits.check_raw(bytes.len(), "")?;
     let mut obj: Map<String, Value> = parse_json(&bytes)?;
@@ -80,7 +80,7 @@ pub async fn batch(
     if header_key.is_some() {
         state.source_for(header_key.as_deref())?;
     }
-    let bytes = read_body(&state, &headers, body).await?;
+    let bytes = read_body(&state, &headers, body, BodyKind::Batch).await?;
     let body: BatchBody = parse_json(&bytes)?;
     let source = state.source_for(header_key.as_deref().or(body.write_key.as_deref()))?;
     let max = state.limits().max_batch_messages;
@@ -94,8 +94,26 @@ pub async fn batch(
             ),
         ));
     }
-    let received = Utc::now();
     let mut limits = RequestLimits::new(&state);
+    // Batch-level defaults too large for any message would make every item
+    // too large: the request as a whole is unusable.
+    let max_message = state.limits().max_message_bytes;
+    for (name, defaults) in [("context", &body.context), ("integrations", &body.integrations)] {
+        let len = defaults
+            .as_ref()
+            .map_or(0, |d| serde_json::to_string(d).map_or(0, |t| t.len()));
+        if len > max_message {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "message_too_large",
+                format!(
+                    "{name}: {len} bytes; merged into every item, it would make each larger \
+                     than {max_message} bytes"
+                ),
+            ));
+        }
+    }
+    let received = Utc::now();
     let mut prepared = Vec::with_capacity(body.batch.len());
     // Batch-level defaults larger than this are not stored with messages that
     // will never be sent (small ones, which explain an outcome, are).
@@ -105,8 +123,8 @@ pub async fn batch(
     };
     let large = [large(&body.context), large(&body.integrations)];
     for (i, raw) in body.batch.iter().enumerate() {
+        // An item over the size limit is rejected alone (`prepare`).
         let field = format!("batch[{i}].");
-        limits.check_raw(raw.get().len(), &field)?;
         // The body parsed, so every item is valid JSON.
         let mut value: Value = serde_json::from_str(raw.get())
             .map_err(|e| ApiError::bad_request(&field[..field.len() - 1], e))?;
