@@ -650,6 +650,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     c.limits.max_batch_messages = 3;
     c.limits.max_message_bytes = 512;
     c.limits.max_body_bytes = 4096;
+    c.limits.max_batch_body_bytes = 4096;
     let srv = Server::start(c).await;
     let ok = track("u1", "E");
 
@@ -659,15 +660,9 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
         .await;
     assert_error(&r, 400, "batch_too_large", "batch");
 
-    // One item over max_message_bytes.
+    // A single call over max_message_bytes.
     let mut big = track("u1", "Big");
     big["properties"] = json!({"blob": "x".repeat(600)});
-    let r = srv
-        .post("/v1/batch", Some(KEY), &json!({"batch": [ok, big]}))
-        .await;
-    assert_error(&r, 400, "message_too_large", "batch[1]");
-
-    // A single call over max_message_bytes.
     let r = srv.post("/v1/track", Some(KEY), &big).await;
     assert_error(&r, 400, "message_too_large", "message");
 
@@ -701,7 +696,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
         .post_raw("/v1/batch", Some(KEY), &b"{\"batch\": []} {}"[..])
         .await;
     assert_error(&r, 400, "malformed_json", "trailing");
-    // A batch context that makes the merged items too large, each...
+    // A batch context larger than any message would make every item too large...
     let r = srv
         .post(
             "/v1/batch",
@@ -709,7 +704,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
             &json!({"batch": [ok], "context": {"blob": "x".repeat(600)}}),
         )
         .await;
-    assert_error(&r, 400, "message_too_large", "batch[0]");
+    assert_error(&r, 400, "message_too_large", "context");
     assert_eq!(srv.counts().await, counts(&[]), "nothing stored");
     srv.stop().await;
 
@@ -717,6 +712,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     let dir = common::place();
     let mut c = config(&dir, &fake.uri());
     c.limits.max_request_stored_bytes = 2_000;
+    c.limits.max_batch_body_bytes = 2_000;
     let srv = Server::start(c).await;
     let r = srv
         .post(
@@ -740,6 +736,89 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(fake.hits().is_empty());
+    srv.stop().await;
+}
+
+/// One item over `limits.max_message_bytes` costs only itself, on each of the
+/// three ways in that take several messages: it is stored `rejected`
+/// (`message_too_large`) with a bounded summary of its payload, and the
+/// others are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_item_is_rejected_alone_on_every_way_in() {
+    let fake = Fake::ok().await;
+    let dir = common::place();
+    let mut c = config(&dir, &fake.uri());
+    c.limits.max_message_bytes = 2_000;
+    let srv = Server::start(c).await;
+    let big = |user: &str| {
+        json!({"type": "track", "userId": user, "event": "Big", "messageId": format!("big-{user}"),
+               "context": {"groupId": "acc1"}, "properties": {"blob": "x".repeat(40_000)}})
+    };
+    let r = srv
+        .post(
+            "/v1/batch",
+            Some(KEY),
+            &json!({"batch": [track("b1", "E"), big("b-big"), track("b2", "E")]}),
+        )
+        .await;
+    assert_success(&r);
+    let r = srv
+        .post(
+            "/v1/import",
+            Some(KEY),
+            &json!({"batch": [big("i-big"), track("i1", "E")]}),
+        )
+        .await;
+    assert_success(&r);
+    let r = srv
+        .post(
+            "/webhook",
+            Some(KEY),
+            &json!([track("w1", "E"), big("w-big")]),
+        )
+        .await;
+    // /webhook reports a rejected element with 400 (Segment does not retry it);
+    // the other element is kept.
+    assert_error(&r, 400, "message_too_large", "[1]");
+    assert_eq!(r.json["outcomes"][0]["outcome"], "accepted", "{r:#?}");
+    assert_eq!(r.json["outcomes"][1]["outcome"], "rejected", "{r:#?}");
+
+    let deadline = Instant::now() + WAIT;
+    while fake.hits().len() < 4 {
+        assert!(Instant::now() < deadline, "delivered: {:?}", fake.hits());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.hits().len(), 4, "{:?}", fake.hits());
+    for user in ["b1", "b2", "i1", "w1"] {
+        assert_eq!(fake.for_user(user).len(), 1, "{user} delivered once");
+    }
+    for user in ["b-big", "i-big", "w-big"] {
+        assert!(fake.for_user(user).is_empty(), "{user} not delivered");
+    }
+    let rejected = srv
+        .storage
+        .list(
+            totango_destination::storage::MessageFilter {
+                state: Some(State::Rejected),
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 3, "{rejected:#?}");
+    for m in &rejected {
+        assert_eq!(m.code.as_deref(), Some("message_too_large"), "{m:#?}");
+        let reason = m.reason.as_deref().unwrap_or_default();
+        assert!(reason.contains("at most 2000 bytes"), "{reason}");
+        let user = m.user_id.as_deref().unwrap_or_default();
+        assert!(user.ends_with("-big"), "{m:#?}");
+        assert_eq!(m.payload["messageId"], format!("big-{user}"));
+        assert!(m.payload["truncated"]["bytes"].as_u64().unwrap() > 40_000);
+        let kept = m.payload.to_string().len();
+        assert!(kept < 2_000, "the payload is kept as a bounded prefix: {kept} bytes");
+    }
     srv.stop().await;
 }
 

@@ -117,7 +117,7 @@ pub async fn handle(
             String::new()
         };
         let mut message = first.message.clone().unwrap_or_default();
-        if !message.starts_with(&at) {
+        if !message.starts_with(at.trim_end_matches('.')) {
             message = format!("{at}{message}");
         }
         if rejected.len() > 1 {
