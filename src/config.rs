@@ -3,6 +3,7 @@
 
 use crate::mapping::{Settings, SettingsError, SettingsPatch};
 use crate::secret::Secret;
+use crate::segment::CallType;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -82,6 +83,19 @@ pub struct AuthConfig {
     /// (a DNS-rebinding page cannot post events to an open server).
     #[serde(default, deserialize_with = "comma_strings")]
     pub allowed_hosts: Vec<String>,
+    /// Browser origins that may send with `write_keys` (exact origins such
+    /// as `https://app.example.com`, or `https://*.example.com`): they get
+    /// CORS answers on the Tracking API. Default none.
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_origins: Vec<String>,
+    /// Calls `write_keys` may send (identify, group, page, screen, track,
+    /// alias); empty: every call.
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_calls: Vec<String>,
+    /// Requests per minute one client address may make with `write_keys`
+    /// (0: no limit). Default 600 when `allowed_origins` is set, else 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_requests_per_minute: Option<u32>,
 }
 
 /// Shortest `admin.token` accepted.
@@ -192,6 +206,16 @@ pub struct SourceConfig {
     /// Overrides of the default `[totango]` settings for this key.
     #[serde(default)]
     pub totango: SettingsPatch,
+    /// Browser origins that may send with this key (see `auth.allowed_origins`).
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_origins: Vec<String>,
+    /// Calls this key may send; empty: every call.
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_calls: Vec<String>,
+    /// Requests per minute one client address may make with this key (0: no
+    /// limit). Default 600 when `allowed_origins` is set, else 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_requests_per_minute: Option<u32>,
 }
 
 impl Default for Config {
@@ -385,6 +409,166 @@ impl Sources {
 pub struct Source {
     pub name: String,
     pub settings: SettingsPatch,
+    pub access: Access,
+}
+
+/// What a key may do beyond server-to-server sending: browser origins, the
+/// calls it may send, and its rate per client address.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Origins that get CORS answers (empty: no browser may send).
+    pub origins: Vec<OriginPattern>,
+    /// Calls the key may send (`None`: every call).
+    pub calls: Option<Vec<CallType>>,
+    /// Requests per minute per client address (0: no limit).
+    pub client_requests_per_minute: u32,
+}
+
+/// Default `client_requests_per_minute` of a key that browsers may use.
+pub const BROWSER_REQUESTS_PER_MINUTE: u32 = 600;
+
+impl Access {
+    /// Whether a browser page of `origin` may send with this key.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.origins.iter().any(|p| p.matches(origin))
+    }
+
+    pub fn allows_call(&self, call: CallType) -> bool {
+        self.calls.as_ref().is_none_or(|c| c.contains(&call))
+    }
+
+    /// Parses the three settings of `at` (`auth` or `sources[i]`).
+    fn parse(
+        at: &str,
+        origins: &[String],
+        calls: &[String],
+        per_minute: Option<u32>,
+    ) -> Result<Access, ConfigError> {
+        let origins = origins
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                OriginPattern::parse(o).map_err(|why| {
+                    ConfigError::invalid(format!("{at}.allowed_origins[{i}]"), format!("{o:?}: {why}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let calls = if calls.is_empty() {
+            None
+        } else {
+            let parsed = calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    CallType::parse(c)
+                        .filter(|c| *c != CallType::Delete)
+                        .ok_or_else(|| {
+                            ConfigError::invalid(
+                                format!("{at}.allowed_calls[{i}]"),
+                                format!(
+                                    "{c:?}: expected identify, group, page, screen, track or alias"
+                                ),
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(parsed)
+        };
+        let default_rate = if origins.is_empty() {
+            0
+        } else {
+            BROWSER_REQUESTS_PER_MINUTE
+        };
+        Ok(Access {
+            origins,
+            calls,
+            client_requests_per_minute: per_minute.unwrap_or(default_rate),
+        })
+    }
+}
+
+/// An `allowed_origins` entry: `scheme://host[:port]`, where the host may
+/// start with `*.` (any subdomain, not the domain itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    scheme: String,
+    /// Lowercase; without the `*.` of a wildcard.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl OriginPattern {
+    pub fn parse(text: &str) -> Result<OriginPattern, &'static str> {
+        let (wildcard, origin) = match text.split_once("://*.") {
+            Some((scheme, rest)) => (true, format!("{scheme}://{rest}")),
+            None => (false, text.to_owned()),
+        };
+        let parsed = Origin::parse(&origin).ok_or(
+            "expected an origin like https://app.example.com or https://*.example.com \
+             (scheme, host and optional port; no path)",
+        )?;
+        if wildcard && !parsed.host.contains('.') {
+            return Err("a wildcard needs a domain with a dot after it (https://*.example.com)");
+        }
+        Ok(OriginPattern {
+            scheme: parsed.scheme,
+            host: parsed.host,
+            wildcard,
+            port: parsed.port,
+        })
+    }
+
+    /// Whether the `Origin` header value `origin` matches.
+    pub fn matches(&self, origin: &str) -> bool {
+        let Some(o) = Origin::parse(origin) else {
+            return false;
+        };
+        if o.scheme != self.scheme || o.port != self.port {
+            return false;
+        }
+        if self.wildcard {
+            o.host
+                .strip_suffix(&self.host)
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+        } else {
+            o.host == self.host
+        }
+    }
+}
+
+/// A serialised origin (`scheme://host[:port]`), normalised: lowercase, and
+/// without the scheme's default port.
+struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    fn parse(text: &str) -> Option<Origin> {
+        let (scheme, rest) = text.split_once("://")?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return None,
+        };
+        let authority: axum::http::uri::Authority = rest.parse().ok()?;
+        // An origin is scheme, host and port only: no user info, path or query.
+        if authority.as_str() != rest || rest.contains('@') || rest.is_empty() {
+            return None;
+        }
+        let host = authority.host().to_ascii_lowercase();
+        let valid = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+        if !valid || host.is_empty() || host.starts_with('.') || host.ends_with('.') {
+            return None;
+        }
+        let port = authority.port_u16().filter(|p| *p != default_port);
+        Some(Origin { scheme, host, port })
+    }
 }
 
 impl Config {
@@ -588,10 +772,24 @@ impl Config {
                 })
         };
         let mut sources = Sources::default();
+        let a = &self.auth;
         let default_source = Source {
             name: "default".into(),
             settings: self.totango.clone(),
+            access: Access::parse(
+                "auth",
+                &a.allowed_origins,
+                &a.allowed_calls,
+                a.client_requests_per_minute,
+            )?,
         };
+        if !a.allowed_origins.is_empty() && a.write_keys.is_empty() {
+            // Open mode keeps refusing every cross-site browser request.
+            return Err(ConfigError::invalid(
+                "auth.allowed_origins",
+                "applies to auth.write_keys, and none is set: a browser source needs a write key",
+            ));
+        }
         for key in &self.auth.write_keys {
             if key.is_empty() {
                 return Err(ConfigError::invalid(
@@ -630,11 +828,18 @@ impl Config {
             if merged.service_id.is_some() {
                 check(&format!("{at}.totango"), &merged)?;
             }
+            let access = Access::parse(
+                &at,
+                &s.allowed_origins,
+                &s.allowed_calls,
+                s.client_requests_per_minute,
+            )?;
             let fresh = sources.insert(
                 &s.write_key,
                 Source {
                     name: s.name.clone(),
                     settings: merged,
+                    access,
                 },
             );
             if !fresh {

@@ -3,11 +3,13 @@
 //! storage commit. Mapping is used here only to classify (rejected,
 //! unsupported, filtered); delivery produces what is sent.
 
+mod browser;
 mod error;
 mod partner;
 mod tracking;
 mod webhook;
 
+pub use browser::ClientRates;
 pub use error::ApiError;
 
 use crate::config::{Runtime, Source};
@@ -35,16 +37,35 @@ pub struct AppState {
     pub admin: crate::admin::auth::AdminAuth,
     /// Set while the backlog or the disk is past its bound.
     pub backpressure: Arc<crate::backpressure::Backpressure>,
+    /// Requests per minute per client address of the keys that have a limit.
+    pub client_rates: ClientRates,
 }
 
 pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/batch", post(tracking::batch))
-        .route("/v1/import", post(tracking::batch))
-        .route("/v1/{call}", post(tracking::single))
+    // The Tracking API answers browsers of the origins a key allows.
+    let tracking = Router::new()
+        .route(
+            "/v1/batch",
+            post(tracking::batch).options(browser::preflight),
+        )
+        .route(
+            "/v1/import",
+            post(tracking::batch).options(browser::preflight),
+        )
+        .route(
+            "/v1/{call}",
+            post(tracking::single).options(browser::preflight),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            browser::cors,
+        ));
+    let others = Router::new()
         .route("/segment", post(partner::handle))
         .route("/webhook", post(webhook::handle))
-        .route_layer(axum::middleware::from_fn(refuse_browsers_from_other_sites))
+        .route_layer(axum::middleware::from_fn(refuse_browsers_from_other_sites));
+    tracking
+        .merge(others)
         .route_layer(axum::middleware::from_fn_with_state(
             state,
             open_mode_hosts_only,
@@ -113,13 +134,20 @@ async fn refuse_browsers_from_other_sites(
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
     if let Some(why) = crate::admin::auth::cross_site(req.headers()) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "cross_site",
-            format!("refused: {why}; ingest takes server-to-server requests only"),
-        ));
+        return Err(cross_site_refusal(why));
     }
     Ok(next.run(req).await)
+}
+
+fn cross_site_refusal(why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "cross_site",
+        format!(
+            "refused: {why}; ingest takes server-to-server requests, and browsers of the \
+             origins a write key allows (allowed_origins) on the Tracking API"
+        ),
+    )
 }
 
 impl AppState {
@@ -404,6 +432,24 @@ fn prepare(
         Ok(msg)
     });
     let msg = match (parsed, invalid) {
+        (Ok(msg), Invalid::Refuse) if !source.access.allows_call(msg.call) => {
+            return Err(browser::call_not_allowed(field, msg.call));
+        }
+        (Ok(msg), Invalid::RejectItem) if !source.access.allows_call(msg.call) => {
+            let e = browser::call_not_allowed(field, msg.call);
+            return Ok(rejected_item(
+                &value,
+                Rejection {
+                    code: e.code,
+                    reason: e.message,
+                },
+                source,
+                &settings.service_id,
+                payload,
+                overrides.without_token().to_stored_json(),
+                received_at,
+            ));
+        }
         (Ok(msg), _) => msg,
         (Err(e), Invalid::Refuse) => return Err(ApiError::invalid_message(field, &e)),
         (Err(e), Invalid::RejectItem) => {

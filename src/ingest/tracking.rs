@@ -1,9 +1,12 @@
 //! Segment HTTP Tracking API: `POST /v1/{identify,group,page,screen,track,alias}`
-//! and `/v1/batch` (`/v1/import`), so Segment's libraries can point here.
+//! (and analytics.js's short paths `/v1/{i,g,p,s,t,a}`) and `/v1/batch`
+//! (`/v1/import`), so Segment's libraries can point here.
 
 use super::*;
 use axum::Json;
-use axum::extract::{Path, State as Extract};
+use axum::Extension;
+use axum::extract::{ConnectInfo, Path, State as Extract};
+use std::net::SocketAddr;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
@@ -30,11 +33,12 @@ fn success() -> Response {
 pub async fn single(
     Extract(state): Extract<Arc<AppState>>,
     Path(call): Path<String>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     // `delete` comes only inside batches and webhooks; it has no endpoint.
-    let Some(call) = CallType::parse(&call).filter(|c| *c != CallType::Delete) else {
+    let Some(call) = CallType::from_path(&call).filter(|c| *c != CallType::Delete) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -43,10 +47,12 @@ pub async fn single(
             ),
         ));
     };
+    let client = client.map(|Extension(ConnectInfo(a))| a.ip());
     let header_key = basic_user(&headers)?;
     // A key in the header is checked before the body is read.
     if header_key.is_some() {
-        state.source_for(header_key.as_deref())?;
+        let source = state.source_for(header_key.as_deref())?;
+        browser::admit(&state, source, &headers, client)?;
     }
     let bytes = read_body(&state, &headers, body, BodyKind::Single).await?;
     let mut limits = RequestLimits::new(&state);
@@ -55,6 +61,9 @@ pub async fn single(
     drop(bytes);
     let body_key = take_write_key(&mut obj)?;
     let source = state.source_for(header_key.as_deref().or(body_key.as_deref()))?;
+    if header_key.is_none() {
+        browser::admit(&state, source, &headers, client)?;
+    }
     let received = Utc::now();
     obj.insert("type".into(), Value::String(call.as_str().into()));
     fill(&mut obj, received, None);
@@ -73,16 +82,22 @@ pub async fn single(
 
 pub async fn batch(
     Extract(state): Extract<Arc<AppState>>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let client = client.map(|Extension(ConnectInfo(a))| a.ip());
     let header_key = basic_user(&headers)?;
     if header_key.is_some() {
-        state.source_for(header_key.as_deref())?;
+        let source = state.source_for(header_key.as_deref())?;
+        browser::admit(&state, source, &headers, client)?;
     }
     let bytes = read_body(&state, &headers, body, BodyKind::Batch).await?;
     let body: BatchBody = parse_json(&bytes)?;
     let source = state.source_for(header_key.as_deref().or(body.write_key.as_deref()))?;
+    if header_key.is_none() {
+        browser::admit(&state, source, &headers, client)?;
+    }
     let max = state.limits().max_batch_messages;
     if body.batch.len() > max {
         return Err(ApiError::new(
