@@ -1187,3 +1187,87 @@ mod transport_settings {
         assert!(invalid(c).starts_with("limits.uncredentialed_body_grace_ms"));
     }
 }
+
+#[cfg(test)]
+mod browser_settings {
+    use super::*;
+
+    #[test]
+    fn origin_patterns_match_exact_origins_and_subdomains() {
+        let exact = OriginPattern::parse("https://App.Example.com").unwrap();
+        assert!(exact.matches("https://app.example.com"));
+        assert!(exact.matches("https://app.example.com:443"));
+        assert!(!exact.matches("http://app.example.com"));
+        assert!(!exact.matches("https://app.example.com:8443"));
+        assert!(!exact.matches("https://evil-app.example.com"));
+        assert!(!exact.matches("null"));
+        let any = OriginPattern::parse("https://*.example.com").unwrap();
+        assert!(any.matches("https://app.example.com"));
+        assert!(any.matches("https://a.b.example.com"));
+        assert!(!any.matches("https://example.com"), "not the domain itself");
+        assert!(!any.matches("https://evilexample.com"));
+        assert!(!any.matches("https://app.example.com.evil.net"));
+        let local = OriginPattern::parse("http://127.0.0.1:3000").unwrap();
+        assert!(local.matches("http://127.0.0.1:3000"));
+        assert!(!local.matches("http://127.0.0.1:3001"));
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "ftp://app.example.com",
+            "https://user@app.example.com",
+            "https://*.com",
+            "https://a.*.example.com",
+            "*",
+            "",
+        ] {
+            assert!(OriginPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn browser_settings_are_validated_naming_the_setting() {
+        let invalid = |c: Config| {
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mut c = Config::default();
+        c.auth.write_keys = vec!["k".into()];
+        c.auth.allowed_origins = vec!["https://app.example.com".into(), "app.example.com".into()];
+        assert!(invalid(c).starts_with("auth.allowed_origins[1]"));
+        let mut c = Config::default();
+        c.auth.allowed_origins = vec!["https://app.example.com".into()];
+        assert!(
+            invalid(c).starts_with("auth.allowed_origins"),
+            "open mode serves no browser"
+        );
+        let mut c = Config::default();
+        c.auth.write_keys = vec!["k".into()];
+        c.auth.allowed_calls = vec!["track".into(), "delete".into()];
+        assert!(invalid(c).starts_with("auth.allowed_calls[1]"));
+        let mut c = Config::default();
+        c.sources = vec![SourceConfig {
+            name: "web".into(),
+            write_key: "k-web".into(),
+            totango: SettingsPatch::default(),
+            allowed_origins: vec!["https://*.example.com".into()],
+            allowed_calls: vec!["identify".into(), "track".into()],
+            client_requests_per_minute: None,
+        }];
+        let rt = c.clone().validate().unwrap();
+        let web = rt.sources.find("k-web").unwrap();
+        assert!(web.access.allows_origin("https://shop.example.com"));
+        assert!(web.access.allows_call(CallType::Track));
+        assert!(!web.access.allows_call(CallType::Group));
+        assert_eq!(
+            web.access.client_requests_per_minute, BROWSER_REQUESTS_PER_MINUTE,
+            "a browser key is rate-limited by default"
+        );
+        assert!(rt.default_source.access.origins.is_empty());
+        assert_eq!(rt.default_source.access.client_requests_per_minute, 0);
+        c.sources[0].allowed_origins = vec!["https://*".into()];
+        assert!(invalid(c).starts_with("sources[0].allowed_origins[0]"));
+    }
+}
