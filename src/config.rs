@@ -449,7 +449,10 @@ impl Access {
             .enumerate()
             .map(|(i, o)| {
                 OriginPattern::parse(o).map_err(|why| {
-                    ConfigError::invalid(format!("{at}.allowed_origins[{i}]"), format!("{o:?}: {why}"))
+                    ConfigError::invalid(
+                        format!("{at}.allowed_origins[{i}]"),
+                        format!("{o:?}: {why}"),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -1247,15 +1250,18 @@ mod browser_settings {
         c.auth.write_keys = vec!["k".into()];
         c.auth.allowed_calls = vec!["track".into(), "delete".into()];
         assert!(invalid(c).starts_with("auth.allowed_calls[1]"));
-        let mut c = Config::default();
-        c.sources = vec![SourceConfig {
+        let mut c = Config {
+            sources: Vec::new(),
+            ..Config::default()
+        };
+        c.sources.push(SourceConfig {
             name: "web".into(),
             write_key: "k-web".into(),
             totango: SettingsPatch::default(),
             allowed_origins: vec!["https://*.example.com".into()],
             allowed_calls: vec!["identify".into(), "track".into()],
             client_requests_per_minute: None,
-        }];
+        });
         let rt = c.clone().validate().unwrap();
         let web = rt.sources.find("k-web").unwrap();
         assert!(web.access.allows_origin("https://shop.example.com"));

@@ -123,7 +123,9 @@ async fn analytics_js_sends_from_an_allowed_origin_only() {
     let mut config = common::config(&dir, &fake.uri());
     config.auth.write_keys = vec![WRITE_KEY.into()];
     config.auth.allowed_origins = vec![format!("http://{allowed_site}")];
-    config.auth.allowed_calls = ["identify", "group", "page", "track"].map(String::from).to_vec();
+    config.auth.allowed_calls = ["identify", "group", "page", "track"]
+        .map(String::from)
+        .to_vec();
     let srv = TestServer::start(config).await;
     let api_host = format!("{}/v1", srv.base.trim_start_matches("http://"));
 
@@ -182,7 +184,11 @@ async fn analytics_js_sends_from_an_allowed_origin_only() {
     activities.sort();
     assert_eq!(
         activities.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
-        ["Opened Report", "Viewed Docs Index Page", "Viewed Docs Page"],
+        [
+            "Opened Report",
+            "Viewed Docs Index Page",
+            "Viewed Docs Page"
+        ],
         "{delivered:#?}"
     );
     assert!(

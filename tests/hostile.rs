@@ -891,7 +891,11 @@ fn oversized() -> Vec<Case> {
         // Over limits.max_body_bytes (500 KB), or limits.max_batch_body_bytes
         // (4 MiB) for the paths that take several messages.
         let several = path == "/v1/batch" || path == "/webhook";
-        let (kb, over) = if several { (4_200, 4_300_000) } else { (600, 600_000) };
+        let (kb, over) = if several {
+            (4_200, 4_300_000)
+        } else {
+            (600, 600_000)
+        };
         let big = vec![b' '; over];
         cases.push(
             ingest(format!("{path} {kb} KB body"), path, &big).expect(error(413, "body_too_large")),
@@ -909,11 +913,15 @@ fn oversized() -> Vec<Case> {
         }
         chunked.extend_from_slice(b"0\r\n\r\n");
         cases.push(
-            ingest(format!("{path} {} KB chunked", if several { 4_480 } else { 640 }), path, b"")
-                .header("Transfer-Encoding", "chunked")
-                .body(chunked)
-                .length(Length::Omit)
-                .expect(error(413, "body_too_large")),
+            ingest(
+                format!("{path} {} KB chunked", if several { 4_480 } else { 640 }),
+                path,
+                b"",
+            )
+            .header("Transfer-Encoding", "chunked")
+            .body(chunked)
+            .length(Length::Omit)
+            .expect(error(413, "body_too_large")),
         );
         let mut m = message(path, &format!("big-{path}"));
         m["properties"]["blob"] = json!("x".repeat(40_000));

@@ -461,7 +461,11 @@ async fn assert_only_big_item_rejected(server: &Server, prefix: &str, summary: &
     let rejected = server.admin("/api/messages?outcome=rejected").await;
     let big = &rejected["messages"][0];
     assert_eq!(big["code"], "message_too_large", "{rejected}");
-    assert_eq!(big["payload"]["userId"], format!("{prefix}-big"), "{rejected}");
+    assert_eq!(
+        big["payload"]["userId"],
+        format!("{prefix}-big"),
+        "{rejected}"
+    );
     let users: BTreeSet<String> = server.delivered_users().await.into_iter().collect();
     let expected: BTreeSet<String> = (0..99).map(|i| format!("{prefix}-{i}")).collect();
     assert_eq!(users, expected);

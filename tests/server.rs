@@ -609,7 +609,10 @@ async fn browser_sources_get_cors_answers_for_their_origins_only() {
             .header("origin", origin)
             .header("sec-fetch-site", "cross-site")
             .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "authorization,content-type")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
     };
     let body = |user: &str| track(user, "Clicked").to_string();
 
@@ -617,7 +620,10 @@ async fn browser_sources_get_cors_answers_for_their_origins_only() {
     for path in ["/v1/t", "/v1/track", "/v1/batch"] {
         let r = srv.send(preflight(path, "https://app.example.com")).await;
         assert_eq!(r.status, 204, "{path}: {r:#?}");
-        assert_eq!(r.headers["access-control-allow-origin"], "https://app.example.com");
+        assert_eq!(
+            r.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
         assert_eq!(r.headers["access-control-allow-methods"], "POST");
         assert_eq!(
             r.headers["access-control-allow-headers"],
@@ -633,16 +639,25 @@ async fn browser_sources_get_cors_answers_for_their_origins_only() {
         assert!(r.headers.get("access-control-allow-origin").is_none());
     }
     // Only the Tracking API answers browsers.
-    let r = srv.send(preflight("/webhook", "https://app.example.com")).await;
+    let r = srv
+        .send(preflight("/webhook", "https://app.example.com"))
+        .await;
     assert_eq!(r.status, 405, "{r:#?}");
     assert!(r.headers.get("access-control-allow-origin").is_none());
 
     // A post from the allowed origin, text/plain, key in Authorization.
     let r = srv
-        .send(browser("/v1/t", "https://app.example.com").basic_auth(KEY, Some("")).body(body("web-1")))
+        .send(
+            browser("/v1/t", "https://app.example.com")
+                .basic_auth(KEY, Some(""))
+                .body(body("web-1")),
+        )
         .await;
     assert_success(&r);
-    assert_eq!(r.headers["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
     // ... or with writeKey in the body (what analytics.js also sends).
     let mut with_key = track("web-2", "Clicked");
     with_key["writeKey"] = json!(KEY);
@@ -656,15 +671,26 @@ async fn browser_sources_get_cors_answers_for_their_origins_only() {
         .send(browser("/v1/t", "https://app.example.com").body(body("web-3")))
         .await;
     assert_eq!(r.status, 401, "{r:#?}");
-    assert_eq!(r.headers["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
     // Another key's origin is not this key's.
     let r = srv
-        .send(browser("/v1/t", "https://a.shop.example").basic_auth(KEY, Some("")).body(body("web-4")))
+        .send(
+            browser("/v1/t", "https://a.shop.example")
+                .basic_auth(KEY, Some(""))
+                .body(body("web-4")),
+        )
         .await;
     assert_error(&r, 403, "cross_site", "allowed_origins");
     // Other origins: refused before anything is read.
     let r = srv
-        .send(browser("/v1/t", "https://evil.example").basic_auth(KEY, Some("")).body(body("web-5")))
+        .send(
+            browser("/v1/t", "https://evil.example")
+                .basic_auth(KEY, Some(""))
+                .body(body("web-5")),
+        )
         .await;
     assert_error(&r, 403, "cross_site", "refused");
     assert!(r.headers.get("access-control-allow-origin").is_none());
@@ -676,17 +702,25 @@ async fn browser_sources_get_cors_answers_for_their_origins_only() {
             .body(body)
     };
     let r = srv
-        .send(web("/v1/i", json!({"userId": "web-6", "traits": {"name": "Ann"}, "context": {"groupId": "acc1"}}).to_string()))
+        .send(web(
+            "/v1/i",
+            json!({"userId": "web-6", "traits": {"name": "Ann"}, "context": {"groupId": "acc1"}})
+                .to_string(),
+        ))
         .await;
     assert_success(&r);
     let r = srv
-        .send(web("/v1/g", json!({"userId": "web-6", "groupId": "acc1"}).to_string()))
+        .send(web(
+            "/v1/g",
+            json!({"userId": "web-6", "groupId": "acc1"}).to_string(),
+        ))
         .await;
     assert_error(&r, 403, "call_not_allowed", "group");
     let r = srv
         .send(web(
             "/v1/batch",
-            json!({"batch": [track("web-7", "Clicked"), {"type": "group", "groupId": "acc1"}]}).to_string(),
+            json!({"batch": [track("web-7", "Clicked"), {"type": "group", "groupId": "acc1"}]})
+                .to_string(),
         ))
         .await;
     assert_success(&r);
@@ -946,7 +980,10 @@ async fn an_oversized_item_is_rejected_alone_on_every_way_in() {
         assert_eq!(m.payload["messageId"], format!("big-{user}"));
         assert!(m.payload["truncated"]["bytes"].as_u64().unwrap() > 40_000);
         let kept = m.payload.to_string().len();
-        assert!(kept < 2_000, "the payload is kept as a bounded prefix: {kept} bytes");
+        assert!(
+            kept < 2_000,
+            "the payload is kept as a bounded prefix: {kept} bytes"
+        );
     }
     srv.stop().await;
 }

@@ -3,14 +3,14 @@
 //! (`/v1/import`), so Segment's libraries can point here.
 
 use super::*;
-use axum::Json;
 use axum::Extension;
+use axum::Json;
 use axum::extract::{ConnectInfo, Path, State as Extract};
-use std::net::SocketAddr;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::net::SocketAddr;
 
 #[derive(Deserialize)]
 struct BatchBody<'a> {
@@ -113,7 +113,10 @@ pub async fn batch(
     // Batch-level defaults too large for any message would make every item
     // too large: the request as a whole is unusable.
     let max_message = state.limits().max_message_bytes;
-    for (name, defaults) in [("context", &body.context), ("integrations", &body.integrations)] {
+    for (name, defaults) in [
+        ("context", &body.context),
+        ("integrations", &body.integrations),
+    ] {
         let len = defaults
             .as_ref()
             .map_or(0, |d| serde_json::to_string(d).map_or(0, |t| t.len()));
