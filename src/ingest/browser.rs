@@ -37,10 +37,23 @@ pub fn add_cors_headers(resp: &mut Response, origin: HeaderValue) {
     h.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
-/// `OPTIONS` on a Tracking API path. Only an allowed origin gets here (the
-/// cross-site check answers the others `403`); it may `POST` with the
-/// headers it asks for (analytics.js: `Authorization`, `Content-Type`).
-pub async fn preflight(headers: HeaderMap) -> Response {
+/// `OPTIONS` on a Tracking API path: the preflight of an allowed origin (the
+/// cross-site check answers other origins `403`) may `POST` with the headers
+/// it asks for (analytics.js: `Authorization`, `Content-Type`). Without
+/// such an origin, `OPTIONS` is a method this path does not take.
+pub async fn preflight(
+    Extract(state): Extract<Arc<AppState>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    if allowed_origin(&state, &headers).is_none() {
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("OPTIONS {}: method not allowed", uri.path()),
+        )
+        .into_response();
+    }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     let h = resp.headers_mut();
     h.insert(
