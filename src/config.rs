@@ -3,6 +3,7 @@
 
 use crate::mapping::{Settings, SettingsError, SettingsPatch};
 use crate::secret::Secret;
+use crate::segment::CallType;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -85,6 +86,19 @@ pub struct AuthConfig {
     /// (a DNS-rebinding page cannot post events to an open server).
     #[serde(default, deserialize_with = "comma_strings")]
     pub allowed_hosts: Vec<String>,
+    /// Browser origins that may send with `write_keys` (exact origins such
+    /// as `https://app.example.com`, or `https://*.example.com`): they get
+    /// CORS answers on the Tracking API. Default none.
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_origins: Vec<String>,
+    /// Calls `write_keys` may send (identify, group, page, screen, track,
+    /// alias); empty: every call.
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_calls: Vec<String>,
+    /// Requests per minute one client address may make with `write_keys`
+    /// (0: no limit). Default 600 when `allowed_origins` is set, else 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_requests_per_minute: Option<u32>,
 }
 
 /// Shortest `admin.token` accepted.
@@ -122,7 +136,12 @@ pub struct DeliveryConfig {
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_message_bytes: usize,
+    /// Body of a single-message request.
     pub max_body_bytes: usize,
+    /// Body of `/v1/batch`, `/v1/import` and `/webhook` (RudderStack's
+    /// libraries build batches up to 4 MB).
+    #[serde(default = "default_batch_body")]
+    pub max_batch_body_bytes: usize,
     /// Total size of one request's messages as stored (after a batch's
     /// `context` is merged into every item).
     pub max_request_stored_bytes: usize,
@@ -169,6 +188,10 @@ fn default_prefix_v6() -> u8 {
     64
 }
 
+fn default_batch_body() -> usize {
+    4 * 1024 * 1024
+}
+
 fn default_inflight() -> usize {
     64 * 1024 * 1024
 }
@@ -186,6 +209,16 @@ pub struct SourceConfig {
     /// Overrides of the default `[totango]` settings for this key.
     #[serde(default)]
     pub totango: SettingsPatch,
+    /// Browser origins that may send with this key (see `auth.allowed_origins`).
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_origins: Vec<String>,
+    /// Calls this key may send; empty: every call.
+    #[serde(default, deserialize_with = "comma_strings")]
+    pub allowed_calls: Vec<String>,
+    /// Requests per minute one client address may make with this key (0: no
+    /// limit). Default 600 when `allowed_origins` is set, else 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_requests_per_minute: Option<u32>,
 }
 
 impl Default for Config {
@@ -220,7 +253,8 @@ impl Default for Config {
             limits: LimitsConfig {
                 max_message_bytes: 32 * 1024,
                 max_body_bytes: 500 * 1024,
-                max_request_stored_bytes: 4 * 1024 * 1024,
+                max_batch_body_bytes: default_batch_body(),
+                max_request_stored_bytes: 8 * 1024 * 1024,
                 max_batch_messages: 2_500,
                 header_read_timeout_ms: 10_000,
                 body_read_timeout_ms: 30_000,
@@ -379,6 +413,169 @@ impl Sources {
 pub struct Source {
     pub name: String,
     pub settings: SettingsPatch,
+    pub access: Access,
+}
+
+/// What a key may do beyond server-to-server sending: browser origins, the
+/// calls it may send, and its rate per client address.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Origins that get CORS answers (empty: no browser may send).
+    pub origins: Vec<OriginPattern>,
+    /// Calls the key may send (`None`: every call).
+    pub calls: Option<Vec<CallType>>,
+    /// Requests per minute per client address (0: no limit).
+    pub client_requests_per_minute: u32,
+}
+
+/// Default `client_requests_per_minute` of a key that browsers may use.
+pub const BROWSER_REQUESTS_PER_MINUTE: u32 = 600;
+
+impl Access {
+    /// Whether a browser page of `origin` may send with this key.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.origins.iter().any(|p| p.matches(origin))
+    }
+
+    pub fn allows_call(&self, call: CallType) -> bool {
+        self.calls.as_ref().is_none_or(|c| c.contains(&call))
+    }
+
+    /// Parses the three settings of `at` (`auth` or `sources[i]`).
+    fn parse(
+        at: &str,
+        origins: &[String],
+        calls: &[String],
+        per_minute: Option<u32>,
+    ) -> Result<Access, ConfigError> {
+        let origins = origins
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                OriginPattern::parse(o).map_err(|why| {
+                    ConfigError::invalid(
+                        format!("{at}.allowed_origins[{i}]"),
+                        format!("{o:?}: {why}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let calls = if calls.is_empty() {
+            None
+        } else {
+            let parsed = calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    CallType::parse(c)
+                        .filter(|c| *c != CallType::Delete)
+                        .ok_or_else(|| {
+                            ConfigError::invalid(
+                                format!("{at}.allowed_calls[{i}]"),
+                                format!(
+                                    "{c:?}: expected identify, group, page, screen, track or alias"
+                                ),
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(parsed)
+        };
+        let default_rate = if origins.is_empty() {
+            0
+        } else {
+            BROWSER_REQUESTS_PER_MINUTE
+        };
+        Ok(Access {
+            origins,
+            calls,
+            client_requests_per_minute: per_minute.unwrap_or(default_rate),
+        })
+    }
+}
+
+/// An `allowed_origins` entry: `scheme://host[:port]`, where the host may
+/// start with `*.` (any subdomain, not the domain itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    scheme: String,
+    /// Lowercase; without the `*.` of a wildcard.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl OriginPattern {
+    pub fn parse(text: &str) -> Result<OriginPattern, &'static str> {
+        let (wildcard, origin) = match text.split_once("://*.") {
+            Some((scheme, rest)) => (true, format!("{scheme}://{rest}")),
+            None => (false, text.to_owned()),
+        };
+        let parsed = Origin::parse(&origin).ok_or(
+            "expected an origin like https://app.example.com or https://*.example.com \
+             (scheme, host and optional port; no path)",
+        )?;
+        if wildcard && !parsed.host.contains('.') {
+            return Err("a wildcard needs a domain with a dot after it (https://*.example.com)");
+        }
+        Ok(OriginPattern {
+            scheme: parsed.scheme,
+            host: parsed.host,
+            wildcard,
+            port: parsed.port,
+        })
+    }
+
+    /// Whether the `Origin` header value `origin` matches.
+    pub fn matches(&self, origin: &str) -> bool {
+        let Some(o) = Origin::parse(origin) else {
+            return false;
+        };
+        if o.scheme != self.scheme || o.port != self.port {
+            return false;
+        }
+        if self.wildcard {
+            o.host
+                .strip_suffix(&self.host)
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+        } else {
+            o.host == self.host
+        }
+    }
+}
+
+/// A serialised origin (`scheme://host[:port]`), normalised: lowercase, and
+/// without the scheme's default port.
+struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    fn parse(text: &str) -> Option<Origin> {
+        let (scheme, rest) = text.split_once("://")?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return None,
+        };
+        let authority: axum::http::uri::Authority = rest.parse().ok()?;
+        // An origin is scheme, host and port only: no user info, path or query.
+        if authority.as_str() != rest || rest.contains('@') || rest.is_empty() {
+            return None;
+        }
+        let host = authority.host().to_ascii_lowercase();
+        let valid = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+        if !valid || host.is_empty() || host.starts_with('.') || host.ends_with('.') {
+            return None;
+        }
+        let port = authority.port_u16().filter(|p| *p != default_port);
+        Some(Origin { scheme, host, port })
+    }
 }
 
 impl Config {
@@ -510,6 +707,7 @@ impl Config {
         for (name, v) in [
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.max_batch_body_bytes", l.max_batch_body_bytes),
             (
                 "limits.max_request_stored_bytes",
                 l.max_request_stored_bytes,
@@ -521,12 +719,23 @@ impl Config {
                 return Err(ConfigError::invalid(name, "must be at least 1"));
             }
         }
-        if l.max_inflight_body_bytes < l.max_body_bytes {
+        if l.max_request_stored_bytes < l.max_batch_body_bytes {
+            return Err(ConfigError::invalid(
+                "limits.max_request_stored_bytes",
+                format!(
+                    "must be at least limits.max_batch_body_bytes ({}), or a full batch \
+                     could not be stored",
+                    l.max_batch_body_bytes
+                ),
+            ));
+        }
+        let largest_body = l.max_body_bytes.max(l.max_batch_body_bytes);
+        if l.max_inflight_body_bytes < largest_body {
             return Err(ConfigError::invalid(
                 "limits.max_inflight_body_bytes",
                 format!(
-                    "must be at least limits.max_body_bytes ({}), or no full body could be read",
-                    l.max_body_bytes
+                    "must be at least limits.max_body_bytes and limits.max_batch_body_bytes \
+                     ({largest_body}), or no full body could be read"
                 ),
             ));
         }
@@ -564,10 +773,24 @@ impl Config {
                 })
         };
         let mut sources = Sources::default();
+        let a = &self.auth;
         let default_source = Source {
             name: "default".into(),
             settings: self.totango.clone(),
+            access: Access::parse(
+                "auth",
+                &a.allowed_origins,
+                &a.allowed_calls,
+                a.client_requests_per_minute,
+            )?,
         };
+        if !a.allowed_origins.is_empty() && a.write_keys.is_empty() {
+            // Open mode keeps refusing every cross-site browser request.
+            return Err(ConfigError::invalid(
+                "auth.allowed_origins",
+                "applies to auth.write_keys, and none is set: a browser source needs a write key",
+            ));
+        }
         for key in &self.auth.write_keys {
             if key.is_empty() {
                 return Err(ConfigError::invalid(
@@ -606,11 +829,18 @@ impl Config {
             if merged.service_id.is_some() {
                 check(&format!("{at}.totango"), &merged)?;
             }
+            let access = Access::parse(
+                &at,
+                &s.allowed_origins,
+                &s.allowed_calls,
+                s.client_requests_per_minute,
+            )?;
             let fresh = sources.insert(
                 &s.write_key,
                 Source {
                     name: s.name.clone(),
                     settings: merged,
+                    access,
                 },
             );
             if !fresh {
@@ -780,6 +1010,7 @@ mod tests {
             assert_eq!(c.delivery.max_concurrency, 1024);
             assert_eq!(c.limits.max_message_bytes, 32 * 1024);
             assert_eq!(c.limits.max_body_bytes, 500 * 1024);
+            assert_eq!(c.limits.max_batch_body_bytes, 4 * 1024 * 1024);
             assert_eq!(c.limits.max_batch_messages, 2500);
             let rt = c.validate().unwrap();
             assert!(rt.sources.is_empty());
@@ -972,6 +1203,12 @@ mod transport_settings {
         c.limits.max_inflight_body_bytes = c.limits.max_body_bytes - 1;
         assert!(invalid(c).starts_with("limits.max_inflight_body_bytes"));
         let mut c = Config::default();
+        c.limits.max_inflight_body_bytes = c.limits.max_batch_body_bytes - 1;
+        assert!(invalid(c).starts_with("limits.max_inflight_body_bytes"));
+        let mut c = Config::default();
+        c.limits.max_batch_body_bytes = 0;
+        assert!(invalid(c).starts_with("limits.max_batch_body_bytes"));
+        let mut c = Config::default();
         c.limits.client_prefix_v6 = 129;
         assert!(invalid(c).starts_with("limits.client_prefix_v6"));
         let mut c = Config::default();
@@ -980,5 +1217,92 @@ mod transport_settings {
         let mut c = Config::default();
         c.limits.uncredentialed_body_grace_ms = 0;
         assert!(invalid(c).starts_with("limits.uncredentialed_body_grace_ms"));
+    }
+}
+
+#[cfg(test)]
+mod browser_settings {
+    use super::*;
+
+    #[test]
+    fn origin_patterns_match_exact_origins_and_subdomains() {
+        let exact = OriginPattern::parse("https://App.Example.com").unwrap();
+        assert!(exact.matches("https://app.example.com"));
+        assert!(exact.matches("https://app.example.com:443"));
+        assert!(!exact.matches("http://app.example.com"));
+        assert!(!exact.matches("https://app.example.com:8443"));
+        assert!(!exact.matches("https://evil-app.example.com"));
+        assert!(!exact.matches("null"));
+        let any = OriginPattern::parse("https://*.example.com").unwrap();
+        assert!(any.matches("https://app.example.com"));
+        assert!(any.matches("https://a.b.example.com"));
+        assert!(!any.matches("https://example.com"), "not the domain itself");
+        assert!(!any.matches("https://evilexample.com"));
+        assert!(!any.matches("https://app.example.com.evil.net"));
+        let local = OriginPattern::parse("http://127.0.0.1:3000").unwrap();
+        assert!(local.matches("http://127.0.0.1:3000"));
+        assert!(!local.matches("http://127.0.0.1:3001"));
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "ftp://app.example.com",
+            "https://user@app.example.com",
+            "https://*.com",
+            "https://a.*.example.com",
+            "*",
+            "",
+        ] {
+            assert!(OriginPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn browser_settings_are_validated_naming_the_setting() {
+        let invalid = |c: Config| {
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mut c = Config::default();
+        c.auth.write_keys = vec!["k".into()];
+        c.auth.allowed_origins = vec!["https://app.example.com".into(), "app.example.com".into()];
+        assert!(invalid(c).starts_with("auth.allowed_origins[1]"));
+        let mut c = Config::default();
+        c.auth.allowed_origins = vec!["https://app.example.com".into()];
+        assert!(
+            invalid(c).starts_with("auth.allowed_origins"),
+            "open mode serves no browser"
+        );
+        let mut c = Config::default();
+        c.auth.write_keys = vec!["k".into()];
+        c.auth.allowed_calls = vec!["track".into(), "delete".into()];
+        assert!(invalid(c).starts_with("auth.allowed_calls[1]"));
+        let mut c = Config {
+            sources: Vec::new(),
+            ..Config::default()
+        };
+        c.sources.push(SourceConfig {
+            name: "web".into(),
+            write_key: "k-web".into(),
+            totango: SettingsPatch::default(),
+            allowed_origins: vec!["https://*.example.com".into()],
+            allowed_calls: vec!["identify".into(), "track".into()],
+            client_requests_per_minute: None,
+        });
+        let rt = c.clone().validate().unwrap();
+        let web = rt.sources.find("k-web").unwrap();
+        assert!(web.access.allows_origin("https://shop.example.com"));
+        assert!(web.access.allows_call(CallType::Track));
+        assert!(!web.access.allows_call(CallType::Group));
+        assert_eq!(
+            web.access.client_requests_per_minute, BROWSER_REQUESTS_PER_MINUTE,
+            "a browser key is rate-limited by default"
+        );
+        assert!(rt.default_source.access.origins.is_empty());
+        assert_eq!(rt.default_source.access.client_requests_per_minute, 0);
+        c.sources[0].allowed_origins = vec!["https://*".into()];
+        assert!(invalid(c).starts_with("sources[0].allowed_origins[0]"));
     }
 }

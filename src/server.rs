@@ -161,6 +161,7 @@ pub async fn run_with_storage(
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
     let limits = runtime.config.limits.clone();
     let insights = crate::insights::spawn(runtime.clone());
+    let client_rates = ingest::ClientRates::new(&runtime);
     let state = Arc::new(AppState {
         storage: storage.clone(),
         delivery,
@@ -168,6 +169,7 @@ pub async fn run_with_storage(
         shutting_down: false.into(),
         admin,
         backpressure: backpressure.clone(),
+        client_rates,
     });
     let transport = crate::budget::Transport::new(&limits);
     let app = router(

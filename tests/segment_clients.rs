@@ -339,10 +339,9 @@ async fn node_library_delivers_every_event() {
     server.stop().await;
 }
 
-/// Why the README tells Node users to keep `flushAt` small: the library's
-/// own size estimate does not bound its batches, so with `flushAt: 2500` it
-/// sends one body far over the server's 500 KB limit, which is refused with
-/// `413` and dropped by the library.
+/// The Node library's own size estimate does not bound its batches: with
+/// `flushAt: 2500` it sends bodies far over 500 KB. `/v1/batch` takes bodies
+/// up to `limits.max_batch_body_bytes` (4 MiB), so none is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_library_batch_size_is_bounded_by_flush_at_only() {
     let Some(node) = node() else { return };
@@ -359,23 +358,10 @@ async fn node_library_batch_size_is_bounded_by_flush_at_only() {
         summary["maxBodyBytes"].as_u64().unwrap() > 512_000,
         "{summary}"
     );
-    assert!(
-        summary["statuses"]["413"].as_u64().unwrap() >= 1,
-        "{summary}"
-    );
-    // With the documented setting (flushAt ≤ 100) the same events all arrive.
-    let args = script_args(
-        "tests/clients/node/send_events.mjs",
-        &server,
-        "hundred",
-        &["--flush-at", "100"],
-    );
-    let summary = run_client(&node, &args).await;
     assert_eq!(summary["errors"], serde_json::json!({}), "{summary}");
-    assert!(
-        summary["maxBodyBytes"].as_u64().unwrap() < 512_000,
-        "{summary}"
-    );
+    assert!(summary["statuses"].get("413").is_none(), "{summary}");
+    let outcomes = server.settled_outcomes().await;
+    assert_eq!(outcomes["delivered"], 2500, "{outcomes}");
     server.stop().await;
 }
 
@@ -460,5 +446,63 @@ async fn rudderstack_node_library_delivers_every_event_with_identify_traits() {
     assert_eq!(summary["sent"], EVENTS);
     assert_all_delivered(&server, "rnode", &summary).await;
     assert_identify_traits_delivered(&server, "rnode").await;
+    server.stop().await;
+}
+
+/// One 40 KB event (over the 32 KB message limit) inside a 100-event batch:
+/// it alone is stored `rejected` (`message_too_large`), the 99 others are
+/// delivered.
+async fn assert_only_big_item_rejected(server: &Server, prefix: &str, summary: &Value) {
+    assert_eq!(summary["sent"], 100, "{summary}");
+    assert_eq!(summary["errors"], serde_json::json!({}), "{summary}");
+    let outcomes = server.settled_outcomes().await;
+    assert_eq!(outcomes["delivered"], 99, "{outcomes}\n{}", server.log());
+    assert_eq!(outcomes["rejected"], 1, "{outcomes}");
+    let rejected = server.admin("/api/messages?outcome=rejected").await;
+    let big = &rejected["messages"][0];
+    assert_eq!(big["code"], "message_too_large", "{rejected}");
+    assert_eq!(
+        big["payload"]["userId"],
+        format!("{prefix}-big"),
+        "{rejected}"
+    );
+    let users: BTreeSet<String> = server.delivered_users().await.into_iter().collect();
+    let expected: BTreeSet<String> = (0..99).map(|i| format!("{prefix}-{i}")).collect();
+    assert_eq!(users, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rudderstack_python_library_loses_nothing_for_one_oversized_event() {
+    let Some(python) = python_with("rudderstack.analytics") else {
+        return;
+    };
+    let server = Server::start().await;
+    let args = script_args_n(
+        "tests/clients/python/send_events.py",
+        &server,
+        "rpybig",
+        99,
+        &["--library", "rudder", "--big-item"],
+    );
+    let summary = run_client(&python, &args).await;
+    assert_only_big_item_rejected(&server, "rpybig", &summary).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rudderstack_node_library_loses_nothing_for_one_oversized_event() {
+    let Some(node) = node_with("@rudderstack/rudder-sdk-node") else {
+        return;
+    };
+    let server = Server::start().await;
+    let args = script_args_n(
+        "tests/clients/node/send_events_rudder.mjs",
+        &server,
+        "rnodebig",
+        99,
+        &["--big-item", "--flush-at", "100"],
+    );
+    let summary = run_client(&node, &args).await;
+    assert_only_big_item_rejected(&server, "rnodebig", &summary).await;
     server.stop().await;
 }

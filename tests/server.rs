@@ -577,6 +577,169 @@ async fn tracking_api_accepts_rejected_and_unsupported_calls_and_records_them() 
     srv.stop().await;
 }
 
+/// Browser sources: a key's `allowed_origins` get CORS answers on the
+/// Tracking API (short paths and `text/plain` bodies, as analytics.js sends
+/// them), the key is still required, the key's `allowed_calls` and rate per
+/// client address hold, and every other origin stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sources_get_cors_answers_for_their_origins_only() {
+    let fake = Fake::ok().await;
+    let dir = common::place();
+    let mut c = config(&dir, &fake.uri());
+    c.auth.allowed_origins = vec!["https://app.example.com".into()];
+    c.sources = vec![SourceConfig {
+        name: "web".into(),
+        write_key: "k-web".into(),
+        totango: SettingsPatch::default(),
+        allowed_origins: vec!["https://*.shop.example".into()],
+        allowed_calls: vec!["identify".into(), "track".into()],
+        client_requests_per_minute: Some(5),
+    }];
+    let srv = Server::start(c).await;
+    let browser = |path: &str, origin: &str| {
+        srv.http
+            .post(srv.url(path))
+            .header("origin", origin)
+            .header("sec-fetch-site", "cross-site")
+            .header("content-type", "text/plain")
+    };
+    let preflight = |path: &str, origin: &str| {
+        srv.http
+            .request(reqwest::Method::OPTIONS, srv.url(path))
+            .header("origin", origin)
+            .header("sec-fetch-site", "cross-site")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+    };
+    let body = |user: &str| track(user, "Clicked").to_string();
+
+    // The preflight of an allowed origin, on a short path and a long one.
+    for path in ["/v1/t", "/v1/track", "/v1/batch"] {
+        let r = srv.send(preflight(path, "https://app.example.com")).await;
+        assert_eq!(r.status, 204, "{path}: {r:#?}");
+        assert_eq!(
+            r.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        assert_eq!(r.headers["access-control-allow-methods"], "POST");
+        assert_eq!(
+            r.headers["access-control-allow-headers"],
+            "authorization,content-type"
+        );
+    }
+    let r = srv.send(preflight("/v1/t", "https://a.shop.example")).await;
+    assert_eq!(r.status, 204, "{r:#?}");
+    // Any other origin: refused, without CORS headers.
+    for origin in ["https://evil.example", "https://shop.example", "null"] {
+        let r = srv.send(preflight("/v1/t", origin)).await;
+        assert_error(&r, 403, "cross_site", "refused");
+        assert!(r.headers.get("access-control-allow-origin").is_none());
+    }
+    // Only the Tracking API answers browsers.
+    let r = srv
+        .send(preflight("/webhook", "https://app.example.com"))
+        .await;
+    assert_eq!(r.status, 405, "{r:#?}");
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+
+    // A post from the allowed origin, text/plain, key in Authorization.
+    let r = srv
+        .send(
+            browser("/v1/t", "https://app.example.com")
+                .basic_auth(KEY, Some(""))
+                .body(body("web-1")),
+        )
+        .await;
+    assert_success(&r);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    // ... or with writeKey in the body (what analytics.js also sends).
+    let mut with_key = track("web-2", "Clicked");
+    with_key["writeKey"] = json!(KEY);
+    let r = srv
+        .send(browser("/v1/t", "https://app.example.com").body(with_key.to_string()))
+        .await;
+    assert_success(&r);
+    // The key is still required; the answer still carries CORS headers so
+    // that the page can read it.
+    let r = srv
+        .send(browser("/v1/t", "https://app.example.com").body(body("web-3")))
+        .await;
+    assert_eq!(r.status, 401, "{r:#?}");
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    // Another key's origin is not this key's.
+    let r = srv
+        .send(
+            browser("/v1/t", "https://a.shop.example")
+                .basic_auth(KEY, Some(""))
+                .body(body("web-4")),
+        )
+        .await;
+    assert_error(&r, 403, "cross_site", "allowed_origins");
+    // Other origins: refused before anything is read.
+    let r = srv
+        .send(
+            browser("/v1/t", "https://evil.example")
+                .basic_auth(KEY, Some(""))
+                .body(body("web-5")),
+        )
+        .await;
+    assert_error(&r, 403, "cross_site", "refused");
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+
+    // The "web" key: its calls only, at 5 requests a minute per client.
+    let web = |path: &str, body: String| {
+        browser(path, "https://a.shop.example")
+            .basic_auth("k-web", Some(""))
+            .body(body)
+    };
+    let r = srv
+        .send(web(
+            "/v1/i",
+            json!({"userId": "web-6", "traits": {"name": "Ann"}, "context": {"groupId": "acc1"}})
+                .to_string(),
+        ))
+        .await;
+    assert_success(&r);
+    let r = srv
+        .send(web(
+            "/v1/g",
+            json!({"userId": "web-6", "groupId": "acc1"}).to_string(),
+        ))
+        .await;
+    assert_error(&r, 403, "call_not_allowed", "group");
+    let r = srv
+        .send(web(
+            "/v1/batch",
+            json!({"batch": [track("web-7", "Clicked"), {"type": "group", "groupId": "acc1"}]})
+                .to_string(),
+        ))
+        .await;
+    assert_success(&r);
+    for _ in 0..2 {
+        let r = srv.send(web("/v1/t", body("web-8"))).await;
+        assert_success(&r);
+    }
+    let r = srv.send(web("/v1/t", body("web-9"))).await;
+    assert_error(&r, 429, "rate_limited", "client_requests_per_minute");
+    assert!(r.headers.contains_key("retry-after"), "{r:#?}");
+
+    // What was accepted: the allowed posts, the batch's group rejected alone.
+    let c = srv.counts().await;
+    assert_eq!(c.get("rejected"), Some(&1), "{c:?}");
+    let stored: u64 = c.values().sum();
+    assert_eq!(stored, 7, "{c:?}");
+    srv.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // 2. /v1/batch
 // ---------------------------------------------------------------------------
@@ -650,6 +813,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     c.limits.max_batch_messages = 3;
     c.limits.max_message_bytes = 512;
     c.limits.max_body_bytes = 4096;
+    c.limits.max_batch_body_bytes = 4096;
     let srv = Server::start(c).await;
     let ok = track("u1", "E");
 
@@ -659,15 +823,9 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
         .await;
     assert_error(&r, 400, "batch_too_large", "batch");
 
-    // One item over max_message_bytes.
+    // A single call over max_message_bytes.
     let mut big = track("u1", "Big");
     big["properties"] = json!({"blob": "x".repeat(600)});
-    let r = srv
-        .post("/v1/batch", Some(KEY), &json!({"batch": [ok, big]}))
-        .await;
-    assert_error(&r, 400, "message_too_large", "batch[1]");
-
-    // A single call over max_message_bytes.
     let r = srv.post("/v1/track", Some(KEY), &big).await;
     assert_error(&r, 400, "message_too_large", "message");
 
@@ -701,7 +859,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
         .post_raw("/v1/batch", Some(KEY), &b"{\"batch\": []} {}"[..])
         .await;
     assert_error(&r, 400, "malformed_json", "trailing");
-    // A batch context that makes the merged items too large, each...
+    // A batch context larger than any message would make every item too large...
     let r = srv
         .post(
             "/v1/batch",
@@ -709,7 +867,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
             &json!({"batch": [ok], "context": {"blob": "x".repeat(600)}}),
         )
         .await;
-    assert_error(&r, 400, "message_too_large", "batch[0]");
+    assert_error(&r, 400, "message_too_large", "context");
     assert_eq!(srv.counts().await, counts(&[]), "nothing stored");
     srv.stop().await;
 
@@ -717,6 +875,7 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     let dir = common::place();
     let mut c = config(&dir, &fake.uri());
     c.limits.max_request_stored_bytes = 2_000;
+    c.limits.max_batch_body_bytes = 2_000;
     let srv = Server::start(c).await;
     let r = srv
         .post(
@@ -740,6 +899,92 @@ async fn batch_errors_are_named_and_nothing_of_the_batch_is_stored() {
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(fake.hits().is_empty());
+    srv.stop().await;
+}
+
+/// One item over `limits.max_message_bytes` costs only itself, on each of the
+/// three ways in that take several messages: it is stored `rejected`
+/// (`message_too_large`) with a bounded summary of its payload, and the
+/// others are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_item_is_rejected_alone_on_every_way_in() {
+    let fake = Fake::ok().await;
+    let dir = common::place();
+    let mut c = config(&dir, &fake.uri());
+    c.limits.max_message_bytes = 2_000;
+    let srv = Server::start(c).await;
+    let big = |user: &str| {
+        json!({"type": "track", "userId": user, "event": "Big", "messageId": format!("big-{user}"),
+               "context": {"groupId": "acc1"}, "properties": {"blob": "x".repeat(40_000)}})
+    };
+    let r = srv
+        .post(
+            "/v1/batch",
+            Some(KEY),
+            &json!({"batch": [track("b1", "E"), big("b-big"), track("b2", "E")]}),
+        )
+        .await;
+    assert_success(&r);
+    let r = srv
+        .post(
+            "/v1/import",
+            Some(KEY),
+            &json!({"batch": [big("i-big"), track("i1", "E")]}),
+        )
+        .await;
+    assert_success(&r);
+    let r = srv
+        .post(
+            "/webhook",
+            Some(KEY),
+            &json!([track("w1", "E"), big("w-big")]),
+        )
+        .await;
+    // /webhook reports a rejected element with 400 (Segment does not retry it);
+    // the other element is kept.
+    assert_error(&r, 400, "message_too_large", "[1]");
+    assert_eq!(r.json["outcomes"][0]["outcome"], "accepted", "{r:#?}");
+    assert_eq!(r.json["outcomes"][1]["outcome"], "rejected", "{r:#?}");
+
+    let deadline = Instant::now() + WAIT;
+    while fake.hits().len() < 4 {
+        assert!(Instant::now() < deadline, "delivered: {:?}", fake.hits());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.hits().len(), 4, "{:?}", fake.hits());
+    for user in ["b1", "b2", "i1", "w1"] {
+        assert_eq!(fake.for_user(user).len(), 1, "{user} delivered once");
+    }
+    for user in ["b-big", "i-big", "w-big"] {
+        assert!(fake.for_user(user).is_empty(), "{user} not delivered");
+    }
+    let rejected = srv
+        .storage
+        .list(
+            totango_destination::storage::MessageFilter {
+                state: Some(State::Rejected),
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 3, "{rejected:#?}");
+    for m in &rejected {
+        assert_eq!(m.code.as_deref(), Some("message_too_large"), "{m:#?}");
+        let reason = m.reason.as_deref().unwrap_or_default();
+        assert!(reason.contains("at most 2000 bytes"), "{reason}");
+        let user = m.user_id.as_deref().unwrap_or_default();
+        assert!(user.ends_with("-big"), "{m:#?}");
+        assert_eq!(m.payload["messageId"], format!("big-{user}"));
+        assert!(m.payload["truncated"]["bytes"].as_u64().unwrap() > 40_000);
+        let kept = m.payload.to_string().len();
+        assert!(
+            kept < 2_000,
+            "the payload is kept as a bounded prefix: {kept} bytes"
+        );
+    }
     srv.stop().await;
 }
 
@@ -1513,6 +1758,9 @@ async fn each_write_key_uses_its_own_settings() {
             api_token: Some("tok-2".into()),
             ..SettingsPatch::default()
         },
+        allowed_origins: Vec::new(),
+        allowed_calls: Vec::new(),
+        client_requests_per_minute: None,
     }];
     let srv = Server::start(c).await;
 

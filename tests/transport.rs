@@ -123,6 +123,7 @@ async fn bodies_past_the_global_budget_are_503_with_retry_after() {
     let place = common::place();
     let mut c = config(&place);
     c.limits.max_body_bytes = 100_000;
+    c.limits.max_batch_body_bytes = 100_000;
     c.limits.max_message_bytes = 100_000;
     c.limits.max_inflight_body_bytes = 150_000;
     let srv = TestServer::start(c).await;

@@ -3,11 +3,13 @@
 //! storage commit. Mapping is used here only to classify (rejected,
 //! unsupported, filtered); delivery produces what is sent.
 
+mod browser;
 mod error;
 mod partner;
 mod tracking;
 mod webhook;
 
+pub use browser::ClientRates;
 pub use error::ApiError;
 
 use crate::config::{Runtime, Source};
@@ -39,16 +41,35 @@ pub struct AppState {
     pub admin: crate::admin::auth::AdminAuth,
     /// Set while the backlog or the disk is past its bound.
     pub backpressure: Arc<crate::backpressure::Backpressure>,
+    /// Requests per minute per client address of the keys that have a limit.
+    pub client_rates: ClientRates,
 }
 
 pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/batch", post(tracking::batch))
-        .route("/v1/import", post(tracking::batch))
-        .route("/v1/{call}", post(tracking::single))
+    // The Tracking API answers browsers of the origins a key allows.
+    let tracking = Router::new()
+        .route(
+            "/v1/batch",
+            post(tracking::batch).options(browser::preflight),
+        )
+        .route(
+            "/v1/import",
+            post(tracking::batch).options(browser::preflight),
+        )
+        .route(
+            "/v1/{call}",
+            post(tracking::single).options(browser::preflight),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            browser::cors,
+        ));
+    let others = Router::new()
         .route("/segment", post(partner::handle))
         .route("/webhook", post(webhook::handle))
-        .route_layer(axum::middleware::from_fn(refuse_browsers_from_other_sites))
+        .route_layer(axum::middleware::from_fn(refuse_browsers_from_other_sites));
+    tracking
+        .merge(others)
         .route_layer(axum::middleware::from_fn_with_state(
             state,
             open_mode_hosts_only,
@@ -117,13 +138,20 @@ async fn refuse_browsers_from_other_sites(
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
     if let Some(why) = crate::admin::auth::cross_site(req.headers()) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "cross_site",
-            format!("refused: {why}; ingest takes server-to-server requests only"),
-        ));
+        return Err(cross_site_refusal(why));
     }
     Ok(next.run(req).await)
+}
+
+fn cross_site_refusal(why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "cross_site",
+        format!(
+            "refused: {why}; ingest takes server-to-server requests, and browsers of the \
+             origins a write key allows (allowed_origins) on the Tracking API"
+        ),
+    )
 }
 
 impl AppState {
@@ -244,11 +272,28 @@ fn basic_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(user.to_owned()))
 }
 
+/// Which body limit a route has.
+#[derive(Debug, Clone, Copy)]
+enum BodyKind {
+    /// One message (`limits.max_body_bytes`).
+    Single,
+    /// `/v1/batch`, `/v1/import` and `/webhook` (`limits.max_batch_body_bytes`).
+    Batch,
+}
+
 /// Reads the whole body within the configured limit (`413` beyond it). The
 /// deadline and the global budget are the transport's (`crate::budget`):
 /// `408` for a late body, `503` + `Retry-After` over budget.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let limit = state.limits().max_body_bytes;
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    kind: BodyKind,
+) -> Result<Bytes, ApiError> {
+    let limit = match kind {
+        BodyKind::Single => state.limits().max_body_bytes,
+        BodyKind::Batch => state.limits().max_batch_body_bytes,
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -301,7 +346,7 @@ struct Summary {
     message_id: String,
     state: State,
     outcome: Outcome,
-    code: Option<Code>,
+    code: Option<&'static str>,
     message: Option<String>,
     warnings: Vec<String>,
 }
@@ -315,7 +360,7 @@ impl Summary {
                     Outcome::Send => "accepted",
                     other => other.as_str(),
                 },
-                self.code.map(Code::as_str),
+                self.code,
                 self.message.as_deref(),
             ),
         };
@@ -379,7 +424,27 @@ fn prepare(
         warn_once(&settings);
     }
     let payload = value.to_string();
-    limits.check(payload.len(), field)?;
+    if let Some(e) = limits.too_large(payload.len(), field) {
+        if invalid == Invalid::Refuse {
+            return Err(e);
+        }
+        // Kept as a bounded summary: the message is what was too large.
+        let kept = too_large_payload(&value, &payload);
+        limits.count(kept.len(), field)?;
+        return Ok(rejected_item(
+            &value,
+            Rejection {
+                code: "message_too_large",
+                reason: e.message,
+            },
+            source,
+            &settings.service_id,
+            kept,
+            overrides.without_token().to_stored_json(),
+            received_at,
+        ));
+    }
+    limits.count(payload.len(), field)?;
     // The request's own settings (X-Segment-Settings), token included, for
     // delivery; messages that will never be sent keep none of the token.
     let settings_json = overrides.to_stored_json();
@@ -388,17 +453,34 @@ fn prepare(
         Ok(msg)
     });
     let msg = match (parsed, invalid) {
+        (Ok(msg), Invalid::Refuse) if !source.access.allows_call(msg.call) => {
+            return Err(browser::call_not_allowed(field, msg.call));
+        }
+        (Ok(msg), Invalid::RejectItem) if !source.access.allows_call(msg.call) => {
+            let e = browser::call_not_allowed(field, msg.call);
+            return Ok(rejected_item(
+                &value,
+                Rejection {
+                    code: e.code,
+                    reason: e.message,
+                },
+                source,
+                &settings.service_id,
+                payload,
+                overrides.without_token().to_stored_json(),
+                received_at,
+            ));
+        }
         (Ok(msg), _) => msg,
         (Err(e), Invalid::Refuse) => return Err(ApiError::invalid_message(field, &e)),
         (Err(e), Invalid::RejectItem) => {
             return Ok(rejected_item(
                 &value,
-                &e,
+                Rejection::invalid(&e, field),
                 source,
                 &settings.service_id,
                 payload,
                 overrides.without_token().to_stored_json(),
-                field,
                 received_at,
             ));
         }
@@ -455,36 +537,49 @@ fn prepare(
             message_id,
             state,
             outcome: t.outcome,
-            code: t.code,
+            code: t.code.map(Code::as_str),
             message: t.message,
             warnings: t.warnings,
         },
     })
 }
 
-/// A batch item that is not valid Segment, kept as `rejected` with the
-/// reason naming the field.
-#[allow(clippy::too_many_arguments)]
+/// Why a batch item is stored as `rejected` on its own.
+struct Rejection {
+    code: &'static str,
+    reason: String,
+}
+
+impl Rejection {
+    /// Not valid Segment; the reason names the field.
+    fn invalid(e: &ParseError, field: &str) -> Rejection {
+        let code = match e {
+            ParseError::NotAnObject => Code::InvalidMessage,
+            ParseError::MissingType => Code::MissingType,
+            ParseError::UnknownType(_) => Code::UnknownType,
+            ParseError::InvalidField { .. } => Code::InvalidField,
+        };
+        Rejection {
+            code: code.as_str(),
+            reason: format!("{field}{e}"),
+        }
+    }
+}
+
+/// A batch item kept as `rejected`, with `payload` as it is to be stored.
 fn rejected_item(
     value: &Value,
-    e: &ParseError,
+    why: Rejection,
     source: &Source,
     service_id: &str,
     payload: String,
     settings: String,
-    field: &str,
     received_at: Millis,
 ) -> Prepared {
     let text = |k: &str| {
         value
             .get(k)
             .and_then(|v| crate::segment::scalar_text(v).ok().flatten())
-    };
-    let code = match e {
-        ParseError::NotAnObject => Code::InvalidMessage,
-        ParseError::MissingType => Code::MissingType,
-        ParseError::UnknownType(_) => Code::UnknownType,
-        ParseError::InvalidField { .. } => Code::InvalidField,
     };
     let message_id = text("messageId").unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let call = value
@@ -493,7 +588,6 @@ fn rejected_item(
         .filter(|t| !t.is_empty() && t.len() <= 32)
         .unwrap_or("unknown")
         .to_owned();
-    let reason = format!("{field}{e}");
     Prepared {
         new: NewMessage {
             source: source.name.clone(),
@@ -508,8 +602,8 @@ fn rejected_item(
             set_page_category: None,
             needs_page_category: false,
             state: State::Rejected,
-            code: Some(code.as_str().to_owned()),
-            reason: Some(reason.clone()),
+            code: Some(why.code.to_owned()),
+            reason: Some(why.reason.clone()),
             warnings: Vec::new(),
             received_at,
         },
@@ -517,11 +611,49 @@ fn rejected_item(
             message_id,
             state: State::Rejected,
             outcome: Outcome::Rejected,
-            code: Some(code),
-            message: Some(reason),
+            code: Some(why.code),
+            message: Some(why.reason),
             warnings: Vec::new(),
         },
     }
+}
+
+/// How much of a message over `limits.max_message_bytes` is kept.
+const TOO_LARGE_PREFIX_BYTES: usize = 1024;
+
+/// What is stored of a message over the size limit: its short identifying
+/// fields, its size, and the first [`TOO_LARGE_PREFIX_BYTES`] of its JSON.
+fn too_large_payload(value: &Value, payload: &str) -> String {
+    let mut kept = Map::new();
+    for key in [
+        "type",
+        "messageId",
+        "userId",
+        "anonymousId",
+        "groupId",
+        "event",
+        "name",
+    ] {
+        if let Some(v) = value.get(key) {
+            let short = match v {
+                Value::String(s) => s.len() <= 256,
+                Value::Number(_) => true,
+                _ => false,
+            };
+            if short {
+                kept.insert(key.to_owned(), v.clone());
+            }
+        }
+    }
+    let mut cut = TOO_LARGE_PREFIX_BYTES.min(payload.len());
+    while !payload.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    kept.insert(
+        "truncated".to_owned(),
+        serde_json::json!({"bytes": payload.len(), "prefix": &payload[..cut]}),
+    );
+    Value::Object(kept).to_string()
 }
 
 /// Logs the warnings of settings a request brought (`X-Segment-Settings`)
@@ -609,17 +741,23 @@ impl<'a> RequestLimits<'a> {
         Ok(())
     }
 
-    /// A message as it will be stored; counts towards the request's total.
-    fn check(&mut self, len: usize, field: &str) -> Result<(), ApiError> {
-        let name = field_name(field);
+    /// A message over the per-message limit, as it will be stored.
+    fn too_large(&self, len: usize, field: &str) -> Option<ApiError> {
         let max = self.limits.max_message_bytes;
-        if len > max {
-            return Err(ApiError::new(
+        (len > max).then(|| {
+            ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "message_too_large",
-                format!("{name}: {len} bytes as stored; a message may be at most {max} bytes"),
-            ));
-        }
+                format!(
+                    "{}: {len} bytes as stored; a message may be at most {max} bytes",
+                    field_name(field)
+                ),
+            )
+        })
+    }
+
+    /// Counts a message as stored towards the request's total.
+    fn count(&mut self, len: usize, field: &str) -> Result<(), ApiError> {
         self.stored += len;
         let total = self.limits.max_request_stored_bytes;
         if self.stored > total {
@@ -627,8 +765,9 @@ impl<'a> RequestLimits<'a> {
                 StatusCode::BAD_REQUEST,
                 "request_too_large",
                 format!(
-                    "{name}: the messages of this request take more than {total} bytes once \
-                     the batch context is merged into each; send smaller batches"
+                    "{}: the messages of this request take more than {total} bytes once \
+                     the batch context is merged into each; send smaller batches",
+                    field_name(field)
                 ),
             ));
         }

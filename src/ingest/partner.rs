@@ -15,7 +15,7 @@ pub async fn handle(
     let key = basic_user(&headers)?;
     let source = state.source_for(key.as_deref())?;
     let header_settings = segment_settings(&headers)?;
-    let bytes = read_body(&state, &headers, body).await?;
+    let bytes = read_body(&state, &headers, body, BodyKind::Single).await?;
     let mut limits = RequestLimits::new(&state);
     limits.check_raw(bytes.len(), "")?;
     let mut obj: Map<String, Value> = parse_json(&bytes)?;
@@ -43,7 +43,7 @@ pub async fn handle(
         return Ok(Json(outcome).into_response());
     }
     let reason = || summary.message.clone().unwrap_or_default();
-    let code = summary.code.map(Code::as_str).unwrap_or("rejected");
+    let code = summary.code.unwrap_or("rejected");
     match summary.outcome {
         Outcome::Rejected => Err(ApiError::new(StatusCode::BAD_REQUEST, code, reason())),
         Outcome::Unsupported => Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, code, reason())),

@@ -1,13 +1,16 @@
 //! Segment HTTP Tracking API: `POST /v1/{identify,group,page,screen,track,alias}`
-//! and `/v1/batch` (`/v1/import`), so Segment's libraries can point here.
+//! (and analytics.js's short paths `/v1/{i,g,p,s,t,a}`) and `/v1/batch`
+//! (`/v1/import`), so Segment's libraries can point here.
 
 use super::*;
+use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, State as Extract};
+use axum::extract::{ConnectInfo, Path, State as Extract};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::net::SocketAddr;
 
 #[derive(Deserialize)]
 struct BatchBody<'a> {
@@ -30,11 +33,12 @@ fn success() -> Response {
 pub async fn single(
     Extract(state): Extract<Arc<AppState>>,
     Path(call): Path<String>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     // `delete` comes only inside batches and webhooks; it has no endpoint.
-    let Some(call) = CallType::parse(&call).filter(|c| *c != CallType::Delete) else {
+    let Some(call) = CallType::from_path(&call).filter(|c| *c != CallType::Delete) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -43,18 +47,23 @@ pub async fn single(
             ),
         ));
     };
+    let client = client.map(|Extension(ConnectInfo(a))| a.ip());
     let header_key = basic_user(&headers)?;
     // A key in the header is checked before the body is read.
     if header_key.is_some() {
-        state.source_for(header_key.as_deref())?;
+        let source = state.source_for(header_key.as_deref())?;
+        browser::admit(&state, source, &headers, client)?;
     }
-    let bytes = read_body(&state, &headers, body).await?;
+    let bytes = read_body(&state, &headers, body, BodyKind::Single).await?;
     let mut limits = RequestLimits::new(&state);
     limits.check_raw(bytes.len(), "")?;
     let mut obj: Map<String, Value> = parse_json(&bytes)?;
     drop(bytes);
     let body_key = take_write_key(&mut obj)?;
     let source = state.source_for(header_key.as_deref().or(body_key.as_deref()))?;
+    if header_key.is_none() {
+        browser::admit(&state, source, &headers, client)?;
+    }
     let received = Utc::now();
     obj.insert("type".into(), Value::String(call.as_str().into()));
     fill(&mut obj, received, None);
@@ -73,16 +82,22 @@ pub async fn single(
 
 pub async fn batch(
     Extract(state): Extract<Arc<AppState>>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let client = client.map(|Extension(ConnectInfo(a))| a.ip());
     let header_key = basic_user(&headers)?;
     if header_key.is_some() {
-        state.source_for(header_key.as_deref())?;
+        let source = state.source_for(header_key.as_deref())?;
+        browser::admit(&state, source, &headers, client)?;
     }
-    let bytes = read_body(&state, &headers, body).await?;
+    let bytes = read_body(&state, &headers, body, BodyKind::Batch).await?;
     let body: BatchBody = parse_json(&bytes)?;
     let source = state.source_for(header_key.as_deref().or(body.write_key.as_deref()))?;
+    if header_key.is_none() {
+        browser::admit(&state, source, &headers, client)?;
+    }
     let max = state.limits().max_batch_messages;
     if body.batch.len() > max {
         return Err(ApiError::new(
@@ -94,8 +109,29 @@ pub async fn batch(
             ),
         ));
     }
-    let received = Utc::now();
     let mut limits = RequestLimits::new(&state);
+    // Batch-level defaults too large for any message would make every item
+    // too large: the request as a whole is unusable.
+    let max_message = state.limits().max_message_bytes;
+    for (name, defaults) in [
+        ("context", &body.context),
+        ("integrations", &body.integrations),
+    ] {
+        let len = defaults
+            .as_ref()
+            .map_or(0, |d| serde_json::to_string(d).map_or(0, |t| t.len()));
+        if len > max_message {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "message_too_large",
+                format!(
+                    "{name}: {len} bytes; merged into every item, it would make each larger \
+                     than {max_message} bytes"
+                ),
+            ));
+        }
+    }
+    let received = Utc::now();
     let mut prepared = Vec::with_capacity(body.batch.len());
     // Batch-level defaults larger than this are not stored with messages that
     // will never be sent (small ones, which explain an outcome, are).
@@ -105,8 +141,8 @@ pub async fn batch(
     };
     let large = [large(&body.context), large(&body.integrations)];
     for (i, raw) in body.batch.iter().enumerate() {
+        // An item over the size limit is rejected alone (`prepare`).
         let field = format!("batch[{i}].");
-        limits.check_raw(raw.get().len(), &field)?;
         // The body parsed, so every item is valid JSON.
         let mut value: Value = serde_json::from_str(raw.get())
             .map_err(|e| ApiError::bad_request(&field[..field.len() - 1], e))?;

@@ -31,7 +31,7 @@ pub async fn handle(
         }
         (None, key) => state.source_for(key.as_deref())?,
     };
-    let bytes = read_body(&state, &headers, body).await?;
+    let bytes = read_body(&state, &headers, body, BodyKind::Batch).await?;
     let mut accept = crate::storage::AcceptAs::from("webhook");
     if let Some(secret) = secret {
         let signed = verify_signature(
@@ -71,7 +71,10 @@ pub async fn handle(
         } else {
             String::new()
         };
-        limits.check_raw(item.get().len(), &field)?;
+        // An array element over the size limit is rejected alone (`prepare`).
+        if !is_array {
+            limits.check_raw(item.get().len(), &field)?;
+        }
         let mut value: Value = parse_json(item.get().as_bytes())?;
         if let Value::Object(obj) = &mut value {
             // A credential, not data: never stored.
@@ -114,13 +117,13 @@ pub async fn handle(
             String::new()
         };
         let mut message = first.message.clone().unwrap_or_default();
-        if !message.starts_with(&at) {
+        if !message.starts_with(at.trim_end_matches('.')) {
             message = format!("{at}{message}");
         }
         if rejected.len() > 1 {
             message.push_str(&format!(" (and {} more rejected)", rejected.len() - 1));
         }
-        let code = first.code.map(Code::as_str).unwrap_or("rejected");
+        let code = first.code.unwrap_or("rejected");
         return Err(ApiError::new(StatusCode::BAD_REQUEST, code, message)
             .with("outcomes", Value::Array(outcomes)));
     }

@@ -35,6 +35,20 @@ impl CallType {
         CallType::ALL.into_iter().find(|c| c.as_str() == s)
     }
 
+    /// The call of a Tracking API path segment: its name, or the short
+    /// form analytics.js posts to (`i`, `g`, `p`, `s`, `t`, `a`).
+    pub fn from_path(segment: &str) -> Option<CallType> {
+        match segment {
+            "i" => Some(CallType::Identify),
+            "g" => Some(CallType::Group),
+            "p" => Some(CallType::Page),
+            "s" => Some(CallType::Screen),
+            "t" => Some(CallType::Track),
+            "a" => Some(CallType::Alias),
+            other => CallType::parse(other),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CallType::Identify => "identify",

@@ -4,6 +4,7 @@
 //
 // Every call has its own user ID (`{prefix}-{i}`). --big-item adds one track
 // call with a 40 KB property, over the server's per-message limit.
+// --flush-at sets the library's batch size (default 20).
 import Analytics from '@rudderstack/rudder-sdk-node'
 import { parseArgs } from 'node:util'
 
@@ -14,13 +15,14 @@ const { values: args } = parseArgs({
     count: { type: 'string', default: '1000' },
     prefix: { type: 'string', default: 'rnode' },
     'big-item': { type: 'boolean', default: false },
+    'flush-at': { type: 'string', default: '20' },
   },
 })
 const count = Number(args.count)
 const errors = {}
 const client = new Analytics(args['write-key'], {
   dataPlaneUrl: args.host,
-  flushAt: 20,
+  flushAt: Number(args['flush-at']),
   flushInterval: 200,
   logLevel: 'error',
   errorHandler: (e) => {
