@@ -17,6 +17,12 @@ use tokio_util::sync::CancellationToken;
 const EVERY: Duration = Duration::from_secs(1);
 /// What a refused client is told to wait, seconds.
 pub const RETRY_AFTER_SECS: u64 = 30;
+/// Readings tried for one that no storing request overlapped.
+const EXACT_TRIES: u64 = 8;
+/// A reading slower than this is not repeated.
+const CHEAP: Duration = Duration::from_millis(20);
+/// How long an exact reading is preferred to later overlapped ones.
+const KEEP_EXACT: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Backpressure {
@@ -37,6 +43,8 @@ struct Reading {
     bytes: u64,
     committed_messages: u64,
     committed_bytes: u64,
+    /// When, if no storing request overlapped the reading.
+    exact_at: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -164,16 +172,42 @@ impl Backpressure {
     pub async fn check(&self, runtime: &Runtime, storage: &dyn Storage) {
         let c = &runtime.config.storage;
         let mut reason = None;
-        // What is committed from now on counts on top of this reading.
-        let (committed_messages, committed_bytes) = self.committed.get();
-        match storage.queue_stats().await {
+        // What is committed from the start of the reading on counts on top of
+        // it. A request being stored while reading may be counted twice
+        // (safe, but it refuses early near a bound): while readings are
+        // cheap, read again a few times for one no request overlapped.
+        let mut attempt = 0;
+        let (stats, exact, (committed_messages, committed_bytes)) = loop {
+            attempt += 1;
+            let before = self.committed.get();
+            let quiet_before = self.in_flight.get().0 == 0;
+            let started = std::time::Instant::now();
+            let stats = storage.queue_stats().await;
+            let exact =
+                quiet_before && self.in_flight.get().0 == 0 && self.committed.get() == before;
+            if stats.is_err() || exact || attempt == EXACT_TRIES || started.elapsed() > CHEAP {
+                break (stats, exact, before);
+            }
+            tokio::time::sleep(Duration::from_millis(attempt)).await;
+        };
+        match stats {
             Ok(q) => {
-                *self.measured.lock().expect("backpressure lock") = Reading {
-                    messages: q.depth,
-                    bytes: q.bytes,
-                    committed_messages,
-                    committed_bytes,
-                };
+                // An overlapped reading replaces an exact one only once that
+                // is a few seconds old (it misses what was delivered since).
+                let mut measured = self.measured.lock().expect("backpressure lock");
+                let fresh = measured
+                    .exact_at
+                    .is_some_and(|at| at.elapsed() < KEEP_EXACT);
+                if exact || !fresh {
+                    *measured = Reading {
+                        messages: q.depth,
+                        bytes: q.bytes,
+                        committed_messages,
+                        committed_bytes,
+                        exact_at: exact.then(std::time::Instant::now),
+                    };
+                }
+                drop(measured);
                 if c.max_backlog_messages > 0 && q.depth >= c.max_backlog_messages {
                     reason = Some(format!(
                         "the backlog holds {} messages (storage.max_backlog_messages = {})",
@@ -211,7 +245,7 @@ impl Backpressure {
         self.set(reason);
     }
 
-    /// Checks every second until `stop`.
+    /// Checks every second until `stop` (the first reading is the caller's).
     pub async fn run(
         self: Arc<Self>,
         runtime: Arc<Runtime>,
@@ -219,11 +253,11 @@ impl Backpressure {
         stop: CancellationToken,
     ) {
         loop {
-            self.check(&runtime, storage.as_ref()).await;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(EVERY) => {}
             }
+            self.check(&runtime, storage.as_ref()).await;
         }
     }
 }

@@ -150,6 +150,9 @@ pub async fn run_with_storage(
     announce_admin(&admin, &loaded, address);
     let runtime = Arc::new(runtime);
     let backpressure = Arc::new(crate::backpressure::Backpressure::default());
+    // The first reading, before any request: exact, and the base the
+    // acceptance counters add to.
+    backpressure.check(&runtime, storage.as_ref()).await;
     let stop_monitor = CancellationToken::new();
     let monitor = tokio::spawn(backpressure.clone().run(
         runtime.clone(),
