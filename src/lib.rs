@@ -11,6 +11,7 @@ pub mod segment;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod web;
 
 pub use server::run;
 pub mod admin;

@@ -155,7 +155,7 @@ fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 fn admin_link(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let runtime = load(path, None)?;
-    let (admin, _) = totango_destination::admin::auth::AdminAuth::load(&runtime)?;
+    let (admin, _) = totango_destination::web::auth::AdminAuth::load(&runtime)?;
     let host = if runtime.listen.ip().is_unspecified() {
         std::net::SocketAddr::new([127, 0, 0, 1].into(), runtime.listen.port())
     } else {

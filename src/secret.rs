@@ -74,7 +74,7 @@ impl Serialize for Secret {
 /// Text, or a number (environment values that look like numbers are still text).
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::config::Scalar::deserialize(d).map(|s| Secret::new(s.0))
+        Scalar::deserialize(d).map(|s| Secret::new(s.0))
     }
 }
 
@@ -92,6 +92,31 @@ pub fn redact_url(url: &str) -> String {
     match authority.rfind('@') {
         Some(at) => format!("{scheme}://{REDACTED}@{}", &rest[at + 1..]),
         None => url.to_owned(),
+    }
+}
+
+/// A setting's value as text: environment values that look like numbers
+/// still mean text.
+pub(crate) struct Scalar(pub(crate) String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            I(i64),
+            U(u64),
+            F(f64),
+            B(bool),
+        }
+        Ok(Scalar(match Raw::deserialize(d)? {
+            Raw::S(s) => s,
+            Raw::I(i) => i.to_string(),
+            Raw::U(u) => u.to_string(),
+            Raw::F(f) => f.to_string(),
+            Raw::B(b) => b.to_string(),
+        }))
     }
 }
 

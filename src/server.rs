@@ -2,12 +2,13 @@
 //! until shutdown. `run` is what `main` and the integration tests call.
 
 use crate::admin;
-use crate::admin::auth::{AdminAuth, Loaded};
 use crate::config::{Runtime, StorageUrl};
 use crate::delivery::Delivery;
-use crate::ingest::{self, AppState};
+use crate::ingest;
 use crate::storage::{LateStorage, SqliteStorage, Storage, StorageError, StorageOptions};
 use crate::telemetry;
+use crate::web::auth::{AdminAuth, Loaded};
+use crate::web::{AppState, ClientRates};
 use axum::Json;
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -43,7 +44,7 @@ pub enum RunError {
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    AdminToken(#[from] crate::admin::auth::TokenFileError),
+    AdminToken(#[from] crate::web::auth::TokenFileError),
 }
 
 /// How often a server that could not open its storage tries again.
@@ -164,7 +165,7 @@ pub async fn run_with_storage(
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
     let limits = runtime.config.limits.clone();
     let insights = crate::insights::spawn(runtime.clone());
-    let client_rates = ingest::ClientRates::new(&runtime);
+    let client_rates = ClientRates::new(&runtime);
     let state = Arc::new(AppState {
         storage: storage.clone(),
         delivery,

@@ -593,7 +593,7 @@ async fn the_login_link_carries_a_one_time_code_not_the_token() {
     c.admin.token = Some("link-admin-token".into());
     let srv = TestServer::start(c.clone()).await;
     let runtime = c.clone().validate().unwrap();
-    let (auth, _) = totango_destination::admin::auth::AdminAuth::load(&runtime).unwrap();
+    let (auth, _) = totango_destination::web::auth::AdminAuth::load(&runtime).unwrap();
     let link = auth.login_link(&srv.base);
     assert!(!link.contains("link-admin-token"), "{link}");
     let code = link

@@ -98,7 +98,7 @@ async fn operator_page_shows_and_replays_messages() {
     let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
     // A login link as `admin-link` prints it: a one-time code, not the token.
     let runtime = config.validate().unwrap();
-    let (auth, _) = totango_destination::admin::auth::AdminAuth::load(&runtime).unwrap();
+    let (auth, _) = totango_destination::web::auth::AdminAuth::load(&runtime).unwrap();
     let link = auth.login_link(&base);
     let screenshot = dir.path().join("operator.png");
     let out = tokio::process::Command::from({

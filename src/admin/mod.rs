@@ -7,13 +7,9 @@
 //! every request look local, so there is no "local only" exception. Without a
 //! configured token one is generated at first start (see [`auth`]).
 
-pub mod auth;
-pub mod sessions;
-pub mod throttle;
-
-use crate::ingest::{ApiError, AppState};
 use crate::storage::{MessageFilter, State, StoredMessage, now_millis};
-use auth::{Check, Credential};
+use crate::web::auth::{self, Check, Credential};
+use crate::web::{ApiError, AppState};
 use axum::Json;
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State as Extract};
@@ -321,13 +317,8 @@ fn query<T: serde::de::DeserializeOwned + Default>(
 }
 
 fn storage_error(e: crate::storage::StorageError) -> ApiError {
-    use crate::storage::StorageError as E;
     tracing::error!(error = %e, "admin API storage error");
-    match e {
-        E::Corrupt(_) => ApiError::unavailable("storage damaged"),
-        E::Closed => ApiError::unavailable("shutting down"),
-        E::Unavailable(_) | E::Conflict(_) => ApiError::unavailable("storage unavailable"),
-    }
+    ApiError::from(&e)
 }
 
 /// A stored message as the operator sees it: the Segment input, the Totango

@@ -8,10 +8,7 @@ use crate::config::Source;
 use axum::extract::State as Extract;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 
 /// How long a browser may reuse a preflight answer, seconds.
 const PREFLIGHT_MAX_AGE_SECS: u32 = 600;
@@ -78,7 +75,7 @@ pub async fn cors(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<Response, ApiError> {
-    let Some(why) = crate::admin::auth::cross_site(req.headers()) else {
+    let Some(why) = crate::web::auth::cross_site(req.headers()) else {
         return Ok(next.run(req).await);
     };
     let Some(origin) = allowed_origin(&state, req.headers()) else {
@@ -98,7 +95,7 @@ pub fn admit(
     headers: &HeaderMap,
     client: Option<IpAddr>,
 ) -> Result<(), ApiError> {
-    if crate::admin::auth::cross_site(headers).is_some() {
+    if crate::web::auth::cross_site(headers).is_some() {
         let origin = headers
             .get(header::ORIGIN)
             .and_then(|o| o.to_str().ok())
@@ -134,52 +131,4 @@ pub fn call_not_allowed(field: &str, call: CallType) -> ApiError {
             }
         ),
     )
-}
-
-/// Client addresses tracked per key before the idle ones are forgotten.
-const TRACKED_CLIENTS: usize = 100_000;
-
-/// Requests per minute per client address, per write key that has a limit.
-pub struct ClientRates {
-    limiters: HashMap<String, (DefaultKeyedRateLimiter<IpAddr>, NonZeroU32)>,
-}
-
-impl ClientRates {
-    pub fn new(runtime: &crate::config::Runtime) -> ClientRates {
-        let mut limiters = HashMap::new();
-        for source in runtime.sources.values().chain([&runtime.default_source]) {
-            if let Some(n) = NonZeroU32::new(source.access.client_requests_per_minute) {
-                limiters
-                    .entry(source.name.clone())
-                    .or_insert_with(|| (RateLimiter::keyed(Quota::per_minute(n)), n));
-            }
-        }
-        ClientRates { limiters }
-    }
-
-    /// `429` with `Retry-After` when `ip` has used up its rate for `source`.
-    /// IPv6 clients count by /64.
-    fn check(&self, source: &Source, ip: IpAddr) -> Result<(), ApiError> {
-        let Some((limiter, per_minute)) = self.limiters.get(&source.name) else {
-            return Ok(());
-        };
-        if limiter.len() > TRACKED_CLIENTS {
-            limiter.retain_recent();
-        }
-        let client = crate::budget::client_prefix(ip, 32, 64);
-        limiter.check_key(&client).map_err(|not_until| {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                &governor::clock::DefaultClock::default(),
-            ));
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "this client address sent more than {per_minute} requests a minute with \
-                     this write key (its client_requests_per_minute); retry later"
-                ),
-            )
-            .with_retry_after(wait.as_secs().max(1))
-        })
-    }
 }

@@ -4,19 +4,16 @@
 //! unsupported, filtered); delivery produces what is sent.
 
 mod browser;
-mod error;
 mod partner;
 mod tracking;
 mod webhook;
 
-pub use browser::ClientRates;
-pub use error::ApiError;
+pub use crate::web::{ApiError, AppState, ClientRates};
 
-use crate::config::{Runtime, Source};
-use crate::delivery::Delivery;
+use crate::config::Source;
 use crate::mapping::{self, Code, Outcome, SettingsPatch};
 use crate::segment::{CallType, Message, ParseError};
-use crate::storage::{Acceptance, Millis, NewMessage, State, Storage, StorageError};
+use crate::storage::{Acceptance, Millis, NewMessage, State};
 use crate::telemetry;
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -25,25 +22,11 @@ use axum::routing::post;
 use base64::Engine;
 use serde_json::{Map, Value};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 /// `Retry-After` of a 503 while storage is unavailable: a database restart
 /// or failover takes seconds.
 const STORAGE_RETRY_AFTER_SECS: u64 = 5;
-
-/// Shared by every handler.
-pub struct AppState {
-    pub storage: Arc<dyn Storage>,
-    pub delivery: Arc<Delivery>,
-    pub runtime: Arc<Runtime>,
-    pub shutting_down: AtomicBool,
-    /// The operator's credential (admin API and page).
-    pub admin: crate::admin::auth::AdminAuth,
-    /// Set while the backlog or the disk is past its bound.
-    pub backpressure: Arc<crate::backpressure::Backpressure>,
-    /// Requests per minute per client address of the keys that have a limit.
-    pub client_rates: ClientRates,
-}
 
 pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     // The Tracking API answers browsers of the origins a key allows.
@@ -137,7 +120,7 @@ async fn refuse_browsers_from_other_sites(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
-    if let Some(why) = crate::admin::auth::cross_site(req.headers()) {
+    if let Some(why) = crate::web::auth::cross_site(req.headers()) {
         return Err(cross_site_refusal(why));
     }
     Ok(next.run(req).await)
@@ -227,14 +210,7 @@ impl AppState {
                     if QUIET.ready() {
                         tracing::error!(error = %e, "could not store accepted messages (said once a minute)");
                     }
-                    match e {
-                        StorageError::Closed => ApiError::unavailable("shutting down"),
-                        StorageError::Corrupt(_) => ApiError::unavailable("storage damaged"),
-                        StorageError::Unavailable(_) | StorageError::Conflict(_) => {
-                            ApiError::unavailable("storage unavailable")
-                        }
-                    }
-                    .with_retry_after(STORAGE_RETRY_AFTER_SECS)
+                    ApiError::from(&e).with_retry_after(STORAGE_RETRY_AFTER_SECS)
                 }
             })?;
         admitted.stored();

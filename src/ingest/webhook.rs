@@ -197,7 +197,7 @@ async fn refuse_replayed_element(state: &AppState, message_id: &str) -> Result<(
     };
     let seen = state.storage.list(filter, 1).await.map_err(|e| {
         tracing::error!(error = %e, "could not check a signed element");
-        ApiError::unavailable("storage unavailable")
+        ApiError::from(&e)
     })?;
     if seen.is_empty() {
         Ok(())

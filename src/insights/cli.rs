@@ -77,7 +77,7 @@ impl Progress for Bar {
 
 fn sync(path: Option<&Path>, dry_run: bool) -> anyhow::Result<ExitCode> {
     let runtime = load(path)?;
-    super::config::ready_to_sync(&runtime.config).context("invalid configuration")?;
+    crate::config::insights::ready_to_sync(&runtime.config).context("invalid configuration")?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
             .expect("valid template")

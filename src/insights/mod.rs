@@ -6,7 +6,7 @@
 //! and the HTTP server, not the message queue.
 
 pub mod cli;
-pub mod config;
+
 pub mod model;
 pub mod salesforce;
 pub mod store;
@@ -14,7 +14,7 @@ pub mod sync;
 pub mod totango;
 mod widget;
 
-pub use config::InsightsConfig;
+pub use crate::config::insights::InsightsConfig;
 pub use widget::{Target, mac_input, routes, sign};
 
 use crate::config::Runtime;

@@ -1,7 +1,7 @@
 //! From a Search API hit to an account's insights (the snapshot), and from
 //! those to a Salesforce record with the configured mapping. Pure: no I/O.
 
-use super::config::{FieldMapping, Insight, SearchField};
+use crate::config::insights::{FieldMapping, Insight, SearchField};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -273,7 +273,7 @@ pub fn salesforce_fields(a: &AccountInsights, mapping: &FieldMapping) -> Map<Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::insights::config::default_fields;
+    use crate::config::insights::default_fields;
     use serde_json::json;
 
     fn hit() -> Value {

@@ -3,7 +3,7 @@
 //! records are addressed by Id (looked up first when matching by an
 //! external id field, so that a missing record is never created).
 
-use super::config::{SalesforceAuth, SalesforceConfig, expose};
+use crate::config::insights::{SalesforceAuth, SalesforceConfig, expose};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use std::sync::atomic::{AtomicU64, Ordering};

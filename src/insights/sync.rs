@@ -1,11 +1,11 @@
 //! One sync run: page through Totango's accounts, map them, update
 //! Salesforce in chunks, and sum up what happened.
 
-use super::config::{InsightsConfig, RESULT_WINDOW, SearchField};
 use super::model::{self, AccountInsights};
 use super::salesforce::{CHUNK, SalesforceClient, SalesforceError};
 use super::totango::TotangoClient;
 use crate::config::Config;
+use crate::config::insights::{InsightsConfig, RESULT_WINDOW, SearchField};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::time::Duration;

@@ -11,8 +11,8 @@
 
 use super::model::AccountInsights;
 use super::store::Store;
-use crate::admin::auth::Check;
-use crate::ingest::{ApiError, AppState};
+use crate::web::auth::Check;
+use crate::web::{ApiError, AppState};
 use axum::Json;
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};

@@ -45,20 +45,7 @@ pub fn scalar_or_array_text(value: &Value) -> Option<String> {
     }
 }
 
-/// A number in its shortest JSON form: `42`, `42.99`, `1e21`, `1e-7`; floats
-/// with an integral value lose their `.0`.
-pub fn number_text(n: &Number) -> String {
-    let s = n.to_string();
-    if n.is_f64() {
-        let s = s.replace("e+", "e");
-        match s.strip_suffix(".0") {
-            Some(int) => int.to_owned(),
-            None => s,
-        }
-    } else {
-        s
-    }
-}
+pub use crate::segment::number_text;
 
 /// Normalises a `created` value to UTC `YYYY-MM-DDTHH:MM:SS.sssZ`.
 /// `None` when it cannot be read as a date.

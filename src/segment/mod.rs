@@ -262,7 +262,7 @@ pub fn scalar_text(v: &Value) -> Result<Option<String>, String> {
         Value::Null => Ok(None),
         Value::String(s) if s.is_empty() => Ok(None),
         Value::String(s) => Ok(Some(s.clone())),
-        Value::Number(n) => Ok(Some(crate::mapping::values::number_text(n))),
+        Value::Number(n) => Ok(Some(number_text(n))),
         other => Err(format!(
             "invalid type: {}, expected a string or a number",
             kind_of(other)
@@ -305,6 +305,21 @@ fn opt_object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Valu
             "invalid type: {}, expected an object",
             kind_of(&other)
         ))),
+    }
+}
+
+/// A number in its shortest JSON form: `42`, `42.99`, `1e21`, `1e-7`; floats
+/// with an integral value lose their `.0`.
+pub fn number_text(n: &serde_json::Number) -> String {
+    let s = n.to_string();
+    if n.is_f64() {
+        let s = s.replace("e+", "e");
+        match s.strip_suffix(".0") {
+            Some(int) => int.to_owned(),
+            None => s,
+        }
+    } else {
+        s
     }
 }
 

@@ -2,7 +2,7 @@
 //! Salesforce, and the widget. Secrets are `SecretString`s that print as
 //! `[redacted]` whenever the configuration is serialized.
 
-use crate::config::{Config, ConfigError, StorageUrl};
+use super::{Config, ConfigError, StorageUrl};
 use crate::mapping::Region;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -1,6 +1,7 @@
 //! One error shape for every API answer: `{"message": "...", "code": "..."}`.
 
 use crate::segment::ParseError;
+use crate::storage::StorageError;
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -106,5 +107,16 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         resp
+    }
+}
+/// A storage failure as a client sees it: `503` and a word on why; the
+/// details (paths, hosts) are for the log only.
+impl From<&StorageError> for ApiError {
+    fn from(e: &StorageError) -> Self {
+        ApiError::unavailable(match e {
+            StorageError::Corrupt(_) => "storage damaged",
+            StorageError::Closed => "shutting down",
+            StorageError::Unavailable(_) | StorageError::Conflict(_) => "storage unavailable",
+        })
     }
 }

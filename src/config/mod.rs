@@ -1,8 +1,10 @@
 //! Typed configuration: defaults → TOML file → `TD_` environment variables
 //! (nesting with `__`), validated at start with messages that name the setting.
 
+pub mod insights;
+
 use crate::mapping::{Settings, SettingsError, SettingsPatch};
-use crate::secret::Secret;
+use crate::secret::{Scalar, Secret};
 use crate::segment::CallType;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -27,7 +29,7 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// Account insights: Totango → Salesforce, and the widget.
     #[serde(default)]
-    pub insights: crate::insights::InsightsConfig,
+    pub insights: insights::InsightsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -850,7 +852,7 @@ impl Config {
                 ));
             }
         }
-        crate::insights::config::validate(&self)?;
+        insights::validate(&self)?;
         if sources.is_empty() && !listen.ip().is_loopback() && !self.auth.allow_open {
             return Err(ConfigError::invalid(
                 "auth.write_keys",
@@ -958,30 +960,6 @@ fn check_allowed_host(host: &str) -> Result<(), &'static str> {
         return Err("is not a valid host[:port]");
     }
     Ok(())
-}
-
-/// Environment values that look like numbers still mean text here.
-pub(crate) struct Scalar(pub(crate) String);
-
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            S(String),
-            I(i64),
-            U(u64),
-            F(f64),
-            B(bool),
-        }
-        Ok(Scalar(match Raw::deserialize(d)? {
-            Raw::S(s) => s,
-            Raw::I(i) => i.to_string(),
-            Raw::U(u) => u.to_string(),
-            Raw::F(f) => f.to_string(),
-            Raw::B(b) => b.to_string(),
-        }))
-    }
 }
 
 #[cfg(test)]

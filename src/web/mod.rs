@@ -1,0 +1,15 @@
+//! The HTTP layer every handler stands on: the state they share, one error
+//! shape for every answer, and the guards (operator credential and sessions,
+//! cross-site refusal, per-client rates). Handlers live above it, in
+//! `ingest`, `admin` and `insights`.
+
+pub mod auth;
+mod error;
+mod rates;
+pub mod sessions;
+mod state;
+pub mod throttle;
+
+pub use error::ApiError;
+pub use rates::ClientRates;
+pub use state::AppState;
