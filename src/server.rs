@@ -2,10 +2,10 @@
 //! until shutdown. `run` is what `main` and the integration tests call.
 
 use crate::admin;
-use crate::config::{Runtime, StorageUrl};
+use crate::config::Runtime;
 use crate::delivery::Delivery;
 use crate::ingest;
-use crate::storage::{LateStorage, SqliteStorage, Storage, StorageError, StorageOptions};
+use crate::storage::{LateStorage, Storage, StorageError, StorageOptions};
 use crate::telemetry;
 use crate::web::auth::{AdminAuth, Loaded};
 use crate::web::{AppState, ClientRates};
@@ -69,20 +69,7 @@ pub fn storage_options(runtime: &Runtime) -> StorageOptions {
 
 /// Opens the configured storage backend (running its migrations).
 pub async fn open_storage(runtime: &Runtime) -> Result<Arc<dyn Storage>, RunError> {
-    let options = storage_options(runtime);
-    match &runtime.storage {
-        StorageUrl::Sqlite(path) => {
-            let path = path.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || SqliteStorage::open_with(&path, options))
-                    .await
-                    .map_err(|e| StorageError::Unavailable(format!("opening storage: {e}")))?;
-            Ok(Arc::new(opened?))
-        }
-        StorageUrl::Postgres(url) => Ok(Arc::new(
-            crate::storage::postgres::open(url, options).await?,
-        )),
-    }
+    Ok(crate::storage::open(&runtime.storage, storage_options(runtime)).await?)
 }
 
 /// Opens storage; when that fails the server still starts, without it: health

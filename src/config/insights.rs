@@ -1,10 +1,10 @@
 //! The `[insights]` section: reading Totango insights, writing them to
-//! Salesforce, and the widget. Secrets are `SecretString`s that print as
+//! Salesforce, and the widget. Secrets are `crate::secret::Secret`s that print as
 //! `[redacted]` whenever the configuration is serialized.
 
 use super::{Config, ConfigError, StorageUrl};
 use crate::mapping::Region;
-use secrecy::{ExposeSecret, SecretString};
+use crate::secret::Secret;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ pub struct InsightsConfig {
         serialize_with = "redact",
         skip_serializing_if = "Option::is_none"
     )]
-    pub totango_app_token: Option<SecretString>,
+    pub totango_app_token: Option<Secret>,
     /// Totango account attribute holding the Salesforce record Id.
     pub account_link_attribute: String,
     /// Search API `terms` (which accounts); empty: all.
@@ -48,7 +48,7 @@ pub struct InsightsConfig {
         serialize_with = "redact",
         skip_serializing_if = "Option::is_none"
     )]
-    pub widget_secret: Option<SecretString>,
+    pub widget_secret: Option<Secret>,
     /// Pages allowed to frame the widget (CSP `frame-ancestors`).
     pub frame_ancestors: String,
     /// Base URL printed by `insights link`; unset: `http://{listen}`.
@@ -72,7 +72,7 @@ pub struct SalesforceConfig {
         serialize_with = "redact",
         skip_serializing_if = "Option::is_none"
     )]
-    pub client_secret: Option<SecretString>,
+    pub client_secret: Option<Secret>,
     /// JWT bearer: the Salesforce user the job acts as (`sub`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -508,20 +508,20 @@ impl InsightsConfig {
     }
 }
 
-fn redact<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+fn redact<S: Serializer>(secret: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
     match secret {
         Some(_) => s.serialize_str("[redacted]"),
         None => s.serialize_none(),
     }
 }
 
-fn opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
-    Ok(crate::secret::opt_secret(d)?.map(|s| SecretString::from(s.expose().to_owned())))
+fn opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    crate::secret::opt_secret(d)
 }
 
 /// `Some(secret)` as text, for the few places that must send it.
-pub fn expose(secret: &Option<SecretString>) -> &str {
-    secret.as_ref().map(|s| s.expose_secret()).unwrap_or("")
+pub fn expose(secret: &Option<Secret>) -> &str {
+    secret.as_ref().map(Secret::expose).unwrap_or("")
 }
 
 #[cfg(test)]

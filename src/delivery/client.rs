@@ -17,6 +17,17 @@ pub struct Attempt {
     pub connect_error: bool,
 }
 
+/// What every outbound HTTP client starts from (Totango delivery, the
+/// insights sync): rustls, a total and a connect timeout, this product's user
+/// agent. Callers build it and handle the error: there is no fallback client
+/// without a timeout.
+pub fn outbound_client(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .user_agent(concat!("totango-destination/", env!("CARGO_PKG_VERSION")))
+}
+
 #[derive(Clone)]
 pub struct TotangoClient {
     http: reqwest::Client,
@@ -24,14 +35,11 @@ pub struct TotangoClient {
 
 impl TotangoClient {
     pub fn new(timeout: Duration, max_idle_per_host: usize) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
+        let http = outbound_client(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(max_idle_per_host)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_keepalive(Duration::from_secs(60))
-            .user_agent(concat!("totango-destination/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(TotangoClient { http })
     }

@@ -199,8 +199,7 @@ fn link(
         .clone()
         .unwrap_or_else(|| format!("http://{}", runtime.listen));
     let exp = expires_in.map(|s| chrono::Utc::now().timestamp() + s as i64);
-    use secrecy::ExposeSecret;
-    let sig = super::sign(secret.expose_secret(), target, account_id, exp);
+    let sig = super::sign(secret.expose(), target, account_id, exp);
     let id: String = url::form_urlencoded::byte_serialize(account_id.as_bytes()).collect();
     let id = id.replace('+', "%20");
     let mut url = format!(

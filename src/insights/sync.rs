@@ -121,20 +121,6 @@ fn now_iso() -> String {
 pub async fn run_once(config: &Config, dry_run: bool, progress: &dyn Progress) -> RunOutcome {
     let c = &config.insights;
     let started_at = now_iso();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(c.request_timeout_ms))
-        .user_agent(concat!("totango-destination/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .unwrap_or_default();
-    let totango = TotangoClient::new(
-        http.clone(),
-        &c.totango_api_url(config),
-        c.totango_app_token
-            .clone()
-            .unwrap_or_else(|| secrecy::SecretString::from("")),
-        c.totango_calls_per_minute,
-    );
-    let salesforce = SalesforceClient::new(http, c.salesforce.clone());
     let mut s = RunSummary {
         id: None,
         started_at: started_at.clone(),
@@ -155,6 +141,31 @@ pub async fn run_once(config: &Config, dry_run: bool, progress: &dyn Progress) -
         },
         salesforce_api_usage: None,
     };
+    let http =
+        match crate::delivery::client::outbound_client(Duration::from_millis(c.request_timeout_ms))
+            .build()
+        {
+            Ok(http) => http,
+            Err(e) => {
+                s.status = RunStatus::Failed;
+                s.message = Some(format!("cannot build the HTTP client: {e}"));
+                s.finished_at = now_iso();
+                return RunOutcome {
+                    summary: s,
+                    accounts: Vec::new(),
+                    planned: Vec::new(),
+                };
+            }
+        };
+    let totango = TotangoClient::new(
+        http.clone(),
+        &c.totango_api_url(config),
+        c.totango_app_token
+            .clone()
+            .unwrap_or_else(|| crate::secret::Secret::new("")),
+        c.totango_calls_per_minute,
+    );
+    let salesforce = SalesforceClient::new(http, c.salesforce.clone());
     let mut accounts = Vec::new();
     let mut planned = Vec::new();
     let result = async {

@@ -1,7 +1,7 @@
 //! Totango's Search API: `POST {api}/api/v1/search/accounts` with a form
 //! field `query` (JSON) and the `app-token` header, at most N calls a minute.
 
-use secrecy::{ExposeSecret, SecretString};
+use crate::secret::Secret;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,13 +65,13 @@ pub struct SearchPage {
 pub struct TotangoClient {
     http: reqwest::Client,
     url: String,
-    token: SecretString,
+    token: Secret,
     limiter: RateLimiter,
     calls: AtomicU64,
 }
 
 impl TotangoClient {
-    pub fn new(http: reqwest::Client, api_url: &str, token: SecretString, per_minute: u32) -> Self {
+    pub fn new(http: reqwest::Client, api_url: &str, token: Secret, per_minute: u32) -> Self {
         TotangoClient {
             http,
             url: format!("{}/api/v1/search/accounts", api_url.trim_end_matches('/')),
@@ -94,7 +94,7 @@ impl TotangoClient {
         let resp = self
             .http
             .post(&self.url)
-            .header("app-token", self.token.expose_secret())
+            .header("app-token", self.token.expose())
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",

@@ -178,8 +178,7 @@ async fn authorize(
     };
     let exp = q.exp.as_deref().map(parse_exp).transpose()?;
     let given = hex::decode(sig).map_err(|_| forbidden("bad_signature", "sig: not hex"))?;
-    use secrecy::ExposeSecret;
-    mac(secret.expose_secret(), target, id, exp)
+    mac(secret.expose(), target, id, exp)
         .verify_slice(&given)
         .map_err(|_| forbidden("bad_signature", "sig: wrong signature for this id"))?;
     if let Some(exp) = exp {

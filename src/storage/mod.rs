@@ -17,6 +17,25 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+/// Opens the backend `url` names, running its migrations.
+pub async fn open(
+    url: &crate::config::StorageUrl,
+    options: StorageOptions,
+) -> Result<Arc<dyn Storage>, StorageError> {
+    use crate::config::StorageUrl;
+    match url {
+        StorageUrl::Sqlite(path) => {
+            let path = path.clone();
+            let opened =
+                tokio::task::spawn_blocking(move || SqliteStorage::open_with(&path, options))
+                    .await
+                    .map_err(|e| StorageError::Unavailable(format!("opening storage: {e}")))?;
+            Ok(Arc::new(opened?))
+        }
+        StorageUrl::Postgres(url) => Ok(Arc::new(postgres::open(url, options).await?)),
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 
