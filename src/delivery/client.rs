@@ -1,7 +1,8 @@
-//! The Totango HTTP client: pooled, rustls, timeouts, no redirects.
+//! Transport to Totango: pooled, rustls, timeouts, no redirects. It says
+//! what happened (status, `Retry-After`, body, or a transport error) and
+//! leaves what that means to `policy`.
 
-use super::retry::{Verdict, classify_status, parse_retry_after};
-use crate::storage::LastResponse;
+use super::policy::parse_retry_after;
 use std::time::{Duration, SystemTime};
 
 /// Longest response body kept for the operator.
@@ -9,8 +10,12 @@ const MAX_KEPT_BODY: usize = 2048;
 
 #[derive(Debug, Clone)]
 pub struct Attempt {
-    pub verdict: Verdict,
-    pub last: LastResponse,
+    /// Totango's status, when it answered.
+    pub status: Option<u16>,
+    /// The start of its body, kept for the operator.
+    pub body: Option<String>,
+    /// What went wrong when there was no answer (without the URL).
+    pub error: Option<String>,
     pub retry_after: Option<Duration>,
     /// No connection could be made (refused, unreachable, DNS): nothing
     /// listens there now.
@@ -54,32 +59,24 @@ impl TotangoClient {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                let verdict = classify_status(status);
                 let body = match read_capped(resp).await {
                     Ok(b) if b.is_empty() => None,
                     Ok(b) => Some(printable(&b)),
                     Err(e) => Some(format!("(body unreadable: {e})")),
                 };
                 Attempt {
-                    verdict,
-                    last: LastResponse {
-                        status: Some(status),
-                        body,
-                        error: None,
-                    },
+                    status: Some(status),
+                    body,
+                    error: None,
                     retry_after,
                     connect_error: false,
                 }
             }
             Err(e) => Attempt {
                 connect_error: e.is_connect(),
-                // Timeouts and connection errors are transient by nature.
-                verdict: Verdict::Retry,
-                last: LastResponse {
-                    status: None,
-                    body: None,
-                    error: Some(describe(e)),
-                },
+                status: None,
+                body: None,
+                error: Some(describe(e)),
                 retry_after: None,
             },
         }

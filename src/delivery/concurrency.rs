@@ -41,10 +41,10 @@ pub enum Signal {
 
 impl Signal {
     pub fn of_status(status: Option<u16>) -> Signal {
-        match status {
-            None | Some(408) | Some(429) => Signal::Backpressure,
-            Some(s) if s >= 500 && s != 501 => Signal::Backpressure,
-            Some(_) => Signal::Ok,
+        if super::policy::is_overload(status) {
+            Signal::Backpressure
+        } else {
+            Signal::Ok
         }
     }
 }

@@ -63,7 +63,7 @@ pub enum Health {
 impl Health {
     pub fn of(status: Option<u16>, connect_error: bool) -> Health {
         match status {
-            Some(s) if s >= 500 && s != 501 => Health::Failing,
+            Some(s) if super::policy::is_server_failure(s) => Health::Failing,
             Some(_) => Health::Answered,
             None if connect_error => Health::Unreachable,
             None => Health::Failing,

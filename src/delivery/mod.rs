@@ -6,7 +6,7 @@
 pub mod client;
 pub mod concurrency;
 pub mod endpoint;
-pub mod retry;
+pub mod policy;
 
 use crate::config::Runtime;
 use crate::mapping::{self, Outcome, SettingsPatch, TotangoRequest};
@@ -18,7 +18,7 @@ use crate::telemetry;
 use client::TotangoClient;
 use concurrency::{AdaptiveConcurrency, ConcurrencyStats, Signal};
 use endpoint::{Admission, Change, EndpointState, Health, ProbePolicy};
-use retry::{Backoff, Verdict};
+use policy::{Backoff, Verdict};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -499,7 +499,7 @@ impl Delivery {
         next: Millis,
         last: Option<&LastResponse>,
     ) -> Report {
-        if next > m.retry_from.saturating_add(self.max_retry_age_ms) {
+        if policy::past_retry_age(m.retry_from, self.max_retry_age_ms, next) {
             let attempts = m.attempts + u32::from(report.attempted);
             let reason = match last {
                 Some(l) => format!(
@@ -539,8 +539,11 @@ impl Delivery {
         report
     }
 
+    /// One delivery of a claimed message, in three steps: prepare (what to
+    /// send, or a final outcome without sending), send (transport only) and
+    /// settle (what Totango's answer means, by `policy`).
     async fn attempt(&self, m: Claimed) -> Report {
-        let mut report = Report {
+        let report = Report {
             id: m.id,
             lease: m.lease,
             requests: None,
@@ -550,21 +553,39 @@ impl Delivery {
             last: None,
             settings: None,
         };
+        match self.prepare(&m, report) {
+            Prepared::Send(plan, report) => self.send_all(&m, &plan, report).await,
+            Prepared::Done(report) => report,
+        }
+    }
+
+    /// Decodes a claimed message into the requests still to send, with the
+    /// settings to send them with; or its final report when it will not be
+    /// sent (unreadable, or the mapping does not send it). No I/O.
+    fn prepare(&self, m: &Claimed, mut report: Report) -> Prepared {
         // Settings come from the configuration as it is now (a fixed endpoint or
         // rotated token applies to queued messages), plus the request's overrides.
         let overrides: SettingsPatch = match serde_json::from_str(&m.settings) {
             Ok(s) => s,
-            Err(e) => return report.dead("internal", format!("stored settings unreadable: {e}")),
+            Err(e) => {
+                return Prepared::Done(
+                    report.dead("internal", format!("stored settings unreadable: {e}")),
+                );
+            }
         };
         let settings = match self.runtime.settings_for(&m.source, &overrides) {
             Ok(s) => s,
-            Err(e) => return report.dead("invalid_settings", format!("settings: {e}")),
+            Err(e) => {
+                return Prepared::Done(report.dead("invalid_settings", format!("settings: {e}")));
+            }
         };
         let requests: Vec<TotangoRequest> = match &m.requests {
             Some(text) => match serde_json::from_str(text) {
                 Ok(r) => r,
                 Err(e) => {
-                    return report.dead("internal", format!("stored requests unreadable: {e}"));
+                    return Prepared::Done(
+                        report.dead("internal", format!("stored requests unreadable: {e}")),
+                    );
                 }
             },
             None => {
@@ -574,7 +595,9 @@ impl Delivery {
                 let msg = match msg {
                     Ok(msg) => msg,
                     Err(e) => {
-                        return report.dead("internal", format!("stored message unreadable: {e}"));
+                        return Prepared::Done(
+                            report.dead("internal", format!("stored message unreadable: {e}")),
+                        );
                     }
                 };
                 let t = mapping::translate(&msg, &settings, m.latest_page_category.as_deref());
@@ -588,7 +611,7 @@ impl Delivery {
                         code: t.code.map(|c| c.as_str().to_owned()),
                         reason: t.message,
                     };
-                    return report;
+                    return Prepared::Done(report);
                 }
                 let mut requests = t.requests;
                 for r in &mut requests {
@@ -598,8 +621,14 @@ impl Delivery {
                 requests
             }
         };
-        let endpoint = settings.base_url();
-        while (report.sent as usize) < requests.len() {
+        Prepared::Send(Plan { settings, requests }, report)
+    }
+
+    /// Sends the plan's requests not yet accepted, one after the other, each
+    /// when its endpoint admits it; settles each answer.
+    async fn send_all(&self, m: &Claimed, plan: &Plan, mut report: Report) -> Report {
+        let endpoint = plan.settings.base_url();
+        while (report.sent as usize) < plan.requests.len() {
             // Not started yet and delivery stops, or this process may have
             // lost its claims: give the message back.
             if !report.attempted && (self.stopping.is_cancelled() || !self.storage.holds_claims()) {
@@ -617,7 +646,7 @@ impl Delivery {
                     Admission::Send => break false,
                     Admission::Probe => break true,
                     Admission::Defer { until } => {
-                        return self.retry_at(report, &m, until, None);
+                        return self.retry_at(report, m, until, None);
                     }
                     Admission::Wait { until } => {
                         let left = (until - now_millis()).max(1) as u64;
@@ -640,72 +669,114 @@ impl Delivery {
             let attempt = self
                 .client
                 .send(&send_url(
-                    &requests[report.sent as usize],
+                    &plan.requests[report.sent as usize],
                     endpoint,
-                    settings.api_token.as_deref(),
+                    plan.settings.api_token.as_deref(),
                 ))
                 .await;
-            let rtt = started.elapsed();
-            metrics::histogram!(telemetry::DELIVERY_LATENCY).record(rtt.as_secs_f64());
-            // A refused connection says nothing about Totango's load (the
-            // endpoint pause deals with it): the limit keeps what it learnt,
-            // and the backlog of an outage goes at the speed it had before.
-            if !attempt.connect_error {
-                self.concurrency
-                    .record(rtt, Signal::of_status(attempt.last.status));
-            }
-            let class = match attempt.last.status {
-                Some(s) if s < 300 => "2xx",
-                Some(s) if s < 400 => "3xx",
-                Some(s) if s < 500 => "4xx",
-                Some(_) => "5xx",
-                None => "error",
+            report = match self
+                .settle(m, endpoint, probe, started.elapsed(), attempt, report)
+                .await
+            {
+                Settled::Next(report) => report,
+                Settled::Done(report) => return report,
             };
-            metrics::counter!(telemetry::ATTEMPTS, "class" => class).increment(1);
-            report.attempted = true;
-            let status = attempt.last.status;
-            let health = Health::of(status, attempt.connect_error);
-            self.record_health(
-                endpoint,
-                health,
-                probe,
-                attempt.last.error.as_deref().unwrap_or_default(),
-            )
-            .await;
-            report.last = Some(attempt.last);
-            match attempt.verdict {
-                Verdict::Success => report.sent += 1,
-                Verdict::Dead => {
-                    let reason = format!("Totango answered HTTP {}", status.unwrap_or_default());
-                    return report.dead("rejected_by_totango", reason);
-                }
-                Verdict::Retry => {
-                    let now = now_millis();
-                    let delay =
-                        self.backoff
-                            .delay(m.attempts + 1, attempt.retry_after, &mut rand::rng());
-                    let mut next = now.saturating_add(millis(delay));
-                    if status == Some(429) {
-                        if let Some(ra) = attempt.retry_after {
-                            self.throttle(endpoint, now.saturating_add(millis(ra)))
-                                .await;
-                        }
-                    }
-                    // Failed because the endpoint is down: due again at its
-                    // next probe, not after this message's own backoff.
-                    if health != Health::Answered {
-                        if let Some(probe_at) = self.next_probe_at(endpoint) {
-                            let asked = attempt.retry_after.map_or(0, millis);
-                            next = probe_at.max(now.saturating_add(asked));
-                        }
-                    }
-                    let last = report.last.clone();
-                    return self.retry_at(report, &m, next, last.as_ref());
-                }
-            }
         }
         report
     }
+
+    /// What one answer means for the message (by `policy`), for the
+    /// concurrency limit and for the endpoint's health; and its metrics.
+    async fn settle(
+        &self,
+        m: &Claimed,
+        endpoint: &str,
+        probe: bool,
+        rtt: Duration,
+        attempt: client::Attempt,
+        mut report: Report,
+    ) -> Settled {
+        metrics::histogram!(telemetry::DELIVERY_LATENCY).record(rtt.as_secs_f64());
+        let status = attempt.status;
+        // A refused connection says nothing about Totango's load (the
+        // endpoint pause deals with it): the limit keeps what it learnt,
+        // and the backlog of an outage goes at the speed it had before.
+        if !attempt.connect_error {
+            self.concurrency.record(rtt, Signal::of_status(status));
+        }
+        let class = match status {
+            Some(s) if s < 300 => "2xx",
+            Some(s) if s < 400 => "3xx",
+            Some(s) if s < 500 => "4xx",
+            Some(_) => "5xx",
+            None => "error",
+        };
+        metrics::counter!(telemetry::ATTEMPTS, "class" => class).increment(1);
+        report.attempted = true;
+        let health = Health::of(status, attempt.connect_error);
+        self.record_health(
+            endpoint,
+            health,
+            probe,
+            attempt.error.as_deref().unwrap_or_default(),
+        )
+        .await;
+        report.last = Some(LastResponse {
+            status,
+            body: attempt.body,
+            error: attempt.error,
+        });
+        match policy::verdict(status) {
+            Verdict::Success => {
+                report.sent += 1;
+                Settled::Next(report)
+            }
+            Verdict::Dead => {
+                let reason = format!("Totango answered HTTP {}", status.unwrap_or_default());
+                Settled::Done(report.dead("rejected_by_totango", reason))
+            }
+            Verdict::Retry => {
+                // Failed because the endpoint is down: due again at its next
+                // probe, not after this message's own backoff.
+                let probe_at = match health {
+                    Health::Answered => None,
+                    _ => self.next_probe_at(endpoint),
+                };
+                let plan = policy::retry_plan(
+                    &self.backoff,
+                    m.attempts,
+                    status,
+                    attempt.retry_after,
+                    probe_at,
+                    now_millis(),
+                    &mut rand::rng(),
+                );
+                if let Some(until) = plan.pause_endpoint_until {
+                    self.throttle(endpoint, until).await;
+                }
+                let last = report.last.clone();
+                Settled::Done(self.retry_at(report, m, plan.next_attempt_at, last.as_ref()))
+            }
+        }
+    }
+}
+
+/// What a claimed message will send, once prepared.
+struct Plan {
+    settings: mapping::Settings,
+    requests: Vec<TotangoRequest>,
+}
+
+/// A prepared message: to send, or done without sending.
+enum Prepared {
+    Send(Plan, Report),
+    Done(Report),
+}
+
+/// After one answer: send the next request, or the message's report.
+enum Settled {
+    Next(Report),
+    Done(Report),
 }
 
 impl Report {
@@ -716,10 +787,6 @@ impl Report {
         };
         self
     }
-}
-
-fn millis(d: Duration) -> Millis {
-    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
 }
 
 /// The URL to GET, with the current token (stored requests carry none).
