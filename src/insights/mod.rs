@@ -18,15 +18,37 @@ pub use crate::config::insights::InsightsConfig;
 pub use widget::{Target, mac_input, routes, sign};
 
 use crate::config::Runtime;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use store::Store;
+use store::{Store, StoreError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Opens the insights store of this configuration.
-pub fn open_store(runtime: &Runtime) -> Result<Store, store::StoreError> {
-    Store::open(&runtime.config.insights.snapshot_path(&runtime.storage))
+/// Each store file, opened once per process and shared by the schedule and
+/// the widget.
+static STORES: Mutex<Vec<(PathBuf, Arc<Store>)>> = Mutex::new(Vec::new());
+
+/// The store at `path`, opening it (creating its tables) the first time.
+/// Blocks: call it on the blocking pool.
+fn shared_store(path: PathBuf) -> Result<Arc<Store>, StoreError> {
+    let mut stores = STORES.lock().expect("insights stores lock");
+    if let Some((_, store)) = stores.iter().find(|(p, _)| *p == path) {
+        return Ok(store.clone());
+    }
+    let store = Arc::new(Store::open(&path)?);
+    stores.push((path, store.clone()));
+    Ok(store)
+}
+
+/// Runs `f` on this configuration's insights store, on the blocking pool
+/// (its calls are blocking SQLite calls): the one way async code reaches it.
+pub async fn with_store<T: Send + 'static>(
+    runtime: &Runtime,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let path = runtime.config.insights.snapshot_path(&runtime.storage);
+    tokio::task::spawn_blocking(move || f(shared_store(path)?.as_ref())).await?
 }
 
 /// Runs a sync and keeps its result: snapshots of the accounts read and the
@@ -35,18 +57,25 @@ pub async fn sync_and_store(
     runtime: &Runtime,
     dry_run: bool,
     progress: &dyn sync::Progress,
-) -> Result<sync::RunOutcome, store::StoreError> {
-    let store = if dry_run {
-        None
-    } else {
-        Some(open_store(runtime)?)
-    };
+) -> Result<sync::RunOutcome, StoreError> {
+    if !dry_run {
+        // A store that cannot be opened fails before Totango is asked.
+        with_store(runtime, |_| Ok(())).await?;
+    }
     let mut outcome = sync::run_once(&runtime.config, dry_run, progress).await;
-    if let Some(store) = store {
-        if !outcome.accounts.is_empty() {
-            store.save_snapshots(&outcome.accounts)?;
-        }
-        outcome.summary.id = Some(store.save_run(&outcome.summary)?);
+    if !dry_run {
+        let accounts = std::mem::take(&mut outcome.accounts);
+        let summary = outcome.summary.clone();
+        let (accounts, id) = with_store(runtime, move |store| {
+            if !accounts.is_empty() {
+                store.save_snapshots(&accounts)?;
+            }
+            let id = store.save_run(&summary)?;
+            Ok((accounts, id))
+        })
+        .await?;
+        outcome.accounts = accounts;
+        outcome.summary.id = Some(id);
     }
     Ok(outcome)
 }

@@ -16,10 +16,16 @@ pub type Linked = Result<AccountInsights, usize>;
 const KEEP_RUNS: i64 = 200;
 
 #[derive(Debug, thiserror::Error)]
-#[error("insights store {path}: {source}")]
-pub struct StoreError {
-    path: String,
-    source: rusqlite::Error,
+pub enum StoreError {
+    #[error("insights store {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The blocking task that ran the call did not finish.
+    #[error("insights store task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub struct Store {
@@ -30,7 +36,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating) the file and its tables.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let err = |source| StoreError {
+        let err = |source| StoreError::Sqlite {
             path: path.display().to_string(),
             source,
         };
@@ -65,7 +71,7 @@ impl Store {
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError {
+        StoreError::Sqlite {
             path: self.path.display().to_string(),
             source,
         }

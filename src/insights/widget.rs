@@ -210,14 +210,8 @@ async fn with_store<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Store) -> Result<T, super::store::StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let path = state
-        .runtime
-        .config
-        .insights
-        .snapshot_path(&state.runtime.storage);
-    tokio::task::spawn_blocking(move || f(&Store::open(&path)?))
+    super::with_store(&state.runtime, f)
         .await
-        .map_err(store_error)?
         .map_err(store_error)
 }
 
