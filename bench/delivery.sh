@@ -5,6 +5,7 @@
 #
 #   bash bench/delivery.sh               (needs curl)
 #   MESSAGES=200000 DELAYS="0 20 100" USERS="1000 1" bash bench/delivery.sh
+#   BIN=path/to/other/totango-destination bash bench/delivery.sh   (another build)
 #
 # For each answer delay and user count: queue MESSAGES track calls straight
 # into a fresh SQLite file (examples/queue_backlog.rs), start the fake Totango
@@ -18,6 +19,7 @@ DELAYS=${DELAYS:-"0 20 100"}
 USERS=${USERS:-"1000 1"}
 SERVER_PORT=${SERVER_PORT:-18090}
 FAKE_PORT=${FAKE_PORT:-18091}
+BIN=${BIN:-target/release/totango-destination}
 
 cargo build --release --quiet --bin totango-destination --example fake_totango --example queue_backlog
 work=$(mktemp -d)
@@ -37,7 +39,7 @@ for delay in $DELAYS; do
     TD_TOTANGO__ENDPOINT="http://127.0.0.1:$FAKE_PORT" \
     TD_STORAGE__URL="sqlite://$work/bench.db" \
     RUST_LOG=warn \
-      target/release/totango-destination serve --listen "127.0.0.1:$SERVER_PORT" >>"$work/server.log" 2>&1 &
+      "$BIN" serve --listen "127.0.0.1:$SERVER_PORT" >>"$work/server.log" 2>&1 &
     server_pid=$!
     while :; do
       got=$(curl -fsS "http://127.0.0.1:$FAKE_PORT/count" 2>/dev/null || echo 0)
