@@ -139,11 +139,6 @@ impl SqliteStorage {
         });
         let conn = conn.map_err(|e| match e {
             StorageError::Corrupt(why) => schema::damaged(path, why),
-            StorageError::Unavailable(why)
-                if why.contains("malformed") || why.contains("not a database") =>
-            {
-                schema::damaged(path, why)
-            }
             e => e,
         })?;
         schema::migrate(&conn, path)?;

@@ -241,8 +241,13 @@ fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
 
 /// Opens a connection with the settings every connection uses.
 pub(super) fn open(path: &Path) -> Result<Connection, StorageError> {
-    let conn = Connection::open(path)
-        .map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    // Damage is told by SQLite's error code (see `From<rusqlite::Error>`).
+    let conn = Connection::open(path).map_err(|e| match StorageError::from(e) {
+        StorageError::Unavailable(why) => {
+            StorageError::Unavailable(format!("cannot open {}: {why}", path.display()))
+        }
+        other => other,
+    })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsync'd at every commit, so a 2xx survives power loss.
