@@ -1,6 +1,7 @@
 //! totango-destination: a Segment-compatible destination server for Totango.
 
 pub mod budget;
+pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod ingest;

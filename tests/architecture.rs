@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["web"],
     &["ingest", "admin", "insights"],
     &["server"],
+    &["cli"],
     &["lib", "main"],
 ];
 

@@ -5,8 +5,6 @@
 //! Independent of the Segment → Totango path: it shares the configuration
 //! and the HTTP server, not the message queue.
 
-pub mod cli;
-
 pub mod model;
 pub mod salesforce;
 pub mod store;

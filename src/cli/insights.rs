@@ -1,8 +1,8 @@
 //! `totango-destination insights …`: one sync now (with a progress bar and
 //! a summary), and signed widget links.
 
-use super::sync::{Progress, RunOutcome, RunStatus, RunSummary};
 use crate::config::{Config, Runtime};
+use crate::insights::sync::{Progress, RunOutcome, RunStatus, RunSummary};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -43,9 +43,9 @@ pub fn run(command: InsightsCommand) -> anyhow::Result<ExitCode> {
             config,
         } => {
             let target = if record {
-                super::Target::Record
+                crate::insights::Target::Record
             } else {
-                super::Target::Account
+                crate::insights::Target::Account
             };
             link(config.as_deref(), target, &account_id, expires_in)
         }
@@ -86,7 +86,9 @@ fn sync(path: Option<&Path>, dry_run: bool) -> anyhow::Result<ExitCode> {
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let progress = Bar(bar);
-    let outcome = rt.block_on(super::sync_and_store(&runtime, dry_run, &progress))?;
+    let outcome = rt.block_on(crate::insights::sync_and_store(
+        &runtime, dry_run, &progress,
+    ))?;
     progress.0.finish_and_clear();
     print_outcome(&outcome);
     Ok(if outcome.summary.failed() {
@@ -185,7 +187,7 @@ pub fn printable(s: &str) -> String {
 
 fn link(
     path: Option<&Path>,
-    target: super::Target,
+    target: crate::insights::Target,
     account_id: &str,
     expires_in: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
@@ -199,7 +201,7 @@ fn link(
         .clone()
         .unwrap_or_else(|| format!("http://{}", runtime.listen));
     let exp = expires_in.map(|s| chrono::Utc::now().timestamp() + s as i64);
-    let sig = super::sign(secret.expose(), target, account_id, exp);
+    let sig = crate::insights::sign(secret.expose(), target, account_id, exp);
     let id: String = url::form_urlencoded::byte_serialize(account_id.as_bytes()).collect();
     let id = id.replace('+', "%20");
     let mut url = format!(
