@@ -40,6 +40,13 @@ pub fn account_url(account_id: &str) -> String {
     format!("https://app.totango.com/#!/customerDetails?customer={id}")
 }
 
+/// Why a Totango search hit is skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum HitError {
+    #[error("hit without an account id (\"name\")")]
+    NoAccountId,
+}
+
 /// Reads one hit. `fields` is the list the query was sent with (the values
 /// of `selected_fields` come in that order); `link_field` is the index of
 /// the Salesforce Id attribute in `selected_fields`, when requested.
@@ -48,11 +55,11 @@ pub fn from_hit(
     fields: &[SearchField],
     link_field: Option<usize>,
     synced_at: &str,
-) -> Result<AccountInsights, String> {
+) -> Result<AccountInsights, HitError> {
     let account_id = match hit.get("name") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
-        _ => return Err("hit without an account id (\"name\")".into()),
+        _ => return Err(HitError::NoAccountId),
     };
     let selected = hit
         .get("selected_fields")

@@ -27,7 +27,10 @@ pub enum SalesforceError {
     #[error("Salesforce: HTTP {status}: {body}")]
     Status { status: u16, body: String },
     #[error("Salesforce: {0}")]
-    Transport(String),
+    Transport(#[from] reqwest::Error),
+    /// An answer of the wrong shape.
+    #[error("Salesforce: {0}")]
+    Answer(String),
 }
 
 impl SalesforceError {
@@ -192,17 +195,13 @@ impl SalesforceClient {
             let resp = build(&session)
                 .bearer_auth(&session.access_token)
                 .send()
-                .await
-                .map_err(|e| SalesforceError::Transport(e.to_string()))?;
+                .await?;
             self.read_limit_info(resp.headers());
             let status = resp.status();
-            let text = resp
-                .text()
-                .await
-                .map_err(|e| SalesforceError::Transport(e.to_string()))?;
+            let text = resp.text().await?;
             if status.is_success() {
                 return serde_json::from_str(&text)
-                    .map_err(|e| SalesforceError::Transport(format!("answer is not JSON: {e}")));
+                    .map_err(|e| SalesforceError::Answer(format!("answer is not JSON: {e}")));
             }
             let (code, message) = error_code(&text);
             match (status.as_u16(), code.as_str()) {
@@ -337,7 +336,7 @@ impl SalesforceClient {
             })
             .await?;
         let results = answer.as_array().ok_or_else(|| {
-            SalesforceError::Transport("collection answer is not a list of results".into())
+            SalesforceError::Answer("collection answer is not a list of results".into())
         })?;
         Ok(records
             .iter()

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 #[derive(Debug, thiserror::Error)]
 pub enum TotangoError {
     #[error("Totango search: {0}")]
-    Transport(String),
+    Transport(#[from] reqwest::Error),
     #[error("Totango search: HTTP {status}: {body}")]
     Status { status: u16, body: String },
     #[error("Totango search failed: {0}")]
@@ -101,13 +101,9 @@ impl TotangoClient {
             )
             .body(body)
             .send()
-            .await
-            .map_err(|e| TotangoError::Transport(e.to_string()))?;
+            .await?;
         let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| TotangoError::Transport(e.to_string()))?;
+        let text = resp.text().await?;
         let answer: Option<Value> = serde_json::from_str(&text).ok();
         let failed = answer
             .as_ref()

@@ -1,4 +1,6 @@
 //! One error shape for every API answer: `{"message": "...", "code": "..."}`.
+//! The project's error policy (typed errors below the command line, `anyhow`
+//! only in `src/cli/`, no message matching) is in docs/architecture.md.
 
 use crate::segment::ParseError;
 use crate::storage::StorageError;
