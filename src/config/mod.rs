@@ -1,7 +1,18 @@
 //! Typed configuration: defaults → TOML file → `TD_` environment variables
 //! (nesting with `__`), validated at start with messages that name the setting.
 
+mod delivery;
 pub mod insights;
+mod limits;
+mod storage;
+
+pub use delivery::DeliveryConfig;
+pub use limits::LimitsConfig;
+use limits::{
+    default_batch_body, default_inflight, default_prefix_v4, default_prefix_v6,
+    default_uncredentialed_grace,
+};
+pub use storage::{StorageConfig, StorageUrl, parse_storage_url, redact_storage_url};
 
 use crate::mapping::{Settings, SettingsError, SettingsPatch};
 use crate::secret::{Scalar, Secret};
@@ -30,39 +41,6 @@ pub struct Config {
     /// Account insights: Totango → Salesforce, and the widget.
     #[serde(default)]
     pub insights: insights::InsightsConfig,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StorageConfig {
-    /// `sqlite://PATH` (embedded) or `postgres://…`. Printed without its
-    /// password (userinfo or a `password=` parameter).
-    #[serde(serialize_with = "serialize_storage_url")]
-    pub url: String,
-    /// How long an accepted `messageId` is remembered for deduplication.
-    pub dedupe_window_secs: u64,
-    /// How long finished messages (not pending, not dead) are kept; 0 keeps them forever.
-    pub retention_secs: u64,
-    /// How long messages that were never to be sent (rejected, duplicate,
-    /// filtered, unsupported) are kept; 0: as long as `retention_secs`.
-    pub refused_retention_secs: u64,
-    /// Past this many queued messages ingest answers 503 (0: no bound).
-    pub max_backlog_messages: u64,
-    /// Past this many bytes of queued messages ingest answers 503 (0: no bound).
-    pub max_backlog_bytes: u64,
-    /// Below this much free space where the database lives, ingest answers 503.
-    pub min_free_disk_bytes: u64,
-    /// How long a claim holds a message when its holder cannot be watched:
-    /// SQLite within one process, and claims made by a version without
-    /// replica heartbeats. A replica's claims last as long as it lives.
-    pub lease_secs: u64,
-    /// How often each replica records that it is alive (PostgreSQL).
-    pub heartbeat_secs: u64,
-    /// A replica not heard from for this long is gone: the messages it held
-    /// are claimable again at once (PostgreSQL).
-    pub replica_timeout_secs: u64,
-    /// Database connections each process keeps (PostgreSQL).
-    pub pool_size: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -117,89 +95,6 @@ pub struct AdminConfig {
     /// SQLite database (`data/admin-token` otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeliveryConfig {
-    pub retry_base_ms: u64,
-    pub retry_max_ms: u64,
-    pub max_retry_age_secs: u64,
-    /// Outbound requests in flight at first; it then adapts between the bounds.
-    pub concurrency: usize,
-    /// Lower bound of the adaptive concurrency.
-    pub min_concurrency: usize,
-    /// Upper bound of the adaptive concurrency (also the connection pool size).
-    pub max_concurrency: usize,
-    pub request_timeout_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    pub max_message_bytes: usize,
-    /// Body of a single-message request.
-    pub max_body_bytes: usize,
-    /// Body of `/v1/batch`, `/v1/import` and `/webhook` (RudderStack's
-    /// libraries build batches up to 4 MB).
-    #[serde(default = "default_batch_body")]
-    pub max_batch_body_bytes: usize,
-    /// Total size of one request's messages as stored (after a batch's
-    /// `context` is merged into every item).
-    pub max_request_stored_bytes: usize,
-    pub max_batch_messages: usize,
-    /// Time a client has to send its request headers.
-    pub header_read_timeout_ms: u64,
-    /// Time a client has to send its whole request body (at most).
-    pub body_read_timeout_ms: u64,
-    /// Slowest accepted body: a body's deadline is 5 s plus its declared
-    /// length at this rate (capped by `body_read_timeout_ms`).
-    pub min_body_bytes_per_sec: usize,
-    /// Open client connections at most; more wait to be accepted.
-    pub max_connections: usize,
-    /// Open connections from one client address at most; more are closed at
-    /// once (0: no per-client cap). Behind a reverse proxy every client has
-    /// the proxy's address: raise it there, or cap per client in the proxy.
-    /// A client is an address prefix: see `client_prefix_v4`/`_v6`.
-    pub max_connections_per_client: usize,
-    /// IPv4 addresses sharing this many leading bits are one client for
-    /// `max_connections_per_client` (24: a /24; 32: each address).
-    #[serde(default = "default_prefix_v4")]
-    pub client_prefix_v4: u8,
-    /// IPv6 addresses sharing this many leading bits are one client (64: a
-    /// /64, what one host or site usually gets; 128: each address).
-    #[serde(default = "default_prefix_v6")]
-    pub client_prefix_v6: u8,
-    /// Request body bytes (after decompression) all requests together may
-    /// hold at once; beyond it a body is answered `503` + `Retry-After`.
-    #[serde(default = "default_inflight")]
-    pub max_inflight_body_bytes: usize,
-    /// Time before a body's first bytes count, for a request that carries no
-    /// credential in its headers (no `Authorization`, no `X-Signature`, no
-    /// session cookie), milliseconds; then the bytes that arrive buy time at
-    /// `min_body_bytes_per_sec`. Credentialed requests get 5 s.
-    #[serde(default = "default_uncredentialed_grace")]
-    pub uncredentialed_body_grace_ms: u64,
-}
-
-fn default_prefix_v4() -> u8 {
-    24
-}
-
-fn default_prefix_v6() -> u8 {
-    64
-}
-
-fn default_batch_body() -> usize {
-    4 * 1024 * 1024
-}
-
-fn default_inflight() -> usize {
-    64 * 1024 * 1024
-}
-
-fn default_uncredentialed_grace() -> u64 {
-    2_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -289,33 +184,6 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
-}
-
-fn serialize_storage_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_storage_url(url))
-}
-
-/// `url` without the secrets a database URL can carry.
-pub fn redact_storage_url(url: &str) -> String {
-    let url = crate::secret::redact_url(url);
-    let Some((base, query)) = url.split_once('?') else {
-        return url;
-    };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=[redacted]"),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{base}?{}", query.join("&"))
-}
-
-/// The storage backend named by `storage.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StorageUrl {
-    Sqlite(PathBuf),
-    Postgres(String),
 }
 
 /// Validated, ready-to-use configuration.
@@ -880,25 +748,6 @@ impl Config {
 
 fn toml_string(c: &Config) -> String {
     toml::to_string(c).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
-}
-
-pub fn parse_storage_url(url: &str) -> Result<StorageUrl, ConfigError> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        if path.is_empty() {
-            return Err(ConfigError::invalid(
-                "storage.url",
-                "sqlite:// needs a file path",
-            ));
-        }
-        return Ok(StorageUrl::Sqlite(PathBuf::from(path)));
-    }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Ok(StorageUrl::Postgres(url.to_owned()));
-    }
-    Err(ConfigError::invalid(
-        "storage.url",
-        format!("{url:?}: expected sqlite://PATH or postgres://…"),
-    ))
 }
 
 /// A string, a number or a comma-separated list → list of secrets.
