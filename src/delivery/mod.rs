@@ -105,18 +105,7 @@ impl Drop for Held {
 
 /// Gives a claimed message back, due now, without spending an attempt.
 fn release(id: i64, lease: i64, sent: u32) -> Report {
-    Report {
-        id,
-        lease,
-        requests: None,
-        sent,
-        attempted: false,
-        disposition: Disposition::Retry {
-            next_attempt_at: now_millis(),
-        },
-        last: None,
-        settings: None,
-    }
+    Report::untouched(id, lease, sent).given_back()
 }
 
 impl Delivery {
@@ -477,16 +466,7 @@ impl Delivery {
                 .get(settings.base_url())?
                 .deferred_until(now, &self.probe)?
         };
-        let report = Report {
-            id: m.id,
-            lease: m.lease,
-            requests: None,
-            sent: m.sent,
-            attempted: false,
-            disposition: Disposition::Delivered,
-            last: None,
-            settings: None,
-        };
+        let report = Report::untouched(m.id, m.lease, m.sent);
         Some((self.retry_at(report, m, until, None), until))
     }
 
@@ -543,16 +523,7 @@ impl Delivery {
     /// send, or a final outcome without sending), send (transport only) and
     /// settle (what Totango's answer means, by `policy`).
     async fn attempt(&self, m: Claimed) -> Report {
-        let report = Report {
-            id: m.id,
-            lease: m.lease,
-            requests: None,
-            sent: m.sent,
-            attempted: false,
-            disposition: Disposition::Delivered,
-            last: None,
-            settings: None,
-        };
+        let report = Report::untouched(m.id, m.lease, m.sent);
         match self.prepare(&m, report) {
             Prepared::Send(plan, report) => self.send_all(&m, &plan, report).await,
             Prepared::Done(report) => report,
@@ -632,12 +603,7 @@ impl Delivery {
             // Not started yet and delivery stops, or this process may have
             // lost its claims: give the message back.
             if !report.attempted && (self.stopping.is_cancelled() || !self.storage.holds_claims()) {
-                return Report {
-                    disposition: Disposition::Retry {
-                        next_attempt_at: now_millis(),
-                    },
-                    ..report
-                };
+                return report.given_back();
             }
             let probe = loop {
                 // Subscribed before deciding, so no change is missed.
@@ -654,12 +620,7 @@ impl Delivery {
                             _ = tokio::time::sleep(Duration::from_millis(left)) => {}
                             _ = changes.changed() => {}
                             _ = self.stopping.cancelled(), if !report.attempted => {
-                                return Report {
-                                    disposition: Disposition::Retry {
-                                        next_attempt_at: now_millis(),
-                                    },
-                                    ..report
-                                };
+                                return report.given_back();
                             }
                         }
                     }
@@ -780,6 +741,30 @@ enum Settled {
 }
 
 impl Report {
+    /// A claimed message's report before anything is done with it.
+    fn untouched(id: i64, lease: i64, sent: u32) -> Report {
+        Report {
+            id,
+            lease,
+            requests: None,
+            sent,
+            attempted: false,
+            disposition: Disposition::Delivered,
+            last: None,
+            settings: None,
+        }
+    }
+
+    /// Due again now; an attempt is spent only if one was made.
+    fn given_back(self) -> Report {
+        Report {
+            disposition: Disposition::Retry {
+                next_attempt_at: now_millis(),
+            },
+            ..self
+        }
+    }
+
     fn dead(mut self, code: &str, reason: String) -> Report {
         self.disposition = Disposition::Dead {
             code: code.to_owned(),
