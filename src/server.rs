@@ -64,6 +64,7 @@ pub fn storage_options(runtime: &Runtime) -> StorageOptions {
         heartbeat_ms: secs(storage.heartbeat_secs),
         replica_timeout_ms: secs(storage.replica_timeout_secs),
         pool_size: storage.pool_size,
+        max_refused_bytes: storage.max_refused_bytes,
     }
 }
 
@@ -415,6 +416,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 .map(|t| (crate::storage::now_millis() - t).max(0) as f64 / 1000.0)
                 .unwrap_or(0.0);
             metrics::gauge!(telemetry::OLDEST_PENDING).set(age);
+            metrics::gauge!(telemetry::REFUSED_BYTES).set(q.refused_bytes as f64);
         }
         Err(e) => tracing::warn!(error = %e, "queue stats unavailable"),
     }

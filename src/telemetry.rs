@@ -18,6 +18,8 @@ pub const DELIVERY_LATENCY: &str = "td_delivery_request_duration_seconds";
 pub const HTTP_LATENCY: &str = "td_http_request_duration_seconds";
 pub const QUEUE_DEPTH: &str = "td_queue_depth";
 pub const OLDEST_PENDING: &str = "td_oldest_pending_age_seconds";
+/// Stored bytes of refused messages (against `storage.max_refused_bytes`).
+pub const REFUSED_BYTES: &str = "td_refused_stored_bytes";
 /// Connections closed at once because their client address had too many open.
 pub const REFUSED_CONNECTIONS: &str = "td_connections_refused_total";
 /// The adaptive limit of requests to Totango in flight.
@@ -59,6 +61,10 @@ pub fn metrics() -> &'static PrometheusHandle {
             metrics::describe_gauge!(
                 OLDEST_PENDING,
                 "Age of the oldest message waiting for delivery"
+            );
+            metrics::describe_gauge!(
+                REFUSED_BYTES,
+                "Stored bytes of refused messages (rejected, duplicate, filtered, unsupported)"
             );
         }
         handle

@@ -596,6 +596,123 @@ async fn migrations_are_versioned_idempotent_and_refuse_newer_schemas() {
     ));
 }
 
+/// A schema 2 database with a backlog upgrades to indexes of digests and
+/// keeps working: the queued ordering keys, dedupe entries and page
+/// categories written as text before are found by the digests the new code
+/// computes, and the refused bytes already stored are counted.
+#[tokio::test]
+async fn upgrading_from_schema_2_keeps_keys_dedupe_and_page_categories() {
+    let Some(db) = TestDatabase::create("upgrade from schema 2") else {
+        return;
+    };
+    assert_eq!(postgres::migrate_to(db.url(), 2).await.unwrap(), 2);
+    {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        let key = "svc\u{1f}u:alice";
+        let now = now_millis();
+        for (i, id) in ["a-1", "a-2"].iter().enumerate() {
+            let message: i64 = sqlx::query_scalar(
+                "INSERT INTO td_messages (message_id, source, call, service_id, user_id, state, \
+                 ordering_key, payload, settings, received_at, updated_at) \
+                 VALUES ($1, 'web', 'identify', 'svc', 'alice', 'pending', $2, $3, '{}', $4, $4) \
+                 RETURNING id",
+            )
+            .bind(id)
+            .bind(key)
+            .bind(json!({"type": "identify", "messageId": id}).to_string())
+            .bind(now)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+                 VALUES ($1, $2, $3, $3, $4)",
+            )
+            .bind(message)
+            .bind(key)
+            .bind(now)
+            .bind(i == 0)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        }
+        sqlx::query("INSERT INTO td_keys (ordering_key) VALUES ($1)")
+            .bind(key)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO td_dedupe (source, message_id, accepted_at) VALUES ('web', 'seen', $1)",
+        )
+        .bind(now)
+        .execute(&mut c)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO td_page_categories (service_id, user_id, category) \
+             VALUES ('svc', 'alice', 'Reports')",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO td_messages (message_id, source, call, service_id, state, payload, \
+             settings, received_at, updated_at) \
+             VALUES ('junk', 'web', 'track', 'svc', 'rejected', '{\"pad\":\"xxxx\"}', '{}', $1, $1)",
+        )
+        .bind(now)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    let s = open(&db, 60_000).await;
+    assert_eq!(
+        s.queue_stats().await.unwrap().refused_bytes,
+        (r#"{"pad":"xxxx"}"#.len() + 2 + "junk".len()) as u64
+    );
+    // Dedupe: the id remembered as text is a duplicate now.
+    let again = s.accept(vec![msg("seen", None)]).await.unwrap();
+    assert!(
+        matches!(again[0], Acceptance::Duplicate { .. }),
+        "{again:?}"
+    );
+    // A new identify of alice queues behind the two from before the upgrade.
+    let mut third = msg("a-3", Some("svc\u{1f}u:alice"));
+    third.user_id = Some("alice".to_owned());
+    let mut track = msg("t-1", None);
+    track.call = "track".to_owned();
+    track.user_id = Some("alice".to_owned());
+    track.needs_page_category = true;
+    track.payload = json!({"type": "track", "messageId": "t-1"}).to_string();
+    s.accept(vec![third, track]).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let claimed = s.claim(10).await.unwrap().messages;
+        let identifies = claimed.iter().filter(|m| m.payload.contains("identify"));
+        assert!(identifies.count() <= 1, "one of alice's at a time");
+        for m in &claimed {
+            let v: serde_json::Value = serde_json::from_str(&m.payload).unwrap();
+            let id = v["messageId"].as_str().unwrap().to_owned();
+            if id == "t-1" {
+                assert_eq!(m.latest_page_category.as_deref(), Some("Reports"));
+            } else {
+                order.push(id);
+            }
+        }
+        s.report(
+            claimed
+                .iter()
+                .map(|m| report(m.id, m.lease, Disposition::Delivered))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(order, ["a-1", "a-2", "a-3"], "one key across the upgrade");
+    s.close().await;
+}
+
 /// An unreachable server is a passing failure (the server keeps retrying).
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable() {

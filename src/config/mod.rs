@@ -129,6 +129,7 @@ impl Default for Config {
                 refused_retention_secs: 24 * 3600,
                 max_backlog_messages: 2_000_000,
                 max_backlog_bytes: 2 * 1024 * 1024 * 1024,
+                max_refused_bytes: 256 * 1024 * 1024,
                 min_free_disk_bytes: 512 * 1024 * 1024,
                 lease_secs: 600,
                 heartbeat_secs: 3,

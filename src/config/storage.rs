@@ -22,6 +22,10 @@ pub struct StorageConfig {
     pub max_backlog_messages: u64,
     /// Past this many bytes of queued messages ingest answers 503 (0: no bound).
     pub max_backlog_bytes: u64,
+    /// Past this many stored bytes of refused messages (rejected, duplicate,
+    /// filtered, unsupported; kept `refused_retention_secs`), further ones
+    /// are kept without payload and settings (0: no bound).
+    pub max_refused_bytes: u64,
     /// Below this much free space where the database lives, ingest answers 503.
     pub min_free_disk_bytes: u64,
     /// How long a claim holds a message when its holder cannot be watched:

@@ -67,6 +67,8 @@ pub struct StorageOptions {
     pub replica_timeout_ms: Millis,
     /// Connections a networked backend keeps (SQLite ignores it).
     pub pool_size: u32,
+    /// Bytes refused messages may keep with their payloads (0: no bound).
+    pub max_refused_bytes: u64,
 }
 
 impl Default for StorageOptions {
@@ -80,6 +82,7 @@ impl Default for StorageOptions {
             heartbeat_ms: 3 * 1000,
             replica_timeout_ms: 15 * 1000,
             pool_size: 8,
+            max_refused_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -122,6 +125,14 @@ impl State {
 
     pub fn parse(s: &str) -> Option<State> {
         State::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Never to be sent ([`REFUSED_STATES`]).
+    pub fn is_refused(self) -> bool {
+        matches!(
+            self,
+            State::Rejected | State::Duplicate | State::Filtered | State::Unsupported
+        )
     }
 }
 
@@ -239,6 +250,9 @@ pub struct QueueStats {
     /// Stored size of the queued messages, bytes: payload, request settings
     /// (`X-Segment-Settings`), messageId, translated requests, last answer.
     pub bytes: u64,
+    /// Stored size of the refused messages kept (payload, settings,
+    /// messageId), counted as they are stored and pruned.
+    pub refused_bytes: u64,
 }
 
 /// Which stored messages an operator means. Every field narrows the set.
@@ -382,6 +396,59 @@ pub enum AcceptError {
 /// States of finished messages that were never to be sent; their own
 /// (shorter) retention applies.
 pub const REFUSED_STATES: &str = "('rejected', 'duplicate', 'filtered', 'unsupported')";
+
+/// The warning kept with a refused message stored without its payload.
+pub const PAYLOAD_NOT_KEPT: &str =
+    "payload not kept: refused messages fill storage.max_refused_bytes";
+
+/// What refused messages store, against `storage.max_refused_bytes`: each
+/// backend reads the stored total in the accepting transaction and adds to
+/// it, and pruning takes off what it deletes. Past the bound a refused
+/// message is kept without payload and settings (its outcome, reason and
+/// ids stay), so a client sending only junk grows the disk by its ids at
+/// most and never stops anyone's ingest.
+pub(crate) struct RefusedBudget {
+    used: i64,
+    max: i64,
+    /// Bytes this transaction adds.
+    pub added: i64,
+}
+
+impl RefusedBudget {
+    pub fn new(used: i64, max_bytes: u64) -> RefusedBudget {
+        RefusedBudget {
+            used,
+            max: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+            added: 0,
+        }
+    }
+
+    /// The payload and settings to store for a refused message, or `None`
+    /// for empty ones (over the bound); counts what is stored.
+    pub fn keep<'a>(
+        &mut self,
+        payload: &'a str,
+        settings: &'a str,
+        message_id: &str,
+    ) -> Option<(&'a str, &'a str)> {
+        let full = refused_size(payload, settings, message_id);
+        if self.max == 0 || self.used + self.added + full <= self.max {
+            self.added += full;
+            return Some((payload, settings));
+        }
+        self.added += refused_size(EMPTY_JSON, EMPTY_JSON, message_id);
+        None
+    }
+}
+
+/// What a refused message stored without payload and settings holds there.
+pub const EMPTY_JSON: &str = "{}";
+
+/// The bytes a refused message counts: as the backends' SQL sums them
+/// (lengths of payload, settings and messageId in UTF-8).
+pub fn refused_size(payload: &str, settings: &str, message_id: &str) -> i64 {
+    (payload.len() + settings.len() + message_id.len()) as i64
+}
 
 /// The durable queue. Every method that returns `Ok` has committed.
 ///

@@ -105,12 +105,18 @@ pub async fn open(url: &str, options: StorageOptions) -> Result<PostgresStorage,
 
 /// Brings the database at `url` to this build's schema; returns its version.
 pub async fn migrate(url: &str) -> Result<u32, StorageError> {
+    migrate_to(url, SCHEMA_VERSION).await
+}
+
+/// Brings the database at `url` to schema `version` at most (upgrade tests
+/// build an older database this way); returns the version it has.
+pub async fn migrate_to(url: &str, version: u32) -> Result<u32, StorageError> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(connect_options(url)?)
         .await?;
-    let version = schema::migrate(&pool).await;
+    let version = schema::migrate_to(&pool, version).await;
     pool.close().await;
     version
 }
@@ -263,7 +269,13 @@ impl Inner {
         batch: &[&NewMessage],
     ) -> Result<Vec<Acceptance>, StorageError> {
         let mut tx = self.pool.begin().await?;
-        let out = queue::accept(&mut tx, batch, self.options.dedupe_window_ms).await?;
+        let out = queue::accept(
+            &mut tx,
+            batch,
+            self.options.dedupe_window_ms,
+            self.options.max_refused_bytes,
+        )
+        .await?;
         if out.queued {
             notify_others(&mut tx).await?;
         }
@@ -299,7 +311,13 @@ impl Inner {
                         return Err(AcceptError::AlreadyStored(first.message_id.clone()));
                     }
                 }
-                Ok(queue::accept(&mut tx, &batch, self.options.dedupe_window_ms).await?)
+                Ok(queue::accept(
+                    &mut tx,
+                    &batch,
+                    self.options.dedupe_window_ms,
+                    self.options.max_refused_bytes,
+                )
+                .await?)
             }
             .await;
             let step = match accepted {
@@ -753,7 +771,8 @@ impl Storage for PostgresStorage {
                     (SELECT COALESCE(sum(octet_length(m.payload) + octet_length(m.settings) \
                      + octet_length(m.message_id) + COALESCE(octet_length(m.requests), 0) \
                      + COALESCE(octet_length(m.last_body), 0)), 0)::bigint FROM td_queue q \
-                     JOIN td_messages m ON m.id = q.message)",
+                     JOIN td_messages m ON m.id = q.message), \
+                    (SELECT bytes FROM td_usage WHERE name = 'refused')",
             )
             .fetch_one(&self.inner.pool)
             .await?;
@@ -761,6 +780,7 @@ impl Storage for PostgresStorage {
                 depth: row.try_get::<i64, _>(0)?.max(0) as u64,
                 oldest_received_at: row.try_get(1)?,
                 bytes: row.try_get::<i64, _>(2)?.max(0) as u64,
+                refused_bytes: row.try_get::<Option<i64>, _>(3)?.unwrap_or(0).max(0) as u64,
             })
         }
         .await;
@@ -929,7 +949,12 @@ fn where_clause(f: &MessageFilter, first: usize) -> (String, Vec<Arg>) {
     let mut conds = vec!["true".to_owned()];
     let mut args = Vec::new();
     let mut add = |column: &str, op: &str, arg: Arg| {
-        conds.push(format!("m.{column} {op} ${}", first + args.len()));
+        let n = first + args.len();
+        conds.push(format!("m.{column} {op} ${n}"));
+        if column == "message_id" {
+            // What the index td_messages_message_id holds (see schema.rs).
+            conds.push(format!("md5(m.message_id) = md5(${n})"));
+        }
         args.push(arg);
     };
     if let Some(id) = f.id {
@@ -964,6 +989,16 @@ fn pg_text(s: &str) -> Cow<'_, str> {
 
 fn pg_text_opt(s: &Option<String>) -> Option<Cow<'_, str>> {
     s.as_deref().map(pg_text)
+}
+
+/// The fixed-size key an index holds for client-chosen text (ordering keys,
+/// dedupe entries, page-category users): SHA-256 of the stored text, hex.
+/// PostgreSQL refuses a B-tree entry over ~2.7 KB, and an index of digests
+/// costs the same whatever the ids' length. The SQL twin, used by the
+/// schema 3 migration, is [`schema::SQL_TEXT_KEY`].
+fn text_key(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(pg_text(s).as_bytes()))
 }
 
 impl From<sqlx::Error> for StorageError {

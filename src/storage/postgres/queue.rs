@@ -18,10 +18,10 @@
 //! back work. The unique index `td_queue_one_head` backs all this up.
 
 use super::super::{
-    Acceptance, ClaimBatch, Claimed, Disposition, MessageFilter, Millis, NewMessage,
-    REFUSED_STATES, Report, State, StorageError,
+    Acceptance, ClaimBatch, Claimed, Disposition, EMPTY_JSON, MessageFilter, Millis, NewMessage,
+    PAYLOAD_NOT_KEPT, REFUSED_STATES, RefusedBudget, Report, State, StorageError,
 };
-use super::{Arg, bind_args, pg_text, pg_text_opt, where_clause};
+use super::{Arg, bind_args, pg_text, pg_text_opt, text_key, where_clause};
 use sqlx::{PgConnection, Row};
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
@@ -79,6 +79,7 @@ pub async fn accept(
     conn: &mut PgConnection,
     batch: &[&NewMessage],
     window_ms: Millis,
+    max_refused_bytes: u64,
 ) -> Result<Accepted, StorageError> {
     if batch.is_empty() {
         return Ok(Accepted {
@@ -88,13 +89,15 @@ pub async fn accept(
     }
     let sources: Vec<Cow<str>> = batch.iter().map(|m| pg_text(&m.source)).collect();
     let message_ids: Vec<Cow<str>> = batch.iter().map(|m| pg_text(&m.message_id)).collect();
+    // The dedupe table holds digests of messageIds, not the ids.
+    let message_keys: Vec<String> = batch.iter().map(|m| text_key(&m.message_id)).collect();
 
     // The first of a (source, messageId) in the batch asks the dedupe table;
     // the later ones are duplicates of it whatever it is.
     let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
     let mut later = vec![false; batch.len()];
     for i in 0..batch.len() {
-        let key = (sources[i].as_ref(), message_ids[i].as_ref());
+        let key = (sources[i].as_ref(), message_keys[i].as_str());
         match first_of.entry(key) {
             Entry::Occupied(_) => later[i] = true,
             Entry::Vacant(v) => {
@@ -106,11 +109,11 @@ pub async fn accept(
     // New, or accepted longer ago than the window: (re)remembered now. The
     // insert is sorted so concurrent batches lock dedupe rows in one order.
     let fresh: HashSet<usize> = sqlx::query(&format!(
-        "INSERT INTO td_dedupe (source, message_id, accepted_at) \
+        "INSERT INTO td_dedupe (source, message_key, accepted_at) \
          SELECT s, m, {TX_NOW_MS} FROM unnest($1::text[], $2::text[]) AS t(s, m) ORDER BY s, m \
-         ON CONFLICT (source, message_id) DO UPDATE SET accepted_at = EXCLUDED.accepted_at \
+         ON CONFLICT (source, message_key) DO UPDATE SET accepted_at = EXCLUDED.accepted_at \
          WHERE td_dedupe.accepted_at < EXCLUDED.accepted_at - $3 \
-         RETURNING source, message_id"
+         RETURNING source, message_key"
     ))
     .bind(&first_sources)
     .bind(&first_ids)
@@ -120,9 +123,9 @@ pub async fn accept(
     .into_iter()
     .map(|r| {
         let source: String = r.try_get(0)?;
-        let message_id: String = r.try_get(1)?;
+        let message_key: String = r.try_get(1)?;
         Ok(first_of
-            .get(&(source.as_str(), message_id.as_str()))
+            .get(&(source.as_str(), message_key.as_str()))
             .copied())
     })
     .filter_map(Result::transpose)
@@ -137,9 +140,26 @@ pub async fn accept(
         .iter()
         .zip(&duplicate)
         .filter(|(m, dup)| !**dup && m.state == State::Pending)
-        .filter_map(|(m, _)| m.ordering_key.as_deref().map(|k| pg_text(k).into_owned()))
+        .filter_map(|(m, _)| m.ordering_key.as_deref().map(text_key))
         .collect();
     lock_keys(conn, keys).await?;
+
+    // Refused messages count against storage.max_refused_bytes; the row
+    // lock orders the transactions that store some.
+    let any_refused = batch
+        .iter()
+        .zip(&duplicate)
+        .any(|(m, dup)| *dup || m.state.is_refused());
+    let mut refused = if any_refused {
+        let used: i64 =
+            sqlx::query_scalar("SELECT bytes FROM td_usage WHERE name = 'refused' FOR UPDATE")
+                .fetch_optional(&mut *conn)
+                .await?
+                .unwrap_or(0);
+        Some(RefusedBudget::new(used, max_refused_bytes))
+    } else {
+        None
+    };
 
     let n = batch.len();
     let mut calls = Vec::with_capacity(n);
@@ -177,11 +197,21 @@ pub async fn accept(
         states.push(state.as_str());
         codes.push(code);
         reasons.push(reason);
-        payloads.push(pg_text(&m.payload));
-        settings.push(pg_text(&m.settings));
+        let mut notes = Cow::Borrowed(&m.warnings);
+        let (payload, setting) = match refused.as_mut().filter(|_| state.is_refused()) {
+            Some(budget) => budget
+                .keep(&m.payload, &m.settings, &m.message_id)
+                .unwrap_or_else(|| {
+                    notes.to_mut().push(PAYLOAD_NOT_KEPT.to_owned());
+                    (EMPTY_JSON, EMPTY_JSON)
+                }),
+            None => (m.payload.as_str(), m.settings.as_str()),
+        };
+        payloads.push(pg_text(payload));
+        settings.push(pg_text(setting));
         received.push(m.received_at);
-        ordering_keys.push(pg_text_opt(&m.ordering_key));
-        warnings.push((!m.warnings.is_empty()).then(|| serde_json::json!(m.warnings).to_string()));
+        ordering_keys.push(m.ordering_key.as_deref().map(text_key));
+        warnings.push((!notes.is_empty()).then(|| serde_json::json!(notes).to_string()));
     }
     let rows = sqlx::query(&format!(
         "WITH input AS ( \
@@ -230,6 +260,12 @@ pub async fn accept(
             rows.len()
         )));
     }
+    if let Some(budget) = refused.filter(|b| b.added != 0) {
+        sqlx::query("UPDATE td_usage SET bytes = bytes + $1 WHERE name = 'refused'")
+            .bind(budget.added)
+            .execute(&mut *conn)
+            .await?;
+    }
     let mut queued = false;
     let mut acceptances = Vec::with_capacity(n);
     // Ids follow the batch order (the insert is ordered), so the i-th
@@ -258,13 +294,17 @@ async fn page_categories(
     batch: &[&NewMessage],
     duplicate: &[bool],
 ) -> Result<Vec<Option<String>>, StorageError> {
-    type User = (String, String);
+    // A user is known by the digest of service and userId (the table's key)
+    // and keeps both for readers of the table.
+    type User = (String, String, String);
     let user_of = |i: usize| -> Option<User> {
         let m = batch[i];
         let user = m.user_id.as_deref().filter(|_| !duplicate[i])?;
+        let (service, user) = (pg_text(&m.service_id), pg_text(user));
         Some((
-            pg_text(&m.service_id).into_owned(),
-            pg_text(user).into_owned(),
+            text_key(&format!("{service}\u{1f}{user}")),
+            service.into_owned(),
+            user.into_owned(),
         ))
     };
     let readers: Vec<User> = (0..batch.len())
@@ -275,24 +315,23 @@ async fn page_categories(
         .collect();
     let mut memory: HashMap<User, Option<String>> = HashMap::new();
     if !readers.is_empty() {
-        let (services, users): (Vec<String>, Vec<String>) = readers.iter().cloned().unzip();
+        let keys: Vec<&str> = readers.iter().map(|u| u.0.as_str()).collect();
         // Locked (existing rows), so a concurrent batch of the same user on
         // another replica applies its pages before or after this one.
         let rows = sqlx::query(
-            "SELECT p.service_id, p.user_id, p.category FROM td_page_categories p \
-             JOIN unnest($1::text[], $2::text[]) AS t(s, u) \
-                ON p.service_id = t.s AND p.user_id = t.u \
-             ORDER BY p.service_id, p.user_id FOR UPDATE OF p",
+            "SELECT p.user_key, p.category FROM td_page_categories p \
+             WHERE p.user_key = ANY($1::text[]) ORDER BY p.user_key FOR UPDATE OF p",
         )
-        .bind(&services)
-        .bind(&users)
+        .bind(&keys)
         .fetch_all(&mut *conn)
         .await?;
-        for user in readers {
-            memory.insert(user, None);
-        }
+        let mut found: HashMap<String, String> = HashMap::new();
         for row in rows {
-            memory.insert((row.try_get(0)?, row.try_get(1)?), Some(row.try_get(2)?));
+            found.insert(row.try_get(0)?, row.try_get(1)?);
+        }
+        for user in readers {
+            let category = found.get(&user.0).cloned();
+            memory.insert(user, category);
         }
     }
     let mut stored = Vec::with_capacity(batch.len());
@@ -316,37 +355,35 @@ async fn page_categories(
     if !changed.is_empty() {
         let mut changed: Vec<(User, Option<String>)> = changed.into_iter().collect();
         changed.sort_unstable();
-        let (mut set_s, mut set_u, mut set_c) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut del_s, mut del_u) = (Vec::new(), Vec::new());
-        for ((service, user), category) in changed {
+        let (mut set_k, mut set_s, mut set_u, mut set_c) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut del_k = Vec::new();
+        for ((key, service, user), category) in changed {
             match category {
                 Some(c) => {
+                    set_k.push(key);
                     set_s.push(service);
                     set_u.push(user);
                     set_c.push(c);
                 }
-                None => {
-                    del_s.push(service);
-                    del_u.push(user);
-                }
+                None => del_k.push(key),
             }
         }
         sqlx::query(
             "WITH remembered AS ( \
-                INSERT INTO td_page_categories (service_id, user_id, category) \
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
-                ON CONFLICT (service_id, user_id) DO UPDATE SET category = EXCLUDED.category \
+                INSERT INTO td_page_categories (user_key, service_id, user_id, category) \
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+                ON CONFLICT (user_key) DO UPDATE SET category = EXCLUDED.category \
                 RETURNING 1), \
              forgotten AS ( \
-                DELETE FROM td_page_categories p USING unnest($4::text[], $5::text[]) AS t(s, u) \
-                WHERE p.service_id = t.s AND p.user_id = t.u RETURNING 1) \
+                DELETE FROM td_page_categories p WHERE p.user_key = ANY($5::text[]) RETURNING 1) \
              SELECT (SELECT count(*) FROM remembered), (SELECT count(*) FROM forgotten)",
         )
+        .bind(&set_k)
         .bind(&set_s)
         .bind(&set_u)
         .bind(&set_c)
-        .bind(&del_s)
-        .bind(&del_u)
+        .bind(&del_k)
         .execute(&mut *conn)
         .await?;
     }
@@ -652,8 +689,9 @@ pub async fn prune(
     // by a concurrent accept is re-checked after its lock and kept.
     let dedupe = sqlx::query(
         "DELETE FROM td_dedupe d USING ( \
-            SELECT source, message_id FROM td_dedupe WHERE accepted_at < $1 LIMIT $2) old \
-         WHERE d.source = old.source AND d.message_id = old.message_id AND d.accepted_at < $1",
+            SELECT source, message_key FROM td_dedupe WHERE accepted_at < $1 LIMIT $2) old \
+         WHERE d.source = old.source AND d.message_key = old.message_key \
+            AND d.accepted_at < $1",
     )
     .bind(now - window_ms)
     .bind(PRUNE_DEDUPE_CHUNK)
@@ -661,35 +699,36 @@ pub async fn prune(
     .await?
     .rows_affected();
     let mut more = dedupe as i64 >= PRUNE_DEDUPE_CHUNK;
-    if let Some(refused) = refused_retention_ms.or(retention_ms) {
-        let messages = sqlx::query(&format!(
-            "DELETE FROM td_messages m WHERE m.id IN ( \
-                SELECT id FROM td_messages \
-                WHERE state NOT IN ('pending', 'dead') AND state IN {REFUSED_STATES} \
-                    AND updated_at < $1 LIMIT $2) \
-             AND m.state IN {REFUSED_STATES} AND m.updated_at < $1"
+    // Each delete takes what its refused rows counted off `td_usage`.
+    let mut delete = async |condition: &str, before: Millis| -> Result<bool, StorageError> {
+        let row = sqlx::query(&format!(
+            "WITH gone AS ( \
+                DELETE FROM td_messages m WHERE m.id IN ( \
+                    SELECT id FROM td_messages \
+                    WHERE state NOT IN ('pending', 'dead') {condition} AND updated_at < $1 \
+                    LIMIT $2) \
+                AND m.state NOT IN ('pending', 'dead') AND m.updated_at < $1 \
+                RETURNING CASE WHEN m.state IN {REFUSED_STATES} THEN octet_length(m.payload) \
+                    + octet_length(m.settings) + octet_length(m.message_id) ELSE 0 END AS size), \
+             counted AS ( \
+                UPDATE td_usage SET bytes = bytes - (SELECT COALESCE(sum(size), 0) FROM gone) \
+                WHERE name = 'refused' AND EXISTS (SELECT 1 FROM gone WHERE size <> 0) \
+                RETURNING 1) \
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM counted)"
         ))
-        .bind(now - refused)
+        .bind(before)
         .bind(PRUNE_CHUNK)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        more |= messages as i64 >= PRUNE_CHUNK;
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(row.try_get::<i64, _>(0)? >= PRUNE_CHUNK)
+    };
+    if let Some(refused) = refused_retention_ms.or(retention_ms) {
+        let condition = format!("AND state IN {REFUSED_STATES}");
+        more |= delete(&condition, now - refused).await?;
     }
     if let Some(retention) = retention_ms {
         // The state condition matches the partial index td_messages_finished.
-        let messages = sqlx::query(
-            "DELETE FROM td_messages m WHERE m.id IN ( \
-                SELECT id FROM td_messages \
-                WHERE state NOT IN ('pending', 'dead') AND updated_at < $1 LIMIT $2) \
-             AND m.state NOT IN ('pending', 'dead') AND m.updated_at < $1",
-        )
-        .bind(now - retention)
-        .bind(PRUNE_CHUNK)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        more |= messages as i64 >= PRUNE_CHUNK;
+        more |= delete("", now - retention).await?;
     }
     sqlx::query("DELETE FROM td_paused_endpoints WHERE until < $1")
         .bind(now)
@@ -722,9 +761,12 @@ pub async fn message_id_stored_locked(
         .bind(id.as_ref())
         .execute(&mut *conn)
         .await?;
-    let row = sqlx::query("SELECT EXISTS(SELECT 1 FROM td_messages WHERE message_id = $1)")
-        .bind(id.as_ref())
-        .fetch_one(&mut *conn)
-        .await?;
+    let row = sqlx::query(
+        "SELECT EXISTS(SELECT 1 FROM td_messages WHERE md5(message_id) = md5($1) \
+         AND message_id = $1)",
+    )
+    .bind(id.as_ref())
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(row.try_get(0)?)
 }

@@ -113,8 +113,51 @@ CREATE SEQUENCE td_replica;
 ALTER TABLE td_queue ADD COLUMN replica bigint;
 "#;
 
+/// The SQL twin of `text_key` (mod.rs): SHA-256 of text, hex.
+macro_rules! sql_text_key {
+    ($column:literal) => {
+        concat!("encode(sha256(convert_to(", $column, ", 'UTF8')), 'hex')")
+    };
+}
+
+/// Indexes hold fixed-size digests of client-chosen text, never the text
+/// itself: a B-tree entry over ~2.7 KB fails its whole statement, and long
+/// ids should not cost an index more than short ones. Ordering keys and
+/// dedupe entries become digests; messageId lookups use an index on md5()
+/// (an immutable function, as an expression index needs); a user's page
+/// category is keyed by the digest of service and userId. `td_usage` counts
+/// the stored bytes of refused messages (`storage.max_refused_bytes`).
+const V3: &str = concat!(
+    "UPDATE td_messages SET ordering_key = ",
+    sql_text_key!("ordering_key"),
+    " WHERE ordering_key IS NOT NULL;\n",
+    "UPDATE td_queue SET ordering_key = ",
+    sql_text_key!("ordering_key"),
+    " WHERE ordering_key IS NOT NULL;\n",
+    "UPDATE td_keys SET ordering_key = ",
+    sql_text_key!("ordering_key"),
+    ";\n",
+    "ALTER TABLE td_dedupe RENAME COLUMN message_id TO message_key;\n",
+    "UPDATE td_dedupe SET message_key = ",
+    sql_text_key!("message_key"),
+    ";\n",
+    "DROP INDEX td_messages_message_id;\n",
+    "CREATE INDEX td_messages_message_id ON td_messages (md5(message_id));\n",
+    "ALTER TABLE td_page_categories ADD COLUMN user_key text;\n",
+    "UPDATE td_page_categories SET user_key = ",
+    sql_text_key!("service_id || chr(31) || user_id"),
+    ";\n",
+    "ALTER TABLE td_page_categories DROP CONSTRAINT td_page_categories_pkey;\n",
+    "ALTER TABLE td_page_categories ALTER COLUMN user_key SET NOT NULL;\n",
+    "ALTER TABLE td_page_categories ADD PRIMARY KEY (user_key);\n",
+    "CREATE TABLE td_usage (name text PRIMARY KEY, bytes bigint NOT NULL);\n",
+    "INSERT INTO td_usage (name, bytes) SELECT 'refused', COALESCE(sum(",
+    "octet_length(payload) + octet_length(settings) + octet_length(message_id)), 0) ",
+    "FROM td_messages WHERE state IN ('rejected', 'duplicate', 'filtered', 'unsupported');\n",
+);
+
 /// Migrations in order; version N is `MIGRATIONS[N - 1]`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -122,6 +165,13 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// Brings the database to [`SCHEMA_VERSION`]; returns it. Refuses a database
 /// written by a newer build.
 pub async fn migrate(pool: &PgPool) -> Result<u32, StorageError> {
+    migrate_to(pool, SCHEMA_VERSION).await
+}
+
+/// Brings the database to `target` (at most [`SCHEMA_VERSION`]); returns the
+/// version it then has.
+pub async fn migrate_to(pool: &PgPool, target: u32) -> Result<u32, StorageError> {
+    let target = target.min(SCHEMA_VERSION);
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATE_LOCK)
@@ -144,7 +194,12 @@ pub async fn migrate(pool: &PgPool) -> Result<u32, StorageError> {
              ({SCHEMA_VERSION}); upgrade the server"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target as usize)
+        .skip(current as usize)
+    {
         let version = i as i32 + 1;
         // Without parameters this is one simple query: several statements.
         tx.execute(*sql)
@@ -161,12 +216,9 @@ pub async fn migrate(pool: &PgPool) -> Result<u32, StorageError> {
             .await?;
     }
     tx.commit().await?;
-    if current < SCHEMA_VERSION {
-        tracing::info!(
-            from = current,
-            to = SCHEMA_VERSION,
-            "storage schema migrated"
-        );
+    let now = current.max(target);
+    if current < now {
+        tracing::info!(from = current, to = now, "storage schema migrated");
     }
-    Ok(SCHEMA_VERSION)
+    Ok(now)
 }

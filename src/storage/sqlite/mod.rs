@@ -282,13 +282,15 @@ impl Storage for SqliteStorage {
                  + length(CAST(m.settings AS BLOB)) + length(CAST(m.message_id AS BLOB)) \
                  + COALESCE(length(CAST(m.requests AS BLOB)), 0) \
                  + COALESCE(length(CAST(m.last_body AS BLOB)), 0)), 0) FROM queue q \
-                 JOIN messages m ON m.id = q.message)",
+                 JOIN messages m ON m.id = q.message), \
+                 (SELECT bytes FROM usage WHERE name = 'refused')",
                 [],
                 |r| {
                     Ok(QueueStats {
                         depth: r.get::<_, i64>(0)? as u64,
                         oldest_received_at: r.get(1)?,
                         bytes: r.get::<_, i64>(2)? as u64,
+                        refused_bytes: r.get::<_, Option<i64>>(3)?.unwrap_or(0).max(0) as u64,
                     })
                 },
             )?)

@@ -40,8 +40,10 @@ pub(super) fn accept(
     c: &Connection,
     batch: Vec<NewMessage>,
     now: Millis,
-    window: Millis,
+    options: &StorageOptions,
 ) -> Result<Vec<Acceptance>, StorageError> {
+    let window = options.dedupe_window_ms;
+    let mut refused: Option<RefusedBudget> = None;
     let mut seen =
         c.prepare_cached("SELECT accepted_at FROM dedupe WHERE source = ?1 AND message_id = ?2")?;
     let mut remember = c.prepare_cached(
@@ -97,6 +99,25 @@ pub(super) fn accept(
             }
             _ => {}
         }
+        let mut warnings = std::borrow::Cow::Borrowed(&m.warnings);
+        let (payload, settings) = if state.is_refused() {
+            if refused.is_none() {
+                let used: i64 =
+                    c.query_row("SELECT bytes FROM usage WHERE name = 'refused'", [], |r| {
+                        r.get(0)
+                    })?;
+                refused = Some(RefusedBudget::new(used, options.max_refused_bytes));
+            }
+            let budget = refused.as_mut().expect("just set");
+            budget
+                .keep(&m.payload, &m.settings, &m.message_id)
+                .unwrap_or_else(|| {
+                    warnings.to_mut().push(PAYLOAD_NOT_KEPT.to_owned());
+                    (EMPTY_JSON, EMPTY_JSON)
+                })
+        } else {
+            (m.payload.as_str(), m.settings.as_str())
+        };
         insert.execute(params![
             m.message_id,
             m.source,
@@ -107,11 +128,11 @@ pub(super) fn accept(
             state.as_str(),
             code,
             reason,
-            m.payload,
-            m.settings,
+            payload,
+            settings,
             m.received_at,
             m.ordering_key,
-            (!m.warnings.is_empty()).then(|| serde_json::json!(m.warnings).to_string()),
+            (!warnings.is_empty()).then(|| serde_json::json!(warnings).to_string()),
             page_category,
         ])?;
         let id = c.last_insert_rowid();
@@ -124,6 +145,10 @@ pub(super) fn accept(
             enqueue(c, id, m.ordering_key.as_deref(), m.received_at.min(now))?;
         }
         out.push(Acceptance::Stored { id });
+    }
+    if let Some(budget) = refused.filter(|b| b.added != 0) {
+        c.prepare_cached("UPDATE usage SET bytes = bytes + ?1 WHERE name = 'refused'")?
+            .execute([budget.added])?;
     }
     Ok(out)
 }

@@ -66,13 +66,26 @@ CREATE TABLE IF NOT EXISTS page_categories (
     category   TEXT NOT NULL,
     PRIMARY KEY (service_id, user_id)
 ) WITHOUT ROWID;
+-- Stored bytes by kind ('refused': see RefusedBudget), kept as they change.
+CREATE TABLE IF NOT EXISTS usage (
+    name  TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
 "#;
+
+/// Counts what the refused messages already stored take (once, when the
+/// `usage` table is new).
+const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
+    SELECT 'refused', COALESCE(SUM(length(CAST(payload AS BLOB)) + length(CAST(settings AS BLOB)) \
+    + length(CAST(message_id AS BLOB))), 0) FROM messages \
+    WHERE state IN ('rejected', 'duplicate', 'filtered', 'unsupported')";
 
 /// The schema version this build writes (`PRAGMA user_version`).
 /// 1: every message ordered per user, page categories remembered at delivery.
 /// 2: only attribute updates ordered, page categories decided at acceptance.
 /// 3: claims carry a lease token that reports must match.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// 4: the stored bytes of refused messages are counted (`usage`).
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Refuses a damaged database file at start (truncated, overwritten, not a
 /// database) with a message that says what to do, instead of failing later
@@ -115,15 +128,20 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
         ))),
         0 => {
             conn.execute_batch(SCHEMA)?;
+            conn.execute_batch(COUNT_REFUSED)?;
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             Ok(())
         }
         1 => migrate_v1(conn).map_err(|e| {
             StorageError::Corrupt(format!("{}: upgrading from schema 1: {e}", path.display()))
         }),
-        2 => {
+        2 | 3 => {
             let tx = conn.unchecked_transaction()?;
-            tx.execute_batch("ALTER TABLE queue ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;")?;
+            if version == 2 {
+                tx.execute_batch("ALTER TABLE queue ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;")?;
+            }
+            tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(COUNT_REFUSED)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             Ok(tx.commit()?)
         }
@@ -232,6 +250,7 @@ fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
                 "foreign key check failed after the upgrade".into(),
             ));
         }
+        tx.execute_batch(COUNT_REFUSED)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(tx.commit()?)
     })();

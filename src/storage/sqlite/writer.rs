@@ -119,27 +119,36 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
             [now - options.dedupe_window_ms],
         )?;
         let mut more = false;
-        if let Some(refused) = options.refused_retention_ms.or(options.retention_ms) {
-            let deleted = c.execute(
-                &format!(
+        // Each delete answers the bytes its refused rows counted (`usage`).
+        let delete = |condition: &str, before: Millis| -> rusqlite::Result<bool> {
+            let sizes: Vec<i64> = c
+                .prepare_cached(&format!(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
-                     WHERE state NOT IN ('pending', 'dead') AND state IN {REFUSED_STATES} \
-                     AND updated_at < ?1 LIMIT ?2)"
-                ),
-                params![now - refused, PRUNE_CHUNK],
-            )?;
-            more |= deleted as i64 == PRUNE_CHUNK;
+                     WHERE state NOT IN ('pending', 'dead') {condition} \
+                     AND updated_at < ?1 LIMIT ?2) \
+                     RETURNING CASE WHEN state IN {REFUSED_STATES} \
+                     THEN length(CAST(payload AS BLOB)) + length(CAST(settings AS BLOB)) \
+                     + length(CAST(message_id AS BLOB)) ELSE 0 END"
+                ))?
+                .query_map(params![before, PRUNE_CHUNK], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let freed: i64 = sizes.iter().sum();
+            if freed != 0 {
+                c.execute(
+                    "UPDATE usage SET bytes = bytes - ?1 WHERE name = 'refused'",
+                    [freed],
+                )?;
+            }
+            Ok(sizes.len() as i64 == PRUNE_CHUNK)
+        };
+        if let Some(refused) = options.refused_retention_ms.or(options.retention_ms) {
+            more |= delete(&format!("AND state IN {REFUSED_STATES}"), now - refused)?;
         }
         let Some(retention) = options.retention_ms else {
             return Ok(more);
         };
         // The state condition matches the partial index messages_finished.
-        let deleted = c.execute(
-            "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
-             WHERE state NOT IN ('pending', 'dead') AND updated_at < ?1 LIMIT ?2)",
-            params![now - retention, PRUNE_CHUNK],
-        )?;
-        Ok(more || deleted as i64 == PRUNE_CHUNK)
+        Ok(delete("", now - retention)? || more)
     })();
     match result {
         Ok(more) => c.execute("RELEASE prune", []).map(|_| more),
@@ -200,7 +209,7 @@ fn apply_in_savepoint(
                     }
                 }
             }
-            queue::accept(c, batch, now, options.dedupe_window_ms).map(Ok)
+            queue::accept(c, batch, now, options).map(Ok)
         }),
         Op::Replay(filter, r) => run(tx, r, |c| queue::replay(c, &filter, now)),
         Op::Claim(limit, r) => run(tx, r, |c| {
