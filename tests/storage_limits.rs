@@ -500,6 +500,9 @@ async fn a_schema_3_file_counts_its_refused_bytes_on_upgrade() {
             .unwrap();
     }
     let storage = SqliteStorage::open_with(&db, StorageOptions::default()).unwrap();
-    assert_eq!(storage.queue_stats().await.unwrap().refused_bytes, size(&junk));
+    assert_eq!(
+        storage.queue_stats().await.unwrap().refused_bytes,
+        size(&junk)
+    );
     storage.close().await;
 }

@@ -4,10 +4,12 @@
 //! Storage knows nothing of Segment or Totango semantics: it stores what
 //! ingest accepted and what delivery reports.
 
+mod error;
 mod late;
 pub mod postgres;
 mod sqlite;
 
+pub use error::{AcceptError, Cause, StorageError};
 pub use late::LateStorage;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
@@ -29,7 +31,9 @@ pub async fn open(
             let opened =
                 tokio::task::spawn_blocking(move || SqliteStorage::open_with(&path, options))
                     .await
-                    .map_err(|e| StorageError::Unavailable(format!("opening storage: {e}")))?;
+                    .map_err(|e| {
+                        StorageError::Unavailable(Cause::of(e).context("opening storage"))
+                    })?;
             Ok(Arc::new(opened?))
         }
         StorageUrl::Postgres(url) => Ok(Arc::new(postgres::open(url, options).await?)),
@@ -351,48 +355,6 @@ pub struct StoredMessage {
     pub next_attempt_at: Option<Millis>,
 }
 
-/// What went wrong in storage, typed so callers can tell a passing failure
-/// (retry later) from one that needs an operator.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StorageError {
-    /// Cannot reach or use storage right now (connection lost, busy, disk
-    /// full, pool exhausted); the same call may work later.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    /// A concurrent change got in the way (serialization failure, deadlock,
-    /// a broken uniqueness assumption); retrying the operation is safe.
-    #[error("storage conflict: {0}")]
-    Conflict(String),
-    /// The stored data is damaged or not usable by this build; an operator
-    /// must act. Retrying does not help.
-    #[error("storage damaged: {0}")]
-    Corrupt(String),
-    /// Storage was closed (shutting down).
-    #[error("storage is closed")]
-    Closed,
-}
-
-impl StorageError {
-    /// Whether trying the same operation again later may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            StorageError::Unavailable(_) | StorageError::Conflict(_)
-        )
-    }
-}
-
-/// Why [`Storage::accept_with`] stored nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AcceptError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    /// [`AcceptOptions::first_unseen`]: the first message's `messageId` is
-    /// already stored.
-    #[error("a message with messageId {0:?} is already stored")]
-    AlreadyStored(String),
-}
-
 /// States of finished messages that were never to be sent; their own
 /// (shorter) retention applies.
 pub const REFUSED_STATES: &str = "('rejected', 'duplicate', 'filtered', 'unsupported')";
@@ -465,9 +427,9 @@ pub trait Storage: Send + Sync + 'static {
         match self.accept_with(batch, AcceptOptions::default()).await {
             Ok(out) => Ok(out),
             Err(AcceptError::Storage(e)) => Err(e),
-            Err(AcceptError::AlreadyStored(id)) => Err(StorageError::Conflict(format!(
-                "messageId {id:?} already stored (no option asked for this check)"
-            ))),
+            Err(AcceptError::AlreadyStored(id)) => Err(StorageError::Conflict(
+                format!("messageId {id:?} already stored (no option asked for this check)").into(),
+            )),
         }
     }
 

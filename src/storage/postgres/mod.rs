@@ -89,7 +89,7 @@ struct AcceptCall {
 
 fn connect_options(url: &str) -> Result<PgConnectOptions, StorageError> {
     let options = PgConnectOptions::from_str(url)
-        .map_err(|e| StorageError::Corrupt(format!("storage.url is not usable: {e}")))?;
+        .map_err(|e| StorageError::Corrupt(Cause::of(e).context("storage.url is not usable")))?;
     Ok(options
         .application_name("totango-destination")
         .log_statements(log::LevelFilter::Trace)
@@ -906,8 +906,9 @@ fn stored_message(r: &sqlx::postgres::PgRow) -> Result<StoredMessage, StorageErr
         service_id: r.try_get(4)?,
         user_id: r.try_get(5)?,
         account_id: r.try_get(6)?,
-        state: State::parse(&state)
-            .ok_or_else(|| StorageError::Corrupt(format!("unknown message state {state:?}")))?,
+        state: State::parse(&state).ok_or_else(|| {
+            StorageError::Corrupt(format!("unknown message state {state:?}").into())
+        })?,
         code: r.try_get(8)?,
         reason: r.try_get(9)?,
         payload: json(10)?.unwrap_or_default(),
@@ -1008,24 +1009,25 @@ impl From<sqlx::Error> for StorageError {
     /// (damage, or the operation's own data: `Corrupt`).
     fn from(e: sqlx::Error) -> StorageError {
         use sqlx::Error as E;
-        match e {
+        let kind: fn(Cause) -> StorageError = match &e {
             E::Database(db) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
                 let why = format!("{} (SQLSTATE {code})", db.message());
                 let class = code.get(..2).unwrap_or("");
-                match (code.as_str(), class) {
-                    ("40001" | "40P01" | "23505" | "55P03", _) => StorageError::Conflict(why),
+                let kind: fn(Cause) -> StorageError = match (code.as_str(), class) {
+                    ("40001" | "40P01" | "23505" | "55P03", _) => StorageError::Conflict,
                     // Data corrupted, index corrupted, internal error; schema
                     // objects missing or refused; data a constraint rejects;
                     // a value over a limit (54000: an index entry too long),
                     // caused by the operation's data: not worth retrying,
                     // and (as every error but `Unavailable`) the group
                     // commit isolates the operation that caused it.
-                    (_, "XX" | "42" | "22" | "23" | "54") => StorageError::Corrupt(why),
+                    (_, "XX" | "42" | "22" | "23" | "54") => StorageError::Corrupt,
                     // Connection, resources, shutdown, system errors, and
                     // anything else: may pass.
-                    _ => StorageError::Unavailable(why),
-                }
+                    _ => StorageError::Unavailable,
+                };
+                return kind(Cause::of(e).reworded(|_| why));
             }
             E::Io(_)
             | E::Tls(_)
@@ -1033,8 +1035,9 @@ impl From<sqlx::Error> for StorageError {
             | E::PoolClosed
             | E::WorkerCrashed
             | E::Protocol(_)
-            | E::BeginFailed => StorageError::Unavailable(e.to_string()),
-            other => StorageError::Corrupt(other.to_string()),
-        }
+            | E::BeginFailed => StorageError::Unavailable,
+            _ => StorageError::Corrupt,
+        };
+        kind(Cause::of(e))
     }
 }

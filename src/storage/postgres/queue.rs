@@ -255,10 +255,9 @@ pub async fn accept(
     .fetch_all(&mut *conn)
     .await?;
     if rows.len() != n {
-        return Err(StorageError::Corrupt(format!(
-            "stored {} of {n} messages",
-            rows.len()
-        )));
+        return Err(StorageError::Corrupt(
+            format!("stored {} of {n} messages", rows.len()).into(),
+        ));
     }
     if let Some(budget) = refused.filter(|b| b.added != 0) {
         sqlx::query("UPDATE td_usage SET bytes = bytes + $1 WHERE name = 'refused'")

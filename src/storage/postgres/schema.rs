@@ -187,12 +187,15 @@ pub async fn migrate_to(pool: &PgPool, target: u32) -> Result<u32, StorageError>
         .fetch_one(&mut *tx)
         .await?;
     let current = u32::try_from(current)
-        .map_err(|_| StorageError::Corrupt(format!("td_schema holds version {current}")))?;
+        .map_err(|_| StorageError::Corrupt(format!("td_schema holds version {current}").into()))?;
     if current > SCHEMA_VERSION {
-        return Err(StorageError::Corrupt(format!(
-            "the database has schema version {current}, newer than this build \
-             ({SCHEMA_VERSION}); upgrade the server"
-        )));
+        return Err(StorageError::Corrupt(
+            format!(
+                "the database has schema version {current}, newer than this build \
+                 ({SCHEMA_VERSION}); upgrade the server"
+            )
+            .into(),
+        ));
     }
     for (i, sql) in MIGRATIONS
         .iter()
@@ -205,9 +208,9 @@ pub async fn migrate_to(pool: &PgPool, target: u32) -> Result<u32, StorageError>
         tx.execute(*sql)
             .await
             .map_err(|e| match StorageError::from(e) {
-                StorageError::Corrupt(why) | StorageError::Conflict(why) => {
-                    StorageError::Corrupt(format!("migrating to schema version {version}: {why}"))
-                }
+                StorageError::Corrupt(why) | StorageError::Conflict(why) => StorageError::Corrupt(
+                    why.context(format_args!("migrating to schema version {version}")),
+                ),
                 other => other,
             })?;
         sqlx::query("INSERT INTO td_schema (version) VALUES ($1)")

@@ -34,17 +34,18 @@ pub struct SqliteStorage {
 impl From<rusqlite::Error> for StorageError {
     fn from(e: rusqlite::Error) -> Self {
         use rusqlite::ErrorCode as C;
-        match &e {
+        let kind: fn(Cause) -> StorageError = match &e {
             rusqlite::Error::SqliteFailure(f, _) => match f.code {
-                C::DatabaseCorrupt | C::NotADatabase => StorageError::Corrupt(e.to_string()),
-                C::ConstraintViolation => StorageError::Conflict(e.to_string()),
-                _ => StorageError::Unavailable(e.to_string()),
+                C::DatabaseCorrupt | C::NotADatabase => StorageError::Corrupt,
+                C::ConstraintViolation => StorageError::Conflict,
+                _ => StorageError::Unavailable,
             },
             rusqlite::Error::FromSqlConversionFailure(..)
             | rusqlite::Error::InvalidColumnType(..)
-            | rusqlite::Error::IntegralValueOutOfRange(..) => StorageError::Corrupt(e.to_string()),
-            _ => StorageError::Unavailable(e.to_string()),
-        }
+            | rusqlite::Error::IntegralValueOutOfRange(..) => StorageError::Corrupt,
+            _ => StorageError::Unavailable,
+        };
+        kind(Cause::of(e))
     }
 }
 
@@ -62,7 +63,9 @@ fn private_options() -> std::fs::OpenOptions {
 fn make_private(path: &Path) -> Result<(), StorageError> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |p: &Path, e: std::io::Error| {
-        StorageError::Unavailable(format!("cannot restrict {} to its owner: {e}", p.display()))
+        StorageError::Unavailable(
+            Cause::of(e).context(format_args!("cannot restrict {} to its owner", p.display())),
+        )
     };
     if let Err(e) = private_options().create(true).append(true).open(path) {
         return Err(fail(path, e));
@@ -96,19 +99,23 @@ fn lock(path: &Path) -> Result<std::fs::File, StorageError> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| {
-            StorageError::Unavailable(format!("cannot open {}: {e}", lock_path.display()))
+            StorageError::Unavailable(
+                Cause::of(e).context(format_args!("cannot open {}", lock_path.display())),
+            )
         })?;
     match fs4::fs_std::FileExt::try_lock_exclusive(&file) {
         Ok(true) => Ok(file),
-        Ok(false) => Err(StorageError::Unavailable(format!(
-            "{} is in use by another server process; one process uses a SQLite file \
-             (run several replicas on PostgreSQL)",
-            path.display()
-        ))),
-        Err(e) => Err(StorageError::Unavailable(format!(
-            "cannot lock {}: {e}",
-            lock_path.display()
-        ))),
+        Ok(false) => Err(StorageError::Unavailable(
+            format!(
+                "{} is in use by another server process; one process uses a SQLite file \
+                 (run several replicas on PostgreSQL)",
+                path.display()
+            )
+            .into(),
+        )),
+        Err(e) => Err(StorageError::Unavailable(
+            Cause::of(e).context(format_args!("cannot lock {}", lock_path.display())),
+        )),
     }
 }
 
@@ -128,7 +135,9 @@ impl SqliteStorage {
     pub fn open_with(path: &Path, options: StorageOptions) -> Result<SqliteStorage, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
-                StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                StorageError::Unavailable(
+                    Cause::of(e).context(format_args!("cannot create {}", dir.display())),
+                )
             })?;
         }
         let file_lock = lock(path)?;
@@ -161,7 +170,7 @@ impl SqliteStorage {
                 }
                 .run(rx)
             })
-            .map_err(|e| StorageError::Unavailable(format!("cannot start writer: {e}")))?;
+            .map_err(|e| StorageError::Unavailable(Cause::of(e).context("cannot start writer")))?;
         Ok(SqliteStorage {
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -205,7 +214,7 @@ impl SqliteStorage {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || f(&reader.lock().expect("reader lock")))
             .await
-            .map_err(|e| StorageError::Unavailable(format!("reader task: {e}")))?
+            .map_err(|e| StorageError::Unavailable(Cause::of(e).context("reader task")))?
     }
 }
 

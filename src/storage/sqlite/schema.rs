@@ -1,6 +1,6 @@
 //! The SQLite schema, its versions and upgrades, and the checks at open.
 
-use crate::storage::StorageError;
+use crate::storage::{Cause, StorageError};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
@@ -90,27 +90,33 @@ pub(super) const SCHEMA_VERSION: i64 = 4;
 /// Refuses a damaged database file at start (truncated, overwritten, not a
 /// database) with a message that says what to do, instead of failing later
 /// in the middle of work. `quick_check` reads every page once.
-pub(super) fn damaged(path: &Path, why: String) -> StorageError {
-    StorageError::Corrupt(format!(
-        "{} is damaged ({why}); the server will not use it. Stop the server, move the file \
-         (and its -wal and -shm files) aside, and either start afresh or recover what it \
-         holds with `sqlite3 OLD.db .recover | sqlite3 NEW.db` (docs/reliability.md, \
-         \"Storage damage\")",
-        path.display()
-    ))
+pub(super) fn damaged(path: &Path, why: Cause) -> StorageError {
+    StorageError::Corrupt(why.reworded(|why| {
+        format!(
+            "{} is damaged ({why}); the server will not use it. Stop the server, move the file \
+             (and its -wal and -shm files) aside, and either start afresh or recover what it \
+             holds with `sqlite3 OLD.db .recover | sqlite3 NEW.db` (docs/reliability.md, \
+             \"Storage damage\")",
+            path.display()
+        )
+    }))
 }
 
 pub(super) fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StorageError> {
-    let damaged = |why: String| damaged(path, why);
+    let damaged = |why: Cause| damaged(path, why);
     let result: Result<Vec<String>, rusqlite::Error> = conn
         .prepare("PRAGMA quick_check")
         .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect());
     match result {
         Ok(rows) if rows.len() == 1 && rows[0] == "ok" => Ok(()),
         Ok(rows) => Err(damaged(
-            rows.into_iter().take(3).collect::<Vec<_>>().join("; "),
+            rows.into_iter()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("; ")
+                .into(),
         )),
-        Err(e) => Err(damaged(e.to_string())),
+        Err(e) => Err(damaged(Cause::of(e))),
     }
 }
 
@@ -122,10 +128,13 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
         |r| r.get(0),
     )?;
     match version {
-        0 if has_tables => Err(StorageError::Corrupt(format!(
-            "{} was written by a pre-release build; move it away to start afresh",
-            path.display()
-        ))),
+        0 if has_tables => Err(StorageError::Corrupt(
+            format!(
+                "{} was written by a pre-release build; move it away to start afresh",
+                path.display()
+            )
+            .into(),
+        )),
         0 => {
             conn.execute_batch(SCHEMA)?;
             conn.execute_batch(COUNT_REFUSED)?;
@@ -133,7 +142,9 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
             Ok(())
         }
         1 => migrate_v1(conn).map_err(|e| {
-            StorageError::Corrupt(format!("{}: upgrading from schema 1: {e}", path.display()))
+            StorageError::Corrupt(
+                Cause::of(e).context(format_args!("{}: upgrading from schema 1", path.display())),
+            )
         }),
         2 | 3 => {
             let tx = conn.unchecked_transaction()?;
@@ -146,10 +157,14 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
             Ok(tx.commit()?)
         }
         SCHEMA_VERSION => Ok(conn.execute_batch(SCHEMA)?),
-        newer => Err(StorageError::Corrupt(format!(
-            "{} has schema version {newer}, newer than this build ({SCHEMA_VERSION}); upgrade the server",
-            path.display()
-        ))),
+        newer => Err(StorageError::Corrupt(
+            format!(
+                "{} has schema version {newer}, newer than this build ({SCHEMA_VERSION}); \
+                 upgrade the server",
+                path.display()
+            )
+            .into(),
+        )),
     }
 }
 
@@ -262,8 +277,8 @@ fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
 pub(super) fn open(path: &Path) -> Result<Connection, StorageError> {
     // Damage is told by SQLite's error code (see `From<rusqlite::Error>`).
     let conn = Connection::open(path).map_err(|e| match StorageError::from(e) {
-        StorageError::Unavailable(why) => {
-            StorageError::Unavailable(format!("cannot open {}: {why}", path.display()))
+        e @ StorageError::Unavailable(_) => {
+            e.context(format_args!("cannot open {}", path.display()))
         }
         other => other,
     })?;
