@@ -4,22 +4,35 @@
 //! SQLite writer) and answered after the commit. Claims, reports and replays
 //! run on the pool, each in one short transaction; leases are timed by the
 //! database clock. Work queued or released is announced to this process by a
-//! `Notify` and to the others by `NOTIFY td_work`. The SQL is in `queue.rs`,
-//! the versioned schema in `schema.rs`.
+//! `Notify` and to the others by `NOTIFY td_work`.
+//!
+//! The rooms, as in `sqlite/`: `writer.rs` (group commits of accepts, and
+//! pruning), `queue.rs` (the queue's SQL), `reads.rs` (rows for the operator
+//! and filters), `replica.rs` (liveness and heartbeats), `listen.rs` (the
+//! work signal), `schema.rs` (versioned migrations), `text.rs` (text as
+//! PostgreSQL stores and indexes it).
 //!
 //! PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
 
+mod listen;
 mod queue;
+mod reads;
 mod replica;
 mod schema;
+mod text;
+mod writer;
+
+use listen::notify_others;
+use reads::{Arg, SELECT_MESSAGE, bind_args, stored_message, where_clause};
+use replica::{heartbeat, log_beat};
+use text::pg_text;
+use writer::{AcceptCall, PruneClock, write_loop};
 
 pub use schema::SCHEMA_VERSION;
 
 use super::*;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::query::Query;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgConnection, PgPool, Postgres, Row};
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -28,16 +41,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-/// Accept calls one transaction groups at most.
-const MAX_GROUP: usize = 1024;
-/// Messages one transaction groups at most (a longer batch still goes whole).
-const MAX_GROUP_MESSAGES: usize = 5_000;
 /// How long a call waits for a pooled connection before `Unavailable`.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Statements slower than this are logged as warnings.
 const SLOW_STATEMENT: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to restore the `LISTEN` connection.
-const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// PostgreSQL storage; see the module documentation.
 pub struct PostgresStorage {
@@ -71,20 +78,6 @@ struct Inner {
 struct HeldClaims {
     leases: HashSet<i64>,
     uncertain: bool,
-}
-
-/// When this process pruned last, and whether it has more to prune.
-#[derive(Default)]
-struct PruneClock {
-    last: Option<Instant>,
-    behind: bool,
-    running: bool,
-}
-
-struct AcceptCall {
-    batch: Vec<NewMessage>,
-    options: AcceptOptions,
-    reply: oneshot::Sender<Result<Vec<Acceptance>, AcceptError>>,
 }
 
 fn connect_options(url: &str) -> Result<PgConnectOptions, StorageError> {
@@ -176,7 +169,7 @@ impl PostgresStorage {
         });
         let (tx, rx) = mpsc::channel(4096);
         let writer_task = tokio::spawn(write_loop(inner.clone(), rx));
-        let listener_task = tokio::spawn(listen(inner.pool.clone(), inner.notify.clone()));
+        let listener_task = tokio::spawn(listen::listen(inner.pool.clone(), inner.notify.clone()));
         let heartbeat_task = tokio::spawn(heartbeat(inner.clone()));
         Ok(PostgresStorage {
             inner,
@@ -214,183 +207,6 @@ impl Inner {
             Err(_) if self.closed.load(Ordering::Acquire) => Err(StorageError::Closed),
             r => r,
         }
-    }
-
-    /// Commits a group of accept calls and answers each.
-    async fn commit_group(&self, group: Vec<AcceptCall>) {
-        let results = self.accept_group(&group).await;
-        // Pruning before the answers (as the SQLite writer does, in its
-        // commit): a caller sees retention applied once its accept returns.
-        self.maybe_prune().await;
-        for (call, result) in group.into_iter().zip(results) {
-            let _ = call.reply.send(result);
-        }
-    }
-
-    async fn accept_group(
-        &self,
-        group: &[AcceptCall],
-    ) -> Vec<Result<Vec<Acceptance>, AcceptError>> {
-        let all = || {
-            group
-                .iter()
-                .flat_map(|c| c.batch.iter())
-                .collect::<Vec<&NewMessage>>()
-        };
-        if group.iter().any(|c| c.options.first_unseen) {
-            // Checked per call, in its own savepoint.
-            return self.accept_each(group).await;
-        }
-        let mut result = self.accept_together(&all()).await;
-        if group.len() == 1 {
-            if matches!(result, Err(StorageError::Conflict(_))) {
-                // A deadlock or a concurrent duplicate: once more, afresh.
-                result = self.accept_together(&all()).await;
-            }
-            return vec![result.map_err(AcceptError::from)];
-        }
-        match result {
-            Ok(mut acceptances) => group
-                .iter()
-                .map(|c| Ok(acceptances.drain(..c.batch.len()).collect()))
-                .collect(),
-            Err(e @ StorageError::Unavailable(_)) => group
-                .iter()
-                .map(|_| Err(AcceptError::from(e.clone())))
-                .collect(),
-            // One call's failure must not fail the others: each in a savepoint.
-            Err(_) => self.accept_each(group).await,
-        }
-    }
-
-    /// Every message of the group in one pass (the usual case).
-    async fn accept_together(
-        &self,
-        batch: &[&NewMessage],
-    ) -> Result<Vec<Acceptance>, StorageError> {
-        let mut tx = self.pool.begin().await?;
-        let out = queue::accept(
-            &mut tx,
-            batch,
-            self.options.dedupe_window_ms,
-            self.options.max_refused_bytes,
-        )
-        .await?;
-        if out.queued {
-            notify_others(&mut tx).await?;
-        }
-        tx.commit().await?;
-        if out.queued {
-            self.notify.notify_one();
-        }
-        Ok(out.acceptances)
-    }
-
-    /// Each call of the group in its own savepoint of one transaction.
-    async fn accept_each(&self, group: &[AcceptCall]) -> Vec<Result<Vec<Acceptance>, AcceptError>> {
-        let all_fail = |e: StorageError| {
-            group
-                .iter()
-                .map(|_| Err(AcceptError::from(e.clone())))
-                .collect()
-        };
-        let mut tx = match self.pool.begin().await {
-            Ok(tx) => tx,
-            Err(e) => return all_fail(e.into()),
-        };
-        let mut results = Vec::with_capacity(group.len());
-        let mut queued = false;
-        for call in group {
-            if let Err(e) = sqlx::query("SAVEPOINT accept").execute(&mut *tx).await {
-                return all_fail(e.into());
-            }
-            let batch: Vec<&NewMessage> = call.batch.iter().collect();
-            let accepted = async {
-                if let (true, Some(first)) = (call.options.first_unseen, batch.first()) {
-                    if queue::message_id_stored_locked(&mut tx, &first.message_id).await? {
-                        return Err(AcceptError::AlreadyStored(first.message_id.clone()));
-                    }
-                }
-                Ok(queue::accept(
-                    &mut tx,
-                    &batch,
-                    self.options.dedupe_window_ms,
-                    self.options.max_refused_bytes,
-                )
-                .await?)
-            }
-            .await;
-            let step = match accepted {
-                Ok(out) => {
-                    queued |= out.queued;
-                    sqlx::query("RELEASE SAVEPOINT accept")
-                        .execute(&mut *tx)
-                        .await
-                        .map(|_| Ok(out.acceptances))
-                }
-                Err(e) => sqlx::query("ROLLBACK TO SAVEPOINT accept")
-                    .execute(&mut *tx)
-                    .await
-                    .map(|_| Err(e)),
-            };
-            match step {
-                Ok(result) => results.push(result),
-                Err(e) => return all_fail(e.into()),
-            }
-        }
-        let committed = async {
-            if queued {
-                notify_others(&mut tx).await?;
-            }
-            tx.commit().await?;
-            Ok::<_, StorageError>(())
-        }
-        .await;
-        match committed {
-            Ok(()) => {
-                if queued {
-                    self.notify.notify_one();
-                }
-                results
-            }
-            Err(e) => all_fail(e),
-        }
-    }
-
-    /// Prunes one chunk when it is time (or when the last one was full).
-    async fn maybe_prune(&self) {
-        {
-            let mut clock = self.prune.lock().expect("prune lock");
-            let every = Duration::from_millis(self.options.prune_every_ms.max(0) as u64);
-            let due = clock.behind || clock.last.is_none_or(|t| t.elapsed() >= every);
-            if clock.running || !due {
-                return;
-            }
-            clock.running = true;
-        }
-        let outcome = async {
-            let mut tx = self.pool.begin().await?;
-            let more = queue::prune(
-                &mut tx,
-                self.options.dedupe_window_ms,
-                self.options.retention_ms,
-                self.options.refused_retention_ms,
-            )
-            .await?;
-            tx.commit().await?;
-            Ok::<_, StorageError>(more)
-        }
-        .await;
-        let mut clock = self.prune.lock().expect("prune lock");
-        clock.running = false;
-        clock.last = Some(Instant::now());
-        clock.behind = match outcome {
-            Ok(more) => more == Some(true),
-            Err(e) => {
-                tracing::warn!(error = %e, "pruning old records failed");
-                false
-            }
-        };
     }
 
     /// Whether this replica may hold claims: its last heartbeat reached the
@@ -525,147 +341,6 @@ impl Inner {
                 }
             }
         }
-    }
-}
-
-/// Tells the other replicas, at commit, that work may be claimable.
-async fn notify_others(conn: &mut PgConnection) -> Result<(), StorageError> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(queue::CHANNEL)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Renews this replica's row every heartbeat and judges the others (see
-/// `replica.rs`). A heartbeat that fails or hangs is retried at the next
-/// tick; failures are logged once a minute.
-async fn heartbeat(inner: Arc<Inner>) {
-    let every = Duration::from_millis(inner.options.heartbeat_ms.max(1) as u64);
-    let quiet = crate::telemetry::Throttle::default();
-    let mut ticks: u64 = 0;
-    // Whether the previous heartbeat reached the database.
-    let mut in_touch = true;
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        ticks += 1;
-        let me = inner.replica.load(Ordering::Acquire);
-        let sent = Instant::now();
-        // Now and then, a sweep for claims of holders nobody judged.
-        let sweep = ticks % 20 == 0;
-        let beat = tokio::time::timeout(
-            every.max(Duration::from_secs(1)),
-            replica::beat(
-                &inner.pool,
-                me,
-                inner.options.replica_timeout_ms,
-                in_touch,
-                sweep,
-            ),
-        )
-        .await;
-        in_touch = matches!(beat, Ok(Ok(_)));
-        match beat {
-            Ok(Ok(beat)) => {
-                *inner.heard.lock().expect("heard lock") = sent;
-                inner.replica.store(beat.id, Ordering::Release);
-                log_beat(&beat, me);
-                if beat.freed > 0 {
-                    inner.notify.notify_one();
-                }
-                if let Err(e) = inner.settle_claims().await {
-                    if quiet.ready() {
-                        tracing::warn!(error = %e, "could not settle this replica's claims (said once a minute)");
-                    }
-                }
-            }
-            Ok(Err(e)) => {
-                if quiet.ready() {
-                    tracing::warn!(error = %e, "replica heartbeat failed (said once a minute)");
-                }
-            }
-            Err(_) => {
-                if quiet.ready() {
-                    tracing::warn!(
-                        "replica heartbeat did not reach the database in time (said once a minute)"
-                    );
-                }
-            }
-        }
-    }
-}
-
-fn log_beat(beat: &replica::Beat, me: i64) {
-    if beat.id != me {
-        tracing::warn!(
-            old = me,
-            new = beat.id,
-            "this replica was judged gone (its heartbeat was late): the messages it held \
-             went back to the queue; rejoined under a new id"
-        );
-    }
-    if !beat.gone.is_empty() || beat.freed > 0 {
-        tracing::info!(
-            replicas = ?beat.gone,
-            messages = beat.freed,
-            "replicas gone: the messages they held are claimable again"
-        );
-    }
-}
-
-async fn write_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<AcceptCall>) {
-    while let Some(first) = rx.recv().await {
-        let mut messages = first.batch.len();
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP && messages < MAX_GROUP_MESSAGES {
-            match rx.try_recv() {
-                Ok(call) => {
-                    messages += call.batch.len();
-                    group.push(call);
-                }
-                Err(_) => break,
-            }
-        }
-        inner.commit_group(group).await;
-    }
-}
-
-/// Signals `notify` for every `NOTIFY td_work` (other replicas queued or
-/// released work) and after reconnecting (a signal may have been missed).
-/// Reconnects with a growing pause; delivery also polls, so a lost
-/// connection only delays work queued elsewhere.
-async fn listen(pool: PgPool, notify: Arc<Notify>) {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let listener = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(queue::CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        }
-        .await;
-        match listener {
-            Ok(mut listener) => {
-                backoff = Duration::from_secs(1);
-                notify.notify_one();
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(_)) => notify.notify_one(),
-                        // The connection was lost; the next call reconnects.
-                        Ok(None) => notify.notify_one(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "storage notifications interrupted");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot listen for storage notifications"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
     }
 }
 
@@ -875,131 +550,6 @@ impl Drop for PostgresStorage {
             }
         }
     }
-}
-
-const SELECT_MESSAGE: &str = "SELECT m.id, m.message_id, m.source, m.call, m.service_id, \
-    m.user_id, m.account_id, m.state, m.code, m.reason, m.payload, m.requests, m.sent, \
-    m.attempts, m.last_status, m.last_body, m.last_error, m.received_at, m.updated_at, \
-    q.next_attempt_at, m.warnings \
-    FROM td_messages m LEFT JOIN td_queue q ON q.message = m.id";
-
-fn stored_message(r: &sqlx::postgres::PgRow) -> Result<StoredMessage, StorageError> {
-    let json = |i: usize| -> Result<Option<serde_json::Value>, sqlx::Error> {
-        Ok(r.try_get::<Option<String>, _>(i)?
-            .and_then(|s| serde_json::from_str(&s).ok()))
-    };
-    let last_status: Option<i32> = r.try_get(14)?;
-    let last_body: Option<String> = r.try_get(15)?;
-    let last_error: Option<String> = r.try_get(16)?;
-    let last_response = (last_status.is_some() || last_body.is_some() || last_error.is_some())
-        .then(|| LastResponse {
-            status: last_status.and_then(|s| u16::try_from(s).ok()),
-            body: last_body,
-            error: last_error,
-        });
-    let state: String = r.try_get(7)?;
-    Ok(StoredMessage {
-        id: r.try_get(0)?,
-        message_id: r.try_get(1)?,
-        source: r.try_get(2)?,
-        call: r.try_get(3)?,
-        service_id: r.try_get(4)?,
-        user_id: r.try_get(5)?,
-        account_id: r.try_get(6)?,
-        state: State::parse(&state).ok_or_else(|| {
-            StorageError::Corrupt(format!("unknown message state {state:?}").into())
-        })?,
-        code: r.try_get(8)?,
-        reason: r.try_get(9)?,
-        payload: json(10)?.unwrap_or_default(),
-        requests: json(11)?,
-        sent: queue::count(r.try_get(12)?),
-        attempts: queue::count(r.try_get(13)?),
-        last_response,
-        received_at: r.try_get(17)?,
-        updated_at: r.try_get(18)?,
-        next_attempt_at: r.try_get(19)?,
-        warnings: json(20)?
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default(),
-    })
-}
-
-/// A bound value of a dynamically built statement.
-enum Arg {
-    Int(i64),
-    Text(String),
-}
-
-fn bind_args<'q>(
-    mut query: Query<'q, Postgres, PgArguments>,
-    args: Vec<Arg>,
-) -> Query<'q, Postgres, PgArguments> {
-    for arg in args {
-        query = match arg {
-            Arg::Int(v) => query.bind(v),
-            Arg::Text(v) => query.bind(v),
-        };
-    }
-    query
-}
-
-/// SQL conditions (on `td_messages m`) for a filter, with parameters
-/// numbered from `$first`.
-fn where_clause(f: &MessageFilter, first: usize) -> (String, Vec<Arg>) {
-    let mut conds = vec!["true".to_owned()];
-    let mut args = Vec::new();
-    let mut add = |column: &str, op: &str, arg: Arg| {
-        let n = first + args.len();
-        conds.push(format!("m.{column} {op} ${n}"));
-        if column == "message_id" {
-            // What the index td_messages_message_id holds (see schema.rs).
-            conds.push(format!("md5(m.message_id) = md5(${n})"));
-        }
-        args.push(arg);
-    };
-    if let Some(id) = f.id {
-        add("id", "=", Arg::Int(id));
-    }
-    if let Some(s) = f.state {
-        add("state", "=", Arg::Text(s.as_str().to_owned()));
-    }
-    if let Some(v) = &f.message_id {
-        add("message_id", "=", Arg::Text(pg_text(v).into_owned()));
-    }
-    if let Some(v) = &f.user_id {
-        add("user_id", "=", Arg::Text(pg_text(v).into_owned()));
-    }
-    if let Some(v) = &f.account_id {
-        add("account_id", "=", Arg::Text(pg_text(v).into_owned()));
-    }
-    if let Some(before) = f.before {
-        add("id", "<", Arg::Int(before));
-    }
-    (conds.join(" AND "), args)
-}
-
-/// Text as PostgreSQL can store it: NUL (which it refuses) becomes U+FFFD.
-fn pg_text(s: &str) -> Cow<'_, str> {
-    if s.contains('\0') {
-        Cow::Owned(s.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
-fn pg_text_opt(s: &Option<String>) -> Option<Cow<'_, str>> {
-    s.as_deref().map(pg_text)
-}
-
-/// The fixed-size key an index holds for client-chosen text (ordering keys,
-/// dedupe entries, page-category users): SHA-256 of the stored text, hex.
-/// PostgreSQL refuses a B-tree entry over ~2.7 KB, and an index of digests
-/// costs the same whatever the ids' length. The SQL twin, used by the
-/// schema 3 migration, is [`schema::SQL_TEXT_KEY`].
-fn text_key(s: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(pg_text(s).as_bytes()))
 }
 
 impl From<sqlx::Error> for StorageError {

@@ -21,7 +21,8 @@ use super::super::{
     Acceptance, ClaimBatch, Claimed, Disposition, EMPTY_JSON, MessageFilter, Millis, NewMessage,
     PAYLOAD_NOT_KEPT, REFUSED_STATES, RefusedBudget, Report, State, StorageError,
 };
-use super::{Arg, bind_args, pg_text, pg_text_opt, text_key, where_clause};
+use super::reads::{Arg, bind_args, where_clause};
+use super::text::{pg_text, pg_text_opt, text_key};
 use sqlx::{PgConnection, Row};
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;

@@ -16,8 +16,12 @@
 //! timeout is a setting (`storage.replica_timeout_secs`).
 
 use super::super::StorageError;
+use super::Inner;
 use super::queue::{CHANNEL, CLOCK_MS};
 use sqlx::{PgConnection, PgExecutor, PgPool};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// Registers a new replica (named after its host and process, for people
 /// reading the table); returns its id.
@@ -146,4 +150,83 @@ fn hostname() -> Option<String> {
                 .map(|h| h.trim().to_owned())
                 .filter(|h| !h.is_empty())
         })
+}
+
+/// Renews this replica's row every heartbeat and judges the others (see
+/// `replica.rs`). A heartbeat that fails or hangs is retried at the next
+/// tick; failures are logged once a minute.
+pub(super) async fn heartbeat(inner: Arc<Inner>) {
+    let every = Duration::from_millis(inner.options.heartbeat_ms.max(1) as u64);
+    let quiet = crate::telemetry::Throttle::default();
+    let mut ticks: u64 = 0;
+    // Whether the previous heartbeat reached the database.
+    let mut in_touch = true;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        ticks += 1;
+        let me = inner.replica.load(Ordering::Acquire);
+        let sent = Instant::now();
+        // Now and then, a sweep for claims of holders nobody judged.
+        let sweep = ticks % 20 == 0;
+        let beat = tokio::time::timeout(
+            every.max(Duration::from_secs(1)),
+            beat(
+                &inner.pool,
+                me,
+                inner.options.replica_timeout_ms,
+                in_touch,
+                sweep,
+            ),
+        )
+        .await;
+        in_touch = matches!(beat, Ok(Ok(_)));
+        match beat {
+            Ok(Ok(beat)) => {
+                *inner.heard.lock().expect("heard lock") = sent;
+                inner.replica.store(beat.id, Ordering::Release);
+                log_beat(&beat, me);
+                if beat.freed > 0 {
+                    inner.notify.notify_one();
+                }
+                if let Err(e) = inner.settle_claims().await {
+                    if quiet.ready() {
+                        tracing::warn!(error = %e, "could not settle this replica's claims (said once a minute)");
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                if quiet.ready() {
+                    tracing::warn!(error = %e, "replica heartbeat failed (said once a minute)");
+                }
+            }
+            Err(_) => {
+                if quiet.ready() {
+                    tracing::warn!(
+                        "replica heartbeat did not reach the database in time (said once a minute)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn log_beat(beat: &Beat, me: i64) {
+    if beat.id != me {
+        tracing::warn!(
+            old = me,
+            new = beat.id,
+            "this replica was judged gone (its heartbeat was late): the messages it held \
+             went back to the queue; rejoined under a new id"
+        );
+    }
+    if !beat.gone.is_empty() || beat.freed > 0 {
+        tracing::info!(
+            replicas = ?beat.gone,
+            messages = beat.freed,
+            "replicas gone: the messages they held are claimable again"
+        );
+    }
 }
