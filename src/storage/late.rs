@@ -90,6 +90,28 @@ impl Storage for LateStorage {
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
         self.get()?.counts().await
     }
+    async fn erase_user(&self, erase: Erase) -> Result<Erased, StorageError> {
+        self.get()?.erase_user(erase).await
+    }
+    async fn suppress(&self, user_id: &str, reason: &str) -> Result<bool, StorageError> {
+        self.get()?.suppress(user_id, reason).await
+    }
+    async fn lift_suppression(&self, user_id: &str) -> Result<bool, StorageError> {
+        self.get()?.lift_suppression(user_id).await
+    }
+    async fn suppressions(&self) -> Result<Vec<Suppression>, StorageError> {
+        self.get()?.suppressions().await
+    }
+    async fn record_audit(&self, entry: AuditEntry) -> Result<(), StorageError> {
+        self.get()?.record_audit(entry).await
+    }
+    async fn audit_log(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StorageError> {
+        self.get()?.audit_log(before, limit).await
+    }
     async fn close(&self) {
         if let Some(s) = self.inner.get() {
             s.close().await;

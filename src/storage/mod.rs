@@ -7,11 +7,13 @@
 mod error;
 mod late;
 pub mod postgres;
+pub mod privacy;
 mod sqlite;
 
 pub use error::{AcceptError, Cause, StorageError};
 pub use late::LateStorage;
 pub use postgres::PostgresStorage;
+pub use privacy::{AuditEntry, AuditRecord, Erase, Erased, Suppression};
 pub use sqlite::SqliteStorage;
 
 use async_trait::async_trait;
@@ -102,10 +104,12 @@ pub enum State {
     Duplicate,
     Rejected,
     Dead,
+    /// Not sent because its user was erased or is suppressed (no payload kept).
+    Suppressed,
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Pending,
         State::Delivered,
         State::Filtered,
@@ -113,6 +117,7 @@ impl State {
         State::Duplicate,
         State::Rejected,
         State::Dead,
+        State::Suppressed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -124,6 +129,7 @@ impl State {
             State::Duplicate => "duplicate",
             State::Rejected => "rejected",
             State::Dead => "dead",
+            State::Suppressed => "suppressed",
         }
     }
 
@@ -135,7 +141,11 @@ impl State {
     pub fn is_refused(self) -> bool {
         matches!(
             self,
-            State::Rejected | State::Duplicate | State::Filtered | State::Unsupported
+            State::Rejected
+                | State::Duplicate
+                | State::Filtered
+                | State::Unsupported
+                | State::Suppressed
         )
     }
 }
@@ -357,7 +367,8 @@ pub struct StoredMessage {
 
 /// States of finished messages that were never to be sent; their own
 /// (shorter) retention applies.
-pub const REFUSED_STATES: &str = "('rejected', 'duplicate', 'filtered', 'unsupported')";
+pub const REFUSED_STATES: &str =
+    "('rejected', 'duplicate', 'filtered', 'unsupported', 'suppressed')";
 
 /// The warning kept with a refused message stored without its payload.
 pub const PAYLOAD_NOT_KEPT: &str =
@@ -491,6 +502,32 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Counts by state.
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError>;
+
+    /// Erases the payloads of every stored message of `erase.user_id`
+    /// (queued and dead ones become `suppressed` and are never sent), its
+    /// page category, and keeps a tombstone (a digest of the id, when, why,
+    /// how many); suppresses the user when asked. Durable on return.
+    async fn erase_user(&self, erase: Erase) -> Result<Erased, StorageError>;
+
+    /// Suppresses a user: its later messages are recorded as `suppressed`,
+    /// without payload, never delivered. False when it already was.
+    async fn suppress(&self, user_id: &str, reason: &str) -> Result<bool, StorageError>;
+
+    /// Lifts a suppression; false when there was none.
+    async fn lift_suppression(&self, user_id: &str) -> Result<bool, StorageError>;
+
+    /// Every suppression, oldest first.
+    async fn suppressions(&self) -> Result<Vec<Suppression>, StorageError>;
+
+    /// Keeps an operator action in the audit trail.
+    async fn record_audit(&self, entry: AuditEntry) -> Result<(), StorageError>;
+
+    /// The audit trail, newest first, older than `before` when given.
+    async fn audit_log(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StorageError>;
 
     /// Flushes and closes; later calls fail with `Closed`.
     async fn close(&self);

@@ -15,6 +15,7 @@
 //! PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
 
 mod listen;
+mod privacy;
 mod queue;
 mod reads;
 mod replica;
@@ -487,6 +488,73 @@ impl Storage for PostgresStorage {
     async fn replay(&self, filter: MessageFilter) -> Result<Vec<i64>, StorageError> {
         self.inner.check_open()?;
         self.inner.finish(self.inner.replay(filter).await)
+    }
+
+    async fn erase_user(&self, erase: Erase) -> Result<Erased, StorageError> {
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let mut retried = false;
+        let result = loop {
+            let result = async {
+                let mut tx = inner.pool.begin().await?;
+                let (erased, promoted) = privacy::erase_user(&mut tx, &erase).await?;
+                if promoted {
+                    notify_others(&mut tx).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, StorageError>((erased, promoted))
+            }
+            .await;
+            match result {
+                Err(StorageError::Conflict(_)) if !retried => retried = true,
+                r => break r,
+            }
+        };
+        let result = result.map(|(erased, promoted)| {
+            if promoted {
+                inner.notify.notify_one();
+            }
+            erased
+        });
+        inner.finish(result)
+    }
+
+    async fn suppress(&self, user_id: &str, reason: &str) -> Result<bool, StorageError> {
+        self.inner.check_open()?;
+        let result = async {
+            let mut conn = self.inner.pool.acquire().await?;
+            privacy::suppress(&mut conn, user_id, reason).await
+        }
+        .await;
+        self.inner.finish(result)
+    }
+
+    async fn lift_suppression(&self, user_id: &str) -> Result<bool, StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(privacy::lift(&self.inner.pool, user_id).await)
+    }
+
+    async fn suppressions(&self) -> Result<Vec<Suppression>, StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(privacy::suppressions(&self.inner.pool).await)
+    }
+
+    async fn record_audit(&self, entry: AuditEntry) -> Result<(), StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(privacy::record_audit(&self.inner.pool, &entry).await)
+    }
+
+    async fn audit_log(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(privacy::audit_log(&self.inner.pool, before, limit).await)
     }
 
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {

@@ -19,7 +19,7 @@
 
 use super::super::{
     Acceptance, ClaimBatch, Claimed, Disposition, EMPTY_JSON, MessageFilter, Millis, NewMessage,
-    PAYLOAD_NOT_KEPT, REFUSED_STATES, RefusedBudget, Report, State, StorageError,
+    PAYLOAD_NOT_KEPT, REFUSED_STATES, RefusedBudget, Report, State, StorageError, privacy,
 };
 use super::reads::{Arg, bind_args, where_clause};
 use super::text::{pg_text, pg_text_opt, text_key};
@@ -51,7 +51,7 @@ pub struct Accepted {
 }
 
 /// Locks the ordering keys (see the module comment) until the transaction ends.
-async fn lock_keys(conn: &mut PgConnection, keys: Vec<String>) -> Result<(), StorageError> {
+pub async fn lock_keys(conn: &mut PgConnection, keys: Vec<String>) -> Result<(), StorageError> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -134,13 +134,27 @@ pub async fn accept(
     let duplicate: Vec<bool> = (0..batch.len())
         .map(|i| later[i] || !fresh.contains(&i))
         .collect();
+    // Messages of suppressed users are recorded without payload, not queued.
+    let suppressed = super::privacy::suppressed(conn, batch).await?;
+    let suppress: Vec<bool> = (0..batch.len())
+        .map(|i| {
+            !duplicate[i]
+                && batch[i]
+                    .user_id
+                    .as_ref()
+                    .is_some_and(|u| suppressed.contains(pg_text(u).as_ref()))
+        })
+        .collect();
+    let untouched: Vec<bool> = (0..batch.len())
+        .map(|i| duplicate[i] || suppress[i])
+        .collect();
 
-    let page_categories = page_categories(conn, batch, &duplicate).await?;
+    let page_categories = page_categories(conn, batch, &untouched).await?;
 
     let keys: Vec<String> = batch
         .iter()
-        .zip(&duplicate)
-        .filter(|(m, dup)| !**dup && m.state == State::Pending)
+        .zip(&untouched)
+        .filter(|(m, skip)| !**skip && m.state == State::Pending)
         .filter_map(|(m, _)| m.ordering_key.as_deref().map(text_key))
         .collect();
     lock_keys(conn, keys).await?;
@@ -149,8 +163,8 @@ pub async fn accept(
     // lock orders the transactions that store some.
     let any_refused = batch
         .iter()
-        .zip(&duplicate)
-        .any(|(m, dup)| *dup || m.state.is_refused());
+        .zip(&untouched)
+        .any(|(m, skip)| *skip || m.state.is_refused());
     let mut refused = if any_refused {
         let used: i64 =
             sqlx::query_scalar("SELECT bytes FROM td_usage WHERE name = 'refused' FOR UPDATE")
@@ -175,8 +189,14 @@ pub async fn accept(
     let mut received = Vec::with_capacity(n);
     let mut ordering_keys = Vec::with_capacity(n);
     let mut warnings = Vec::with_capacity(n);
-    for (m, dup) in batch.iter().zip(&duplicate) {
-        let (state, code, reason) = if *dup {
+    for ((m, dup), suppress) in batch.iter().zip(&duplicate).zip(&suppress) {
+        let (state, code, reason) = if *suppress {
+            (
+                State::Suppressed,
+                Some(Cow::Borrowed(privacy::SUPPRESSED)),
+                None,
+            )
+        } else if *dup {
             (
                 State::Duplicate,
                 Some(Cow::Borrowed("duplicate")),
@@ -199,14 +219,22 @@ pub async fn accept(
         codes.push(code);
         reasons.push(reason);
         let mut notes = Cow::Borrowed(&m.warnings);
-        let (payload, setting) = match refused.as_mut().filter(|_| state.is_refused()) {
-            Some(budget) => budget
-                .keep(&m.payload, &m.settings, &m.message_id)
-                .unwrap_or_else(|| {
-                    notes.to_mut().push(PAYLOAD_NOT_KEPT.to_owned());
-                    (EMPTY_JSON, EMPTY_JSON)
-                }),
-            None => (m.payload.as_str(), m.settings.as_str()),
+        let (payload, setting) = if *suppress {
+            notes = Cow::Owned(Vec::new());
+            if let Some(budget) = refused.as_mut() {
+                budget.keep(EMPTY_JSON, EMPTY_JSON, &m.message_id);
+            }
+            (EMPTY_JSON, EMPTY_JSON)
+        } else {
+            match refused.as_mut().filter(|_| state.is_refused()) {
+                Some(budget) => budget
+                    .keep(&m.payload, &m.settings, &m.message_id)
+                    .unwrap_or_else(|| {
+                        notes.to_mut().push(PAYLOAD_NOT_KEPT.to_owned());
+                        (EMPTY_JSON, EMPTY_JSON)
+                    }),
+                None => (m.payload.as_str(), m.settings.as_str()),
+            }
         };
         payloads.push(pg_text(payload));
         settings.push(pg_text(setting));
@@ -595,7 +623,7 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
 
 /// Makes the oldest queued message of each key its head where the head left,
 /// and forgets keys with nothing queued. The keys must be locked.
-async fn promote(conn: &mut PgConnection, keys: &[String]) -> Result<bool, StorageError> {
+pub async fn promote(conn: &mut PgConnection, keys: &[String]) -> Result<bool, StorageError> {
     let promoted: i64 = sqlx::query_scalar(
         "WITH first AS ( \
             SELECT f.seq, f.head FROM unnest($1::text[]) AS k(key) \

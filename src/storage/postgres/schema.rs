@@ -127,6 +127,8 @@ macro_rules! sql_text_key {
 /// (an immutable function, as an expression index needs); a user's page
 /// category is keyed by the digest of service and userId. `td_usage` counts
 /// the stored bytes of refused messages (`storage.max_refused_bytes`).
+/// Privacy: messages indexed by user (md5), suppressions (keyed by the
+/// userId's digest), erasure tombstones and the audit trail.
 const V3: &str = concat!(
     "UPDATE td_messages SET ordering_key = ",
     sql_text_key!("ordering_key"),
@@ -154,6 +156,14 @@ const V3: &str = concat!(
     "INSERT INTO td_usage (name, bytes) SELECT 'refused', COALESCE(sum(",
     "octet_length(payload) + octet_length(settings) + octet_length(message_id)), 0) ",
     "FROM td_messages WHERE state IN ('rejected', 'duplicate', 'filtered', 'unsupported');\n",
+    "CREATE INDEX td_messages_user ON td_messages (md5(user_id)) WHERE user_id IS NOT NULL;\n",
+    "CREATE TABLE td_suppressions (user_key text PRIMARY KEY, user_id text NOT NULL, \
+        since bigint NOT NULL, reason text NOT NULL);\n",
+    "CREATE TABLE td_erasures (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+        user_key text NOT NULL, at bigint NOT NULL, reason text NOT NULL, messages bigint NOT NULL);\n",
+    "CREATE TABLE td_audit (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, at bigint NOT NULL, \
+        actor text NOT NULL, address text, action text NOT NULL, detail text NOT NULL, \
+        count bigint);\n",
 );
 
 /// Migrations in order; version N is `MIGRATIONS[N - 1]`.

@@ -6,6 +6,7 @@
 //! One process uses a file at a time (a lock file says so), so leases left
 //! by an earlier process are released at start without stealing live ones.
 
+mod privacy;
 mod queue;
 mod reads;
 mod schema;
@@ -345,6 +346,40 @@ impl Storage for SqliteStorage {
             Ok(out)
         })
         .await
+    }
+
+    async fn erase_user(&self, erase: Erase) -> Result<Erased, StorageError> {
+        let erased = self.call(|r| Op::Erase(erase, r)).await?;
+        // What waited behind cancelled messages may be claimable now.
+        self.notify.notify_one();
+        Ok(erased)
+    }
+
+    async fn suppress(&self, user_id: &str, reason: &str) -> Result<bool, StorageError> {
+        let (user, reason) = (user_id.to_owned(), reason.to_owned());
+        self.call(|r| Op::Suppress(user, reason, r)).await
+    }
+
+    async fn lift_suppression(&self, user_id: &str) -> Result<bool, StorageError> {
+        let user = user_id.to_owned();
+        self.call(|r| Op::Lift(user, r)).await
+    }
+
+    async fn suppressions(&self) -> Result<Vec<Suppression>, StorageError> {
+        self.read(privacy::suppressions).await
+    }
+
+    async fn record_audit(&self, entry: AuditEntry) -> Result<(), StorageError> {
+        self.call(|r| Op::Audit(entry, r)).await
+    }
+
+    async fn audit_log(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StorageError> {
+        self.read(move |c| privacy::audit_log(c, before, limit))
+            .await
     }
 
     async fn close(&self) {

@@ -56,24 +56,38 @@ pub(super) fn accept(
          page_category) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14, ?15)",
     )?;
+    let users: Vec<&str> = batch.iter().filter_map(|m| m.user_id.as_deref()).collect();
+    let suppressed = super::privacy::suppressed(c, &users)?;
+    drop(users);
     let mut out = Vec::with_capacity(batch.len());
-    for m in batch {
+    for mut m in batch {
         let accepted_at: Option<Millis> = seen
             .query_row(params![m.source, m.message_id], |r| r.get(0))
             .optional()?;
         let duplicate = accepted_at.is_some_and(|t| t >= now - window);
+        let suppress = !duplicate && m.user_id.as_ref().is_some_and(|u| suppressed.contains(u));
         let (state, code, reason) = if duplicate {
             (
                 State::Duplicate,
                 Some("duplicate".to_owned()),
                 Some(format!("messageId {:?} was already accepted", m.message_id)),
             )
+        } else if suppress {
+            // Recorded without payload, never delivered.
+            m.payload = EMPTY_JSON.to_owned();
+            m.settings = EMPTY_JSON.to_owned();
+            m.warnings.clear();
+            (
+                State::Suppressed,
+                Some(privacy::SUPPRESSED.to_owned()),
+                None,
+            )
         } else {
             (m.state, m.code, m.reason)
         };
         // Page categories follow acceptance order: read before this
         // message's own update, after the earlier messages of the batch.
-        let user = m.user_id.as_deref().filter(|_| !duplicate);
+        let user = m.user_id.as_deref().filter(|_| !duplicate && !suppress);
         let page_category = match user {
             Some(u) if m.needs_page_category => c
                 .prepare_cached(
@@ -175,7 +189,7 @@ fn enqueue(c: &Connection, id: i64, key: Option<&str>, due: Millis) -> Result<()
 
 /// Takes a message out of the queue; when it was its key's head, the next
 /// message of that key becomes the head.
-fn dequeue(c: &Connection, id: i64) -> Result<(), StorageError> {
+pub(super) fn dequeue(c: &Connection, id: i64) -> Result<(), StorageError> {
     let removed: Option<(Option<String>, bool)> = c
         .prepare_cached("DELETE FROM queue WHERE message = ?1 RETURNING ordering_key, head")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))

@@ -66,6 +66,32 @@ CREATE TABLE IF NOT EXISTS page_categories (
     category   TEXT NOT NULL,
     PRIMARY KEY (service_id, user_id)
 ) WITHOUT ROWID;
+-- A user's messages, for erasing them and for the operator's per-user view.
+CREATE INDEX IF NOT EXISTS messages_user ON messages(user_id) WHERE user_id IS NOT NULL;
+-- Users whose later messages are recorded without payload, never delivered.
+CREATE TABLE IF NOT EXISTS suppressions (
+    user_id TEXT PRIMARY KEY,
+    since   INTEGER NOT NULL,
+    reason  TEXT NOT NULL
+) WITHOUT ROWID;
+-- Tombstones of erased users: a digest of the id, when, why, how many.
+CREATE TABLE IF NOT EXISTS erasures (
+    id       INTEGER PRIMARY KEY,
+    user_key TEXT NOT NULL,
+    at       INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    messages INTEGER NOT NULL
+);
+-- Operator actions; the admin API cannot erase them.
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY,
+    at      INTEGER NOT NULL,
+    actor   TEXT NOT NULL,
+    address TEXT,
+    action  TEXT NOT NULL,
+    detail  TEXT NOT NULL,
+    count   INTEGER
+);
 -- Stored bytes by kind ('refused': see RefusedBudget), kept as they change.
 CREATE TABLE IF NOT EXISTS usage (
     name  TEXT PRIMARY KEY,
@@ -78,13 +104,14 @@ CREATE TABLE IF NOT EXISTS usage (
 const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
     SELECT 'refused', COALESCE(SUM(length(CAST(payload AS BLOB)) + length(CAST(settings AS BLOB)) \
     + length(CAST(message_id AS BLOB))), 0) FROM messages \
-    WHERE state IN ('rejected', 'duplicate', 'filtered', 'unsupported')";
+    WHERE state IN ('rejected', 'duplicate', 'filtered', 'unsupported', 'suppressed')";
 
 /// The schema version this build writes (`PRAGMA user_version`).
 /// 1: every message ordered per user, page categories remembered at delivery.
 /// 2: only attribute updates ordered, page categories decided at acceptance.
 /// 3: claims carry a lease token that reports must match.
-/// 4: the stored bytes of refused messages are counted (`usage`).
+/// 4: the stored bytes of refused messages are counted (`usage`); user
+///    erasures, suppressions and the audit trail; messages indexed by user.
 pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Refuses a damaged database file at start (truncated, overwritten, not a
@@ -287,5 +314,8 @@ pub(super) fn open(path: &Path) -> Result<Connection, StorageError> {
     // FULL: the WAL is fsync'd at every commit, so a 2xx survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted and overwritten content is zeroed, so an erased payload does
+    // not linger in free space (docs/privacy.md).
+    conn.pragma_update(None, "secure_delete", "ON")?;
     Ok(conn)
 }

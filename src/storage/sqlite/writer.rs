@@ -1,7 +1,7 @@
 //! The writer thread: every write runs here, in groups that share one
 //! transaction and its fsync; callers are answered after the commit.
 
-use super::queue;
+use super::{privacy, queue};
 use crate::storage::*;
 use rusqlite::{Connection, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
@@ -24,6 +24,10 @@ pub(super) enum Op {
     Replay(MessageFilter, Reply<Vec<i64>>),
     Claim(usize, Reply<ClaimBatch>),
     Report(Vec<Report>, Reply<Vec<i64>>),
+    Erase(Erase, Reply<Erased>),
+    Suppress(String, String, Reply<bool>),
+    Lift(String, Reply<bool>),
+    Audit(AuditEntry, Reply<()>),
 }
 
 /// Sends a reply once the transaction's fate is known.
@@ -62,6 +66,7 @@ impl Writer {
 
     fn commit_group(&mut self, ops: Vec<Op>) {
         let now = now_millis();
+        let erases = ops.iter().any(|op| matches!(op, Op::Erase(..)));
         let prune = now - self.last_prune >= self.options.prune_every_ms;
         let tx = match self
             .conn
@@ -97,6 +102,18 @@ impl Writer {
             Ok(()) => {
                 if prune && caught_up {
                     self.last_prune = now;
+                }
+                if erases {
+                    // An erase is answered once the old page versions have
+                    // left the WAL too (secure_delete zeroes them in the file).
+                    let done = self
+                        .conn
+                        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                            r.get::<_, i64>(0)
+                        });
+                    if !matches!(done, Ok(0)) {
+                        tracing::warn!(?done, "checkpoint after an erase did not complete");
+                    }
                 }
                 replies.into_iter().for_each(|r| r(None));
             }
@@ -165,6 +182,9 @@ fn fail(op: Op, e: &StorageError) {
         Op::Replay(_, r) => drop(r.send(Err(e.clone()))),
         Op::Claim(_, r) => drop(r.send(Err(e.clone()))),
         Op::Report(_, r) => drop(r.send(Err(e.clone()))),
+        Op::Erase(_, r) => drop(r.send(Err(e.clone()))),
+        Op::Suppress(_, _, r) | Op::Lift(_, r) => drop(r.send(Err(e.clone()))),
+        Op::Audit(_, r) => drop(r.send(Err(e.clone()))),
     }
 }
 
@@ -216,5 +236,9 @@ fn apply_in_savepoint(
             queue::claim(c, limit, now, options.lease_ms, lease)
         }),
         Op::Report(reports, r) => run(tx, r, |c| queue::report(c, reports, now)),
+        Op::Erase(erase, r) => run(tx, r, |c| privacy::erase_user(c, &erase, now)),
+        Op::Suppress(user, reason, r) => run(tx, r, |c| privacy::suppress(c, &user, &reason, now)),
+        Op::Lift(user, r) => run(tx, r, |c| privacy::lift(c, &user)),
+        Op::Audit(entry, r) => run(tx, r, |c| privacy::record_audit(c, &entry, now)),
     }
 }
