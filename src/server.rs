@@ -65,6 +65,7 @@ pub fn storage_options(runtime: &Runtime) -> StorageOptions {
         replica_timeout_ms: secs(storage.replica_timeout_secs),
         pool_size: storage.pool_size,
         max_refused_bytes: storage.max_refused_bytes,
+        payload_retention: crate::storage::PayloadRetention::default(),
     }
 }
 

@@ -75,7 +75,24 @@ pub struct StorageOptions {
     pub pool_size: u32,
     /// Bytes refused messages may keep with their payloads (0: no bound).
     pub max_refused_bytes: u64,
+    /// How long payloads are kept, by outcome, before they are dropped
+    /// (the row, its outcome and counts stay until `retention_ms`).
+    pub payload_retention: PayloadRetention,
 }
+
+/// How long stored payloads (and settings, translated requests, Totango's
+/// answer) are kept after a message's last change, by outcome; `None`:
+/// as long as the row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PayloadRetention {
+    pub delivered_ms: Option<Millis>,
+    /// Rejected, duplicate, filtered, unsupported.
+    pub refused_ms: Option<Millis>,
+    pub dead_ms: Option<Millis>,
+}
+
+/// The warning kept with a message whose payload was dropped by retention.
+pub const PAYLOAD_DROPPED: &str = "payload dropped after its retention (privacy.*_payload_secs)";
 
 impl Default for StorageOptions {
     fn default() -> Self {
@@ -89,6 +106,7 @@ impl Default for StorageOptions {
             replica_timeout_ms: 15 * 1000,
             pool_size: 8,
             max_refused_bytes: 256 * 1024 * 1024,
+            payload_retention: PayloadRetention::default(),
         }
     }
 }

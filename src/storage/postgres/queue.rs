@@ -19,7 +19,8 @@
 
 use super::super::{
     Acceptance, ClaimBatch, Claimed, Disposition, EMPTY_JSON, MessageFilter, Millis, NewMessage,
-    PAYLOAD_NOT_KEPT, REFUSED_STATES, RefusedBudget, Report, State, StorageError, privacy,
+    PAYLOAD_DROPPED, PAYLOAD_NOT_KEPT, PayloadRetention, REFUSED_STATES, RefusedBudget, Report,
+    State, StorageError, privacy,
 };
 use super::reads::{Arg, bind_args, where_clause};
 use super::text::{pg_text, pg_text_opt, text_key};
@@ -659,7 +660,7 @@ pub async fn replay(
     let sql = format!(
         "UPDATE td_messages m SET state = 'pending', code = NULL, reason = NULL, \
             updated_at = {CLOCK_MS} \
-         WHERE m.id IN (SELECT m.id FROM td_messages m WHERE {clause} \
+         WHERE m.id IN (SELECT m.id FROM td_messages m WHERE {clause} AND m.payload <> '{{}}' \
             ORDER BY m.id LIMIT ${limit} FOR UPDATE) AND m.state = 'dead' \
          RETURNING m.id, m.ordering_key, m.updated_at"
     );
@@ -773,6 +774,79 @@ pub async fn prune(
     .rows_affected();
     more |= keys as i64 >= PRUNE_CHUNK;
     Ok(Some(more))
+}
+
+/// Drops, in chunks, the payloads of messages past their outcome's payload
+/// retention, oldest change first; delivered and refused ones from where
+/// the last pass stopped (`marks`). True when a full chunk went.
+pub async fn drop_payloads(
+    conn: &mut PgConnection,
+    retention: &PayloadRetention,
+    marks: &mut [Millis; 2],
+) -> Result<bool, StorageError> {
+    let now: i64 = sqlx::query_scalar(&format!("SELECT {CLOCK_MS}"))
+        .fetch_one(&mut *conn)
+        .await?;
+    let groups = [
+        (retention.delivered_ms, "state = 'delivered'", Some(0)),
+        (
+            retention.refused_ms,
+            "state NOT IN ('pending', 'dead', 'delivered')",
+            Some(1),
+        ),
+        (retention.dead_ms, "state = 'dead'", None),
+    ];
+    let note = serde_json::json!([PAYLOAD_DROPPED]).to_string();
+    let sizes = "octet_length(m.payload) + octet_length(m.settings) + octet_length(m.message_id)";
+    let mut more = false;
+    for (keep, condition, mark) in groups {
+        let Some(keep) = keep else { continue };
+        let from = mark.map_or(0, |i| marks[i]);
+        let finished = if mark.is_some() {
+            "state NOT IN ('pending', 'dead') AND"
+        } else {
+            ""
+        };
+        let row = sqlx::query(&format!(
+            "WITH picked AS ( \
+                SELECT id, updated_at, CASE WHEN state IN {REFUSED_STATES} THEN \
+                    octet_length(payload) + octet_length(settings) + octet_length(message_id) \
+                    ELSE NULL END AS before \
+                FROM td_messages WHERE {finished} {condition} \
+                    AND updated_at >= $1 AND updated_at < $2 AND payload <> '{{}}' \
+                ORDER BY updated_at LIMIT $3 FOR UPDATE), \
+             dropped AS ( \
+                UPDATE td_messages m SET payload = '{{}}', settings = '{{}}', requests = NULL, \
+                    last_body = NULL, warnings = $4 \
+                FROM picked p WHERE m.id = p.id \
+                RETURNING p.updated_at, p.before - ({sizes}) AS freed) \
+             SELECT count(*), max(updated_at), COALESCE(sum(freed), 0)::bigint FROM dropped"
+        ))
+        .bind(from)
+        .bind(now - keep)
+        .bind(PRUNE_CHUNK)
+        .bind(&note)
+        .fetch_one(&mut *conn)
+        .await?;
+        let n: i64 = row.try_get(0)?;
+        let last: Option<i64> = row.try_get(1)?;
+        let freed: i64 = row.try_get(2)?;
+        if freed != 0 {
+            sqlx::query("UPDATE td_usage SET bytes = bytes - $1 WHERE name = 'refused'")
+                .bind(freed)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let full = n >= PRUNE_CHUNK;
+        if let Some(i) = mark {
+            marks[i] = match last {
+                Some(at) if full => at,
+                _ => now - keep,
+            };
+        }
+        more |= full;
+    }
+    Ok(more)
 }
 
 /// Whether any message with this `messageId` is stored (any source, any

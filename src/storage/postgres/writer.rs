@@ -17,6 +17,8 @@ pub(super) struct PruneClock {
     last: Option<Instant>,
     behind: bool,
     running: bool,
+    /// Up to where payloads were dropped by retention (delivered, refused).
+    dropped_to: [Millis; 2],
 }
 
 pub(super) struct AcceptCall {
@@ -186,6 +188,7 @@ impl Inner {
 
     /// Prunes one chunk when it is time (or when the last one was full).
     pub(super) async fn maybe_prune(&self) {
+        let mut marks;
         {
             let mut clock = self.prune.lock().expect("prune lock");
             let every = Duration::from_millis(self.options.prune_every_ms.max(0) as u64);
@@ -194,6 +197,7 @@ impl Inner {
                 return;
             }
             clock.running = true;
+            marks = clock.dropped_to;
         }
         let outcome = async {
             let mut tx = self.pool.begin().await?;
@@ -204,13 +208,24 @@ impl Inner {
                 self.options.refused_retention_ms,
             )
             .await?;
+            // Only the replica holding the prune lock drops payloads.
+            let dropped = match more {
+                Some(_) => {
+                    queue::drop_payloads(&mut tx, &self.options.payload_retention, &mut marks)
+                        .await?
+                }
+                None => false,
+            };
             tx.commit().await?;
-            Ok::<_, StorageError>(more)
+            Ok::<_, StorageError>(more.map(|m| m || dropped))
         }
         .await;
         let mut clock = self.prune.lock().expect("prune lock");
         clock.running = false;
         clock.last = Some(Instant::now());
+        if outcome.is_ok() {
+            clock.dropped_to = marks;
+        }
         clock.behind = match outcome {
             Ok(more) => more == Some(true),
             Err(e) => {

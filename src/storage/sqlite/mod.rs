@@ -168,6 +168,7 @@ impl SqliteStorage {
                     options,
                     last_prune: 0,
                     lease: 0,
+                    dropped_to: [0; 2],
                 }
                 .run(rx)
             })

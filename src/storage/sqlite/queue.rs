@@ -20,7 +20,7 @@ pub(super) fn replay(
     let ids: Vec<(i64, Option<String>)> = c
         .prepare(&format!(
             "SELECT m.id, m.ordering_key FROM messages m WHERE {clause} \
-             ORDER BY m.id LIMIT {REPLAY_MAX}"
+             AND m.payload <> '{{}}' ORDER BY m.id LIMIT {REPLAY_MAX}"
         ))?
         .query_map(rusqlite::params_from_iter(args.iter()), |r| {
             Ok((r.get(0)?, r.get(1)?))

@@ -48,6 +48,9 @@ pub(super) struct Writer {
     pub last_prune: Millis,
     /// The last lease token handed out (tokens only grow).
     pub lease: i64,
+    /// Up to where (last change time) payloads were dropped by retention:
+    /// delivered, refused. Restarts from 0 after a restart (one pass).
+    pub dropped_to: [Millis; 2],
 }
 
 impl Writer {
@@ -92,10 +95,16 @@ impl Writer {
             ));
         }
         let mut caught_up = true;
+        // Applied once committed.
+        let mut marks = self.dropped_to;
         if prune {
             match prune_old(&tx, now, &self.options) {
                 Ok(more) => caught_up = !more,
                 Err(e) => tracing::warn!(error = %e, "pruning old records failed"),
+            }
+            match drop_payloads(&tx, now, &self.options.payload_retention, &mut marks) {
+                Ok(more) => caught_up &= !more,
+                Err(e) => tracing::warn!(error = %e, "dropping old payloads failed"),
             }
         }
         match tx.commit() {
@@ -103,6 +112,7 @@ impl Writer {
                 if prune && caught_up {
                     self.last_prune = now;
                 }
+                self.dropped_to = marks;
                 if erases {
                     // An erase is answered once the old page versions have
                     // left the WAL too (secure_delete zeroes them in the file).
@@ -171,6 +181,89 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
         Ok(more) => c.execute("RELEASE prune", []).map(|_| more),
         Err(e) => {
             c.execute_batch("ROLLBACK TO prune; RELEASE prune")?;
+            Err(e)
+        }
+    }
+}
+
+/// Drops, in chunks, the payloads of messages past their outcome's payload
+/// retention (`PayloadRetention`), oldest change first; delivered and
+/// refused ones from where the last pass stopped. True when a full chunk
+/// went (there may be more).
+fn drop_payloads(
+    c: &Connection,
+    now: Millis,
+    retention: &PayloadRetention,
+    dropped_to: &mut [Millis; 2],
+) -> rusqlite::Result<bool> {
+    c.execute("SAVEPOINT drop_payloads", [])?;
+    let result = (|| {
+        let mut more = false;
+        let groups = [
+            (retention.delivered_ms, "state = 'delivered'", Some(0)),
+            (
+                retention.refused_ms,
+                "state NOT IN ('pending', 'dead', 'delivered')",
+                Some(1),
+            ),
+            (retention.dead_ms, "state = 'dead'", None),
+        ];
+        let empty = refused_size(EMPTY_JSON, EMPTY_JSON, "");
+        let mut drop = c.prepare_cached(
+            "UPDATE messages SET payload = '{}', settings = '{}', requests = NULL, \
+             last_body = NULL, warnings = ?2 WHERE id = ?1",
+        )?;
+        let note = serde_json::json!([PAYLOAD_DROPPED]).to_string();
+        let mut freed = 0;
+        for (keep, condition, mark) in groups {
+            let Some(keep) = keep else { continue };
+            let from = mark.map_or(0, |i| dropped_to[i]);
+            // The finished index (updated_at) serves all but dead ones.
+            let finished = if mark.is_some() {
+                "state NOT IN ('pending', 'dead') AND"
+            } else {
+                ""
+            };
+            let rows: Vec<(i64, Millis, i64, i64)> = c
+                .prepare_cached(&format!(
+                    "SELECT id, updated_at, length(CAST(message_id AS BLOB)), \
+                     CASE WHEN state IN {REFUSED_STATES} THEN length(CAST(payload AS BLOB)) \
+                     + length(CAST(settings AS BLOB)) + length(CAST(message_id AS BLOB)) \
+                     ELSE -1 END FROM messages \
+                     WHERE {finished} {condition} AND updated_at >= ?1 AND updated_at < ?2 \
+                     AND payload <> '{{}}' ORDER BY updated_at LIMIT ?3"
+                ))?
+                .query_map(params![from, now - keep, PRUNE_CHUNK], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            for (id, _, id_len, counted) in &rows {
+                drop.execute(params![id, note])?;
+                if *counted >= 0 {
+                    freed += counted - (empty + id_len);
+                }
+            }
+            let full = rows.len() as i64 == PRUNE_CHUNK;
+            if let Some(i) = mark {
+                dropped_to[i] = match rows.last() {
+                    Some((_, at, _, _)) if full => *at,
+                    _ => now - keep,
+                };
+            }
+            more |= full;
+        }
+        if freed != 0 {
+            c.execute(
+                "UPDATE usage SET bytes = bytes - ?1 WHERE name = 'refused'",
+                [freed],
+            )?;
+        }
+        Ok(more)
+    })();
+    match result {
+        Ok(more) => c.execute("RELEASE drop_payloads", []).map(|_| more),
+        Err(e) => {
+            c.execute_batch("ROLLBACK TO drop_payloads; RELEASE drop_payloads")?;
             Err(e)
         }
     }
