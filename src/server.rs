@@ -8,7 +8,7 @@ use crate::ingest;
 use crate::storage::{LateStorage, Storage, StorageError, StorageOptions};
 use crate::telemetry;
 use crate::web::auth::{AdminAuth, Loaded};
-use crate::web::{AppState, ClientRates};
+use crate::web::{AppState, ClientRates, IngestState};
 use axum::Json;
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -154,16 +154,16 @@ pub async fn run_with_storage(
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
     let limits = runtime.config.limits.clone();
     let insights = crate::insights::spawn(runtime.clone());
-    let client_rates = ClientRates::new(&runtime);
-    let state = Arc::new(AppState {
+    let client_rates = Arc::new(ClientRates::new(&runtime));
+    let state = AppState {
         storage: storage.clone(),
         delivery,
         runtime,
-        shutting_down: false.into(),
-        admin,
+        shutting_down: Arc::new(false.into()),
+        admin: Arc::new(admin),
         backpressure: backpressure.clone(),
         client_rates,
-    });
+    };
     let transport = crate::budget::Transport::new(&limits);
     let app = router(
         state.clone(),
@@ -327,7 +327,7 @@ fn announce_admin(admin: &AdminAuth, loaded: &Loaded, address: std::net::SocketA
 }
 
 fn router(
-    state: Arc<AppState>,
+    state: AppState,
     body_timeout: Duration,
     transport: Arc<crate::budget::Transport>,
 ) -> Router {
@@ -375,7 +375,8 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+/// Ready when ingest could store a message now.
+async fn readyz(State(state): State<IngestState>) -> impl IntoResponse {
     if state.shutting_down.load(Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -407,9 +408,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 /// Prometheus text exposition; queue gauges are read from storage per scrape.
-async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+async fn metrics_text(State(storage): State<Arc<dyn Storage>>) -> impl IntoResponse {
     let handle = telemetry::metrics();
-    match state.storage.queue_stats().await {
+    match storage.queue_stats().await {
         Ok(q) => {
             metrics::gauge!(telemetry::QUEUE_DEPTH).set(q.depth as f64);
             let age = q

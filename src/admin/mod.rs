@@ -8,8 +8,8 @@
 //! configured token one is generated at first start (see [`auth`]).
 
 use crate::storage::{MessageFilter, State, StoredMessage, now_millis};
-use crate::web::auth::{self, Check, Credential};
-use crate::web::{ApiError, AppState};
+use crate::web::auth::{self, AdminAuth, Check, Credential};
+use crate::web::{AdminState, ApiError, AppState};
 use axum::Json;
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State as Extract};
@@ -39,7 +39,7 @@ pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'se
     connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; \
     frame-ancestors 'none'";
 
-pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+pub fn routes(state: AppState) -> Router<AppState> {
     let api = Router::new()
         .route("/api/messages", get(list))
         .route("/api/messages/{id}", get(one))
@@ -75,8 +75,8 @@ fn html(status: StatusCode, body: &'static str) -> Response {
 
 /// The page holds no data itself, but it is served only to a signed-in
 /// operator; anyone else gets the sign-in form.
-async fn page(Extract(state): Extract<Arc<AppState>>, req: Request) -> Response {
-    match state.admin.check(req.headers(), peer(&req)).await {
+async fn page(Extract(admin): Extract<Arc<AdminAuth>>, req: Request) -> Response {
+    match admin.check(req.headers(), peer(&req)).await {
         Check::Valid(_) => html(StatusCode::OK, PAGE),
         Check::Locked(wait) => too_many(wait),
         Check::Unavailable => html(StatusCode::SERVICE_UNAVAILABLE, LOGIN),
@@ -132,7 +132,7 @@ struct CodeQuery {
 /// Without a code (or with the old `?token=`, never accepted in a URL):
 /// the sign-in form.
 async fn login_link(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(admin): Extract<Arc<AdminAuth>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     q: Result<Query<CodeQuery>, axum::extract::rejection::QueryRejection>,
@@ -141,13 +141,13 @@ async fn login_link(
         return html(StatusCode::OK, LOGIN);
     };
     let peer = Some(addr.ip());
-    if let Err(wait) = state.admin.throttle().check(peer) {
+    if let Err(wait) = admin.throttle().check(peer) {
         return too_many(wait);
     }
-    match state.admin.redeem_code(&code).await {
-        Ok(true) => signed_in(&state, &headers).await,
+    match admin.redeem_code(&code).await {
+        Ok(true) => signed_in(&admin, &headers).await,
         Ok(false) => {
-            state.admin.throttle().failed(peer);
+            admin.throttle().failed(peer);
             html(StatusCode::UNAUTHORIZED, LOGIN)
         }
         Err(e) => {
@@ -160,7 +160,7 @@ async fn login_link(
 /// `POST /login` from the sign-in form: the token in the body (at most
 /// [`LOGIN_BODY_LIMIT`] bytes, not compressed).
 async fn login_form(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(admin): Extract<Arc<AdminAuth>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
@@ -169,7 +169,7 @@ async fn login_form(
         return html(StatusCode::FORBIDDEN, LOGIN);
     }
     let peer = Some(addr.ip());
-    if let Err(wait) = state.admin.throttle().check(peer) {
+    if let Err(wait) = admin.throttle().check(peer) {
         return too_many(wait);
     }
     let form = match form {
@@ -179,15 +179,15 @@ async fn login_form(
         }
         Err(_) => return html(StatusCode::BAD_REQUEST, LOGIN),
     };
-    if !state.admin.token_matches(&form.token) {
-        state.admin.throttle().failed(peer);
+    if !admin.token_matches(&form.token) {
+        admin.throttle().failed(peer);
         return html(StatusCode::UNAUTHORIZED, LOGIN);
     }
-    signed_in(&state, &headers).await
+    signed_in(&admin, &headers).await
 }
 
-async fn signed_in(state: &AppState, headers: &HeaderMap) -> Response {
-    match state.admin.start_session(headers).await {
+async fn signed_in(admin: &AdminAuth, headers: &HeaderMap) -> Response {
+    match admin.start_session(headers).await {
         Ok(cookie) => (
             StatusCode::SEE_OTHER,
             [
@@ -205,11 +205,11 @@ async fn signed_in(state: &AppState, headers: &HeaderMap) -> Response {
 }
 
 /// Ends the session everywhere (it is deleted from storage) and clears the cookie.
-async fn logout(Extract(state): Extract<Arc<AppState>>, headers: HeaderMap) -> Response {
+async fn logout(Extract(admin): Extract<Arc<AdminAuth>>, headers: HeaderMap) -> Response {
     if auth::cross_site(&headers).is_some() {
         return html(StatusCode::FORBIDDEN, LOGIN);
     }
-    if let Err(e) = state.admin.end_session(&headers).await {
+    if let Err(e) = admin.end_session(&headers).await {
         tracing::error!(error = %e, "admin session store unavailable");
         return html(StatusCode::SERVICE_UNAVAILABLE, LOGIN);
     }
@@ -238,7 +238,7 @@ pub async fn refuse_encoded_login(req: Request) -> Result<Request, Response> {
 }
 
 async fn authorize(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(admin): Extract<Arc<AdminAuth>>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -246,7 +246,7 @@ async fn authorize(
         ApiError::unauthorized("Authorization: expected Bearer <admin token>")
             .with_challenge("Bearer realm=\"totango-destination admin\"")
     };
-    match state.admin.check(req.headers(), peer(&req)).await {
+    match admin.check(req.headers(), peer(&req)).await {
         Check::Missing | Check::Wrong => return Err(unauthorized()),
         Check::Locked(wait) => return Ok(too_many(wait)),
         Check::Unavailable => return Err(ApiError::unavailable("admin sessions unavailable")),
@@ -323,7 +323,7 @@ fn storage_error(e: crate::storage::StorageError) -> ApiError {
 
 /// A stored message as the operator sees it: the Segment input, the Totango
 /// requests (with their URL) and Totango's last answer.
-fn view(state: &AppState, m: StoredMessage) -> Value {
+fn view(state: &AdminState, m: StoredMessage) -> Value {
     let mut v = serde_json::to_value(&m).unwrap_or_default();
     let base = state
         .runtime
@@ -350,7 +350,7 @@ fn view(state: &AppState, m: StoredMessage) -> Value {
 }
 
 async fn list(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<AdminState>,
     q: Result<Query<Filters>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
@@ -393,7 +393,7 @@ async fn list(
 }
 
 async fn one(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<AdminState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = message_id(id)?;
@@ -408,7 +408,7 @@ async fn one(
 }
 
 async fn replay_one(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<AdminState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = message_id(id)?;
@@ -438,7 +438,7 @@ async fn replay_one(
 }
 
 async fn replay_matching(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<AdminState>,
     q: Result<Query<Filters>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
@@ -453,7 +453,7 @@ async fn replay_matching(
     Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
 }
 
-async fn stats(Extract(state): Extract<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+async fn stats(Extract(state): Extract<AdminState>) -> Result<Json<Value>, ApiError> {
     let counts = state.storage.counts().await.map_err(storage_error)?;
     let queue = state.storage.queue_stats().await.map_err(storage_error)?;
     let mut by_outcome = serde_json::Map::new();

@@ -4,7 +4,6 @@
 //! required; every other cross-site browser request stays refused.
 
 use super::*;
-use crate::config::Source;
 use axum::extract::State as Extract;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -14,10 +13,9 @@ use std::net::IpAddr;
 const PREFLIGHT_MAX_AGE_SECS: u32 = 600;
 
 /// The `Origin` of a request, when some write key allows it.
-pub fn allowed_origin(state: &AppState, headers: &HeaderMap) -> Option<HeaderValue> {
+pub fn allowed_origin(runtime: &Runtime, headers: &HeaderMap) -> Option<HeaderValue> {
     let origin = headers.get(header::ORIGIN)?;
     let text = origin.to_str().ok()?;
-    let runtime = &state.runtime;
     let allowed = runtime
         .sources
         .values()
@@ -39,11 +37,11 @@ pub fn add_cors_headers(resp: &mut Response, origin: HeaderValue) {
 /// it asks for (analytics.js: `Authorization`, `Content-Type`). Without
 /// such an origin, `OPTIONS` is a method this path does not take.
 pub async fn preflight(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(runtime): Extract<Arc<Runtime>>,
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    if allowed_origin(&state, &headers).is_none() {
+    if allowed_origin(&runtime, &headers).is_none() {
         return ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -71,14 +69,14 @@ pub async fn preflight(
 /// passes only when some key allows its origin (the handler then checks
 /// that its own key does), and its answer carries the CORS headers.
 pub async fn cors(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(runtime): Extract<Arc<Runtime>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<Response, ApiError> {
     let Some(why) = crate::web::auth::cross_site(req.headers()) else {
         return Ok(next.run(req).await);
     };
-    let Some(origin) = allowed_origin(&state, req.headers()) else {
+    let Some(origin) = allowed_origin(&runtime, req.headers()) else {
         return Err(super::cross_site_refusal(why));
     };
     let mut resp = next.run(req).await;
@@ -90,7 +88,7 @@ pub async fn cors(
 /// cross-site request must come from an origin of this very key) and its
 /// rate per client address.
 pub fn admit(
-    state: &AppState,
+    state: &IngestState,
     source: &Source,
     headers: &HeaderMap,
     client: Option<IpAddr>,

@@ -8,9 +8,9 @@ mod partner;
 mod tracking;
 mod webhook;
 
-pub use crate::web::{ApiError, AppState, ClientRates};
+pub use crate::web::{ApiError, AppState, ClientRates, IngestState};
 
-use crate::config::Source;
+use crate::config::{Runtime, Source};
 use crate::mapping::{self, Code, Outcome, SettingsPatch};
 use crate::segment::{CallType, Message, ParseError};
 use crate::storage::{Acceptance, Millis, NewMessage, State};
@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 /// or failover takes seconds.
 const STORAGE_RETRY_AFTER_SECS: u64 = 5;
 
-pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+pub fn routes(state: AppState) -> Router<AppState> {
     // The Tracking API answers browsers of the origins a key allows.
     let tracking = Router::new()
         .route(
@@ -64,11 +64,11 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
 /// server makes its requests same-origin. Open mode therefore takes only the
 /// loopback names and `auth.allowed_hosts` in `Host`; others get `421`.
 async fn open_mode_hosts_only(
-    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    axum::extract::State(runtime): axum::extract::State<Arc<Runtime>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
-    if state.runtime.sources.is_empty() {
+    if runtime.sources.is_empty() {
         let host = req
             .headers()
             .get(header::HOST)
@@ -76,7 +76,7 @@ async fn open_mode_hosts_only(
             .or_else(|| req.uri().authority().map(|a| a.as_str()));
         // Without a Host (HTTP/1.0), no browser is involved.
         if let Some(host) = host {
-            if !host_allowed(host, &state.runtime.config.auth.allowed_hosts) {
+            if !host_allowed(host, &runtime.config.auth.allowed_hosts) {
                 return Err(ApiError::new(
                     StatusCode::MISDIRECTED_REQUEST,
                     "host_not_allowed",
@@ -137,7 +137,7 @@ fn cross_site_refusal(why: &str) -> ApiError {
     )
 }
 
-impl AppState {
+impl IngestState {
     fn limits(&self) -> &crate::config::LimitsConfig {
         &self.runtime.config.limits
     }
@@ -261,7 +261,7 @@ enum BodyKind {
 /// deadline and the global budget are the transport's (`crate::budget`):
 /// `408` for a late body, `503` + `Retry-After` over budget.
 async fn read_body(
-    state: &AppState,
+    state: &IngestState,
     headers: &HeaderMap,
     body: Body,
     kind: BodyKind,
@@ -694,7 +694,7 @@ struct RequestLimits<'a> {
 }
 
 impl<'a> RequestLimits<'a> {
-    fn new(state: &'a AppState) -> Self {
+    fn new(state: &'a IngestState) -> Self {
         RequestLimits {
             limits: state.limits(),
             stored: 0,

@@ -8,7 +8,7 @@ use axum::extract::State as Extract;
 use axum::response::{IntoResponse, Response};
 
 pub async fn handle(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<IngestState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {

@@ -31,7 +31,7 @@ fn success() -> Response {
 }
 
 pub async fn single(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<IngestState>,
     Path(call): Path<String>,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
@@ -81,7 +81,7 @@ pub async fn single(
 }
 
 pub async fn batch(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<IngestState>,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,

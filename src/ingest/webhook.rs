@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use sha1::Sha1;
 
 pub async fn handle(
-    Extract(state): Extract<Arc<AppState>>,
+    Extract(state): Extract<IngestState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -190,7 +190,7 @@ fn verify_signature(
 
 /// A first-element signature proves nothing about the rest of the array: an
 /// array whose signed element was already accepted is a replay, refused whole.
-async fn refuse_replayed_element(state: &AppState, message_id: &str) -> Result<(), ApiError> {
+async fn refuse_replayed_element(state: &IngestState, message_id: &str) -> Result<(), ApiError> {
     let filter = crate::storage::MessageFilter {
         message_id: Some(message_id.to_owned()),
         ..Default::default()

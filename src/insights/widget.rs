@@ -12,7 +12,7 @@
 use super::model::AccountInsights;
 use super::store::Store;
 use crate::web::auth::Check;
-use crate::web::{ApiError, AppState};
+use crate::web::{ApiError, AppState, WidgetState};
 use axum::Json;
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
@@ -25,11 +25,10 @@ use serde_json::json;
 use sha2::Sha256;
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 const CSS: &str = include_str!("widget.css");
 
-pub fn routes() -> Router<Arc<AppState>> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/insights/widget.css", get(css))
         .route("/insights/accounts/{account_id}", get(account_widget))
@@ -136,7 +135,7 @@ fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
 /// Admin access: the operator's credential (the admin token as Bearer, or
 /// the operator page's session cookie), as for the admin API.
 async fn admin(
-    state: &AppState,
+    state: &WidgetState,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
 ) -> Result<(), ApiError> {
@@ -160,7 +159,7 @@ async fn admin(
 
 /// A signed link when `sig` is given, else admin access.
 async fn authorize(
-    state: &AppState,
+    state: &WidgetState,
     target: Target,
     id: &str,
     q: &LinkQuery,
@@ -207,7 +206,7 @@ fn store_error(e: impl std::fmt::Display) -> ApiError {
 }
 
 async fn with_store<T: Send + 'static>(
-    state: &AppState,
+    state: &WidgetState,
     f: impl FnOnce(&Store) -> Result<T, super::store::StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     super::with_store(&state.runtime, f)
@@ -216,7 +215,7 @@ async fn with_store<T: Send + 'static>(
 }
 
 async fn load(
-    state: &AppState,
+    state: &WidgetState,
     target: Target,
     id: &str,
     req: Request,
@@ -266,7 +265,7 @@ async fn css() -> impl IntoResponse {
 }
 
 async fn account_json(
-    State(state): State<Arc<AppState>>,
+    State(state): State<WidgetState>,
     Path(account_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -274,7 +273,7 @@ async fn account_json(
 }
 
 async fn record_json(
-    State(state): State<Arc<AppState>>,
+    State(state): State<WidgetState>,
     Path(record_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -282,7 +281,7 @@ async fn record_json(
 }
 
 async fn json_twin(
-    state: &AppState,
+    state: &WidgetState,
     target: Target,
     id: &str,
     req: Request,
@@ -309,7 +308,7 @@ struct RunsQuery {
     limit: Option<usize>,
 }
 
-async fn runs(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
+async fn runs(State(state): State<WidgetState>, req: Request) -> Result<Response, ApiError> {
     admin(&state, req.headers(), peer_of(&req)).await?;
     let q = Query::<RunsQuery>::try_from_uri(req.uri())
         .map(|Query(q)| q)
@@ -325,7 +324,7 @@ async fn runs(State(state): State<Arc<AppState>>, req: Request) -> Result<Respon
 }
 
 async fn account_widget(
-    State(state): State<Arc<AppState>>,
+    State(state): State<WidgetState>,
     Path(account_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -333,7 +332,7 @@ async fn account_widget(
 }
 
 async fn record_widget(
-    State(state): State<Arc<AppState>>,
+    State(state): State<WidgetState>,
     Path(record_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -341,7 +340,7 @@ async fn record_widget(
 }
 
 async fn widget(
-    state: &AppState,
+    state: &WidgetState,
     target: Target,
     account_id: &str,
     req: Request,

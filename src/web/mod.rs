@@ -1,7 +1,7 @@
-//! The HTTP layer every handler stands on: the state they share, one error
-//! shape for every answer, and the guards (operator credential and sessions,
-//! cross-site refusal, per-client rates). Handlers live above it, in
-//! `ingest`, `admin` and `insights`.
+//! The HTTP layer every handler stands on: the state they share and the part
+//! of it each takes, one error shape for every answer, and the guards
+//! (operator credential and sessions, cross-site refusal, per-client rates).
+//! Handlers live above it, in `ingest`, `admin` and `insights`.
 
 pub mod auth;
 mod error;
@@ -12,4 +12,4 @@ pub mod throttle;
 
 pub use error::ApiError;
 pub use rates::ClientRates;
-pub use state::AppState;
+pub use state::{AdminState, AppState, IngestState, WidgetState};
