@@ -65,7 +65,15 @@ pub fn storage_options(runtime: &Runtime) -> StorageOptions {
         replica_timeout_ms: secs(storage.replica_timeout_secs),
         pool_size: storage.pool_size,
         max_refused_bytes: storage.max_refused_bytes,
-        payload_retention: crate::storage::PayloadRetention::default(),
+        payload_retention: {
+            let p = &runtime.config.privacy;
+            let keep = |s: u64| (s > 0).then(|| secs(s));
+            crate::storage::PayloadRetention {
+                delivered_ms: keep(p.delivered_payload_secs),
+                refused_ms: keep(p.refused_payload_secs),
+                dead_ms: keep(p.dead_payload_secs),
+            }
+        },
     }
 }
 

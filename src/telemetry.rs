@@ -18,6 +18,8 @@ pub const DELIVERY_LATENCY: &str = "td_delivery_request_duration_seconds";
 pub const HTTP_LATENCY: &str = "td_http_request_duration_seconds";
 pub const QUEUE_DEPTH: &str = "td_queue_depth";
 pub const OLDEST_PENDING: &str = "td_oldest_pending_age_seconds";
+/// Users erased by a Segment `delete` or the admin API.
+pub const ERASURES: &str = "td_user_erasures_total";
 /// Stored bytes of refused messages (against `storage.max_refused_bytes`).
 pub const REFUSED_BYTES: &str = "td_refused_stored_bytes";
 /// Connections closed at once because their client address had too many open.
@@ -41,6 +43,7 @@ pub fn metrics() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_ok() {
             metrics::describe_counter!(ACCEPTED, "Messages accepted, by interface");
+            metrics::describe_counter!(ERASURES, "Users erased (Segment delete, admin API)");
             metrics::describe_counter!(OUTCOMES, "Messages by final outcome");
             metrics::describe_counter!(ATTEMPTS, "Requests sent to Totango, by status class");
             metrics::describe_counter!(

@@ -7,7 +7,11 @@
 //! every request look local, so there is no "local only" exception. Without a
 //! configured token one is generated at first start (see [`auth`]).
 
-use crate::storage::{MessageFilter, State, StoredMessage, now_millis};
+mod privacy;
+
+pub use privacy::Actor;
+
+use crate::storage::{MessageFilter, State, Storage, StoredMessage, now_millis};
 use crate::web::auth::{self, AdminAuth, Check, Credential};
 use crate::web::{AdminState, ApiError, AppState};
 use axum::Json;
@@ -16,7 +20,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State a
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::net::{IpAddr, SocketAddr};
@@ -46,6 +50,13 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/messages/{id}/replay", post(replay_one))
         .route("/api/replay", post(replay_matching))
         .route("/api/stats", get(stats))
+        .route("/api/users/{user_id}", delete(privacy::erase_user))
+        .route(
+            "/api/suppressions",
+            get(privacy::list_suppressions).post(privacy::suppress),
+        )
+        .route("/api/suppressions/{user_id}", delete(privacy::lift))
+        .route("/api/audit", get(privacy::audit))
         .route_layer(middleware::from_fn_with_state(state, authorize));
     Router::new()
         .route("/", get(page))
@@ -133,6 +144,7 @@ struct CodeQuery {
 /// the sign-in form.
 async fn login_link(
     Extract(admin): Extract<Arc<AdminAuth>>,
+    Extract(storage): Extract<Arc<dyn Storage>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     q: Result<Query<CodeQuery>, axum::extract::rejection::QueryRejection>,
@@ -145,7 +157,7 @@ async fn login_link(
         return too_many(wait);
     }
     match admin.redeem_code(&code).await {
-        Ok(true) => signed_in(&admin, &headers).await,
+        Ok(true) => signed_in(&admin, storage.as_ref(), addr, "login link", &headers).await,
         Ok(false) => {
             admin.throttle().failed(peer);
             html(StatusCode::UNAUTHORIZED, LOGIN)
@@ -161,6 +173,7 @@ async fn login_link(
 /// [`LOGIN_BODY_LIMIT`] bytes, not compressed).
 async fn login_form(
     Extract(admin): Extract<Arc<AdminAuth>>,
+    Extract(storage): Extract<Arc<dyn Storage>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
@@ -183,20 +196,57 @@ async fn login_form(
         admin.throttle().failed(peer);
         return html(StatusCode::UNAUTHORIZED, LOGIN);
     }
-    signed_in(&admin, &headers).await
+    signed_in(&admin, storage.as_ref(), addr, "sign-in form", &headers).await
 }
 
-async fn signed_in(admin: &AdminAuth, headers: &HeaderMap) -> Response {
+/// Keeps a sign-in or sign-out in the audit trail (logged if it cannot be).
+async fn audit_session(
+    storage: &dyn Storage,
+    actor: String,
+    addr: SocketAddr,
+    action: &str,
+    how: &str,
+) {
+    let entry = crate::storage::AuditEntry {
+        actor,
+        address: Some(addr.ip().to_string()),
+        action: action.to_owned(),
+        detail: json!({"by": how}),
+        count: None,
+    };
+    if let Err(e) = storage.record_audit(entry).await {
+        tracing::error!(error = %e, action, "could not record an admin action in the audit trail");
+    }
+}
+
+async fn signed_in(
+    admin: &AdminAuth,
+    storage: &dyn Storage,
+    addr: SocketAddr,
+    how: &str,
+    headers: &HeaderMap,
+) -> Response {
     match admin.start_session(headers).await {
-        Ok(cookie) => (
-            StatusCode::SEE_OTHER,
-            [
-                (header::LOCATION, "/".to_owned()),
-                (header::SET_COOKIE, cookie),
-                (header::CACHE_CONTROL, "no-store".to_owned()),
-            ],
-        )
-            .into_response(),
+        Ok(cookie) => {
+            // The new session's name, as its later actions will show it.
+            let mut with_cookie = HeaderMap::new();
+            if let Some(id) = cookie.split(';').next() {
+                if let Ok(v) = id.parse() {
+                    with_cookie.insert(header::COOKIE, v);
+                }
+            }
+            let actor = auth::actor(&with_cookie, &Credential::Cookie);
+            audit_session(storage, actor, addr, "login", how).await;
+            (
+                StatusCode::SEE_OTHER,
+                [
+                    (header::LOCATION, "/".to_owned()),
+                    (header::SET_COOKIE, cookie),
+                    (header::CACHE_CONTROL, "no-store".to_owned()),
+                ],
+            )
+                .into_response()
+        }
         Err(e) => {
             tracing::error!(error = %e, "admin session store unavailable");
             html(StatusCode::SERVICE_UNAVAILABLE, LOGIN)
@@ -205,9 +255,18 @@ async fn signed_in(admin: &AdminAuth, headers: &HeaderMap) -> Response {
 }
 
 /// Ends the session everywhere (it is deleted from storage) and clears the cookie.
-async fn logout(Extract(admin): Extract<Arc<AdminAuth>>, headers: HeaderMap) -> Response {
+async fn logout(
+    Extract(admin): Extract<Arc<AdminAuth>>,
+    Extract(storage): Extract<Arc<dyn Storage>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if auth::cross_site(&headers).is_some() {
         return html(StatusCode::FORBIDDEN, LOGIN);
+    }
+    if admin.check(&headers, Some(addr.ip())).await == Check::Valid(Credential::Cookie) {
+        let actor = auth::actor(&headers, &Credential::Cookie);
+        audit_session(storage.as_ref(), actor, addr, "logout", "sign-out").await;
     }
     if let Err(e) = admin.end_session(&headers).await {
         tracing::error!(error = %e, "admin session store unavailable");
@@ -239,14 +298,14 @@ pub async fn refuse_encoded_login(req: Request) -> Result<Request, Response> {
 
 async fn authorize(
     Extract(admin): Extract<Arc<AdminAuth>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let unauthorized = || {
         ApiError::unauthorized("Authorization: expected Bearer <admin token>")
             .with_challenge("Bearer realm=\"totango-destination admin\"")
     };
-    match admin.check(req.headers(), peer(&req)).await {
+    let credential = match admin.check(req.headers(), peer(&req)).await {
         Check::Missing | Check::Wrong => return Err(unauthorized()),
         Check::Locked(wait) => return Ok(too_many(wait)),
         Check::Unavailable => return Err(ApiError::unavailable("admin sessions unavailable")),
@@ -260,9 +319,16 @@ async fn authorize(
                     format!("refused: {why}"),
                 ));
             }
+            Credential::Cookie
         }
-        Check::Valid(_) => {}
-    }
+        Check::Valid(credential) => credential,
+    };
+    // Who acts, for the audit trail.
+    let actor = Actor {
+        who: auth::actor(req.headers(), &credential),
+        address: peer(&req).map(|ip| ip.to_string()),
+    };
+    req.extensions_mut().insert(actor);
     Ok(next.run(req).await)
 }
 
@@ -285,7 +351,7 @@ impl Filters {
             Some(s) => Some(State::parse(s).ok_or_else(|| {
                 ApiError::bad_request(
                     "outcome",
-                    format!("{s:?} is not one of pending, delivered, filtered, unsupported, duplicate, rejected, dead"),
+                    format!("{s:?} is not one of pending, delivered, filtered, unsupported, duplicate, rejected, dead, suppressed"),
                 )
             })?),
         };
@@ -409,6 +475,7 @@ async fn one(
 
 async fn replay_one(
     Extract(state): Extract<AdminState>,
+    axum::Extension(actor): axum::Extension<Actor>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = message_id(id)?;
@@ -434,14 +501,26 @@ async fn replay_one(
         ..Default::default()
     };
     let replayed = state.storage.replay(filter).await.map_err(storage_error)?;
+    actor
+        .record(
+            &state,
+            "replay",
+            json!({"id": id}),
+            Some(replayed.len() as u64),
+        )
+        .await;
     Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
 }
 
 async fn replay_matching(
     Extract(state): Extract<AdminState>,
+    axum::Extension(actor): axum::Extension<Actor>,
     q: Result<Query<Filters>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
+    let detail = json!({
+        "outcome": q.outcome, "messageId": q.message_id, "userId": q.user_id, "groupId": q.group_id,
+    });
     let filter = q.to_filter()?;
     if filter.state.is_some_and(|s| s != State::Dead) {
         return Err(ApiError::bad_request(
@@ -450,6 +529,9 @@ async fn replay_matching(
         ));
     }
     let replayed = state.storage.replay(filter).await.map_err(storage_error)?;
+    actor
+        .record(&state, "replay", detail, Some(replayed.len() as u64))
+        .await;
     Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
 }
 

@@ -5,6 +5,7 @@ mod auth;
 mod delivery;
 pub mod insights;
 mod limits;
+mod privacy;
 mod storage;
 
 pub use auth::{
@@ -16,6 +17,7 @@ use limits::{
     default_batch_body, default_inflight, default_prefix_v4, default_prefix_v6,
     default_uncredentialed_grace,
 };
+pub use privacy::PrivacyConfig;
 pub use storage::{StorageConfig, StorageUrl, parse_storage_url, redact_storage_url};
 
 use crate::mapping::{Settings, SettingsError, SettingsPatch};
@@ -44,6 +46,9 @@ pub struct Config {
     /// Account insights: Totango → Salesforce, and the widget.
     #[serde(default)]
     pub insights: insights::InsightsConfig,
+    /// User deletion and payload retention.
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
 }
 
 /// Shortest `admin.token` accepted.
@@ -110,6 +115,7 @@ impl Default for Config {
             },
             sources: Vec::new(),
             insights: Default::default(),
+            privacy: PrivacyConfig::default(),
         }
     }
 }

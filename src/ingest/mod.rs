@@ -174,9 +174,11 @@ impl IngestState {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("shutting down"));
         }
+        // Deletes are not stored: they erase, after the others are stored.
+        let erase: Vec<Option<String>> = prepared.iter().map(|p| p.erase.clone()).collect();
         let (queued, queued_bytes) = prepared
             .iter()
-            .filter(|p| p.new.state == State::Pending)
+            .filter(|p| p.new.state == State::Pending && p.erase.is_none())
             .fold((0u64, 0u64), |(n, b), p| {
                 let size = p.new.payload.len() + p.new.settings.len() + p.new.message_id.len();
                 (n + 1, b + size as u64)
@@ -192,12 +194,20 @@ impl IngestState {
                 )
                 .with_retry_after(crate::backpressure::RETRY_AFTER_SECS)
             })?;
-        let (batch, summaries): (Vec<NewMessage>, Vec<Summary>) =
+        let (batch, mut summaries): (Vec<NewMessage>, Vec<Summary>) =
             prepared.into_iter().map(|p| (p.new, p.summary)).unzip();
-        let accepted = self
-            .storage
-            .accept_with(batch, options)
-            .await
+        let batch: Vec<NewMessage> = batch
+            .into_iter()
+            .zip(&erase)
+            .filter(|(_, e)| e.is_none())
+            .map(|(m, _)| m)
+            .collect();
+        let stored = if batch.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.storage.accept_with(batch, options).await
+        };
+        let stored = stored
             .map_err(|e| match e {
                 // Only asked for by the webhook's first-element signature.
                 AcceptError::AlreadyStored(_) => ApiError::unauthorized(
@@ -214,9 +224,39 @@ impl IngestState {
                 }
             })?;
         admitted.stored();
+        // Each delete in order, durable before the answer.
+        let mut stored = stored.into_iter();
+        let mut accepted = Vec::with_capacity(summaries.len());
+        for (summary, erase) in summaries.iter_mut().zip(erase) {
+            let Some(user_id) = erase else {
+                accepted.push(stored.next().expect("one acceptance per stored message"));
+                continue;
+            };
+            let suppress = self.runtime.config.privacy.suppress_on_delete;
+            let reason = format!(
+                "delete message {:?} from source {}",
+                summary.message_id, interface
+            );
+            let erased = self
+                .storage
+                .erase_user(crate::storage::Erase {
+                    user_id,
+                    suppress,
+                    reason,
+                })
+                .await
+                .map_err(|e| ApiError::from(&e).with_retry_after(STORAGE_RETRY_AFTER_SECS))?;
+            metrics::counter!(telemetry::ERASURES).increment(1);
+            summary.erased = Some(erased);
+            // No row was stored for the delete itself.
+            accepted.push(Acceptance::Stored { id: 0 });
+        }
         metrics::counter!(telemetry::ACCEPTED, "interface" => interface)
             .increment(summaries.len() as u64);
         for (s, a) in summaries.iter().zip(&accepted) {
+            if s.erased.is_some() {
+                continue;
+            }
             match (a, s.state) {
                 (Acceptance::Duplicate { .. }, _) => {
                     telemetry::count_outcome(State::Duplicate.as_str())
@@ -314,6 +354,10 @@ fn body_timeout() -> ApiError {
 struct Prepared {
     new: NewMessage,
     summary: Summary,
+    /// A Segment `delete` of this user: nothing is stored of the message;
+    /// what storage holds of the user is erased once the request's other
+    /// messages are stored (docs/privacy.md).
+    erase: Option<String>,
 }
 
 /// What an answer says of a message (kept after the message went to storage).
@@ -325,10 +369,22 @@ struct Summary {
     code: Option<&'static str>,
     message: Option<String>,
     warnings: Vec<String>,
+    /// What a `delete` erased.
+    erased: Option<crate::storage::Erased>,
 }
 
 impl Summary {
     fn outcome_json(&self, acceptance: Acceptance) -> Value {
+        if let Some(erased) = self.erased {
+            return serde_json::json!({
+                "messageId": self.message_id,
+                "outcome": "erased",
+                "code": null,
+                "message": null,
+                "warnings": [],
+                "erased": erased,
+            });
+        }
         let (outcome, code, message) = match acceptance {
             Acceptance::Duplicate { .. } => ("duplicate", Some("duplicate"), None),
             Acceptance::Stored { .. } => (
@@ -461,6 +517,17 @@ fn prepare(
             ));
         }
     };
+    if msg.call == CallType::Delete {
+        return erasure(
+            &msg,
+            &value,
+            source,
+            &settings.service_id,
+            received_at,
+            invalid,
+            field,
+        );
+    }
     drop(value);
     let t = mapping::translate(&msg, &settings, None);
     // A page sets the user's latest page category for later track calls, even
@@ -516,7 +583,75 @@ fn prepare(
             code: t.code.map(Code::as_str),
             message: t.message,
             warnings: t.warnings,
+            erased: None,
         },
+        erase: None,
+    })
+}
+
+/// A Segment `delete`: the user to erase, or (without a userId) a refusal
+/// naming the field.
+fn erasure(
+    msg: &Message,
+    value: &Value,
+    source: &Source,
+    service_id: &str,
+    received_at: Millis,
+    invalid: Invalid,
+    field: &str,
+) -> Result<Prepared, ApiError> {
+    let Some(user) = msg.user_id.clone().filter(|u| !u.is_empty()) else {
+        let reason = format!("{field}userId: a delete needs the userId of the user to erase");
+        if invalid == Invalid::Refuse {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidField.as_str(),
+                reason,
+            ));
+        }
+        return Ok(rejected_item(
+            value,
+            Rejection {
+                code: Code::InvalidField.as_str(),
+                reason,
+            },
+            source,
+            service_id,
+            crate::storage::EMPTY_JSON.to_owned(),
+            crate::storage::EMPTY_JSON.to_owned(),
+            received_at,
+        ));
+    };
+    let message_id = msg.message_id.clone().unwrap_or_default();
+    Ok(Prepared {
+        new: NewMessage {
+            source: source.name.clone(),
+            message_id: message_id.clone(),
+            call: msg.call.as_str().to_owned(),
+            service_id: service_id.to_owned(),
+            user_id: None,
+            account_id: None,
+            ordering_key: None,
+            payload: crate::storage::EMPTY_JSON.to_owned(),
+            settings: crate::storage::EMPTY_JSON.to_owned(),
+            state: State::Suppressed,
+            code: None,
+            reason: None,
+            warnings: Vec::new(),
+            received_at,
+            set_page_category: None,
+            needs_page_category: false,
+        },
+        summary: Summary {
+            message_id,
+            state: State::Suppressed,
+            outcome: Outcome::Send,
+            code: None,
+            message: None,
+            warnings: Vec::new(),
+            erased: None,
+        },
+        erase: Some(user),
     })
 }
 
@@ -590,7 +725,9 @@ fn rejected_item(
             code: Some(why.code),
             message: Some(why.reason),
             warnings: Vec::new(),
+            erased: None,
         },
+        erase: None,
     }
 }
 
