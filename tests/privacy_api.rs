@@ -76,7 +76,7 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     let r = http
         .post(format!("{base}/v1/batch"))
         .header("content-type", "application/json")
-        .body((&json!({"batch": [identify("a-1", "alice"), identify("b-1", "bob")]})).to_string())
+        .body(json!({"batch": [identify("a-1", "alice"), identify("b-1", "bob")]}).to_string())
         .send()
         .await
         .unwrap();
@@ -85,7 +85,7 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     let r = http
         .post(format!("{base}/webhook"))
         .header("content-type", "application/json")
-        .body((&json!({"type": "delete", "messageId": "d-1", "userId": "alice"})).to_string())
+        .body(json!({"type": "delete", "messageId": "d-1", "userId": "alice"}).to_string())
         .send()
         .await
         .unwrap();
@@ -108,7 +108,7 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     let r = http
         .post(format!("{base}/v1/identify"))
         .header("content-type", "application/json")
-        .body((&identify("a-2", "alice")).to_string())
+        .body(identify("a-2", "alice").to_string())
         .send()
         .await
         .unwrap();
@@ -125,7 +125,7 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     // Bob's second message, sent after alice's, is delivered; alice's never.
     http.post(format!("{base}/v1/identify"))
         .header("content-type", "application/json")
-        .body((&identify("b-2", "bob")).to_string())
+        .body(identify("b-2", "bob").to_string())
         .send()
         .await
         .unwrap();
@@ -167,7 +167,7 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     assert_eq!(r.status(), 404);
     http.post(format!("{base}/v1/identify"))
         .header("content-type", "application/json")
-        .body((&identify("a-3", "alice")).to_string())
+        .body(identify("a-3", "alice").to_string())
         .send()
         .await
         .unwrap();
@@ -235,14 +235,14 @@ async fn the_partner_api_answers_a_delete_once_erased() {
     let base = server.base.clone();
     http.post(format!("{base}/segment"))
         .header("content-type", "application/json")
-        .body((&identify("a-1", "alice")).to_string())
+        .body(identify("a-1", "alice").to_string())
         .send()
         .await
         .unwrap();
     let r = http
         .post(format!("{base}/segment"))
         .header("content-type", "application/json")
-        .body((&json!({"type": "delete", "messageId": "d-1", "userId": "alice"})).to_string())
+        .body(json!({"type": "delete", "messageId": "d-1", "userId": "alice"}).to_string())
         .send()
         .await
         .unwrap();
@@ -253,7 +253,7 @@ async fn the_partner_api_answers_a_delete_once_erased() {
     let r = http
         .post(format!("{base}/segment"))
         .header("content-type", "application/json")
-        .body((&json!({"type": "delete", "messageId": "d-2"})).to_string())
+        .body(json!({"type": "delete", "messageId": "d-2"}).to_string())
         .send()
         .await
         .unwrap();
