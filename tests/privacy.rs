@@ -276,3 +276,103 @@ on_backends!(
     erasing_a_user_leaves_no_payload_and_suppresses_it,
     the_audit_trail_keeps_actions_newest_first,
 );
+
+/// Payloads are dropped by outcome after their payload retention: the row,
+/// its outcome and counts stay; a dead message without its payload is not
+/// replayed.
+async fn payloads_are_dropped_after_their_retention(b: Backend) {
+    let options = totango_destination::storage::StorageOptions {
+        prune_every_ms: 0,
+        payload_retention: totango_destination::storage::PayloadRetention {
+            delivered_ms: Some(100),
+            refused_ms: Some(100),
+            dead_ms: Some(100),
+        },
+        ..backends::options()
+    };
+    let Some(s) = b.open(options).await else {
+        return;
+    };
+    let mut rejected = message("r-1", "identify", "bob", false);
+    rejected.state = State::Rejected;
+    s.accept(vec![
+        message("d-1", "track", "bob", false),
+        message("x-1", "page", "bob", false),
+        rejected,
+    ])
+    .await
+    .unwrap();
+    let claimed = s.claim(10).await.unwrap().messages;
+    let reports = claimed
+        .iter()
+        .map(|m| Report {
+            id: m.id,
+            lease: m.lease,
+            requests: Some("[]".into()),
+            sent: 1,
+            attempted: true,
+            disposition: if m.payload.contains("\"track\"") {
+                Disposition::Delivered
+            } else {
+                Disposition::Dead {
+                    code: "rejected_by_totango".into(),
+                    reason: "400".into(),
+                }
+            },
+            last: None,
+            settings: None,
+        })
+        .collect();
+    s.report(reports).await.unwrap();
+    // Pruning runs with writes; within a few, every payload is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        n += 1;
+        let mut pending = message(&format!("p-{n}"), "track", "carol", false);
+        pending.ordering_key = None;
+        s.accept(vec![pending]).await.unwrap();
+        let kept: Vec<String> = s
+            .list(MessageFilter::default(), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.state != State::Pending && m.payload != json!({}))
+            .map(|m| m.message_id)
+            .collect();
+        if kept.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "payloads still kept: {kept:?}"
+        );
+    }
+    let all = s.list(MessageFilter::default(), 100).await.unwrap();
+    for id in ["d-1", "x-1", "r-1"] {
+        let m = all.iter().find(|m| m.message_id == id).expect("the row stays");
+        assert!(
+            m.warnings.iter().any(|w| w.contains("retention")),
+            "{id}: {:?}",
+            m.warnings
+        );
+        assert_eq!(m.user_id.as_deref(), Some("bob"), "counts and ids stay");
+    }
+    // The pending ones keep theirs; the dead one is not replayed any more.
+    assert!(all
+        .iter()
+        .filter(|m| m.state == State::Pending)
+        .all(|m| m.payload != json!({})));
+    let replayed = s
+        .replay(MessageFilter {
+            state: Some(State::Dead),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(replayed.is_empty(), "{replayed:?}");
+    s.close().await;
+}
+
+on_backends!(payloads_are_dropped_after_their_retention);
