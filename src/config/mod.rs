@@ -5,6 +5,7 @@ mod auth;
 mod delivery;
 pub mod insights;
 mod limits;
+mod privacy;
 mod storage;
 
 pub use auth::{
@@ -15,6 +16,9 @@ pub use limits::LimitsConfig;
 use limits::{
     default_batch_body, default_inflight, default_prefix_v4, default_prefix_v6,
     default_uncredentialed_grace,
+};
+pub use privacy::{
+    FiltersConfig, MIN_HMAC_SECRET_CHARS, PiiRuleConfig, PrivacyConfig, SourceRulesConfig,
 };
 pub use storage::{StorageConfig, StorageUrl, parse_storage_url, redact_storage_url};
 
@@ -44,6 +48,9 @@ pub struct Config {
     /// Account insights: Totango → Salesforce, and the widget.
     #[serde(default)]
     pub insights: insights::InsightsConfig,
+    /// Event filters, PII rules and their HMAC secret (docs/privacy.md).
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
 }
 
 /// Shortest `admin.token` accepted.
@@ -110,6 +117,7 @@ impl Default for Config {
             },
             sources: Vec::new(),
             insights: Default::default(),
+            privacy: Default::default(),
         }
     }
 }
@@ -144,6 +152,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The source named `name` (`default`: `auth.write_keys` and open mode).
+    pub fn source_named(&self, name: &str) -> Option<&Source> {
+        if name == self.default_source.name {
+            return Some(&self.default_source);
+        }
+        self.sources.values().find(|s| s.name == name)
+    }
+
     /// The settings of the source named `name` (as configured now) with a
     /// request's own overrides applied. Unknown names get the defaults.
     pub fn settings_for(
