@@ -407,9 +407,21 @@ mod tests {
                 "TD_PRIVACY__PII",
                 r#"[{path="traits.email",action="hash"}]"#,
             );
+            jail.set_env("TD_SOURCES", r#"[{name="web",write_key="k-web"}]"#);
+            jail.set_env("TD_PRIVACY__SOURCES__WEB__FILTERS__DENY_CALLS", "page");
             let c = Config::load(Some(Path::new("td.toml"))).unwrap();
             assert_eq!(c.privacy.pii.len(), 1);
             assert_eq!(c.privacy.pii[0].action, "hash");
+            let rt = c.validate().unwrap();
+            let web = &rt.sources.find("k-web").unwrap().rules;
+            assert!(web.filters.check(CallType::Page, None).is_err());
+            assert!(
+                rt.default_source
+                    .rules
+                    .filters
+                    .check(CallType::Page, None)
+                    .is_ok()
+            );
             Ok(())
         });
     }
