@@ -169,10 +169,13 @@ fn on_pg(admin: &str, statement: String) {
 // A fake Totango whose answer can change, recording every query
 // ---------------------------------------------------------------------------
 
+/// The query parameters of one request to Totango.
+type Params = BTreeMap<String, String>;
+
 #[derive(Clone)]
 struct Fake {
     status: Arc<AtomicU16>,
-    log: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    log: Arc<Mutex<Vec<Params>>>,
 }
 
 impl Respond for Fake {
@@ -197,11 +200,8 @@ impl Fake {
         (fake, server)
     }
 
-    fn requests(&self) -> Vec<BTreeMap<String, String>> {
-        let log = self.log.lock().unwrap();
-        log.iter()
-            .map(|params| params.iter().cloned().collect())
-            .collect()
+    fn requests(&self) -> Vec<Params> {
+        self.log.lock().unwrap().clone()
     }
 }
 
@@ -843,12 +843,8 @@ fn run_bin(args: &[&str], dir: &Path, stdin: &str) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // A command that fails before reading stdin closes it: not an error here.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
