@@ -10,7 +10,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["secret", "telemetry"],
     &["segment"],
-    &["mapping"],
+    &["mapping", "rules"],
     &["config"],
     &["storage"],
     &["budget", "backpressure", "delivery"],

@@ -351,7 +351,10 @@ async fn payloads_are_dropped_after_their_retention(b: Backend) {
     }
     let all = s.list(MessageFilter::default(), 100).await.unwrap();
     for id in ["d-1", "x-1", "r-1"] {
-        let m = all.iter().find(|m| m.message_id == id).expect("the row stays");
+        let m = all
+            .iter()
+            .find(|m| m.message_id == id)
+            .expect("the row stays");
         assert!(
             m.warnings.iter().any(|w| w.contains("retention")),
             "{id}: {:?}",
@@ -360,10 +363,11 @@ async fn payloads_are_dropped_after_their_retention(b: Backend) {
         assert_eq!(m.user_id.as_deref(), Some("bob"), "counts and ids stay");
     }
     // The pending ones keep theirs; the dead one is not replayed any more.
-    assert!(all
-        .iter()
-        .filter(|m| m.state == State::Pending)
-        .all(|m| m.payload != json!({})));
+    assert!(
+        all.iter()
+            .filter(|m| m.state == State::Pending)
+            .all(|m| m.payload != json!({}))
+    );
     let replayed = s
         .replay(MessageFilter {
             state: Some(State::Dead),

@@ -4,7 +4,7 @@
 mod insights;
 
 use crate::config::{Config, Runtime, StorageUrl};
-use crate::mapping::{SettingsPatch, translate_value};
+use crate::mapping::{Code, Outcome, SettingsPatch, Translation, translate_value};
 use crate::storage::SqliteStorage;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -58,6 +58,14 @@ enum Command {
         /// e.g. '{"service_id":"SP-1234-01"}'.
         #[arg(long)]
         settings: Option<String>,
+        /// Also apply a configuration: its Totango settings (under --settings)
+        /// and the privacy rules (filters, PII) of the source --source names.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// With --config: the source whose settings and rules apply
+        /// (`default`: auth.write_keys and open mode; or a [[sources]] name).
+        #[arg(long, requires = "config", default_value = "default")]
+        source: String,
     },
     /// Account insights: sync Totango insights to Salesforce, sign widget links.
     Insights {
@@ -70,7 +78,11 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Translate { settings } => translate(settings.as_deref()),
+        Command::Translate {
+            settings,
+            config,
+            source,
+        } => translate(settings.as_deref(), config.as_deref(), &source),
         Command::Serve { config, listen } => serve(config.as_deref(), listen),
         Command::Migrate { config } => migrate(config.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
@@ -86,7 +98,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn translate(settings: Option<&str>) -> anyhow::Result<ExitCode> {
+fn translate(
+    settings: Option<&str>,
+    config: Option<&Path>,
+    source: &str,
+) -> anyhow::Result<ExitCode> {
     let patch = match settings {
         None => SettingsPatch::default(),
         Some(text) => {
@@ -95,12 +111,22 @@ fn translate(settings: Option<&str>) -> anyhow::Result<ExitCode> {
             SettingsPatch::from_json(&v).context("--settings")?
         }
     };
-    let settings = patch.resolve().context("--settings")?;
+    let runtime = config.map(|path| load(Some(path), None)).transpose()?;
+    let source = match &runtime {
+        None => None,
+        Some(runtime) => Some(runtime.source_named(source).with_context(|| {
+            format!("--source: no source is named {source:?} in the configuration")
+        })?),
+    };
+    let settings = match source {
+        None => patch.resolve().context("--settings")?,
+        Some(s) => s.settings.merged(&patch).resolve().context("settings")?,
+    };
     let mut input = Vec::new();
     std::io::stdin()
         .read_to_end(&mut input)
         .context("reading stdin")?;
-    let message: serde_json::Value = match serde_json::from_slice(&input) {
+    let mut message: serde_json::Value = match serde_json::from_slice(&input) {
         Ok(v @ serde_json::Value::Object(_)) => v,
         Ok(_) => {
             eprintln!("error: stdin must hold one JSON object (a Segment message)");
@@ -111,7 +137,18 @@ fn translate(settings: Option<&str>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let mut translation = translate_value(&message, &settings, None);
+    // As ingest does: the PII rules rewrite the message, then the filters.
+    let denied = source.and_then(|s| s.rules.apply(&mut message).err());
+    let mut translation = match denied {
+        Some(denied) => Translation {
+            outcome: Outcome::Filtered,
+            code: Some(Code::FilteredByRule),
+            message: Some(denied.reason),
+            warnings: Vec::new(),
+            requests: Vec::new(),
+        },
+        None => translate_value(&message, &settings, None),
+    };
     translation.warnings.extend(settings.warnings());
     println!("{}", translation.to_json(settings.base_url()));
     Ok(ExitCode::SUCCESS)

@@ -91,6 +91,7 @@ pub(super) fn sources(config: &Config) -> Result<(Sources, Source), ConfigError>
             &a.allowed_calls,
             a.client_requests_per_minute,
         )?,
+        rules: super::privacy::rules_for(&config.privacy, "default")?,
     };
     if !a.allowed_origins.is_empty() && a.write_keys.is_empty() {
         // Open mode keeps refusing every cross-site browser request.
@@ -151,6 +152,7 @@ pub(super) fn sources(config: &Config) -> Result<(Sources, Source), ConfigError>
                 name: s.name.clone(),
                 settings: merged,
                 access,
+                rules: super::privacy::rules_for(&config.privacy, &s.name)?,
             },
         );
         if !fresh {
@@ -160,6 +162,8 @@ pub(super) fn sources(config: &Config) -> Result<(Sources, Source), ConfigError>
             ));
         }
     }
+    let names: Vec<&str> = names.into_iter().collect();
+    super::privacy::check(&config.privacy, &names)?;
     Ok((sources, default_source))
 }
 
@@ -222,6 +226,8 @@ pub struct Source {
     pub name: String,
     pub settings: SettingsPatch,
     pub access: Access,
+    /// Event filters and PII rules (`[privacy]`), applied before storage.
+    pub rules: std::sync::Arc<crate::rules::Rules>,
 }
 
 /// What a key may do beyond server-to-server sending: browser origins, the
@@ -407,7 +413,7 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> 
 }
 
 /// A string (comma-separated) or a list → list of strings.
-fn comma_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+pub(super) fn comma_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {

@@ -17,7 +17,9 @@ use limits::{
     default_batch_body, default_inflight, default_prefix_v4, default_prefix_v6,
     default_uncredentialed_grace,
 };
-pub use privacy::PrivacyConfig;
+pub use privacy::{
+    FiltersConfig, MIN_HMAC_SECRET_CHARS, PiiRuleConfig, PrivacyConfig, SourceRulesConfig,
+};
 pub use storage::{StorageConfig, StorageUrl, parse_storage_url, redact_storage_url};
 
 use crate::mapping::{Settings, SettingsError, SettingsPatch};
@@ -46,7 +48,8 @@ pub struct Config {
     /// Account insights: Totango → Salesforce, and the widget.
     #[serde(default)]
     pub insights: insights::InsightsConfig,
-    /// User deletion and payload retention.
+    /// User deletion, payload retention, event filters, PII rules and
+    /// their HMAC secret (docs/privacy.md).
     #[serde(default)]
     pub privacy: PrivacyConfig,
 }
@@ -150,6 +153,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The source named `name` (`default`: `auth.write_keys` and open mode).
+    pub fn source_named(&self, name: &str) -> Option<&Source> {
+        if name == self.default_source.name {
+            return Some(&self.default_source);
+        }
+        self.sources.values().find(|s| s.name == name)
+    }
+
     /// The settings of the source named `name` (as configured now) with a
     /// request's own overrides applied. Unknown names get the defaults.
     pub fn settings_for(

@@ -455,6 +455,26 @@ fn prepare(
     if header_settings.is_some_and(|h| h.service_id.is_some()) {
         warn_once(&settings);
     }
+    // Privacy rules come first: what they drop or hash never reaches the
+    // stored payload, and a message they filter is kept without one.
+    let mut value = value;
+    if let Err(denied) = source.rules.apply(&mut value) {
+        let payload = "{}".to_owned();
+        limits.count(payload.len(), field)?;
+        return Ok(refused_item(
+            &value,
+            Refusal {
+                outcome: Outcome::Filtered,
+                code: Code::FilteredByRule.as_str(),
+                reason: denied.reason,
+            },
+            source,
+            &settings.service_id,
+            payload,
+            overrides.without_token().to_stored_json(),
+            received_at,
+        ));
+    }
     let payload = value.to_string();
     if let Some(e) = limits.too_large(payload.len(), field) {
         if invalid == Invalid::Refuse {
@@ -463,9 +483,10 @@ fn prepare(
         // Kept as a bounded summary: the message is what was too large.
         let kept = too_large_payload(&value, &payload);
         limits.count(kept.len(), field)?;
-        return Ok(rejected_item(
+        return Ok(refused_item(
             &value,
-            Rejection {
+            Refusal {
+                outcome: Outcome::Rejected,
                 code: "message_too_large",
                 reason: e.message,
             },
@@ -490,9 +511,10 @@ fn prepare(
         }
         (Ok(msg), Invalid::RejectItem) if !source.access.allows_call(msg.call) => {
             let e = browser::call_not_allowed(field, msg.call);
-            return Ok(rejected_item(
+            return Ok(refused_item(
                 &value,
-                Rejection {
+                Refusal {
+                    outcome: Outcome::Rejected,
                     code: e.code,
                     reason: e.message,
                 },
@@ -506,9 +528,9 @@ fn prepare(
         (Ok(msg), _) => msg,
         (Err(e), Invalid::Refuse) => return Err(ApiError::invalid_message(field, &e)),
         (Err(e), Invalid::RejectItem) => {
-            return Ok(rejected_item(
+            return Ok(refused_item(
                 &value,
-                Rejection::invalid(&e, field),
+                Refusal::invalid(&e, field),
                 source,
                 &settings.service_id,
                 payload,
@@ -609,9 +631,10 @@ fn erasure(
                 reason,
             ));
         }
-        return Ok(rejected_item(
+        return Ok(refused_item(
             value,
-            Rejection {
+            Refusal {
+                outcome: Outcome::Rejected,
                 code: Code::InvalidField.as_str(),
                 reason,
             },
@@ -655,32 +678,36 @@ fn erasure(
     })
 }
 
-/// Why a batch item is stored as `rejected` on its own.
-struct Rejection {
+/// Why a message is stored as `rejected` (a batch item on its own) or
+/// `filtered` (by a privacy rule).
+struct Refusal {
+    outcome: Outcome,
     code: &'static str,
     reason: String,
 }
 
-impl Rejection {
+impl Refusal {
     /// Not valid Segment; the reason names the field.
-    fn invalid(e: &ParseError, field: &str) -> Rejection {
+    fn invalid(e: &ParseError, field: &str) -> Refusal {
         let code = match e {
             ParseError::NotAnObject => Code::InvalidMessage,
             ParseError::MissingType => Code::MissingType,
             ParseError::UnknownType(_) => Code::UnknownType,
             ParseError::InvalidField { .. } => Code::InvalidField,
         };
-        Rejection {
+        Refusal {
+            outcome: Outcome::Rejected,
             code: code.as_str(),
             reason: format!("{field}{e}"),
         }
     }
 }
 
-/// A batch item kept as `rejected`, with `payload` as it is to be stored.
-fn rejected_item(
+/// A message kept as `rejected` (a batch item on its own) or `filtered`
+/// (by a privacy rule), with `payload` as it is to be stored.
+fn refused_item(
     value: &Value,
-    why: Rejection,
+    why: Refusal,
     source: &Source,
     service_id: &str,
     payload: String,
@@ -699,6 +726,11 @@ fn rejected_item(
         .filter(|t| !t.is_empty() && t.len() <= 32)
         .unwrap_or("unknown")
         .to_owned();
+    let outcome = why.outcome;
+    let state = match outcome {
+        Outcome::Filtered => State::Filtered,
+        _ => State::Rejected,
+    };
     Prepared {
         new: NewMessage {
             source: source.name.clone(),
@@ -712,7 +744,7 @@ fn rejected_item(
             settings,
             set_page_category: None,
             needs_page_category: false,
-            state: State::Rejected,
+            state,
             code: Some(why.code.to_owned()),
             reason: Some(why.reason.clone()),
             warnings: Vec::new(),
@@ -720,8 +752,8 @@ fn rejected_item(
         },
         summary: Summary {
             message_id,
-            state: State::Rejected,
-            outcome: Outcome::Rejected,
+            state,
+            outcome,
             code: Some(why.code),
             message: Some(why.reason),
             warnings: Vec::new(),

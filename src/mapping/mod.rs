@@ -52,6 +52,8 @@ pub enum Code {
     MissingType,
     UnknownType,
     InvalidMessage,
+    /// A filter of the source's privacy rules keeps the message out.
+    FilteredByRule,
 }
 
 impl Code {
@@ -68,6 +70,7 @@ impl Code {
             Code::MissingType => "missing_type",
             Code::UnknownType => "unknown_type",
             Code::InvalidMessage => "invalid_message",
+            Code::FilteredByRule => "filtered_by_rule",
         }
     }
 }
