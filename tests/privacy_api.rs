@@ -229,7 +229,15 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
 #[tokio::test]
 async fn the_partner_api_answers_a_delete_once_erased() {
     let place = common::place();
-    let c = common::config(&place, "http://127.0.0.1:9");
+    let mut c = common::config(&place, "http://127.0.0.1:9");
+    // Suppression on delete for this source only (open mode: "default").
+    c.privacy.sources.insert(
+        "default".into(),
+        totango_destination::config::SourceRulesConfig {
+            suppress_on_delete: Some(true),
+            ..Default::default()
+        },
+    );
     let server = common::TestServer::start(c).await;
     let http = reqwest::Client::new();
     let base = server.base.clone();
@@ -250,6 +258,9 @@ async fn the_partner_api_answers_a_delete_once_erased() {
     let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     assert_eq!(body["outcome"], "erased", "{body}");
     assert_eq!(body["erased"]["messages"], 1, "{body}");
+    let suppressed = server.storage.suppressions().await.unwrap();
+    assert_eq!(suppressed.len(), 1, "the source suppresses on delete");
+    assert_eq!(suppressed[0].user_id, "alice");
     let r = http
         .post(format!("{base}/segment"))
         .header("content-type", "application/json")

@@ -82,6 +82,9 @@ impl Default for PrivacyConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceRulesConfig {
+    /// This source's own `privacy.suppress_on_delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppress_on_delete: Option<bool>,
     #[serde(default)]
     pub filters: FiltersConfig,
     #[serde(default, deserialize_with = "pii_rules")]
@@ -185,10 +188,16 @@ pub(super) fn rules_for(privacy: &PrivacyConfig, name: &str) -> Result<Arc<Rules
         }
         (Some(_), Some(key)) => Some(key.clone()),
     };
+    let suppress_on_delete = privacy
+        .sources
+        .get(name)
+        .and_then(|own| own.suppress_on_delete)
+        .unwrap_or(privacy.suppress_on_delete);
     Ok(Arc::new(Rules {
         filters,
         pii,
         hmac_key,
+        suppress_on_delete,
     }))
 }
 

@@ -175,7 +175,7 @@ impl IngestState {
             return Err(ApiError::unavailable("shutting down"));
         }
         // Deletes are not stored: they erase, after the others are stored.
-        let erase: Vec<Option<String>> = prepared.iter().map(|p| p.erase.clone()).collect();
+        let erase: Vec<Option<(String, bool)>> = prepared.iter().map(|p| p.erase.clone()).collect();
         let (queued, queued_bytes) = prepared
             .iter()
             .filter(|p| p.new.state == State::Pending && p.erase.is_none())
@@ -228,11 +228,10 @@ impl IngestState {
         let mut stored = stored.into_iter();
         let mut accepted = Vec::with_capacity(summaries.len());
         for (summary, erase) in summaries.iter_mut().zip(erase) {
-            let Some(user_id) = erase else {
+            let Some((user_id, suppress)) = erase else {
                 accepted.push(stored.next().expect("one acceptance per stored message"));
                 continue;
             };
-            let suppress = self.runtime.config.privacy.suppress_on_delete;
             let reason = format!(
                 "delete message {:?} from source {}",
                 summary.message_id, interface
@@ -354,10 +353,10 @@ fn body_timeout() -> ApiError {
 struct Prepared {
     new: NewMessage,
     summary: Summary,
-    /// A Segment `delete` of this user: nothing is stored of the message;
-    /// what storage holds of the user is erased once the request's other
-    /// messages are stored (docs/privacy.md).
-    erase: Option<String>,
+    /// A Segment `delete` of this user (and whether to suppress it):
+    /// nothing is stored of the message; what storage holds of the user is
+    /// erased once the request's other messages are stored (docs/privacy.md).
+    erase: Option<(String, bool)>,
 }
 
 /// What an answer says of a message (kept after the message went to storage).
@@ -674,7 +673,7 @@ fn erasure(
             warnings: Vec::new(),
             erased: None,
         },
-        erase: Some(user),
+        erase: Some((user, source.rules.suppress_on_delete)),
     })
 }
 

@@ -23,6 +23,9 @@ pub struct Rules {
     /// The HMAC key of `hash` rules (`privacy.hmac_secret`); set whenever a
     /// rule hashes.
     pub hmac_key: Option<Secret>,
+    /// A `delete` from this source also suppresses the user
+    /// (`privacy.suppress_on_delete`, or the source's own).
+    pub suppress_on_delete: bool,
 }
 
 /// A message the filters keep out: the setting of the rule and why.
