@@ -191,6 +191,11 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     let erased: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     // a-2 (suppressed) and a-3 (delivered); a-1 no longer names alice.
     assert_eq!(erased["erased"]["messages"], 2, "{erased}");
+    // A bulk replay (nothing dead: 0 replayed) is an action too.
+    let r = admin(http.post(format!("{base}/api/replay?outcome=dead")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // The audit trail has every change, newest first, by the token.
     let audit: Value = admin(http.get(format!("{base}/api/audit")))
         .await
@@ -205,17 +210,71 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
         .iter()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["erase", "suppress", "unsuppress"], "{audit}");
+    assert_eq!(
+        actions,
+        ["replay", "erase", "suppress", "unsuppress"],
+        "{audit}"
+    );
     assert!(
         audit["entries"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|e| e["actor"] == "token")
+            .all(|e| e["actor"] == "token" && e["address"] == "127.0.0.1")
     );
-    assert_eq!(audit["entries"][0]["count"], erased["erased"]["messages"]);
+    assert_eq!(audit["entries"][0]["count"], 0);
+    assert_eq!(audit["entries"][0]["detail"]["outcome"], "dead");
+    assert_eq!(audit["entries"][1]["count"], erased["erased"]["messages"]);
     // The audit trail does not name the erased user.
-    assert!(!audit["entries"][0]["detail"].to_string().contains("alice"));
+    assert!(!audit["entries"][1]["detail"].to_string().contains("alice"));
+    // A sign-in by the form and a sign-out: kept under the session's name.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = browser
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("origin", base.as_str())
+        .body(format!("token={TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = browser
+        .post(format!("{base}/logout"))
+        .header("cookie", &cookie)
+        .header("origin", base.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let audit: Value = admin(http.get(format!("{base}/api/audit?limit=2")))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries[0]["action"], "logout", "{audit}");
+    assert_eq!(entries[1]["action"], "login", "{audit}");
+    let who = entries[0]["actor"].as_str().unwrap();
+    assert!(
+        who.starts_with("session:") && who.len() == "session:".len() + 12,
+        "{who}"
+    );
+    assert_eq!(
+        entries[1]["actor"], entries[0]["actor"],
+        "one session's name"
+    );
     // No route changes the trail.
     let r = admin(http.delete(format!("{base}/api/audit")))
         .await
