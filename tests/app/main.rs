@@ -1,0 +1,18 @@
+//! The app from the outside: over HTTP, in this process ([`support::TestApp`])
+//! or as the real binary ([`support::binary`]), against a fake Totango.
+//! `TEST_BACKEND=postgres` runs `server`, `delivery`, `hostile` and
+//! `transport` on PostgreSQL (see .ci/run).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod admin;
+mod browser;
+mod cli;
+mod delivery;
+mod hostile;
+mod insights;
+mod replicas;
+mod segment_clients;
+mod server;
+mod transport;
