@@ -6,10 +6,10 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-mod common;
+mod support;
 
-use common::TestServer;
 use serde_json::json;
+use support::TestApp;
 
 struct Counting;
 
@@ -54,8 +54,8 @@ fn amplifying_batch(context_bytes: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batch_context_amplification_stays_bounded() {
-    let dir = common::place();
-    let srv = TestServer::start(common::config(&dir, "http://127.0.0.1:9")).await;
+    let dir = support::place();
+    let srv = TestApp::start(support::config(&dir, "http://127.0.0.1:9")).await;
     let http = reqwest::Client::new();
     // Two shapes: a context larger than a message (each merged item is over
     // the limit) and a 30 KB context (each item fits, the request does not).

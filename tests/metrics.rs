@@ -1,11 +1,10 @@
 //! `/metrics`: Prometheus text with accepted and outcome counters, delivery
 //! attempts by status class, queue gauges and latency histograms.
 
-mod common;
+mod support;
 
-use common::TestServer;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use support::TestApp;
+use support::totango::FakeTotango;
 
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
@@ -15,14 +14,9 @@ fn value(text: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
-    let fake = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/pixel.gif/"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&fake)
-        .await;
-    let dir = common::place();
-    let srv = TestServer::start(common::config(&dir, &fake.uri())).await;
+    let fake = FakeTotango::ok().await;
+    let dir = support::place();
+    let srv = TestApp::start(support::config(&dir, &fake.uri())).await;
     let base = srv.base.clone();
 
     let http = reqwest::Client::new();
@@ -47,8 +41,8 @@ async fn metrics_count_what_happened() {
         200
     );
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let text = loop {
+    let every = std::time::Duration::from_millis(20);
+    let text = support::wait::until(std::time::Duration::from_secs(10), every, async || {
         let text = http
             .get(format!("{base}/metrics"))
             .send()
@@ -57,13 +51,14 @@ async fn metrics_count_what_happened() {
             .text()
             .await
             .unwrap();
-        if text.contains("td_messages_total{outcome=\"delivered\"}")
-            || std::time::Instant::now() > deadline
-        {
-            break text;
+        if text.contains("td_messages_total{outcome=\"delivered\"}") {
+            Ok(text)
+        } else {
+            Err(text)
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    })
+    .await
+    .unwrap_or_else(|text| text);
     assert_eq!(
         value(&text, "td_messages_accepted_total{interface=\"tracking\"}"),
         2.0
