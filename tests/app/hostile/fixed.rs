@@ -180,8 +180,8 @@ pub(super) fn later_fixed() -> Vec<(&'static str, Case, Check)> {
             },
         ));
     }
-    // Issue 7.2: Segment's delete call is unsupported: 200 on the Tracking
-    // API and /webhook, 501 on /segment.
+    // Issue 7.2, as issue 18 changed it: Segment's delete call erases its
+    // user and answers 200 everywhere (outcome `erased`), once durable.
     let delete =
         json!({"type":"delete","messageId":"delete-1","userId":"u-del","context":{"groupId":"g"}});
     out.push((
@@ -205,8 +205,8 @@ pub(super) fn later_fixed() -> Vec<(&'static str, Case, Check)> {
         )
         .expect(any_of(&[200])),
         |a| match a.json() {
-            Some(v) if v["outcomes"][0]["outcome"] == "unsupported" => Ok(()),
-            other => Err(format!("expected outcome unsupported: {other:?}")),
+            Some(v) if v["outcomes"][0]["outcome"] == "erased" => Ok(()),
+            other => Err(format!("expected outcome erased: {other:?}")),
         },
     ));
     let mut d3 = delete.clone();
@@ -218,8 +218,11 @@ pub(super) fn later_fixed() -> Vec<(&'static str, Case, Check)> {
             "/segment",
             d3.to_string().as_bytes(),
         )
-        .expect(error(501, "unsupported_call")),
-        none,
+        .expect(any_of(&[200])),
+        |a| match a.json() {
+            Some(v) if v["outcome"] == "erased" => Ok(()),
+            other => Err(format!("expected outcome erased: {other:?}")),
+        },
     ));
     out
 }
@@ -306,7 +309,7 @@ async fn one_bad_item_does_not_cost_the_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 
-async fn segment_delete_calls_are_unsupported() {
+async fn segment_delete_calls_erase_their_user() {
     strictly("7.2").await;
 }
 
