@@ -323,13 +323,15 @@ async fn a_bad_batch_item_is_rejected_alone_and_the_rest_delivered() {
     srv.wait_for(10, State::Delivered).await;
     assert_eq!(srv.get(11).await.state, State::Rejected);
 
-    // delete is unsupported: 200 on the Tracking API and /webhook, 501 on /segment.
+    // delete erases its user (issue 18): 200 on /webhook and /segment, with
+    // outcome `erased`; the Tracking API has no path of its own for it.
     let del = json!({"type": "delete", "userId": "u3", "context": {"groupId": "acme"}});
     let r = srv.post("/webhook", Some(KEY), &del).await;
     assert_success(&r);
-    assert_eq!(r.json["outcomes"][0]["outcome"], "unsupported", "{r:#?}");
+    assert_eq!(r.json["outcomes"][0]["outcome"], "erased", "{r:#?}");
     let r = srv.post("/segment", Some(KEY), &del).await;
-    assert_eq!(r.status, 501, "{r:#?}");
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert_eq!(r.json["outcome"], "erased", "{r:#?}");
     let r = srv.post("/v1/delete", Some(KEY), &del).await;
     assert_eq!(r.status, 404, "{r:#?}");
     srv.stop().await;
