@@ -32,9 +32,20 @@ fn source(name: &str, key: &str, mode: Option<LimitMode>) -> SourceConfig {
 }
 
 async fn post(app: &TestApp, key: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
+    post_with(app, key, body, None).await
+}
+
+/// With `header` as X-Segment-Settings (base64 JSON) when given.
+async fn post_with(app: &TestApp, key: &str, body: &Value, header: Option<Value>) -> (u16, Value) {
+    use base64::Engine;
+    let mut req = reqwest::Client::new()
         .post(app.url("/segment"))
-        .basic_auth(key, Some(""))
+        .basic_auth(key, Some(""));
+    if let Some(h) = header {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(h.to_string());
+        req = req.header("X-Segment-Settings", encoded);
+    }
+    let r = req
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
@@ -126,6 +137,18 @@ async fn limits_warn_truncate_or_reject_per_source() {
     let message = answer["message"].as_str().unwrap();
     assert!(message.starts_with("sdr_odn:"), "{message}");
 
+    // A request cannot loosen the operator's choice: the header's
+    // onLimitBreach is ignored like other settings Segment may send.
+    let (status, answer) = post_with(
+        &app,
+        REJECT_KEY,
+        &group("lim-4", "acct-strict", json!({"Contract Value": "$1,000"})),
+        Some(json!({"onLimitBreach": "warn", "on_limit_breach": "warn"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["code"], "limit_number", "{answer}");
+
     // A duplicate is not counted again.
     let (status, answer) = post(
         &app,
@@ -171,6 +194,6 @@ async fn limits_warn_truncate_or_reject_per_source() {
 
     // Counted once per breach at acceptance, whatever the mode.
     assert_eq!(breaches(&app, "account_name").await - names_before, 3);
-    assert_eq!(breaches(&app, "number").await - numbers_before, 3);
+    assert_eq!(breaches(&app, "number").await - numbers_before, 4);
     app.stop().await;
 }
