@@ -26,6 +26,9 @@ pub const REFUSED_BYTES: &str = "td_refused_stored_bytes";
 pub const REFUSED_CONNECTIONS: &str = "td_connections_refused_total";
 /// The adaptive limit of requests to Totango in flight.
 pub const CONCURRENCY_LIMIT: &str = "td_delivery_concurrency_limit";
+/// Breaches of Totango's documented limits found at ingest, by rule
+/// (`account_text`, `user_text`, `account_name`, `number`, `date`, `account_id`).
+pub const LIMIT_BREACHES: &str = "td_totango_limit_breaches_total";
 /// Mean round-trip time of requests to Totango over the last window.
 pub const DELIVERY_RTT: &str = "td_delivery_rtt_seconds";
 
@@ -45,6 +48,10 @@ pub fn metrics() -> &'static PrometheusHandle {
             metrics::describe_counter!(ACCEPTED, "Messages accepted, by interface");
             metrics::describe_counter!(ERASURES, "Users erased (Segment delete, admin API)");
             metrics::describe_counter!(OUTCOMES, "Messages by final outcome");
+            metrics::describe_counter!(
+                LIMIT_BREACHES,
+                "Breaches of Totango's documented limits found at ingest, by rule"
+            );
             metrics::describe_counter!(ATTEMPTS, "Requests sent to Totango, by status class");
             metrics::describe_counter!(
                 STALE_REPORTS,
@@ -77,6 +84,11 @@ pub fn metrics() -> &'static PrometheusHandle {
 /// Counts one message reaching a final outcome.
 pub fn count_outcome(outcome: &'static str) {
     metrics::counter!(OUTCOMES, "outcome" => outcome).increment(1);
+}
+
+/// Counts one breach of Totango's limits (`rule` is a fixed rule name).
+pub fn count_limit_breach(rule: &'static str) {
+    metrics::counter!(LIMIT_BREACHES, "rule" => rule).increment(1);
 }
 
 /// Installs the global subscriber; later calls do nothing.

@@ -146,6 +146,7 @@ fn translate(
             message: Some(denied.reason),
             warnings: Vec::new(),
             requests: Vec::new(),
+            breaches: Vec::new(),
         },
         None => translate_value(&message, &settings, None),
     };

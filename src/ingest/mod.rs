@@ -256,6 +256,11 @@ impl IngestState {
             if s.erased.is_some() {
                 continue;
             }
+            if !matches!(a, Acceptance::Duplicate { .. }) {
+                for rule in &s.breaches {
+                    telemetry::count_limit_breach(rule.as_str());
+                }
+            }
             match (a, s.state) {
                 (Acceptance::Duplicate { .. }, _) => {
                     telemetry::count_outcome(State::Duplicate.as_str())
@@ -368,6 +373,8 @@ struct Summary {
     code: Option<&'static str>,
     message: Option<String>,
     warnings: Vec<String>,
+    /// Breaches of Totango's limits, counted once the message is accepted.
+    breaches: Vec<mapping::LimitRule>,
     /// What a `delete` erased.
     erased: Option<crate::storage::Erased>,
 }
@@ -604,6 +611,7 @@ fn prepare(
             code: t.code.map(Code::as_str),
             message: t.message,
             warnings: t.warnings,
+            breaches: t.breaches,
             erased: None,
         },
         erase: None,
@@ -671,6 +679,7 @@ fn erasure(
             code: None,
             message: None,
             warnings: Vec::new(),
+            breaches: Vec::new(),
             erased: None,
         },
         erase: Some((user, source.rules.suppress_on_delete)),
@@ -756,6 +765,7 @@ fn refused_item(
             code: Some(why.code),
             message: Some(why.reason),
             warnings: Vec::new(),
+            breaches: Vec::new(),
             erased: None,
         },
         erase: None,

@@ -3,9 +3,11 @@
 //!
 //! No I/O and no hidden state: the server supplies the remembered page category.
 
+pub mod limits;
 mod settings;
 pub mod values;
 
+pub use limits::{Breach, LimitMode, LimitRule};
 pub use settings::{Region, Settings, SettingsError, SettingsPatch};
 
 use crate::segment::{CallType, Message, ParseError, scalar_text};
@@ -54,6 +56,13 @@ pub enum Code {
     InvalidMessage,
     /// A filter of the source's privacy rules keeps the message out.
     FilteredByRule,
+    /// A breach of one of Totango's limits, with `on_limit_breach = "reject"`.
+    LimitAccountText,
+    LimitUserText,
+    LimitAccountName,
+    LimitNumber,
+    LimitDate,
+    LimitAccountId,
 }
 
 impl Code {
@@ -71,6 +80,12 @@ impl Code {
             Code::UnknownType => "unknown_type",
             Code::InvalidMessage => "invalid_message",
             Code::FilteredByRule => "filtered_by_rule",
+            Code::LimitAccountText => "limit_account_text",
+            Code::LimitUserText => "limit_user_text",
+            Code::LimitAccountName => "limit_account_name",
+            Code::LimitNumber => "limit_number",
+            Code::LimitDate => "limit_date",
+            Code::LimitAccountId => "limit_account_id",
         }
     }
 }
@@ -108,6 +123,9 @@ pub struct Translation {
     pub message: Option<String>,
     pub warnings: Vec<String>,
     pub requests: Vec<TotangoRequest>,
+    /// The rule of each breach of Totango's limits, whatever the mode
+    /// (counted at ingest); their warnings are in `warnings`.
+    pub breaches: Vec<LimitRule>,
 }
 
 impl Translation {
@@ -133,6 +151,7 @@ impl Translation {
             message: None,
             warnings,
             requests,
+            breaches: Vec::new(),
         }
     }
 
@@ -143,6 +162,7 @@ impl Translation {
             message: Some(message),
             warnings: Vec::new(),
             requests: Vec::new(),
+            breaches: Vec::new(),
         }
     }
 
@@ -199,6 +219,7 @@ pub fn translate(
         Err(t) => return t,
     };
     let mut warnings = Vec::new();
+    let mut breaches = Vec::new();
     let base = |ids: &Ids| {
         let mut p = IndexMap::new();
         p.insert("sdr_s".to_owned(), settings.service_id.clone());
@@ -211,11 +232,24 @@ pub fn translate(
             p.insert("sdr_u".into(), ids.user.clone().unwrap_or_default());
             let mut attrs = Vec::new();
             let traits = identify_traits(msg);
-            attributes("sdr_u", "traits", &traits, &mut attrs, &mut warnings);
+            attributes(
+                "sdr_u",
+                "traits",
+                &traits,
+                &mut attrs,
+                &mut warnings,
+                &mut breaches,
+            );
             p.extend(attrs);
             vec![p]
         }
-        CallType::Group => vec![group_params(msg, &ids, base(&ids), &mut warnings)],
+        CallType::Group => vec![group_params(
+            msg,
+            &ids,
+            base(&ids),
+            &mut warnings,
+            &mut breaches,
+        )],
         CallType::Page => {
             let activities = page_activities(msg, settings);
             if activities.is_empty() {
@@ -246,18 +280,51 @@ pub fn translate(
         }
         CallType::Screen | CallType::Alias | CallType::Delete => unreachable!("handled above"),
     };
+    let account_field = if msg.call == CallType::Group {
+        "groupId"
+    } else {
+        "context.groupId"
+    };
+    let mode = settings.on_limit_breach;
+    limits::check(
+        account_field,
+        &ids.account,
+        &mut requests,
+        mode,
+        &mut warnings,
+        &mut breaches,
+    );
+    if let (LimitMode::Reject, Some(first)) = (mode, breaches.first()) {
+        let more = match breaches.len() - 1 {
+            0 => String::new(),
+            n => format!("; {n} more in the warnings"),
+        };
+        return Translation {
+            outcome: Outcome::Rejected,
+            code: Some(first.rule.code()),
+            message: Some(format!(
+                "{} (on_limit_breach = \"reject\"){more}",
+                first.message
+            )),
+            warnings,
+            requests: Vec::new(),
+            breaches: breaches.iter().map(|b| b.rule).collect(),
+        };
+    }
     if let Some(token) = &settings.api_token {
         for p in &mut requests {
             p.insert("api-token".into(), token.clone());
         }
     }
-    Translation::send(
+    let mut t = Translation::send(
         requests
             .into_iter()
             .map(|params| TotangoRequest { params })
             .collect(),
         warnings,
-    )
+    );
+    t.breaches = breaches.iter().map(|b| b.rule).collect();
+    t
 }
 
 /// The category a page call makes the user's "latest page category": the
@@ -387,13 +454,15 @@ fn identify_traits(msg: &Message) -> std::borrow::Cow<'_, Map<String, Value>> {
 const CREATE_DATE_KEYS: [&str; 3] = ["Create Date", "created", "createdAt"];
 
 /// Traits as `{prefix}.<key>` attributes, with `id` dropped and the create
-/// date normalised. Group-only keys are taken out by the caller first.
+/// date normalised. Group-only keys are taken out by the caller first. A
+/// create date that is not a date is a breach of the `date` limit.
 fn attributes(
     prefix: &str,
     field: &str,
     traits: &Map<String, Value>,
     out: &mut Vec<(String, String)>,
     warnings: &mut Vec<String>,
+    breaches: &mut Vec<Breach>,
 ) {
     // The create date goes where its trait stood, so attributes keep trait order.
     let created = CREATE_DATE_KEYS
@@ -403,9 +472,16 @@ fn attributes(
         if Some(key.as_str()) == created.map(|(k, _)| k) {
             match normalise_create_date(value) {
                 Some(date) => out.push((format!("{prefix}.Create Date"), date)),
-                None => warnings.push(format!(
-                    "{field}.{key}: {value} is not a date; {prefix}.Create Date not sent"
-                )),
+                None => {
+                    let message = format!(
+                        "{field}.{key}: {value} is not a date; {prefix}.Create Date not sent"
+                    );
+                    warnings.push(message.clone());
+                    breaches.push(Breach {
+                        rule: LimitRule::Date,
+                        message,
+                    });
+                }
             }
             continue;
         }
@@ -421,6 +497,7 @@ fn group_params(
     ids: &Ids,
     mut p: IndexMap<String, String>,
     warnings: &mut Vec<String>,
+    breaches: &mut Vec<Breach>,
 ) -> IndexMap<String, String> {
     let text = |k: &str| msg.traits.get(k).and_then(scalar_or_array_text);
     if let Some(name) = text("name") {
@@ -435,7 +512,7 @@ fn group_params(
         rest.shift_remove(k);
     }
     let mut attrs = Vec::new();
-    attributes("sdr_o", "traits", &rest, &mut attrs, warnings);
+    attributes("sdr_o", "traits", &rest, &mut attrs, warnings, breaches);
     p.extend(attrs);
     let status = text("Status")
         .or_else(|| text("plan"))
@@ -497,3 +574,6 @@ fn activity_params(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod limits_tests;

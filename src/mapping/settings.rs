@@ -1,5 +1,6 @@
 //! Per-source Totango settings (mapping.md "Settings"), with defaults and validation.
 
+use super::limits::LimitMode;
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -36,6 +37,9 @@ pub struct Settings {
     pub track_categorized_pages: bool,
     pub default_module: String,
     pub disable_heartbeat: bool,
+    /// What a breach of Totango's documented limits does.
+    #[serde(default)]
+    pub on_limit_breach: LimitMode,
 }
 
 impl fmt::Debug for Settings {
@@ -49,6 +53,7 @@ impl fmt::Debug for Settings {
             .field("track_categorized_pages", &self.track_categorized_pages)
             .field("default_module", &self.default_module)
             .field("disable_heartbeat", &self.disable_heartbeat)
+            .field("on_limit_breach", &self.on_limit_breach)
             .finish()
     }
 }
@@ -141,6 +146,14 @@ pub struct SettingsPatch {
         skip_serializing_if = "Option::is_none"
     )]
     pub disable_heartbeat: Option<bool>,
+    /// `warn`, `truncate` or `reject`: configuration only (never taken from
+    /// X-Segment-Settings, so a sender cannot loosen the operator's choice).
+    #[serde(
+        default,
+        alias = "onLimitBreach",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub on_limit_breach: Option<LimitMode>,
 }
 
 /// Text settings also accept numbers (a numeric token or service ID from an
@@ -222,6 +235,7 @@ impl SettingsPatch {
                 .clone()
                 .or_else(|| self.default_module.clone()),
             disable_heartbeat: over.disable_heartbeat.or(self.disable_heartbeat),
+            on_limit_breach: over.on_limit_breach.or(self.on_limit_breach),
         }
     }
 
@@ -288,6 +302,7 @@ impl SettingsPatch {
             track_categorized_pages: self.track_categorized_pages.unwrap_or(true),
             default_module,
             disable_heartbeat: self.disable_heartbeat.unwrap_or(false),
+            on_limit_breach: self.on_limit_breach.unwrap_or_default(),
         })
     }
 }
@@ -311,6 +326,7 @@ mod tests {
         assert!(s.track_named_pages && s.track_categorized_pages);
         assert_eq!(s.default_module, "Application");
         assert!(!s.disable_heartbeat);
+        assert_eq!(s.on_limit_breach, LimitMode::Warn);
         assert_eq!(s.api_token, None);
         assert!(s.warnings().is_empty());
     }
@@ -370,6 +386,9 @@ mod tests {
         assert_eq!(e.setting, "default_module");
         let e = SettingsPatch::from_json(&json!({"region": "mars"})).unwrap_err();
         assert_eq!(e.setting, "region");
+        let e = SettingsPatch::from_json(&json!({"on_limit_breach": "drop"})).unwrap_err();
+        assert_eq!(e.setting, "on_limit_breach");
+        assert!(e.reason.contains("truncate"), "{e}");
         let e = SettingsPatch::from_json(&json!({"service_ld": "x"})).unwrap_err();
         assert!(e.reason.contains("service_ld"), "{e}");
     }

@@ -58,6 +58,19 @@ pub fn normalise_create_date(value: &Value) -> Option<String> {
     Some(at.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
+/// Whether Totango reads `s` as an ISO 8601 date or date-time: the text forms
+/// [`normalise_create_date`] accepts, without surrounding spaces; a Unix time
+/// (a string of digits) is not one.
+pub fn is_iso_date(s: &str) -> bool {
+    s == s.trim()
+        && !s
+            .strip_prefix('-')
+            .unwrap_or(s)
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        && parse_date_text(s).is_some()
+}
+
 fn from_epoch_number(n: &Number) -> Option<DateTime<Utc>> {
     let x = n.as_f64()?;
     if !x.is_finite() {

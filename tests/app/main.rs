@@ -12,6 +12,7 @@ mod cli;
 mod delivery;
 mod hostile;
 mod insights;
+mod limits;
 mod privacy;
 mod privacy_rules;
 mod replicas;
