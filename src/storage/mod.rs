@@ -91,6 +91,24 @@ pub struct PayloadRetention {
     pub dead_ms: Option<Millis>,
 }
 
+impl PayloadRetention {
+    /// The outcomes whose payloads are dropped, as both backends go through
+    /// them: how long each keeps its payloads, the SQL condition on `state`,
+    /// and which watermark it advances (delivered 0, refused 1; dead
+    /// messages are few and looked at whole).
+    pub(crate) fn groups(&self) -> [(Option<Millis>, &'static str, Option<usize>); 3] {
+        [
+            (self.delivered_ms, "state = 'delivered'", Some(0)),
+            (
+                self.refused_ms,
+                "state NOT IN ('pending', 'dead', 'delivered')",
+                Some(1),
+            ),
+            (self.dead_ms, "state = 'dead'", None),
+        ]
+    }
+}
+
 /// The warning kept with a message whose payload was dropped by retention.
 pub const PAYLOAD_DROPPED: &str = "payload dropped after its retention (privacy.*_payload_secs)";
 

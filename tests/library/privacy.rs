@@ -6,8 +6,7 @@
 use crate::support::backends::Backend;
 use serde_json::json;
 use totango_destination::storage::{
-    AuditEntry, Disposition, Erase, MessageFilter, NewMessage, Report, SqliteStorage, State,
-    Storage, now_millis,
+    AuditEntry, Disposition, Erase, MessageFilter, NewMessage, Report, State, Storage, now_millis,
 };
 
 /// A trait value that appears nowhere but in alice's payloads.
@@ -121,24 +120,11 @@ async fn find_secret(b: Backend, url: Option<&str>, path: &std::path::Path) -> V
 }
 
 async fn erasing_a_user_leaves_no_payload_and_suppresses_it(b: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("td.db");
-    let (s, pg): (
-        std::sync::Arc<dyn Storage>,
-        Option<crate::support::backends::Opened>,
-    ) = match b {
-        Backend::Sqlite => (
-            std::sync::Arc::new(
-                SqliteStorage::open_with(&path, crate::support::backends::options()).unwrap(),
-            ),
-            None,
-        ),
-        Backend::Postgres => match b.open(crate::support::backends::options()).await {
-            Some(o) => (o.storage.clone(), Some(o)),
-            None => return,
-        },
+    let Some(s) = b.open(crate::support::backends::options()).await else {
+        return;
     };
-    let url = pg.as_ref().and_then(|o| o.url.clone());
+    let path = s.path.clone().unwrap_or_default();
+    let url = s.url.clone();
     // Alice: two identifies (one key), a page, a track; bob: one identify.
     s.accept(vec![
         message("a-t", "track", "alice", false),

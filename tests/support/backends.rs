@@ -19,6 +19,8 @@ pub struct Opened {
     pub storage: Arc<dyn Storage>,
     /// The database's URL (PostgreSQL).
     pub url: Option<String>,
+    /// The database file (SQLite), for tests that look into it.
+    pub path: Option<std::path::PathBuf>,
     _place: Box<dyn std::any::Any + Send + Sync>,
 }
 
@@ -67,6 +69,7 @@ impl Backend {
                 Some(Opened {
                     storage: Arc::new(storage),
                     url: None,
+                    path: Some(path),
                     _place: Box::new(dir),
                 })
             }
@@ -78,6 +81,7 @@ impl Backend {
                 Some(Opened {
                     storage: Arc::new(storage),
                     url: Some(db.url().to_owned()),
+                    path: None,
                     _place: Box::new(db),
                 })
             }

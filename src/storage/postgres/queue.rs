@@ -787,15 +787,7 @@ pub async fn drop_payloads(
     let now: i64 = sqlx::query_scalar(&format!("SELECT {CLOCK_MS}"))
         .fetch_one(&mut *conn)
         .await?;
-    let groups = [
-        (retention.delivered_ms, "state = 'delivered'", Some(0)),
-        (
-            retention.refused_ms,
-            "state NOT IN ('pending', 'dead', 'delivered')",
-            Some(1),
-        ),
-        (retention.dead_ms, "state = 'dead'", None),
-    ];
+    let groups = retention.groups();
     let note = serde_json::json!([PAYLOAD_DROPPED]).to_string();
     let sizes = "octet_length(m.payload) + octet_length(m.settings) + octet_length(m.message_id)";
     let mut more = false;

@@ -199,15 +199,7 @@ fn drop_payloads(
     c.execute("SAVEPOINT drop_payloads", [])?;
     let result = (|| {
         let mut more = false;
-        let groups = [
-            (retention.delivered_ms, "state = 'delivered'", Some(0)),
-            (
-                retention.refused_ms,
-                "state NOT IN ('pending', 'dead', 'delivered')",
-                Some(1),
-            ),
-            (retention.dead_ms, "state = 'dead'", None),
-        ];
+        let groups = retention.groups();
         let empty = refused_size(EMPTY_JSON, EMPTY_JSON, "");
         let mut drop = c.prepare_cached(
             "UPDATE messages SET payload = '{}', settings = '{}', requests = NULL, \

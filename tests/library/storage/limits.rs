@@ -190,25 +190,11 @@ async fn poison(b: Backend, pg: Option<&str>, sqlite: &Path) {
 /// batch is still stored: a failure caused by one operation's data fails
 /// that operation only, not its group commit.
 async fn one_poisoned_operation_fails_alone(b: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("td.db");
-    // SQLite on a path of this test's (the trigger is written beside it).
-    let (s, pg): (
-        std::sync::Arc<dyn Storage>,
-        Option<crate::support::backends::Opened>,
-    ) = match b {
-        Backend::Sqlite => (
-            std::sync::Arc::new(
-                SqliteStorage::open_with(&path, crate::support::backends::options()).unwrap(),
-            ),
-            None,
-        ),
-        Backend::Postgres => match b.open(crate::support::backends::options()).await {
-            Some(o) => (o.storage.clone(), Some(o)),
-            None => return,
-        },
+    let Some(s) = b.open(crate::support::backends::options()).await else {
+        return;
     };
-    poison(b, pg.as_ref().and_then(|o| o.url.as_deref()), &path).await;
+    let path = s.path.clone().unwrap_or_default();
+    poison(b, s.url.as_deref(), &path).await;
     let mut honest = Vec::new();
     let mut poisoned = Vec::new();
     for round in 0..5 {
