@@ -5,7 +5,9 @@
 //! `cargo run --release --example queue_backlog -- PATH MESSAGES USERS`
 
 use std::path::PathBuf;
-use totango_destination::storage::{NewMessage, SqliteStorage, State, Storage, now_millis};
+use totango_destination::storage::{
+    NewMessage, SqliteStorage, State, Storage, StoredJson, now_millis,
+};
 
 #[tokio::main]
 async fn main() {
@@ -36,7 +38,7 @@ async fn main() {
                     user_id: Some(user),
                     account_id: Some(account),
                     ordering_key: None,
-                    payload: payload.to_string(),
+                    payload: StoredJson::of(&payload),
                     settings: "{}".into(),
                     state: State::Pending,
                     code: None,

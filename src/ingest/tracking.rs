@@ -175,7 +175,7 @@ pub async fn batch(
                 }
             }
             if merged.iter().any(|m| *m != Merged::Nothing) {
-                item.new.payload = unmerge(&item.new.payload, &merged);
+                item.new.payload = unmerge(&item.new.payload, &merged).into();
             }
         }
         prepared.push(item);

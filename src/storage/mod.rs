@@ -186,6 +186,58 @@ impl State {
     }
 }
 
+/// JSON text as stored (a message's payload, its request settings): made by
+/// serializing JSON, so it parses; kept as text, since that is what storage
+/// holds and what delivery decodes. Reads as a `str`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredJson(String);
+
+impl StoredJson {
+    /// The text of `value`.
+    pub fn of(value: &serde_json::Value) -> StoredJson {
+        StoredJson(value.to_string())
+    }
+
+    /// `{}`: what a message keeps when its payload or settings are not kept.
+    pub fn empty() -> StoredJson {
+        StoredJson(EMPTY_JSON.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// Text that is JSON already (serialized, or read back from storage).
+impl From<String> for StoredJson {
+    fn from(text: String) -> StoredJson {
+        StoredJson(text)
+    }
+}
+
+impl From<&str> for StoredJson {
+    fn from(text: &str) -> StoredJson {
+        StoredJson(text.to_owned())
+    }
+}
+
+impl std::ops::Deref for StoredJson {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for StoredJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A message as ingest accepted it.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -200,10 +252,10 @@ pub struct NewMessage {
     /// or an account's attribute updates); `None`: no order, always claimable.
     pub ordering_key: Option<String>,
     /// The Segment message as accepted (JSON).
-    pub payload: String,
+    pub payload: StoredJson,
     /// Settings the request itself carried (`X-Segment-Settings`), as a JSON
     /// settings patch; the rest comes from the configuration at delivery time.
-    pub settings: String,
+    pub settings: StoredJson,
     /// `Pending` to deliver, or a final state decided at ingest.
     pub state: State,
     pub code: Option<String>,
@@ -271,8 +323,8 @@ pub struct Claimed {
     pub lease: i64,
     /// The configured source (write key name) it came through.
     pub source: String,
-    pub payload: String,
-    pub settings: String,
+    pub payload: StoredJson,
+    pub settings: StoredJson,
     /// Translated requests (JSON), once the first attempt has translated it.
     pub requests: Option<String>,
     /// How many of `requests` Totango already accepted.

@@ -74,8 +74,8 @@ pub(super) fn accept(
             )
         } else if suppress {
             // Recorded without payload, never delivered.
-            m.payload = EMPTY_JSON.to_owned();
-            m.settings = EMPTY_JSON.to_owned();
+            m.payload = StoredJson::empty();
+            m.settings = StoredJson::empty();
             m.warnings.clear();
             (
                 State::Suppressed,
@@ -234,8 +234,8 @@ pub(super) fn claim(
             Ok(Claimed {
                 id: r.get(0)?,
                 lease: *token,
-                payload: r.get(1)?,
-                settings: r.get(2)?,
+                payload: r.get::<_, String>(1)?.into(),
+                settings: r.get::<_, String>(2)?.into(),
                 requests: r.get(3)?,
                 sent: r.get(4)?,
                 attempts: r.get(5)?,

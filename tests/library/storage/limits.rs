@@ -20,8 +20,8 @@ fn message(message_id: &str, service: &str, user: &str) -> NewMessage {
         user_id: Some(user.to_owned()),
         account_id: None,
         ordering_key: Some(format!("user:{service}:{user}")),
-        payload: r#"{"type":"identify"}"#.to_owned(),
-        settings: "{}".to_owned(),
+        payload: r#"{"type":"identify"}"#.to_owned().into(),
+        settings: "{}".to_owned().into(),
         state: State::Pending,
         code: None,
         reason: None,
@@ -262,18 +262,18 @@ async fn long_ids_are_stored_and_keyed_by_digests(b: Backend) {
     let first_id = long_id(20_000);
     let mut first = message(&first_id, &service, &user);
     first.ordering_key = Some(format!("{service}\u{1f}u:{user}"));
-    first.payload = r#"{"type":"identify","n":1}"#.to_owned();
+    first.payload = r#"{"type":"identify","n":1}"#.to_owned().into();
     let mut second = first.clone();
     second.message_id = long_id(20_000);
-    second.payload = r#"{"type":"identify","n":2}"#.to_owned();
+    second.payload = r#"{"type":"identify","n":2}"#.to_owned().into();
     let mut page = message(&long_id(20_000), &service, &user);
     page.call = "page".to_owned();
-    page.payload = r#"{"type":"page"}"#.to_owned();
+    page.payload = r#"{"type":"page"}"#.to_owned().into();
     page.ordering_key = None;
     page.set_page_category = Some(Some("Reports".to_owned()));
     let mut track = message(&long_id(20_000), &service, &user);
     track.call = "track".to_owned();
-    track.payload = r#"{"type":"track"}"#.to_owned();
+    track.payload = r#"{"type":"track"}"#.to_owned().into();
     track.ordering_key = None;
     track.needs_page_category = true;
     let out = s
@@ -330,7 +330,7 @@ async fn backlog_bytes_count_settings(b: Backend) {
         return;
     };
     let mut m = message("big-settings", "svc", "u1");
-    m.settings = format!(r#"{{"service_id":"svc","pad":"{}"}}"#, "x".repeat(300_000));
+    m.settings = format!(r#"{{"service_id":"svc","pad":"{}"}}"#, "x".repeat(300_000)).into();
     let stored = (m.payload.len() + m.settings.len() + m.message_id.len()) as u64;
     s.accept(vec![m]).await.unwrap();
     let stats = s.queue_stats().await.unwrap();
@@ -350,7 +350,7 @@ fn refused(message_id: &str, pad: usize) -> NewMessage {
     m.state = State::Rejected;
     m.code = Some("missing_user_id".to_owned());
     m.ordering_key = None;
-    m.payload = format!(r#"{{"type":"identify","pad":"{}"}}"#, "x".repeat(pad));
+    m.payload = format!(r#"{{"type":"identify","pad":"{}"}}"#, "x".repeat(pad)).into();
     m
 }
 
@@ -376,7 +376,7 @@ async fn refused_messages_keep_payloads_within_their_bound(b: Backend) {
     s.accept(batch).await.unwrap();
     // A pending message is outside the bound; its duplicate is refused.
     let mut pending = message("p1", "svc", "u2");
-    pending.payload = format!(r#"{{"type":"identify","pad":"{}"}}"#, "y".repeat(3_000));
+    pending.payload = format!(r#"{{"type":"identify","pad":"{}"}}"#, "y".repeat(3_000)).into();
     s.accept(vec![pending.clone()]).await.unwrap();
     let dup = s.accept(vec![pending]).await.unwrap();
     assert!(matches!(dup[0], Acceptance::Duplicate { .. }));

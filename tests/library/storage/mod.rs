@@ -115,8 +115,10 @@ fn msg(message_id: &str, key: &str) -> NewMessage {
         user_id: Some("u1".to_owned()),
         account_id: Some("acc1".to_owned()),
         ordering_key: Some(key.to_owned()),
-        payload: json!({"type": "track", "messageId": message_id, "event": "Clicked"}).to_string(),
-        settings: "{}".to_owned(),
+        payload: json!({"type": "track", "messageId": message_id, "event": "Clicked"})
+            .to_string()
+            .into(),
+        settings: "{}".to_owned().into(),
         state: State::Pending,
         code: None,
         reason: None,
@@ -250,7 +252,7 @@ async fn accept_stores_all_and_queues_only_pending(b: Backend) {
     assert_eq!(batch.next_due, None);
     let c = &batch.messages[0];
     assert_eq!(c.received_at, received_at);
-    assert_eq!(c.settings, "{}");
+    assert_eq!(c.settings.as_str(), "{}");
     assert_eq!(c.requests, None);
     assert_eq!((c.sent, c.attempts), (0, 0));
     let payload: serde_json::Value = serde_json::from_str(&c.payload).unwrap();
@@ -1345,7 +1347,7 @@ async fn a_damaged_database_is_refused_at_start_with_a_recovery_path() {
         let batch: Vec<_> = (0..2_000)
             .map(|i| {
                 let mut m = msg(&format!("m{i}"), &format!("u{i}"));
-                m.payload = "x".repeat(500);
+                m.payload = "x".repeat(500).into();
                 m
             })
             .collect();

@@ -43,8 +43,10 @@ fn msg(message_id: &str, key: Option<&str>) -> NewMessage {
         user_id: Some("u1".to_owned()),
         account_id: None,
         ordering_key: key.map(str::to_owned),
-        payload: json!({"type": "identify", "messageId": message_id}).to_string(),
-        settings: "{}".to_owned(),
+        payload: json!({"type": "identify", "messageId": message_id})
+            .to_string()
+            .into(),
+        settings: "{}".to_owned().into(),
         state: State::Pending,
         code: None,
         reason: None,
@@ -682,7 +684,9 @@ async fn upgrading_from_schema_2_keeps_keys_dedupe_and_page_categories() {
     track.call = "track".to_owned();
     track.user_id = Some("alice".to_owned());
     track.needs_page_category = true;
-    track.payload = json!({"type": "track", "messageId": "t-1"}).to_string();
+    track.payload = json!({"type": "track", "messageId": "t-1"})
+        .to_string()
+        .into();
     s.accept(vec![third, track]).await.unwrap();
     let mut order = Vec::new();
     for _ in 0..4 {
