@@ -341,7 +341,10 @@ fn router(
 ) -> Router {
     Router::new()
         .merge(ingest::routes(state.clone()))
-        .merge(admin::routes(state.clone()))
+        .merge(admin::routes(
+            state.clone(),
+            crate::insights::operator_routes(),
+        ))
         .merge(crate::insights::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -9,11 +9,9 @@
 
 mod privacy;
 
-pub use privacy::Actor;
-
 use crate::storage::{MessageFilter, State, Storage, StoredMessage, now_millis};
 use crate::web::auth::{self, AdminAuth, Check, Credential};
-use crate::web::{AdminState, ApiError, AppState};
+use crate::web::{Actor, AdminState, ApiError, AppState};
 use axum::Json;
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State as Extract};
@@ -43,7 +41,10 @@ pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'se
     connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; \
     frame-ancestors 'none'";
 
-pub fn routes(state: AppState) -> Router<AppState> {
+/// The operator page and the admin API. `operator_api` holds routes whose
+/// handlers live elsewhere (insights) but take the same credential check and
+/// find the same [`Actor`] for the audit trail.
+pub fn routes(state: AppState, operator_api: Router<AppState>) -> Router<AppState> {
     let api = Router::new()
         .route("/api/messages", get(list))
         .route("/api/messages/{id}", get(one))
@@ -57,6 +58,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         )
         .route("/api/suppressions/{user_id}", delete(privacy::lift))
         .route("/api/audit", get(privacy::audit))
+        .merge(operator_api)
         .route_layer(middleware::from_fn_with_state(state, authorize));
     Router::new()
         .route("/", get(page))
@@ -503,7 +505,7 @@ async fn replay_one(
     let replayed = state.storage.replay(filter).await.map_err(storage_error)?;
     actor
         .record(
-            &state,
+            &*state.storage,
             "replay",
             json!({"id": id}),
             Some(replayed.len() as u64),
@@ -530,14 +532,22 @@ async fn replay_matching(
     }
     let replayed = state.storage.replay(filter).await.map_err(storage_error)?;
     actor
-        .record(&state, "replay", detail, Some(replayed.len() as u64))
+        .record(
+            &*state.storage,
+            "replay",
+            detail,
+            Some(replayed.len() as u64),
+        )
         .await;
     Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
 }
 
 async fn stats(Extract(state): Extract<AdminState>) -> Result<Json<Value>, ApiError> {
-    let counts = state.storage.counts().await.map_err(storage_error)?;
+    // The queue first: a message leaves the queue in the transaction that
+    // settles its outcome, so an empty queue read first means the counts read
+    // next hold no stale `pending` (two statements, two snapshots).
     let queue = state.storage.queue_stats().await.map_err(storage_error)?;
+    let counts = state.storage.counts().await.map_err(storage_error)?;
     let mut by_outcome = serde_json::Map::new();
     for s in State::ALL {
         let n = counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);

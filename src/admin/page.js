@@ -118,8 +118,26 @@ async function loadRuns() {
   }
 }
 
+// The audit trail of operator actions, newest first, paged with `before`.
+let auditCursor = null, auditNext = null;
+async function loadAudit() {
+  const q = new URLSearchParams({ limit: "20" }); if (auditCursor) q.set("before", auditCursor);
+  const r = await api("/api/audit?" + q);
+  auditNext = r.next; $("audit-older").disabled = !auditNext;
+  const rows = $("audit-rows"); rows.replaceChildren();
+  for (const a of r.entries) {
+    rows.append(el("tr", {},
+      el("td", {}, when(a.at)), el("td", {}, a.actor), el("td", {}, a.address ?? ""),
+      el("td", {}, a.action), el("td", { class: "reason" }, JSON.stringify(a.detail ?? {})),
+      el("td", {}, a.count != null ? String(a.count) : "")));
+  }
+  if (!r.entries.length) rows.append(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "No operator actions recorded yet.")));
+}
+$("audit-older").addEventListener("click", () => { auditCursor = auditNext; loadAudit().catch((e) => notice(e.message, "error")); });
+$("audit-newest").addEventListener("click", () => { auditCursor = null; loadAudit().catch((e) => notice(e.message, "error")); });
+
 async function refresh() {
-  try { await loadStats(); await loadMessages(); await loadRuns(); }
+  try { await loadStats(); await loadMessages(); await loadRuns(); if (!auditCursor) await loadAudit(); }
   catch (e) { notice(e.message, "error"); }
 }
 

@@ -4,43 +4,13 @@
 //! this API can list but never change.
 
 use super::{query, storage_error};
-use crate::storage::{AuditEntry, Erase};
-use crate::web::{AdminState, ApiError};
+use crate::storage::Erase;
+use crate::web::{Actor, AdminState, ApiError};
 use axum::extract::{Path, Query, State as Extract};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
-
-/// Who made an admin request (set by the admin API's credential check).
-#[derive(Debug, Clone)]
-pub struct Actor {
-    pub who: String,
-    pub address: Option<String>,
-}
-
-impl Actor {
-    /// Keeps an action in the audit trail. A failure is logged, not
-    /// returned: the action itself already happened.
-    pub async fn record(
-        &self,
-        state: &AdminState,
-        action: &str,
-        detail: Value,
-        count: Option<u64>,
-    ) {
-        let entry = AuditEntry {
-            actor: self.who.clone(),
-            address: self.address.clone(),
-            action: action.to_owned(),
-            detail,
-            count,
-        };
-        if let Err(e) = state.storage.record_audit(entry).await {
-            tracing::error!(error = %e, action, "could not record an admin action in the audit trail");
-        }
-    }
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,7 +42,7 @@ pub async fn erase_user(
     let user_key = hex::encode(crate::secret::digest(user_id.as_bytes()));
     actor
         .record(
-            &state,
+            &*state.storage,
             "erase",
             json!({"userKey": user_key, "suppress": suppress}),
             Some(erased.messages),
@@ -114,7 +84,12 @@ pub async fn suppress(
         .await
         .map_err(storage_error)?;
     actor
-        .record(&state, "suppress", json!({"userId": user_id}), None)
+        .record(
+            &*state.storage,
+            "suppress",
+            json!({"userId": user_id}),
+            None,
+        )
         .await;
     let status = if added {
         StatusCode::CREATED
@@ -143,7 +118,12 @@ pub async fn lift(
         ));
     }
     actor
-        .record(&state, "unsuppress", json!({"userId": user_id}), None)
+        .record(
+            &*state.storage,
+            "unsuppress",
+            json!({"userId": user_id}),
+            None,
+        )
         .await;
     Ok(Json(json!({"userId": user_id, "suppressed": false})))
 }

@@ -86,16 +86,52 @@ fn sync(path: Option<&Path>, dry_run: bool) -> anyhow::Result<ExitCode> {
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let progress = Bar(bar);
-    let outcome = rt.block_on(crate::insights::sync_and_store(
-        &runtime, dry_run, &progress,
-    ))?;
+    let (outcome, audit) = rt.block_on(async {
+        // The run joins the audit trail when the storage can be opened (not
+        // a SQLite file a running server holds: it audits runs started with
+        // `POST /api/insights/runs`).
+        let storage = crate::server::open_storage(&runtime).await;
+        let outcome = crate::insights::sync_and_store(&runtime, dry_run, &progress).await;
+        let audit = match storage {
+            Ok(storage) => {
+                if let Ok(o) = &outcome {
+                    let actor = crate::web::Actor {
+                        who: cli_actor(),
+                        address: None,
+                    };
+                    let detail = serde_json::json!({"dryRun": dry_run, "status": o.summary.status});
+                    let count = Some(o.summary.records_updated as u64);
+                    actor.record(&*storage, "insights_run", detail, count).await;
+                }
+                storage.close().await;
+                None
+            }
+            Err(e) => Some(e),
+        };
+        (outcome, audit)
+    });
+    let outcome = outcome?;
     progress.0.finish_and_clear();
+    if let Some(e) = audit {
+        eprintln!(
+            "note: this run is not in the audit trail ({e}); a running server audits the runs \
+             started with POST /api/insights/runs"
+        );
+    }
     print_outcome(&outcome);
     Ok(if outcome.summary.failed() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `cli:<login name>` for the audit trail.
+fn cli_actor() -> String {
+    match std::env::var("USER").or_else(|_| std::env::var("USERNAME")) {
+        Ok(user) if !user.is_empty() => format!("cli:{user}"),
+        _ => "cli".to_owned(),
+    }
 }
 
 fn print_outcome(o: &RunOutcome) {

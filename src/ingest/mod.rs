@@ -165,7 +165,7 @@ impl IngestState {
         &self,
         prepared: Vec<Prepared>,
         interface: impl Into<crate::storage::AcceptAs>,
-    ) -> Result<Vec<(Summary, Acceptance)>, ApiError> {
+    ) -> Result<Vec<(Summary, Kept)>, ApiError> {
         use crate::storage::AcceptError;
         let crate::storage::AcceptAs {
             label: interface,
@@ -194,7 +194,7 @@ impl IngestState {
                 )
                 .with_retry_after(crate::backpressure::RETRY_AFTER_SECS)
             })?;
-        let (batch, mut summaries): (Vec<NewMessage>, Vec<Summary>) =
+        let (batch, summaries): (Vec<NewMessage>, Vec<Summary>) =
             prepared.into_iter().map(|p| (p.new, p.summary)).unzip();
         let batch: Vec<NewMessage> = batch
             .into_iter()
@@ -227,9 +227,10 @@ impl IngestState {
         // Each delete in order, durable before the answer.
         let mut stored = stored.into_iter();
         let mut accepted = Vec::with_capacity(summaries.len());
-        for (summary, erase) in summaries.iter_mut().zip(erase) {
+        for (summary, erase) in summaries.iter().zip(erase) {
             let Some((user_id, suppress)) = erase else {
-                accepted.push(stored.next().expect("one acceptance per stored message"));
+                let row = stored.next().expect("one acceptance per stored message");
+                accepted.push(Kept::Row(row));
                 continue;
             };
             let reason = format!(
@@ -246,16 +247,12 @@ impl IngestState {
                 .await
                 .map_err(|e| ApiError::from(&e).with_retry_after(STORAGE_RETRY_AFTER_SECS))?;
             metrics::counter!(telemetry::ERASURES).increment(1);
-            summary.erased = Some(erased);
-            // No row was stored for the delete itself.
-            accepted.push(Acceptance::Stored { id: 0 });
+            accepted.push(Kept::Erased(erased));
         }
         metrics::counter!(telemetry::ACCEPTED, "interface" => interface)
             .increment(summaries.len() as u64);
-        for (s, a) in summaries.iter().zip(&accepted) {
-            if s.erased.is_some() {
-                continue;
-            }
+        for (s, kept) in summaries.iter().zip(&accepted) {
+            let Kept::Row(a) = kept else { continue };
             if !matches!(a, Acceptance::Duplicate { .. }) {
                 for rule in &s.breaches {
                     telemetry::count_limit_breach(rule.as_str());
@@ -375,22 +372,32 @@ struct Summary {
     warnings: Vec<String>,
     /// Breaches of Totango's limits, counted once the message is accepted.
     breaches: Vec<mapping::LimitRule>,
-    /// What a `delete` erased.
-    erased: Option<crate::storage::Erased>,
+}
+
+/// What became of one message of a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Kept {
+    /// Stored, or recorded as a duplicate.
+    Row(Acceptance),
+    /// A `delete`: no row of its own; what it erased.
+    Erased(crate::storage::Erased),
 }
 
 impl Summary {
-    fn outcome_json(&self, acceptance: Acceptance) -> Value {
-        if let Some(erased) = self.erased {
-            return serde_json::json!({
+    fn outcome_json(&self, kept: Kept) -> Value {
+        let acceptance = match kept {
+            Kept::Row(acceptance) => acceptance,
+            Kept::Erased(erased) => {
+                return serde_json::json!({
                 "messageId": self.message_id,
                 "outcome": "erased",
                 "code": null,
                 "message": null,
                 "warnings": [],
                 "erased": erased,
-            });
-        }
+                });
+            }
+        };
         let (outcome, code, message) = match acceptance {
             Acceptance::Duplicate { .. } => ("duplicate", Some("duplicate"), None),
             Acceptance::Stored { .. } => (
@@ -612,7 +619,6 @@ fn prepare(
             message: t.message,
             warnings: t.warnings,
             breaches: t.breaches,
-            erased: None,
         },
         erase: None,
     })
@@ -680,7 +686,6 @@ fn erasure(
             message: None,
             warnings: Vec::new(),
             breaches: Vec::new(),
-            erased: None,
         },
         erase: Some((user, source.rules.suppress_on_delete)),
     })
@@ -766,7 +771,6 @@ fn refused_item(
             message: Some(why.reason),
             warnings: Vec::new(),
             breaches: Vec::new(),
-            erased: None,
         },
         erase: None,
     }

@@ -39,7 +39,7 @@ pub async fn handle(
         .pop()
         .expect("one message stored");
     let outcome = summary.outcome_json(acceptance);
-    if matches!(acceptance, Acceptance::Duplicate { .. }) {
+    if matches!(acceptance, Kept::Row(Acceptance::Duplicate { .. })) {
         return Ok(Json(outcome).into_response());
     }
     let reason = || summary.message.clone().unwrap_or_default();

@@ -106,7 +106,7 @@ pub async fn handle(
         .iter()
         .enumerate()
         .filter(|(_, (s, a))| {
-            s.outcome == Outcome::Rejected && matches!(a, Acceptance::Stored { .. })
+            s.outcome == Outcome::Rejected && matches!(a, Kept::Row(Acceptance::Stored { .. }))
         })
         .map(|(i, (s, _))| (i, s))
         .collect();

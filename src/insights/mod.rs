@@ -5,6 +5,7 @@
 //! Independent of the Segment → Totango path: it shares the configuration
 //! and the HTTP server, not the message queue.
 
+mod by_hand;
 pub mod model;
 pub mod salesforce;
 pub mod store;
@@ -13,15 +14,34 @@ pub mod totango;
 mod widget;
 
 pub use crate::config::insights::InsightsConfig;
+pub use by_hand::operator_routes;
 pub use widget::{Target, mac_input, routes, sign};
 
 use crate::config::Runtime;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use store::{Store, StoreError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// One run at a time per store file in this process: the schedule's and
+/// those started by hand (`POST /api/insights/runs`).
+static RUNNING: LazyLock<Mutex<Vec<(PathBuf, RunLock)>>> = LazyLock::new(Default::default);
+
+type RunLock = Arc<tokio::sync::Mutex<()>>;
+
+/// The lock a run of this configuration holds while it runs.
+fn run_lock(runtime: &Runtime) -> RunLock {
+    let path = runtime.config.insights.snapshot_path(&runtime.storage);
+    let mut locks = RUNNING.lock().expect("insights run locks");
+    if let Some((_, lock)) = locks.iter().find(|(p, _)| *p == path) {
+        return lock.clone();
+    }
+    let lock = RunLock::default();
+    locks.push((path, lock.clone()));
+    lock
+}
 
 /// Each store file, opened once per process and shared by the schedule and
 /// the widget.
@@ -105,6 +125,15 @@ pub fn spawn(runtime: Arc<Runtime>) -> Scheduler {
     let token = stop.clone();
     let task = tokio::spawn(async move {
         loop {
+            let Ok(running) = run_lock(&runtime).try_lock_owned() else {
+                tracing::info!(
+                    "scheduled insights sync skipped: a sync started by hand is running"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => continue,
+                    _ = token.cancelled() => return,
+                }
+            };
             tokio::select! {
                 outcome = sync_and_store(&runtime, false, &sync::NoProgress) => match outcome {
                     Ok(o) => {
@@ -125,6 +154,7 @@ pub fn spawn(runtime: Arc<Runtime>) -> Scheduler {
                     return;
                 }
             }
+            drop(running);
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = token.cancelled() => return,

@@ -43,7 +43,8 @@ pub struct Suppression {
 /// One operator action, as the audit trail keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEntry {
-    /// Who: `session:<first 12 hex of its digest>` or `token`.
+    /// Who: `session:<first 12 hex of its digest>`, `token`, or
+    /// `cli:<login name>` for the command line.
     pub actor: String,
     /// The client address, when known.
     pub address: Option<String>,
@@ -52,7 +53,8 @@ pub struct AuditEntry {
     pub action: String,
     /// The filter or target (JSON).
     pub detail: serde_json::Value,
-    /// How many messages it concerned, when that applies.
+    /// How many messages (records, for an insights run from the command
+    /// line) it concerned, when that applies.
     pub count: Option<u64>,
 }
 

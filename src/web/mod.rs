@@ -3,6 +3,7 @@
 //! (operator credential and sessions, cross-site refusal, per-client rates).
 //! Handlers live above it, in `ingest`, `admin` and `insights`.
 
+mod audit;
 pub mod auth;
 mod error;
 mod rates;
@@ -10,6 +11,7 @@ pub mod sessions;
 mod state;
 pub mod throttle;
 
+pub use audit::Actor;
 pub use error::ApiError;
 pub use rates::ClientRates;
 pub use state::{AdminState, AppState, IngestState, WidgetState};

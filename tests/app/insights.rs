@@ -11,6 +11,7 @@ use totango_destination::config::insights::SalesforceAuth;
 use totango_destination::config::{Config, Runtime};
 use totango_destination::insights::sync::{NoProgress, RunOutcome, RunStatus};
 use totango_destination::insights::{Target, sign, sync_and_store};
+use totango_destination::storage::Storage;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -822,6 +823,161 @@ async fn serve_runs_the_sync_on_schedule() {
     srv.stop().await;
 }
 
+/// Answers like [`FakeTotango`], each answer `delay` late.
+struct Slow(FakeTotango, std::time::Duration);
+
+impl Respond for Slow {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        self.0.respond(req).set_delay(self.1)
+    }
+}
+
+#[tokio::test]
+async fn a_sync_started_by_hand_runs_one_at_a_time_and_is_audited() {
+    let totango = MockServer::start().await;
+    let slow = FakeTotango {
+        total: 3,
+        hits_cap: None,
+    };
+    Mock::given(method("POST"))
+        .and(path("/api/v1/search/accounts"))
+        .respond_with(Slow(slow, std::time::Duration::from_millis(1500)))
+        .mount(&totango)
+        .await;
+    let (salesforce, fake) = fake_salesforce(SfState::default()).await;
+    let dir = crate::support::place();
+    // Not on a schedule: only runs started by hand.
+    let srv = crate::support::TestApp::start(config(&dir, &totango, &salesforce)).await;
+    let http = reqwest::Client::new();
+    let _ = http.get(format!("{}/healthz", srv.base)).send().await;
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let token = token.trim();
+    let start = |query: &str| {
+        http.post(format!("{}/api/insights/runs{query}", srv.base))
+            .bearer_auth(token)
+            .send()
+    };
+
+    let r = start("").await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(json(r).await, json!({"started": true}));
+    // Totango is still answering the first: a second is refused, not queued.
+    let r = start("").await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(json(r).await["code"], "sync_running");
+
+    let every = std::time::Duration::from_millis(50);
+    let runs = async || {
+        json(
+            http.get(format!("{}/api/insights/runs", srv.base))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    };
+    crate::support::wait::until(std::time::Duration::from_secs(20), every, async || {
+        let v = runs().await;
+        match v["runs"].get(0) {
+            Some(run) if run["records_updated"] == 3 => Ok(()),
+            _ => Err(v),
+        }
+    })
+    .await
+    .unwrap_or_else(|v| panic!("the run did not finish: {v}"));
+    assert_eq!(fake.0.lock().unwrap().updated.len(), 3);
+
+    // Finished: another may start now.
+    let r = start("").await.unwrap();
+    assert_eq!(r.status(), 202);
+    crate::support::wait::until(std::time::Duration::from_secs(20), every, async || {
+        let v = runs().await;
+        match v["runs"].as_array() {
+            Some(all) if all.len() == 2 => Ok(()),
+            _ => Err(v),
+        }
+    })
+    .await
+    .unwrap_or_else(|v| panic!("the second run did not finish: {v}"));
+
+    // Both are in the audit trail, newest first, with who started them.
+    let audit = json(
+        http.get(format!("{}/api/audit", srv.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let runs: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "insights_run")
+        .collect();
+    assert_eq!(runs.len(), 2, "{audit}");
+    assert!(runs.iter().all(|e| e["actor"] == "token"), "{audit}");
+    assert!(runs[0]["id"].as_i64() > runs[1]["id"].as_i64(), "{audit}");
+
+    // It takes no parameters (dry runs are the command line's); no
+    // credential, no run.
+    let r = start("?dryRun=true").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(
+        json(r).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("dryRun")
+    );
+    let r = start("?everything=1").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(
+        json(r).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("everything")
+    );
+    let r = http
+        .post(format!("{}/api/insights/runs", srv.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_sync_cannot_start_by_hand_without_credentials_naming_the_setting() {
+    let totango = fake_totango(1).await;
+    let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
+    let dir = crate::support::place();
+    let mut c = config(&dir, &totango, &salesforce);
+    c.insights.totango_app_token = None;
+    let srv = crate::support::TestApp::start(c).await;
+    let http = reqwest::Client::new();
+    let _ = http.get(format!("{}/healthz", srv.base)).send().await;
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let r = http
+        .post(format!("{}/api/insights/runs", srv.base))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let body = json(r).await;
+    assert_eq!(body["code"], "insights_not_configured");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("totango_app_token"),
+        "{body}"
+    );
+    assert!(totango.received_requests().await.unwrap().is_empty());
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn insights_config_is_validated_and_redacted() {
     let dir = crate::support::place();
@@ -962,6 +1118,43 @@ async fn cli_sync_summarises_and_fails_on_the_request_limit() {
         dir.path().join("insights.db").exists(),
         "snapshots and the run are stored"
     );
+}
+
+#[tokio::test]
+async fn cli_sync_is_audited_unless_a_server_holds_the_storage() {
+    let totango = fake_totango(3).await;
+    let (salesforce, _fake) = fake_salesforce(SfState::default()).await;
+    let dir = crate::support::place();
+    let file = config_file(&dir, &totango, &salesforce);
+    let db = dir.path().join("td.db");
+    let audit = async || {
+        let storage = totango_destination::storage::SqliteStorage::open(&db, 60_000).unwrap();
+        let entries = storage.audit_log(None, 10).await.unwrap();
+        storage.close().await;
+        entries
+    };
+
+    let (code, out, err) = cli(&["insights", "sync", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("not in the audit trail"), "{err}");
+    let entries = audit().await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = &entries[0].entry;
+    assert_eq!(e.action, "insights_run");
+    assert!(e.actor.starts_with("cli"), "{e:?}");
+    assert_eq!(e.count, Some(3));
+    assert_eq!(e.detail["dryRun"], false);
+    assert_eq!(e.detail["status"], "ok");
+
+    // A process holding the file (as a running server does): the run goes
+    // on, and says it is not audited and where runs are.
+    let held = totango_destination::storage::SqliteStorage::open(&db, 60_000).unwrap();
+    let (code, out, err) = cli(&["insights", "sync", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("not in the audit trail"), "{err}");
+    assert!(err.contains("POST /api/insights/runs"), "{err}");
+    held.close().await;
+    assert_eq!(audit().await.len(), 1);
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 // Drives the operator page in Debian's Chromium: filter by outcome, open a dead
-// message, check the Segment input beside the Totango request and answer, replay it.
+// message, check the Segment input beside the Totango request and answer, replay it
+// and find the replay in the audit trail.
 // Signs in with the login link (a one-time code), checks that the page runs under
 // its strict CSP (no inline script or style) and cannot be framed; then that the
 // link is used up, that the sign-in form (token in a POST body) works, and that
@@ -72,6 +73,13 @@ try {
   }, null, { timeout: 15000, polling: 200 });
   await page.locator("#newest").click();
   await page.locator('.card[data-outcome="delivered"] b').filter({ hasText: "2" }).waitFor({ timeout: 10000 });
+  // The sign-in and the replay are in the audit trail, with the session that made them.
+  await page.locator("#audit-newest").click();
+  const replayRow = page.locator("#audit-rows tr", { hasText: "replay" }).first();
+  await replayRow.waitFor({ timeout: 10000 });
+  const replayText = await replayRow.innerText();
+  if (!/session:[0-9a-f]{12}/.test(replayText) || !replayText.includes('"id"')) fail(`audit row for the replay: ${replayText}`);
+  if (await page.locator("#audit-rows tr", { hasText: "login" }).count() < 1) fail("the sign-in is not in the audit trail");
   // Framing is refused: another page embedding it gets nothing.
   const framed = await browser.newPage();
   const frameErrors = [];
