@@ -7,6 +7,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod insights;
 pub mod mapping;
+pub mod openapi;
 pub mod rules;
 pub mod secret;
 pub mod segment;

@@ -343,7 +343,7 @@ fn router(
         .merge(ingest::routes(state.clone()))
         .merge(admin::routes(
             state.clone(),
-            crate::insights::operator_routes(),
+            crate::insights::operator_routes().merge(crate::openapi::routes()),
         ))
         .merge(crate::insights::routes())
         .route("/healthz", get(healthz))

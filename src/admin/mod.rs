@@ -7,9 +7,11 @@
 //! every request look local, so there is no "local only" exception. Without a
 //! configured token one is generated at first start (see [`auth`]).
 
-mod privacy;
+pub mod privacy;
+pub mod views;
 
 use crate::storage::{MessageFilter, State, Storage, StoredMessage, now_millis};
+use crate::web::answers::ErrorBody;
 use crate::web::auth::{self, AdminAuth, Check, Credential};
 use crate::web::{Actor, AdminState, ApiError, AppState};
 use axum::Json;
@@ -20,9 +22,10 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use views::{MessagePage, MessageView, QueueView, Replayed, Stats};
 
 /// Most bytes of a `POST /login` body (a form with one token field).
 pub const LOGIN_BODY_LIMIT: usize = 4096;
@@ -335,14 +338,20 @@ async fn authorize(
 }
 
 /// Query parameters shared by listing and bulk replay.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Filters {
+#[into_params(parameter_in = Query)]
+pub struct Filters {
+    /// pending, delivered, filtered, unsupported, duplicate, rejected, dead
+    /// or suppressed.
     outcome: Option<String>,
     message_id: Option<String>,
     user_id: Option<String>,
+    /// The account (Segment `groupId`).
     group_id: Option<String>,
+    /// The `next` of the previous page.
     before: Option<i64>,
+    /// Messages per page (1 to 500; 50 by default).
     limit: Option<usize>,
 }
 
@@ -389,45 +398,32 @@ fn storage_error(e: crate::storage::StorageError) -> ApiError {
     ApiError::from(&e)
 }
 
-/// A stored message as the operator sees it: the Segment input, the Totango
-/// requests (with their URL) and Totango's last answer.
-fn view(state: &AdminState, m: StoredMessage) -> Value {
-    let mut v = serde_json::to_value(&m).unwrap_or_default();
+/// A stored message as the operator sees it (see [`MessageView`]).
+fn view(state: &AdminState, m: StoredMessage) -> MessageView {
     let base = state
         .runtime
         .settings_for(&m.source, &Default::default())
         .map(|s| s.base_url().to_owned())
         .ok();
-    if let (Some(base), Some(Value::Array(reqs))) = (base, v.get_mut("requests")) {
-        for r in reqs {
-            let url = serde_json::from_value::<crate::mapping::TotangoRequest>(r.clone())
-                .map(|t| crate::secret::redact_url(&t.url(&base)))
-                .ok();
-            if let (Some(url), Some(obj)) = (url, r.as_object_mut()) {
-                obj.insert("url".into(), Value::String(url));
-            }
-        }
-    }
-    // The public name of the state is "outcome" (mapping.md).
-    if let Some(obj) = v.as_object_mut() {
-        if let Some(s) = obj.remove("state") {
-            obj.insert("outcome".into(), s);
-        }
-    }
-    v
+    MessageView::new(m, base.as_deref())
 }
 
-async fn list(
+/// `GET /api/messages`: newest first, paged (`next`).
+#[utoipa::path(get, path = "/api/messages", tag = "messages", params(Filters),
+    responses((status = 200, body = MessagePage), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
+pub async fn list(
     Extract(state): Extract<AdminState>,
     q: Result<Query<Filters>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MessagePage>, ApiError> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let mut filter = q.to_filter()?;
     // Read in small pages and stop at MAX_LIST_BYTES, so neither this
     // answer nor what is held to build it grows with the message size.
     const CHUNK: usize = 25;
-    let mut messages: Vec<Value> = Vec::new();
+    let mut messages: Vec<MessageView> = Vec::new();
     let mut bytes = 0;
     let mut next = None;
     'pages: loop {
@@ -443,7 +439,7 @@ async fn list(
             let v = view(&state, m);
             bytes += serde_json::to_string(&v).map_or(0, |t| t.len());
             if bytes > MAX_LIST_BYTES && !messages.is_empty() {
-                next = messages.last().and_then(|m: &Value| m["id"].as_i64());
+                next = messages.last().map(|m| m.id);
                 break 'pages;
             }
             messages.push(v);
@@ -457,13 +453,20 @@ async fn list(
             break;
         }
     }
-    Ok(Json(json!({"messages": messages, "next": next})))
+    Ok(Json(MessagePage { messages, next }))
 }
 
-async fn one(
+/// `GET /api/messages/{id}`.
+#[utoipa::path(get, path = "/api/messages/{id}", tag = "messages",
+    params(("id" = i64, Path, description = "The message number")),
+    responses((status = 200, body = MessageView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
+pub async fn one(
     Extract(state): Extract<AdminState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MessageView>, ApiError> {
     let id = message_id(id)?;
     match state.storage.get(id).await.map_err(storage_error)? {
         Some(m) => Ok(Json(view(&state, m))),
@@ -475,11 +478,19 @@ async fn one(
     }
 }
 
-async fn replay_one(
+/// `POST /api/messages/{id}/replay`: a dead message is queued again.
+#[utoipa::path(post, path = "/api/messages/{id}/replay", tag = "messages",
+    params(("id" = i64, Path, description = "The message number")),
+    responses((status = 200, body = Replayed), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
+pub async fn replay_one(
     Extract(state): Extract<AdminState>,
     axum::Extension(actor): axum::Extension<Actor>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Replayed>, ApiError> {
     let id = message_id(id)?;
     let Some(m) = state.storage.get(id).await.map_err(storage_error)? else {
         return Err(ApiError::new(
@@ -511,14 +522,24 @@ async fn replay_one(
             Some(replayed.len() as u64),
         )
         .await;
-    Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
+    Ok(Json(Replayed {
+        replayed: replayed.len(),
+        ids: replayed,
+    }))
 }
 
-async fn replay_matching(
+/// `POST /api/replay`: every dead message matching the filters is queued
+/// again (at most 10,000 per call).
+#[utoipa::path(post, path = "/api/replay", tag = "messages", params(Filters),
+    responses((status = 200, body = Replayed), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
+pub async fn replay_matching(
     Extract(state): Extract<AdminState>,
     axum::Extension(actor): axum::Extension<Actor>,
     q: Result<Query<Filters>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Replayed>, ApiError> {
     let q = query(q)?;
     let detail = json!({
         "outcome": q.outcome, "messageId": q.message_id, "userId": q.user_id, "groupId": q.group_id,
@@ -539,26 +560,37 @@ async fn replay_matching(
             Some(replayed.len() as u64),
         )
         .await;
-    Ok(Json(json!({"replayed": replayed.len(), "ids": replayed})))
+    Ok(Json(Replayed {
+        replayed: replayed.len(),
+        ids: replayed,
+    }))
 }
 
-async fn stats(Extract(state): Extract<AdminState>) -> Result<Json<Value>, ApiError> {
+/// `GET /api/stats`: messages by outcome, the queue, delivery.
+#[utoipa::path(get, path = "/api/stats", tag = "messages",
+    responses((status = 200, body = Stats), (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
+pub async fn stats(Extract(state): Extract<AdminState>) -> Result<Json<Stats>, ApiError> {
     // The queue first: a message leaves the queue in the transaction that
     // settles its outcome, so an empty queue read first means the counts read
     // next hold no stale `pending` (two statements, two snapshots).
     let queue = state.storage.queue_stats().await.map_err(storage_error)?;
     let counts = state.storage.counts().await.map_err(storage_error)?;
-    let mut by_outcome = serde_json::Map::new();
+    let mut outcomes = std::collections::BTreeMap::new();
     for s in State::ALL {
         let n = counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
-        by_outcome.insert(s.as_str().into(), n.into());
+        outcomes.insert(s.as_str().to_owned(), n);
     }
     let oldest = queue
         .oldest_received_at
         .map(|t| (now_millis() - t).max(0) as f64 / 1000.0);
-    Ok(Json(json!({
-        "outcomes": by_outcome,
-        "queue": {"depth": queue.depth, "oldest_pending_age_seconds": oldest},
-        "delivery": state.delivery.stats(),
-    })))
+    Ok(Json(Stats {
+        outcomes,
+        queue: QueueView {
+            depth: queue.depth,
+            oldest_pending_age_seconds: oldest,
+        },
+        delivery: state.delivery.stats(),
+    }))
 }

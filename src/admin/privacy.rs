@@ -3,21 +3,30 @@
 //! here or elsewhere in the admin API is kept in the audit trail, which
 //! this API can list but never change.
 
+use super::views::{AuditPage, ErasedUser, SuppressionList, SuppressionState};
 use super::{query, storage_error};
 use crate::storage::Erase;
+use crate::web::answers::ErrorBody;
 use crate::web::{Actor, AdminState, ApiError};
 use axum::extract::{Path, Query, State as Extract};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EraseQuery {
+    /// Also suppress the user: later messages are recorded, never sent.
     suppress: Option<bool>,
 }
 
+#[utoipa::path(delete, path = "/api/users/{userId}", tag = "privacy",
+    params(("userId" = String, Path, description = "The Segment userId"), EraseQuery),
+    responses((status = 200, body = ErasedUser), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
 /// `DELETE /api/users/{userId}`: erases what is stored about the user
 /// (as a Segment `delete` does); `?suppress=true` also suppresses it.
 pub async fn erase_user(
@@ -25,7 +34,7 @@ pub async fn erase_user(
     Extension(actor): Extension<Actor>,
     Path(user_id): Path<String>,
     q: Result<Query<EraseQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ErasedUser>, ApiError> {
     let suppress = query(q)?.suppress.unwrap_or(false);
     let user_id = non_empty(user_id)?;
     let erased = state
@@ -48,31 +57,45 @@ pub async fn erase_user(
             Some(erased.messages),
         )
         .await;
-    Ok(Json(json!({"erased": erased, "suppressed": suppress})))
+    Ok(Json(ErasedUser {
+        erased,
+        suppressed: suppress,
+    }))
 }
 
 /// `GET /api/suppressions`.
+#[utoipa::path(get, path = "/api/suppressions", tag = "privacy",
+    responses((status = 200, body = SuppressionList), (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
 pub async fn list_suppressions(
     Extract(state): Extract<AdminState>,
-) -> Result<Json<Value>, ApiError> {
-    let list = state.storage.suppressions().await.map_err(storage_error)?;
-    Ok(Json(json!({"suppressions": list})))
+) -> Result<Json<SuppressionList>, ApiError> {
+    let suppressions = state.storage.suppressions().await.map_err(storage_error)?;
+    Ok(Json(SuppressionList { suppressions }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SuppressBody {
     user_id: String,
     reason: Option<String>,
 }
 
+#[utoipa::path(post, path = "/api/suppressions", tag = "privacy", request_body = SuppressBody,
+    responses((status = 201, description = "suppressed now", body = SuppressionState),
+        (status = 200, description = "already suppressed", body = SuppressionState),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
 /// `POST /api/suppressions` with `{"userId": …}`: `201` when new, `200`
 /// when the user already was suppressed.
 pub async fn suppress(
     Extract(state): Extract<AdminState>,
     Extension(actor): Extension<Actor>,
     body: Result<Json<SuppressBody>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<SuppressionState>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::bad_request("body", e.body_text()))?;
     let user_id = non_empty(body.user_id)?;
     let reason = body
@@ -96,15 +119,27 @@ pub async fn suppress(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({"userId": user_id, "suppressed": true}))))
+    Ok((
+        status,
+        Json(SuppressionState {
+            user_id,
+            suppressed: true,
+        }),
+    ))
 }
 
 /// `DELETE /api/suppressions/{userId}`: `404` when there was none.
+#[utoipa::path(delete, path = "/api/suppressions/{userId}", tag = "privacy",
+    params(("userId" = String, Path, description = "The Segment userId")),
+    responses((status = 200, body = SuppressionState), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
 pub async fn lift(
     Extract(state): Extract<AdminState>,
     Extension(actor): Extension<Actor>,
     Path(user_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SuppressionState>, ApiError> {
     let lifted = state
         .storage
         .lift_suppression(&user_id)
@@ -125,21 +160,31 @@ pub async fn lift(
             None,
         )
         .await;
-    Ok(Json(json!({"userId": user_id, "suppressed": false})))
+    Ok(Json(SuppressionState {
+        user_id,
+        suppressed: false,
+    }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// The `next` of the previous page.
     before: Option<i64>,
+    /// Entries per page (1 to 500; 50 by default).
     limit: Option<usize>,
 }
 
 /// `GET /api/audit`: newest first; `next` pages on (`?before=`).
+#[utoipa::path(get, path = "/api/audit", tag = "privacy", params(AuditQuery),
+    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
 pub async fn audit(
     Extract(state): Extract<AdminState>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditPage>, ApiError> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let entries = state
@@ -150,7 +195,7 @@ pub async fn audit(
     let next = (entries.len() == limit)
         .then(|| entries.last().map(|e| e.id))
         .flatten();
-    Ok(Json(json!({"entries": entries, "next": next})))
+    Ok(Json(AuditPage { entries, next }))
 }
 
 fn non_empty(user_id: String) -> Result<String, ApiError> {

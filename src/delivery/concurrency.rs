@@ -171,7 +171,7 @@ impl Controller {
 }
 
 /// What the operator sees of delivery's concurrency.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct ConcurrencyStats {
     pub concurrency_limit: usize,
     /// The last measured mean round-trip time, in milliseconds.

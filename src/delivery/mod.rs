@@ -16,7 +16,8 @@ use crate::storage::{
 };
 use crate::telemetry;
 use client::TotangoClient;
-use concurrency::{AdaptiveConcurrency, ConcurrencyStats, Signal};
+pub use concurrency::ConcurrencyStats;
+use concurrency::{AdaptiveConcurrency, Signal};
 use endpoint::{Admission, Change, EndpointState, Health, ProbePolicy};
 use policy::{Backoff, Verdict};
 use std::collections::HashMap;

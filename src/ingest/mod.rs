@@ -4,9 +4,9 @@
 //! unsupported, filtered); delivery produces what is sent.
 
 mod browser;
-mod partner;
-mod tracking;
-mod webhook;
+pub mod partner;
+pub mod tracking;
+pub mod webhook;
 
 pub use crate::web::{ApiError, AppState, ClientRates, IngestState};
 
@@ -15,6 +15,7 @@ use crate::mapping::{self, Code, Outcome, SettingsPatch};
 use crate::segment::{CallType, Message, ParseError};
 use crate::storage::{Acceptance, Millis, NewMessage, State};
 use crate::telemetry;
+use crate::web::answers::{MessageOutcome, OutcomeName, Success, WebhookAnswer};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -37,7 +38,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         )
         .route(
             "/v1/import",
-            post(tracking::batch).options(browser::preflight),
+            post(tracking::import).options(browser::preflight),
         )
         .route(
             "/v1/{call}",
@@ -384,38 +385,38 @@ pub enum Kept {
 }
 
 impl Summary {
-    fn outcome_json(&self, kept: Kept) -> Value {
-        let acceptance = match kept {
-            Kept::Row(acceptance) => acceptance,
+    fn outcome(&self, kept: Kept) -> MessageOutcome {
+        let mut answer = MessageOutcome {
+            message_id: self.message_id.clone(),
+            outcome: OutcomeName::Accepted,
+            code: None,
+            message: None,
+            warnings: Vec::new(),
+            erased: None,
+        };
+        match kept {
             Kept::Erased(erased) => {
-                return serde_json::json!({
-                "messageId": self.message_id,
-                "outcome": "erased",
-                "code": null,
-                "message": null,
-                "warnings": [],
-                "erased": erased,
-                });
+                answer.outcome = OutcomeName::Erased;
+                answer.erased = Some(erased);
             }
-        };
-        let (outcome, code, message) = match acceptance {
-            Acceptance::Duplicate { .. } => ("duplicate", Some("duplicate"), None),
-            Acceptance::Stored { .. } => (
-                match self.outcome {
-                    Outcome::Send => "accepted",
-                    other => other.as_str(),
-                },
-                self.code,
-                self.message.as_deref(),
-            ),
-        };
-        serde_json::json!({
-            "messageId": self.message_id,
-            "outcome": outcome,
-            "code": code,
-            "message": message,
-            "warnings": self.warnings,
-        })
+            Kept::Row(Acceptance::Duplicate { .. }) => {
+                answer.outcome = OutcomeName::Duplicate;
+                answer.code = Some("duplicate".to_owned());
+                answer.warnings = self.warnings.clone();
+            }
+            Kept::Row(Acceptance::Stored { .. }) => {
+                answer.outcome = match self.outcome {
+                    Outcome::Send => OutcomeName::Accepted,
+                    Outcome::Filtered => OutcomeName::Filtered,
+                    Outcome::Unsupported => OutcomeName::Unsupported,
+                    Outcome::Rejected => OutcomeName::Rejected,
+                };
+                answer.code = self.code.map(str::to_owned);
+                answer.message = self.message.clone();
+                answer.warnings = self.warnings.clone();
+            }
+        }
+        answer
     }
 }
 

@@ -3,10 +3,22 @@
 //! what Segment's Event Delivery understands: 200, 400, 401, 501, 503.
 
 use super::*;
+use crate::web::answers::ErrorBody;
 use axum::Json;
 use axum::extract::State as Extract;
 use axum::response::{IntoResponse, Response};
 
+/// Segment's partner-destination protocol: one message.
+#[utoipa::path(post, path = "/segment", tag = "ingest",
+    request_body(content = Object, description = "One Segment message", content_type = "application/json"),
+    params(("X-Segment-Settings" = Option<String>, Header, description = "Base64 JSON of the destination settings")),
+    responses((status = 200, body = MessageOutcome),
+        (status = 501, description = "unsupported call type", body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("write_key" = []), ()))]
 pub async fn handle(
     Extract(state): Extract<IngestState>,
     headers: HeaderMap,
@@ -38,7 +50,7 @@ pub async fn handle(
         .await?
         .pop()
         .expect("one message stored");
-    let outcome = summary.outcome_json(acceptance);
+    let outcome = summary.outcome(acceptance);
     if matches!(acceptance, Kept::Row(Acceptance::Duplicate { .. })) {
         return Ok(Json(outcome).into_response());
     }

@@ -3,6 +3,7 @@
 //! (`/v1/import`), so Segment's libraries can point here.
 
 use super::*;
+use crate::web::answers::ErrorBody;
 use axum::Extension;
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State as Extract};
@@ -27,9 +28,39 @@ struct BatchBody<'a> {
 }
 
 fn success() -> Response {
-    Json(serde_json::json!({"success": true})).into_response()
+    Json(Success::YES).into_response()
 }
 
+/// The call types `/v1/{call}` takes (its OpenAPI description).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum CallPath {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+    I,
+    T,
+    P,
+    S,
+    G,
+    A,
+}
+
+/// The Tracking API: one call (`identify`, `track`, `page`, `screen`,
+/// `group`, `alias`, or the short paths `i`, `t`, `p`, `s`, `g`, `a`).
+#[utoipa::path(post, path = "/v1/{call}", tag = "ingest",
+    params(("call" = CallPath, Path, description = "The call type")),
+    request_body(content = Object, description = "One Segment message", content_type = "application/json"),
+    responses((status = 200, body = Success),
+        (status = 404, description = "no such call", body = ErrorBody), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("write_key" = []), ()))]
 pub async fn single(
     Extract(state): Extract<IngestState>,
     Path(call): Path<String>,
@@ -80,7 +111,41 @@ pub async fn single(
     Ok(success())
 }
 
+/// The Tracking API's batch: `{"batch": [...], "context"?, "writeKey"?}`.
+#[utoipa::path(post, path = "/v1/batch", tag = "ingest",
+    request_body(content = Object, description = "A Segment batch", content_type = "application/json"),
+    responses((status = 200, body = Success), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("write_key" = []), ()))]
 pub async fn batch(
+    state: Extract<IngestState>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    take_batch(state, client, headers, body).await
+}
+
+/// `/v1/import`: the same as `/v1/batch`.
+#[utoipa::path(post, path = "/v1/import", tag = "ingest",
+    request_body(content = Object, description = "A Segment batch", content_type = "application/json"),
+    responses((status = 200, body = Success), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("write_key" = []), ()))]
+pub async fn import(
+    state: Extract<IngestState>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    take_batch(state, client, headers, body).await
+}
+
+async fn take_batch(
     Extract(state): Extract<IngestState>,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,

@@ -5,6 +5,7 @@
 //! Without a secret, configured write keys are required as Basic auth.
 
 use super::*;
+use crate::web::answers::ErrorBody;
 use axum::Json;
 use axum::extract::State as Extract;
 use axum::response::{IntoResponse, Response};
@@ -12,6 +13,15 @@ use hmac::{Hmac, Mac};
 use serde_json::value::RawValue;
 use sha1::Sha1;
 
+/// Segment's webhook destination: one message or an array of them.
+#[utoipa::path(post, path = "/webhook", tag = "ingest",
+    request_body(content = Object, description = "One Segment message, or an array of them", content_type = "application/json"),
+    params(("X-Signature" = Option<String>, Header, description = "Hex HMAC-SHA1 of the body with the shared secret")),
+    responses((status = 200, body = WebhookAnswer), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("write_key" = []), ()))]
 pub async fn handle(
     Extract(state): Extract<IngestState>,
     headers: HeaderMap,
@@ -99,7 +109,7 @@ pub async fn handle(
     }
     drop(items);
     let stored = state.store(prepared, accept).await?;
-    let outcomes: Vec<Value> = stored.iter().map(|(s, a)| s.outcome_json(*a)).collect();
+    let outcomes: Vec<MessageOutcome> = stored.iter().map(|(s, a)| s.outcome(*a)).collect();
     // Rejected messages are stored, and reported with 400 so Segment shows them
     // and does not retry; the others in the same request are kept.
     let rejected: Vec<(usize, &Summary)> = stored
@@ -124,10 +134,13 @@ pub async fn handle(
             message.push_str(&format!(" (and {} more rejected)", rejected.len() - 1));
         }
         let code = first.code.unwrap_or("rejected");
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, code, message)
-            .with("outcomes", Value::Array(outcomes)));
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, code, message).with_outcomes(outcomes));
     }
-    Ok(Json(serde_json::json!({"success": true, "outcomes": outcomes})).into_response())
+    Ok(Json(WebhookAnswer {
+        success: true,
+        outcomes,
+    })
+    .into_response())
 }
 
 /// What a valid signature covered.

@@ -5,6 +5,7 @@
 //! summary joins `GET /api/insights/runs` when it ends.
 
 use super::{run_lock, sync, sync_and_store};
+use crate::web::answers::ErrorBody;
 use crate::web::{Actor, AdminState, ApiError, AppState};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -12,23 +13,35 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Routes that need the operator's credential (the admin API's check).
 pub fn operator_routes() -> Router<AppState> {
     Router::new().route("/api/insights/runs", post(start))
 }
 
+/// A run started.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Started {
+    pub started: bool,
+}
+
 /// No parameters: any is refused by name.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StartQuery {}
+pub struct StartQuery {}
 
-async fn start(
+/// `POST /api/insights/runs`: a sync starts now, in the background.
+#[utoipa::path(post, path = "/api/insights/runs", tag = "insights",
+    responses((status = 202, body = Started), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
+pub async fn start(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
     q: Result<Query<StartQuery>, QueryRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Started>), ApiError> {
     q.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
     crate::config::insights::ready_to_sync(&state.runtime.config).map_err(|e| {
         ApiError::new(
@@ -62,5 +75,5 @@ async fn start(
             }
         }
     });
-    Ok((StatusCode::ACCEPTED, Json(json!({"started": true}))))
+    Ok((StatusCode::ACCEPTED, Json(Started { started: true })))
 }

@@ -5,13 +5,13 @@
 //! Independent of the Segment → Totango path: it shares the configuration
 //! and the HTTP server, not the message queue.
 
-mod by_hand;
+pub mod by_hand;
 pub mod model;
 pub mod salesforce;
 pub mod store;
 pub mod sync;
 pub mod totango;
-mod widget;
+pub mod widget;
 
 pub use crate::config::insights::InsightsConfig;
 pub use by_hand::operator_routes;

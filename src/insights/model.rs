@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 /// One account's insights as read at `synced_at`: what the widget shows
 /// and what is written to Salesforce.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AccountInsights {
     pub account_id: String,
     pub display_name: Option<String>,

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// Per-record failures listed in a summary at most (the count is exact).
 const MAX_LISTED_FAILURES: usize = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Every record was written (or there was nothing to write).
@@ -26,7 +26,7 @@ pub enum RunStatus {
     Failed,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecordFailure {
     pub account_id: String,
     /// The Salesforce record, when known.
@@ -34,13 +34,13 @@ pub struct RecordFailure {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiCalls {
     pub totango: u64,
     pub salesforce: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunSummary {
     /// Set when read back from the store.
     #[serde(skip_serializing_if = "Option::is_none")]

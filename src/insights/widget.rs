@@ -11,6 +11,7 @@
 
 use super::model::AccountInsights;
 use super::store::Store;
+use crate::web::answers::ErrorBody;
 use crate::web::auth::Check;
 use crate::web::{ApiError, AppState, WidgetState};
 use axum::Json;
@@ -21,7 +22,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use serde_json::json;
 use sha2::Sha256;
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -264,7 +264,17 @@ async fn css() -> impl IntoResponse {
     )
 }
 
-async fn account_json(
+/// One account's insights from the last sync (by Totango account id).
+#[utoipa::path(get, path = "/api/insights/accounts/{account_id}", tag = "insights",
+    params(("account_id" = String, Path, description = "Totango account id"),
+        ("sig" = Option<String>, Query, description = "A signed link's signature"),
+        ("exp" = Option<String>, Query, description = "A signed link's expiry (Unix seconds)")),
+    responses((status = 200, body = super::model::AccountInsights),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = []), ()))]
+pub async fn account_json(
     State(state): State<WidgetState>,
     Path(account_id): Path<String>,
     req: Request,
@@ -272,7 +282,17 @@ async fn account_json(
     json_twin(&state, Target::Account, &account_id, req).await
 }
 
-async fn record_json(
+/// One account's insights from the last sync (by Salesforce record Id).
+#[utoipa::path(get, path = "/api/insights/records/{record_id}", tag = "insights",
+    params(("record_id" = String, Path, description = "Salesforce record Id"),
+        ("sig" = Option<String>, Query, description = "A signed link's signature"),
+        ("exp" = Option<String>, Query, description = "A signed link's expiry (Unix seconds)")),
+    responses((status = 200, body = super::model::AccountInsights),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = []), ()))]
+pub async fn record_json(
     State(state): State<WidgetState>,
     Path(record_id): Path<String>,
     req: Request,
@@ -304,11 +324,17 @@ async fn json_twin(
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RunsQuery {
+pub struct RunsQuery {
     limit: Option<usize>,
 }
 
-async fn runs(State(state): State<WidgetState>, req: Request) -> Result<Response, ApiError> {
+/// The recent sync runs, newest first.
+#[utoipa::path(get, path = "/api/insights/runs", tag = "insights",
+    params(("limit" = Option<usize>, Query, description = "Runs to list (1 to 200; 20 by default)")),
+    responses((status = 200, body = RunList), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("admin_token" = []), ("admin_session" = [])))]
+pub async fn runs(State(state): State<WidgetState>, req: Request) -> Result<Response, ApiError> {
     admin(&state, req.headers(), peer_of(&req)).await?;
     let q = Query::<RunsQuery>::try_from_uri(req.uri())
         .map(|Query(q)| q)
@@ -318,9 +344,15 @@ async fn runs(State(state): State<WidgetState>, req: Request) -> Result<Response
     let runs = with_store(&state, move |s| s.runs(limit)).await?;
     Ok((
         [(header::CACHE_CONTROL, "no-store")],
-        Json(json!({"runs": runs})),
+        Json(RunList { runs }),
     )
         .into_response())
+}
+
+/// `GET /api/insights/runs`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RunList {
+    pub runs: Vec<super::sync::RunSummary>,
 }
 
 async fn account_widget(

@@ -130,7 +130,7 @@ impl Default for StorageOptions {
 }
 
 /// Where a message stands. `Pending` is the only state with queue work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Pending,
@@ -370,7 +370,7 @@ pub struct MessageFilter {
 }
 
 /// Totango's last answer to a message, kept for the operator.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LastResponse {
     pub status: Option<u16>,
     pub body: Option<String>,

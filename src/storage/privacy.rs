@@ -23,7 +23,7 @@ pub struct Erase {
 }
 
 /// What an erase did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Erased {
     /// Stored messages whose payload was erased.
     pub messages: u64,
@@ -32,7 +32,7 @@ pub struct Erased {
 }
 
 /// A user whose messages are recorded without payload and never delivered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Suppression {
     #[serde(rename = "userId")]
     pub user_id: String,
@@ -41,7 +41,7 @@ pub struct Suppression {
 }
 
 /// One operator action, as the audit trail keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Who: `session:<first 12 hex of its digest>`, `token`, or
     /// `cli:<login name>` for the command line.
@@ -52,6 +52,7 @@ pub struct AuditEntry {
     /// `unsuppress`, `insights_run`.
     pub action: String,
     /// The filter or target (JSON).
+    #[schema(value_type = Object)]
     pub detail: serde_json::Value,
     /// How many messages (records, for an insights run from the command
     /// line) it concerned, when that applies.
@@ -59,7 +60,7 @@ pub struct AuditEntry {
 }
 
 /// A kept audit entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub id: i64,
     pub at: Millis,

@@ -2,20 +2,20 @@
 //! The project's error policy (typed errors below the command line, `anyhow`
 //! only in `src/cli/`, no message matching) is in docs/architecture.md.
 
+use super::answers::{ErrorBody, MessageOutcome};
 use crate::segment::ParseError;
 use crate::storage::StorageError;
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    /// An extra field for the body (per-message outcomes).
-    pub extra: Option<Box<(&'static str, Value)>>,
+    /// Per-message outcomes (the webhook's, when some were rejected).
+    pub outcomes: Option<Vec<MessageOutcome>>,
     /// `WWW-Authenticate` of a 401 (Basic, for write keys, unless set).
     pub challenge: Option<&'static str>,
     /// `Retry-After` seconds of a 503.
@@ -28,7 +28,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            extra: None,
+            outcomes: None,
             challenge: None,
             retry_after: None,
         }
@@ -72,8 +72,8 @@ impl ApiError {
         self
     }
 
-    pub fn with(mut self, key: &'static str, value: Value) -> Self {
-        self.extra = Some(Box::new((key, value)));
+    pub fn with_outcomes(mut self, outcomes: Vec<MessageOutcome>) -> Self {
+        self.outcomes = Some(outcomes);
         self
     }
 }
@@ -89,11 +89,11 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(status = %self.status, code = %self.code, "{}", self.message);
         }
-        let mut body = json!({"message": self.message, "code": self.code});
-        if let Some(extra) = self.extra {
-            let (k, v) = *extra;
-            body[k] = v;
-        }
+        let body = ErrorBody {
+            message: self.message,
+            code: self.code.to_owned(),
+            outcomes: self.outcomes,
+        };
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             let challenge = self

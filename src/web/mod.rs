@@ -3,6 +3,7 @@
 //! (operator credential and sessions, cross-site refusal, per-client rates).
 //! Handlers live above it, in `ingest`, `admin` and `insights`.
 
+pub mod answers;
 mod audit;
 pub mod auth;
 mod error;

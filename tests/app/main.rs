@@ -13,6 +13,7 @@ mod delivery;
 mod hostile;
 mod insights;
 mod limits;
+mod openapi;
 mod privacy;
 mod privacy_rules;
 mod replicas;

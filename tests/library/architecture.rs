@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["budget", "backpressure", "delivery"],
     &["web"],
     &["ingest", "admin", "insights"],
+    &["openapi"],
     &["server"],
     &["cli"],
     &["lib", "main"],

@@ -1,0 +1,152 @@
+//! The admin API's answers, typed so that the OpenAPI document
+//! (`/api/openapi.json`) is generated from what is sent.
+
+use crate::delivery::ConcurrencyStats;
+use crate::storage::{AuditRecord, Erased, LastResponse, State, StoredMessage, Suppression};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+/// A stored message as the operator sees it: the Segment input, the Totango
+/// requests (with their URL) and Totango's last answer. Times are
+/// milliseconds since the epoch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageView {
+    pub id: i64,
+    pub message_id: String,
+    pub source: String,
+    pub call: String,
+    pub service_id: String,
+    pub user_id: Option<String>,
+    pub account_id: Option<String>,
+    pub outcome: State,
+    pub code: Option<String>,
+    pub reason: Option<String>,
+    pub warnings: Vec<String>,
+    /// The Segment input as stored (`null` once its payload is dropped).
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    /// The Totango requests, once translated.
+    pub requests: Option<Vec<RequestView>>,
+    /// How many of the requests Totango already took.
+    pub sent: u32,
+    pub attempts: u32,
+    pub last_response: Option<LastResponse>,
+    pub received_at: i64,
+    pub updated_at: i64,
+    pub next_attempt_at: Option<i64>,
+}
+
+/// One Totango request: its parameters in sending order, and where it goes
+/// (secrets in the URL redacted).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestView {
+    #[schema(value_type = Object)]
+    pub params: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl MessageView {
+    /// `base`: the Totango endpoint the message's source sends to.
+    pub fn new(m: StoredMessage, base: Option<&str>) -> MessageView {
+        let requests = m.requests.map(|r| match r {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|r| {
+                    let url = base.and_then(|base| {
+                        serde_json::from_value::<crate::mapping::TotangoRequest>(r.clone())
+                            .ok()
+                            .map(|t| crate::secret::redact_url(&t.url(base)))
+                    });
+                    let params = match r {
+                        Value::Object(mut o) => o.remove("params").unwrap_or(Value::Null),
+                        other => other,
+                    };
+                    RequestView { params, url }
+                })
+                .collect(),
+            _ => Vec::new(),
+        });
+        MessageView {
+            id: m.id,
+            message_id: m.message_id,
+            source: m.source,
+            call: m.call,
+            service_id: m.service_id,
+            user_id: m.user_id,
+            account_id: m.account_id,
+            outcome: m.state,
+            code: m.code,
+            reason: m.reason,
+            warnings: m.warnings,
+            payload: m.payload,
+            requests,
+            sent: m.sent,
+            attempts: m.attempts,
+            last_response: m.last_response,
+            received_at: m.received_at,
+            updated_at: m.updated_at,
+            next_attempt_at: m.next_attempt_at,
+        }
+    }
+}
+
+/// `GET /api/messages`: newest first; `next` is the `before` of the next
+/// page (`null` on the last).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessagePage {
+    pub messages: Vec<MessageView>,
+    pub next: Option<i64>,
+}
+
+/// What a replay queued again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    pub replayed: usize,
+    pub ids: Vec<i64>,
+}
+
+/// `GET /api/stats`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Stats {
+    /// Messages by outcome (every outcome, zero included).
+    pub outcomes: BTreeMap<String, u64>,
+    pub queue: QueueView,
+    pub delivery: ConcurrencyStats,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueView {
+    pub depth: u64,
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+/// `DELETE /api/users/{userId}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErasedUser {
+    pub erased: Erased,
+    pub suppressed: bool,
+}
+
+/// `GET /api/suppressions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SuppressionList {
+    pub suppressions: Vec<Suppression>,
+}
+
+/// `POST`/`DELETE /api/suppressions…`: where the user now stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SuppressionState {
+    #[serde(rename = "userId")]
+    pub user_id: String,
+    pub suppressed: bool,
+}
+
+/// `GET /api/audit`: newest first; `next` is the `before` of the next page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    pub entries: Vec<AuditRecord>,
+    pub next: Option<i64>,
+}
