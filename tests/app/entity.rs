@@ -38,15 +38,22 @@ fn enc(id: &str) -> String {
 
 impl Srv {
     async fn start() -> Srv {
-        // Totango refuses the activity "Broken" (the message dies at once).
+        Srv::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut totango_destination::config::Config)) -> Srv {
+        // Totango refuses the activity "Broken" (the message dies at once)
+        // and is busy for "Flaky" (retried).
         let fake = FakeTotango::replying(|_, p| match p.get("sdr_a").map(String::as_str) {
             Some("Broken") => Reply::status(400).body("bad activity"),
+            Some("Flaky") => Reply::status(503).body("busy"),
             _ => Reply::ok(),
         })
         .await;
         let place = crate::support::place();
         let mut c = crate::support::config(&place, &fake.uri());
         c.admin.token = Some(TOKEN.into());
+        tweak(&mut c);
         let app = TestApp::start(c).await;
         Srv {
             app,
@@ -104,9 +111,9 @@ fn attributes(v: &Value) -> Vec<(String, String)> {
 fn last_received(fake: &FakeTotango, account: &str, param: &str) -> Option<String> {
     fake.answered(200)
         .into_iter()
+        .rev()
         .filter(|h| h.get("sdr_o") == Some(account))
-        .filter_map(|h| h.get(param).map(str::to_owned))
-        .last()
+        .find_map(|h| h.get(param).map(str::to_owned))
 }
 
 async fn send_load(s: &Srv) {
@@ -219,8 +226,8 @@ async fn account_and_user_pages_show_what_was_sent() {
         .fake
         .for_user(USER)
         .into_iter()
-        .filter_map(|h| h.get("sdr_u.email").map(str::to_owned))
-        .last();
+        .rev()
+        .find_map(|h| h.get("sdr_u.email").map(str::to_owned));
     assert_eq!(received.as_deref(), Some("ann@acme.example"));
     assert_eq!(user["activity"]["total"], 2);
     assert_eq!(user["messages"].as_array().unwrap().len(), 6);
@@ -360,4 +367,46 @@ async fn pages_need_a_signed_in_operator_and_keep_the_csp() {
         .unwrap();
     assert!(script.contains(r#"entityLink("accounts", m.account_id)"#));
     assert!(!script.contains("innerHTML"));
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_listed_with_its_last_answer() {
+    // Retried much later: the message stays queued after its first attempt.
+    let s = Srv::start_with(|c| {
+        c.delivery.retry_base_ms = 600_000;
+        c.delivery.retry_max_ms = 600_000;
+    })
+    .await;
+    s.batch(json!([
+        {"type": "track", "messageId": "f1", "userId": USER, "event": "Flaky",
+         "context": {"groupId": ACCOUNT}},
+    ]))
+    .await;
+    let path = format!("/api/accounts/{}", enc(ACCOUNT));
+    let account = wait::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let (_, v) = s.json(&path).await;
+            if v["failures"]["failing"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty())
+            {
+                Ok(v)
+            } else {
+                Err(v)
+            }
+        },
+    )
+    .await
+    .expect("the failed attempt is listed");
+    let failing = &account["failures"]["failing"][0];
+    assert_eq!(failing["message_id"], "f1");
+    assert_eq!(failing["outcome"], "pending");
+    assert!(failing["attempts"].as_u64().unwrap() >= 1, "{failing}");
+    assert_eq!(failing["last_response"]["status"], 503);
+    assert_eq!(failing["last_response"]["body"], "busy");
+    assert_eq!(account["failures"]["dead"], json!([]));
+    assert_eq!(account["activity"]["total"], 0, "nothing was accepted");
+    assert_eq!(account["found"], true);
 }
