@@ -51,8 +51,10 @@ function showAttributes(list) {
 }
 function showActivity(a) {
   $("activity-total").textContent = a.total + " activities sent in the last " + a.days + " days";
+  // Days with activities, newest first (the JSON has every day).
   const rows = $("activity-rows"); rows.replaceChildren();
-  for (const d of [...a.per_day].reverse()) rows.append(el("tr", { "data-day": d.day }, el("td", {}, d.day), el("td", {}, String(d.activities))));
+  for (const d of [...a.per_day].reverse().filter((d) => d.activities > 0)) rows.append(el("tr", { "data-day": d.day }, el("td", {}, d.day), el("td", {}, String(d.activities))));
+  if (!rows.children.length) rows.append(el("tr", {}, el("td", { colspan: "2", class: "muted" }, "No activity sent in these days.")));
 }
 function showFailures(f) {
   const rows = $("failure-rows"); rows.replaceChildren();
