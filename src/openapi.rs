@@ -30,6 +30,8 @@ use utoipa::{Modify, OpenApi};
         crate::admin::replay_one,
         crate::admin::replay_matching,
         crate::admin::stats,
+        crate::admin::entity::account,
+        crate::admin::entity::user,
         crate::admin::privacy::erase_user,
         crate::admin::privacy::list_suppressions,
         crate::admin::privacy::suppress,

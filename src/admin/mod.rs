@@ -7,6 +7,7 @@
 //! every request look local, so there is no "local only" exception. Without a
 //! configured token one is generated at first start (see [`auth`]).
 
+pub mod entity;
 pub mod privacy;
 pub mod views;
 
@@ -54,7 +55,11 @@ pub fn routes(state: AppState, operator_api: Router<AppState>) -> Router<AppStat
         .route("/api/messages/{id}/replay", post(replay_one))
         .route("/api/replay", post(replay_matching))
         .route("/api/stats", get(stats))
-        .route("/api/users/{user_id}", delete(privacy::erase_user))
+        .route("/api/accounts/{id}", get(entity::account))
+        .route(
+            "/api/users/{user_id}",
+            get(entity::user).delete(privacy::erase_user),
+        )
         .route(
             "/api/suppressions",
             get(privacy::list_suppressions).post(privacy::suppress),
@@ -74,6 +79,9 @@ pub fn routes(state: AppState, operator_api: Router<AppState>) -> Router<AppStat
         .route("/logout", post(logout))
         .route("/assets/operator.js", get(script))
         .route("/assets/operator.css", get(style))
+        .route("/accounts/{id}", get(entity::page))
+        .route("/users/{id}", get(entity::page))
+        .route("/assets/entity.js", get(entity::script))
         .merge(api)
 }
 

@@ -56,7 +56,7 @@ async function loadMessages() {
   for (const m of page.messages) {
     const tr = el("tr", { "data-id": m.id, class: selected === m.id ? "selected" : "", onclick: () => show(m.id) },
       el("td", {}, String(m.id)), el("td", {}, when(m.received_at)), el("td", {}, m.call),
-      el("td", {}, m.user_id ?? ""), el("td", {}, m.account_id ?? ""), el("td", {}, badge(m.outcome)),
+      el("td", {}, entityLink("users", m.user_id)), el("td", {}, entityLink("accounts", m.account_id)), el("td", {}, badge(m.outcome)),
       el("td", { class: "reason", title: m.reason ?? "" }, m.code ? m.code + ": " + (m.reason ?? "") : ""),
       el("td", {}, String(m.attempts)));
     rows.append(tr);
@@ -79,6 +79,7 @@ async function show(id) {
   const d = $("detail"); d.replaceChildren();
   d.append(el("h2", {}, "Message " + m.id + " ", badge(m.outcome)));
   d.append(el("div", { class: "muted" }, m.call + " · messageId " + m.message_id + " · source " + m.source + " · received " + when(m.received_at)));
+  d.append(entityLinks(m));
   if (m.code) d.append(el("p", {}, el("b", {}, m.code), " " + (m.reason ?? "")));
   for (const w of m.warnings || []) d.append(el("p", { class: "warning" }, "⚠ " + w));
   if (m.outcome === "dead") d.append(el("button", { class: "danger", id: "replay", onclick: () => replay(m.id) }, "Replay"));
@@ -96,6 +97,26 @@ async function show(id) {
   d.append(r ? el("pre", { id: "response" }, (r.status ? "HTTP " + r.status + "\n" : "") + (r.error ?? "") + (r.body ?? ""))
              : el("p", { class: "muted" }, "No answer yet."));
   d.append(el("div", { class: "muted" }, "attempts: " + m.attempts + (m.next_attempt_at ? " · next attempt " + when(m.next_attempt_at) : "")));
+}
+
+// Pages per account and per user (/accounts/{id}, /users/{id}): ids are any
+// text, so they are percent-encoded; a link in a table row does not select it.
+const entityHref = (kind, id) => "/" + kind + "/" + encodeURIComponent(id);
+function entityLink(kind, id) {
+  return id == null ? "" : el("a", { href: entityHref(kind, id), class: "entity", onclick: (e) => e.stopPropagation() }, id);
+}
+function entityLinks(m) {
+  const p = el("div", { id: "entity-links" });
+  if (m.user_id != null) p.append("user ", entityLink("users", m.user_id), " ");
+  if (m.account_id != null) p.append("account ", entityLink("accounts", m.account_id));
+  return p;
+}
+function entitySearch() {
+  $("entity-search").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const id = $("entity-id").value;
+    if (id) location.assign(entityHref($("entity-kind").value, id));
+  });
 }
 
 async function replay(id) {
@@ -151,5 +172,6 @@ $("replay-all").addEventListener("click", async () => {
   try { const r = await api("/api/replay?" + q, { method: "POST" }); notice("Replayed " + r.replayed + " message(s)", "info"); await refresh(); }
   catch (e) { notice(e.message, "error"); }
 });
+entitySearch();
 setInterval(() => { if ($("auto").checked && !cursor) refresh(); }, 5000);
 refresh();

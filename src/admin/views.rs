@@ -2,7 +2,10 @@
 //! (`/api/openapi.json`) is generated from what is sent.
 
 use crate::delivery::ConcurrencyStats;
-use crate::storage::{AuditRecord, Erased, LastResponse, State, StoredMessage, Suppression};
+use crate::storage::{
+    AuditRecord, EntityAttribute, EntityKind, Erased, LastResponse, State, StoredMessage,
+    Suppression,
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -149,4 +152,90 @@ pub struct SuppressionState {
 pub struct AuditPage {
     pub entries: Vec<AuditRecord>,
     pub next: Option<i64>,
+}
+
+/// `GET /api/accounts/{id}`, `GET /api/users/{id}`: what one account or
+/// user sent, what Totango should now hold for it, its activity, its
+/// failures. An id never seen answers `found: false` with empty lists.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntityView {
+    pub kind: EntityKind,
+    pub id: String,
+    pub found: bool,
+    /// Newest first; `next` is the `before` of the next page.
+    pub messages: Vec<MessageSummary>,
+    pub next: Option<i64>,
+    /// The last value of each attribute Totango accepted for it.
+    pub attributes: Vec<EntityAttribute>,
+    pub activity: ActivityView,
+    pub failures: FailuresView,
+}
+
+/// Activities Totango accepted, per UTC day.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActivityView {
+    pub days: i64,
+    pub total: u64,
+    pub per_day: Vec<DayCount>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DayCount {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    pub activities: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FailuresView {
+    pub dead: Vec<MessageSummary>,
+    /// Queued messages with failed attempts.
+    pub failing: Vec<MessageSummary>,
+}
+
+/// A message as the entity page lists it: no payload or requests (the
+/// message's own JSON has them), Totango's last answer included.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageSummary {
+    pub id: i64,
+    pub message_id: String,
+    pub call: String,
+    pub source: String,
+    pub service_id: String,
+    pub user_id: Option<String>,
+    pub account_id: Option<String>,
+    pub outcome: State,
+    pub code: Option<String>,
+    pub reason: Option<String>,
+    pub warnings: Vec<String>,
+    pub sent: u32,
+    pub attempts: u32,
+    pub last_response: Option<LastResponse>,
+    pub received_at: i64,
+    pub updated_at: i64,
+    pub next_attempt_at: Option<i64>,
+}
+
+impl From<StoredMessage> for MessageSummary {
+    fn from(m: StoredMessage) -> Self {
+        MessageSummary {
+            id: m.id,
+            message_id: m.message_id,
+            call: m.call,
+            source: m.source,
+            service_id: m.service_id,
+            user_id: m.user_id,
+            account_id: m.account_id,
+            outcome: m.state,
+            code: m.code,
+            reason: m.reason,
+            warnings: m.warnings,
+            sent: m.sent,
+            attempts: m.attempts,
+            last_response: m.last_response,
+            received_at: m.received_at,
+            updated_at: m.updated_at,
+            next_attempt_at: m.next_attempt_at,
+        }
+    }
 }

@@ -4,10 +4,12 @@
 //! No I/O and no hidden state: the server supplies the remembered page category.
 
 pub mod limits;
+mod sent;
 mod settings;
 pub mod values;
 
 pub use limits::{Breach, LimitMode, LimitRule};
+pub use sent::Sets;
 pub use settings::{Region, Settings, SettingsError, SettingsPatch};
 
 use crate::segment::{CallType, Message, ParseError, scalar_text};

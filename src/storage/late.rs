@@ -117,4 +117,19 @@ impl Storage for LateStorage {
             s.close().await;
         }
     }
+    async fn entity_attributes(
+        &self,
+        kind: EntityKind,
+        id: &str,
+    ) -> Result<Vec<EntityAttribute>, StorageError> {
+        self.get()?.entity_attributes(kind, id).await
+    }
+    async fn entity_activity(
+        &self,
+        kind: EntityKind,
+        id: &str,
+        since_day: i64,
+    ) -> Result<Vec<DailyActivity>, StorageError> {
+        self.get()?.entity_activity(kind, id, since_day).await
+    }
 }

@@ -4,12 +4,14 @@
 //! Storage knows nothing of Segment or Totango semantics: it stores what
 //! ingest accepted and what delivery reports.
 
+mod entity;
 mod error;
 mod late;
 pub mod postgres;
 pub mod privacy;
 mod sqlite;
 
+pub use entity::{ACTIVITY_DAYS_KEPT, DailyActivity, EntityAttribute, EntityKind, day_of};
 pub use error::{AcceptError, Cause, StorageError};
 pub use late::LateStorage;
 pub use postgres::PostgresStorage;
@@ -619,4 +621,23 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Flushes and closes; later calls fail with `Closed`.
     async fn close(&self);
+
+    // Per-account and per-user views (`storage/entity.rs`), kept at delivery.
+
+    /// The last value sent to Totango of each attribute of an account or a
+    /// user, by service and name.
+    async fn entity_attributes(
+        &self,
+        kind: EntityKind,
+        id: &str,
+    ) -> Result<Vec<EntityAttribute>, StorageError>;
+
+    /// Activities sent for an account or a user per UTC day from day
+    /// `since_day` on, oldest first; days without any are left out.
+    async fn entity_activity(
+        &self,
+        kind: EntityKind,
+        id: &str,
+        since_day: i64,
+    ) -> Result<Vec<DailyActivity>, StorageError>;
 }

@@ -10,6 +10,7 @@ mod admin;
 mod browser;
 mod cli;
 mod delivery;
+mod entity;
 mod hostile;
 mod insights;
 mod limits;

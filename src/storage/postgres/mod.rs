@@ -14,6 +14,7 @@
 //!
 //! PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
 
+mod entity;
 mod listen;
 mod privacy;
 mod queue;
@@ -569,6 +570,27 @@ impl Storage for PostgresStorage {
             .into_iter()
             .filter_map(|(state, n)| Some((State::parse(&state)?, n.max(0) as u64)))
             .collect())
+    }
+
+    async fn entity_attributes(
+        &self,
+        kind: EntityKind,
+        id: &str,
+    ) -> Result<Vec<EntityAttribute>, StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(entity::attributes(&self.inner.pool, kind, id).await)
+    }
+
+    async fn entity_activity(
+        &self,
+        kind: EntityKind,
+        id: &str,
+        since_day: i64,
+    ) -> Result<Vec<DailyActivity>, StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(entity::activity(&self.inner.pool, kind, id, since_day).await)
     }
 
     async fn close(&self) {

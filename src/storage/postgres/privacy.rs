@@ -72,6 +72,7 @@ pub async fn erase_user(
         .bind(user.as_ref())
         .execute(&mut *conn)
         .await?;
+    super::entity::erase_user(conn, &erase.user_id).await?;
     sqlx::query(&format!(
         "INSERT INTO td_erasures (user_key, at, reason, messages) VALUES ($1, {CLOCK_MS}, $2, $3)"
     ))

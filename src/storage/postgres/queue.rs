@@ -17,10 +17,11 @@
 //! when the key has nothing left queued; pruning removes rows left by rolled
 //! back work. The unique index `td_queue_one_head` backs all this up.
 
+use super::super::entity::EntityWrites;
 use super::super::{
     Acceptance, ClaimBatch, Claimed, Disposition, EMPTY_JSON, MessageFilter, Millis, NewMessage,
     PAYLOAD_DROPPED, PAYLOAD_NOT_KEPT, PayloadRetention, REFUSED_STATES, RefusedBudget, Report,
-    State, StorageError, privacy,
+    State, StorageError, day_of, privacy,
 };
 use super::reads::{Arg, bind_args, where_clause};
 use super::text::{pg_text, pg_text_opt, text_key};
@@ -564,8 +565,9 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
             AS r(id, lease, requests, sent, attempted, state, code, reason, has_last, status, \
                 body, error, settings, next_attempt_at)), \
          valid AS ( \
-            SELECT q.seq, q.ordering_key, r.* FROM td_queue q \
-            JOIN r ON q.message = r.id AND q.lease = r.lease FOR UPDATE OF q), \
+            SELECT q.seq, q.ordering_key, s.sent AS sent_before, r.* FROM td_queue q \
+            JOIN r ON q.message = r.id AND q.lease = r.lease \
+            JOIN td_messages s ON s.id = r.id FOR UPDATE OF q), \
          updated AS ( \
             UPDATE td_messages m SET requests = COALESCE(v.requests, m.requests), \
                 sent = v.sent, attempts = m.attempts + v.attempted, state = v.state, \
@@ -574,7 +576,9 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
                 last_body = CASE WHEN v.has_last THEN v.body ELSE m.last_body END, \
                 last_error = CASE WHEN v.has_last THEN v.error ELSE m.last_error END, \
                 updated_at = {CLOCK_MS}, settings = COALESCE(v.settings, m.settings) \
-            FROM valid v WHERE m.id = v.id RETURNING m.id, v.lease), \
+            FROM valid v WHERE m.id = v.id RETURNING m.id, v.lease, v.sent_before, \
+                CASE WHEN v.sent > v.sent_before AND v.requests IS NULL THEN m.requests END \
+                AS requests), \
          retried AS ( \
             UPDATE td_queue q SET next_attempt_at = v.next_attempt_at, leased_until = 0, \
                 lease = NULL, replica = NULL \
@@ -585,7 +589,8 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
             WHERE q.seq = v.seq AND v.next_attempt_at IS NULL \
             RETURNING q.ordering_key) \
          SELECT ARRAY(SELECT id FROM updated), ARRAY(SELECT lease FROM updated), \
-            ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL)"
+            ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL), \
+            ARRAY(SELECT sent_before FROM updated), ARRAY(SELECT requests FROM updated)"
     ))
     .bind(&ids)
     .bind(&leases)
@@ -606,11 +611,31 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
     let applied_ids: Vec<i64> = row.try_get(0)?;
     let applied_leases: Vec<i64> = row.try_get(1)?;
     let dequeued_keys: Vec<String> = row.try_get(2)?;
+    let sent_before: Vec<i64> = row.try_get(3)?;
+    let stored_requests: Vec<Option<String>> = row.try_get(4)?;
     let promoted = if dequeued_keys.is_empty() {
         false
     } else {
         promote(conn, &dequeued_keys).await?
     };
+    // What the accepted requests set, for the per-entity views.
+    let first: HashMap<(i64, i64), &Report> =
+        all.iter().rev().map(|r| ((r.id, r.lease), r)).collect();
+    let mut entities = EntityWrites::default();
+    let today = day_of(super::super::now_millis());
+    for (i, key) in applied_ids.iter().zip(&applied_leases).enumerate() {
+        let Some(r) = first.get(&(*key.0, *key.1)) else {
+            continue;
+        };
+        let before = count(sent_before.get(i).copied().unwrap_or_default());
+        let stored = stored_requests.get(i).and_then(Option::as_deref);
+        if let Some(requests) = r.requests.as_deref().or(stored) {
+            entities.add(r.id, requests, before, r.sent, today);
+        }
+    }
+    if !entities.is_empty() {
+        super::entity::write(conn, &entities).await?;
+    }
     // Each applied (message, lease) answers its first report; every other
     // report is stale.
     let mut applied: HashSet<(i64, i64)> = applied_ids.into_iter().zip(applied_leases).collect();
@@ -763,6 +788,7 @@ pub async fn prune(
         .bind(now)
         .execute(&mut *conn)
         .await?;
+    super::entity::prune(conn, now).await?;
     let keys = sqlx::query(
         "DELETE FROM td_keys k WHERE k.ordering_key IN ( \
             SELECT ordering_key FROM td_keys o WHERE NOT EXISTS ( \

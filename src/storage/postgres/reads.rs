@@ -81,9 +81,9 @@ pub(super) fn where_clause(f: &MessageFilter, first: usize) -> (String, Vec<Arg>
     let mut add = |column: &str, op: &str, arg: Arg| {
         let n = first + args.len();
         conds.push(format!("m.{column} {op} ${n}"));
-        if column == "message_id" {
-            // What the index td_messages_message_id holds (see schema.rs).
-            conds.push(format!("md5(m.message_id) = md5(${n})"));
+        if matches!(column, "message_id" | "user_id" | "account_id") {
+            // What the indexes td_messages_{message_id,user,account} hold (see schema.rs).
+            conds.push(format!("md5(m.{column}) = md5(${n})"));
         }
         args.push(arg);
     };

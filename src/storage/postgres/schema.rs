@@ -166,8 +166,35 @@ const V3: &str = concat!(
         count bigint);\n",
 );
 
+/// Per-entity views (storage/entity.rs), written with delivery reports: the
+/// last value sent of each account or user attribute, activities per UTC
+/// day. Keyed by digests of the entity and attribute (`postgres/entity.rs`);
+/// messages indexed by account (md5, as by user).
+const V4: &str = r#"
+CREATE TABLE td_entity_attributes (
+    attribute_key text PRIMARY KEY,
+    entity_key    text NOT NULL,
+    kind          text NOT NULL,
+    entity_id     text NOT NULL,
+    service_id    text NOT NULL,
+    name          text NOT NULL,
+    value         text NOT NULL,
+    sent_at       bigint NOT NULL,
+    message       bigint NOT NULL
+);
+CREATE INDEX td_entity_attributes_entity ON td_entity_attributes (entity_key);
+CREATE TABLE td_entity_activity (
+    entity_key text NOT NULL,
+    day        bigint NOT NULL,
+    activities bigint NOT NULL,
+    PRIMARY KEY (entity_key, day)
+);
+CREATE INDEX td_entity_activity_day ON td_entity_activity (day);
+CREATE INDEX td_messages_account ON td_messages (md5(account_id)) WHERE account_id IS NOT NULL;
+"#;
+
 /// Migrations in order; version N is `MIGRATIONS[N - 1]`.
-const MIGRATIONS: &[&str] = &[V1, V2, V3];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

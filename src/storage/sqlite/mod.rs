@@ -6,6 +6,7 @@
 //! One process uses a file at a time (a lock file says so), so leases left
 //! by an earlier process are released at start without stealing live ones.
 
+mod entity;
 mod privacy;
 mod queue;
 mod reads;
@@ -380,6 +381,26 @@ impl Storage for SqliteStorage {
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StorageError> {
         self.read(move |c| privacy::audit_log(c, before, limit))
+            .await
+    }
+
+    async fn entity_attributes(
+        &self,
+        kind: EntityKind,
+        id: &str,
+    ) -> Result<Vec<EntityAttribute>, StorageError> {
+        let id = id.to_owned();
+        self.read(move |c| entity::attributes(c, kind, &id)).await
+    }
+
+    async fn entity_activity(
+        &self,
+        kind: EntityKind,
+        id: &str,
+        since_day: i64,
+    ) -> Result<Vec<DailyActivity>, StorageError> {
+        let id = id.to_owned();
+        self.read(move |c| entity::activity(c, kind, &id, since_day))
             .await
     }
 

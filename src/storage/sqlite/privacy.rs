@@ -59,6 +59,7 @@ pub(super) fn erase_user(
         )?;
     }
     c.execute("DELETE FROM page_categories WHERE user_id = ?1", [user])?;
+    super::entity::erase_user(c, user)?;
     c.execute(
         "INSERT INTO erasures (user_key, at, reason, messages) VALUES (?1, ?2, ?3, ?4)",
         params![user_key(user), now, erase.reason, ids.len() as i64],

@@ -272,17 +272,31 @@ pub(super) fn report(
     let mut reschedule = c.prepare_cached(
         "UPDATE queue SET next_attempt_at = ?2, leased_until = 0, lease = 0 WHERE message = ?1",
     )?;
-    let mut current = c.prepare_cached("SELECT lease FROM queue WHERE message = ?1")?;
+    // The lease, and what was sent before (with the stored requests when
+    // this report accepted more of them and does not carry them itself).
+    let mut current = c.prepare_cached(
+        "SELECT q.lease, m.sent, CASE WHEN ?2 > m.sent AND ?3 THEN m.requests END \
+         FROM queue q JOIN messages m ON m.id = q.message WHERE q.message = ?1",
+    )?;
     let mut stale = Vec::new();
+    let mut entities = super::super::entity::EntityWrites::default();
+    let today = day_of(now);
     for r in reports {
         // A report whose lease is not the message's current one is stale (the
         // lease ran out and another claim took the message, or finished it):
         // it must not overwrite that result.
-        let lease: Option<i64> = current.query_row([r.id], |row| row.get(0)).optional()?;
-        if lease != Some(r.lease) || r.lease == 0 {
+        let found: Option<(i64, u32, Option<String>)> = current
+            .query_row(params![r.id, r.sent, r.requests.is_none()], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?;
+        let Some((_, before, stored)) = found.filter(|f| f.0 == r.lease && r.lease != 0) else {
             tracing::warn!(id = r.id, "ignoring a stale delivery report");
             stale.push(r.id);
             continue;
+        };
+        if let Some(requests) = r.requests.as_deref().or(stored.as_deref()) {
+            entities.add(r.id, requests, before, r.sent, today);
         }
         let (state, code, reason) = r.disposition.outcome();
         let last = r.last.clone().unwrap_or_default();
@@ -307,6 +321,9 @@ pub(super) fn report(
             }
             _ => dequeue(c, r.id)?,
         }
+    }
+    if !entities.is_empty() {
+        super::entity::write(c, &entities, now)?;
     }
     Ok(stale)
 }

@@ -97,6 +97,28 @@ CREATE TABLE IF NOT EXISTS usage (
     name  TEXT PRIMARY KEY,
     bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Per-entity views (storage/entity.rs), written with delivery reports: the
+-- last value sent of each account or user attribute, activities per UTC day.
+CREATE TABLE IF NOT EXISTS entity_attributes (
+    kind       TEXT NOT NULL,
+    entity_id  TEXT NOT NULL,
+    service_id TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    sent_at    INTEGER NOT NULL,
+    message    INTEGER NOT NULL,
+    PRIMARY KEY (kind, entity_id, service_id, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entity_activity (
+    kind       TEXT NOT NULL,
+    entity_id  TEXT NOT NULL,
+    day        INTEGER NOT NULL,
+    activities INTEGER NOT NULL,
+    PRIMARY KEY (kind, entity_id, day)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entity_activity_day ON entity_activity(day);
+-- An account's messages, for its page.
+CREATE INDEX IF NOT EXISTS messages_account ON messages(account_id) WHERE account_id IS NOT NULL;
 "#;
 
 /// Counts what the refused messages already stored take (once, when the
@@ -112,7 +134,9 @@ const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
 /// 3: claims carry a lease token that reports must match.
 /// 4: the stored bytes of refused messages are counted (`usage`); user
 ///    erasures, suppressions and the audit trail; messages indexed by user.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+/// 5: per-entity views (`entity_attributes`, `entity_activity`); messages
+///    indexed by account.
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Refuses a damaged database file at start (truncated, overwritten, not a
 /// database) with a message that says what to do, instead of failing later
@@ -173,7 +197,7 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
                 Cause::of(e).context(format_args!("{}: upgrading from schema 1", path.display())),
             )
         }),
-        2 | 3 => {
+        2..=4 => {
             let tx = conn.unchecked_transaction()?;
             if version == 2 {
                 tx.execute_batch("ALTER TABLE queue ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;")?;

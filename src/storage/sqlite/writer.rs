@@ -145,6 +145,7 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
             "DELETE FROM dedupe WHERE accepted_at < ?1",
             [now - options.dedupe_window_ms],
         )?;
+        super::entity::prune(c, now)?;
         let mut more = false;
         // Each delete answers the bytes its refused rows counted (`usage`).
         let delete = |condition: &str, before: Millis| -> rusqlite::Result<bool> {
