@@ -7,6 +7,7 @@
 //! every request look local, so there is no "local only" exception. Without a
 //! configured token one is generated at first start (see [`auth`]).
 
+mod history;
 mod privacy;
 
 pub use privacy::Actor;
@@ -33,6 +34,9 @@ const PAGE: &str = include_str!("page.html");
 const LOGIN: &str = include_str!("login.html");
 const SCRIPT: &str = include_str!("page.js");
 const STYLE: &str = include_str!("page.css");
+/// uPlot (vendor/README.md), for the page's charts.
+const UPLOT_SCRIPT: &str = include_str!("vendor/uPlot.iife.min.js");
+const UPLOT_STYLE: &str = include_str!("vendor/uPlot.min.css");
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 /// Most bytes of message views one list answer carries; the rest is on the
@@ -50,6 +54,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/messages/{id}/replay", post(replay_one))
         .route("/api/replay", post(replay_matching))
         .route("/api/stats", get(stats))
+        .route("/api/history", get(history::history))
         .route("/api/users/{user_id}", delete(privacy::erase_user))
         .route(
             "/api/suppressions",
@@ -69,6 +74,8 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/logout", post(logout))
         .route("/assets/operator.js", get(script))
         .route("/assets/operator.css", get(style))
+        .route("/assets/uplot.js", get(uplot_script))
+        .route("/assets/uplot.css", get(uplot_style))
         .merge(api)
 }
 
@@ -125,6 +132,20 @@ async fn script() -> impl IntoResponse {
 
 async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+async fn uplot_script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        UPLOT_SCRIPT,
+    )
+}
+
+async fn uplot_style() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        UPLOT_STYLE,
+    )
 }
 
 #[derive(Deserialize)]
@@ -546,9 +567,16 @@ async fn stats(Extract(state): Extract<AdminState>) -> Result<Json<Value>, ApiEr
     let oldest = queue
         .oldest_received_at
         .map(|t| (now_millis() - t).max(0) as f64 / 1000.0);
+    // Totango's health, with what waits for it: the whole queue, since
+    // every queued message goes to Totango.
+    let mut totango = serde_json::to_value(state.delivery.health()).unwrap_or_default();
+    if let Some(t) = totango.as_object_mut() {
+        t.insert("waiting".into(), queue.depth.into());
+    }
     Ok(Json(json!({
         "outcomes": by_outcome,
         "queue": {"depth": queue.depth, "oldest_pending_age_seconds": oldest},
         "delivery": state.delivery.stats(),
+        "totango": totango,
     })))
 }

@@ -5,6 +5,7 @@
 //! SQLite's own cases follow: restart recovery, the upgrade from schema 1,
 //! retention, damaged files, one process per file.
 
+mod history;
 mod limits;
 mod postgres;
 
