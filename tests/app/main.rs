@@ -10,6 +10,7 @@ mod admin;
 mod browser;
 mod cli;
 mod delivery;
+mod history;
 mod hostile;
 mod insights;
 mod limits;
