@@ -133,7 +133,8 @@ pub struct RttHistogram(pub [u64; RTT_BUCKETS]);
 impl RttHistogram {
     /// The bucket a round trip of `ms` milliseconds falls into.
     pub fn bucket_of(ms: f64) -> usize {
-        if !(ms >= std::f64::consts::SQRT_2) {
+        // Also NaN.
+        if ms.is_nan() || ms < std::f64::consts::SQRT_2 {
             return 0;
         }
         ((2.0 * ms.log2()).floor() as usize).min(RTT_BUCKETS - 1)
