@@ -128,11 +128,13 @@ function showHealth(t) {
   box.dataset.state = t.state;
   box.className = "health " + t.state;
   let label = HEALTH_LABELS[t.state] || ("Totango: " + t.state);
-  if (t.state === "paused" && t.until) label += " until " + when(t.until);
-  if (t.state === "unreachable" && t.since) label += " since " + when(t.since);
-  if (t.state === "refusing" && t.since) label += " since " + when(t.since);
+  if (t.state === "paused" && t.until) label += " until " + when(t.until) + " UTC";
+  if (t.state === "unreachable" && t.since) label += " since " + when(t.since) + " UTC";
+  if (t.state === "refusing" && t.since) label += " since " + when(t.since) + " UTC";
   $("totango-state").textContent = label;
-  $("totango-summary").textContent = t.summary || "";
+  const rtt = t.rtt_p50_ms != null ? "median round trip " + (t.rtt_p50_ms >= 1000 ? (t.rtt_p50_ms / 1000).toFixed(1) + " s" : t.rtt_p50_ms.toFixed(0) + " ms") : "";
+  $("totango-summary").textContent = t.last_error ? "· last error: " + t.last_error : rtt ? "· " + rtt : "";
+  box.title = t.summary || "";
   const troubled = !["idle", "normal"].includes(t.state);
   $("totango-waiting").textContent = troubled && t.waiting ? "· " + t.waiting + " message(s) wait for it" : "";
 }
@@ -153,7 +155,7 @@ const historyPlots = {};
 function historyOptions(chart, width) {
   const axes = [{}].concat(chart.axes.map((a) => ({ label: a.label, scale: a.scale || "y", side: a.side ?? 3, grid: { show: !a.side } })));
   const series = [{}].concat(chart.series.map(([key, stroke, label, scale]) => ({
-    label: label || key, stroke, scale: scale || "y", width: 1.5, spanGaps: false, points: { show: false } })));
+    label: label || key, stroke, scale: scale || "y", width: 1.5, spanGaps: false })));
   const scales = { x: { time: true } };
   for (const a of chart.axes) scales[a.scale || "y"] = { range: (u, min, max) => [0, Math.max(1, max)] };
   return { width, height: 200, axes, series, scales, legend: { live: false } };
