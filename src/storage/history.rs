@@ -390,24 +390,6 @@ pub async fn flush_loop(
     }
 }
 
-/// Aggregates stored minutes into buckets of `step_ms` from `from`: what a
-/// backend returns when it cannot group in SQL, and what tests compare with.
-pub fn bucket_rows(rows: Vec<HistoryRow>, step_ms: Millis) -> Vec<HistoryRow> {
-    let mut out: Vec<HistoryRow> = Vec::new();
-    for row in rows {
-        let at = row.at.div_euclid(step_ms) * step_ms;
-        match out.last_mut() {
-            Some(last) if last.at == at => last.merge(&row),
-            _ => {
-                let mut b = HistoryRow::new(at);
-                b.merge(&row);
-                out.push(b);
-            }
-        }
-    }
-    out
-}
-
 /// Checks a history write before it reaches the database.
 pub(crate) fn check_rows(rows: &[HistoryRow]) -> Result<(), StorageError> {
     for r in rows {
@@ -486,21 +468,5 @@ mod tests {
         let (counts, rtt) = c.take();
         assert!(counts.is_zero());
         assert_eq!(rtt.total(), 0);
-    }
-
-    #[test]
-    fn rows_bucket_by_step() {
-        let mut rows = Vec::new();
-        for m in 0..6 {
-            let mut r = HistoryRow::new(m * MINUTE_MS);
-            r.counts.set(Count::Accepted, 1);
-            r.gauges.queue_depth = Some(m as u64);
-            rows.push(r);
-        }
-        let b = bucket_rows(rows, 3 * MINUTE_MS);
-        assert_eq!(b.len(), 2);
-        assert_eq!(b[1].at, 3 * MINUTE_MS);
-        assert_eq!(b[1].counts.get(Count::Accepted), 3);
-        assert_eq!(b[1].gauges.queue_depth, Some(5));
     }
 }

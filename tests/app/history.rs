@@ -272,3 +272,36 @@ async fn unreachable_totango_is_said_in_stats_and_metrics() {
         "{metrics}"
     );
 }
+
+/// Two replicas on one PostgreSQL database (two apps in this process, each
+/// with its own storage and delivery): each one's `/api/history` shows what
+/// both accepted and delivered. Skipped without `TEST_DATABASE_URL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgresql_show_one_history() {
+    let Some(db) = crate::support::pg::TestDatabase::create("two replicas, one history") else {
+        return;
+    };
+    let fake = FakeTotango::ok().await;
+    let place = crate::support::place();
+    let mut config = crate::support::config(&place, &fake.uri());
+    config.storage.url = db.url().to_owned();
+    config.admin.token = Some(ADMIN.into());
+    let a = TestApp::start(config.clone()).await;
+    let b = TestApp::start(config).await;
+    let http = reqwest::Client::new();
+    for user in ["a1", "a2"] {
+        track(&http, &a.base, user).await;
+    }
+    for user in ["b1", "b2", "b3"] {
+        track(&http, &b.base, user).await;
+    }
+    for app in [&a, &b] {
+        let h = history_when(&http, &app.base, "hour", |t| {
+            t["accepted"] == 5 && t["delivered"] == 5
+        })
+        .await;
+        assert_eq!(h["totals"]["duplicate"], 0, "{h}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
