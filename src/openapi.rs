@@ -30,6 +30,7 @@ use utoipa::{Modify, OpenApi};
         crate::admin::replay_one,
         crate::admin::replay_matching,
         crate::admin::stats,
+        crate::admin::history::history,
         crate::admin::entity::account,
         crate::admin::entity::user,
         crate::admin::privacy::erase_user,

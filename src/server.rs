@@ -160,6 +160,22 @@ pub async fn run_with_storage(
     let delivery = Delivery::new(storage.clone(), runtime.clone())?;
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.clone().run(stop_delivery.clone()));
+    // The per-minute history: counts written every few seconds, the last
+    // ones after delivery stopped.
+    let stop_history = CancellationToken::new();
+    let history_task = tokio::spawn(crate::storage::history::flush_loop(
+        storage.clone(),
+        {
+            let delivery = delivery.clone();
+            move || delivery.stats().concurrency_limit as u64
+        },
+        crate::storage::history::HistoryOptions {
+            retention_ms: (runtime.config.storage.history_retention_secs as i64)
+                .saturating_mul(1000),
+            flush_every: crate::storage::history::FLUSH_EVERY,
+        },
+        stop_history.clone(),
+    ));
     let limits = runtime.config.limits.clone();
     let insights = crate::insights::spawn(runtime.clone());
     let client_rates = Arc::new(ClientRates::new(&runtime));
@@ -244,6 +260,8 @@ pub async fn run_with_storage(
     stop_monitor.cancel();
     let _ = monitor.await;
     let _ = delivery_task.await;
+    stop_history.cancel();
+    let _ = history_task.await;
     insights.stop().await;
     storage.close().await;
     tracing::info!("stopped; undelivered messages stay stored for the next start");

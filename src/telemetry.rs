@@ -31,6 +31,9 @@ pub const CONCURRENCY_LIMIT: &str = "td_delivery_concurrency_limit";
 pub const LIMIT_BREACHES: &str = "td_totango_limit_breaches_total";
 /// Mean round-trip time of requests to Totango over the last window.
 pub const DELIVERY_RTT: &str = "td_delivery_rtt_seconds";
+/// Totango's health as delivery sees it: 1 for the current `state` (idle,
+/// normal, slow, refusing, paused, unreachable), 0 for the others.
+pub const TOTANGO_HEALTH: &str = "td_totango_health";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics() -> &'static PrometheusHandle {
@@ -69,6 +72,10 @@ pub fn metrics() -> &'static PrometheusHandle {
                 "Mean round-trip time of requests to Totango (last window)"
             );
             metrics::describe_gauge!(
+                TOTANGO_HEALTH,
+                "Totango's health: 1 for the current state (idle, normal, slow, refusing, paused, unreachable)"
+            );
+            metrics::describe_gauge!(
                 OLDEST_PENDING,
                 "Age of the oldest message waiting for delivery"
             );
@@ -84,6 +91,14 @@ pub fn metrics() -> &'static PrometheusHandle {
 /// Counts one message reaching a final outcome.
 pub fn count_outcome(outcome: &'static str) {
     metrics::counter!(OUTCOMES, "outcome" => outcome).increment(1);
+}
+
+/// Sets `td_totango_health`: 1 for `current`, 0 for the other states.
+pub fn totango_health<const N: usize>(current: &'static str, all: [&'static str; N]) {
+    for state in all {
+        let value = if state == current { 1.0 } else { 0.0 };
+        metrics::gauge!(TOTANGO_HEALTH, "state" => state).set(value);
+    }
 }
 
 /// Counts one breach of Totango's limits (`rule` is a fixed rule name).

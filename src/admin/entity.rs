@@ -3,10 +3,12 @@
 //! what the entity sent, the last value of each attribute sent to Totango,
 //! activities per day and failures. Read only.
 
+use super::views::{ActivityView, DayCount, EntityView, FailuresView, MessageSummary};
 use super::{html, peer, storage_error, too_many};
 use crate::storage::{
     EntityKind, MessageFilter, State, Storage, StoredMessage, day_of, now_millis,
 };
+use crate::web::answers::ErrorBody;
 use crate::web::auth::{AdminAuth, Check};
 use crate::web::{AdminState, ApiError};
 use axum::Json;
@@ -14,8 +16,6 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State as Extract};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use super::views::{ActivityView, DayCount, EntityView, FailuresView, MessageSummary};
-use crate::web::answers::ErrorBody;
 use std::sync::Arc;
 
 const PAGE: &str = include_str!("entity.html");

@@ -8,6 +8,7 @@
 //! configured token one is generated at first start (see [`auth`]).
 
 pub mod entity;
+pub mod history;
 pub mod privacy;
 pub mod views;
 
@@ -26,7 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use views::{MessagePage, MessageView, QueueView, Replayed, Stats};
+use views::{MessagePage, MessageView, QueueView, Replayed, Stats, TotangoView};
 
 /// Most bytes of a `POST /login` body (a form with one token field).
 pub const LOGIN_BODY_LIMIT: usize = 4096;
@@ -35,6 +36,9 @@ const PAGE: &str = include_str!("page.html");
 const LOGIN: &str = include_str!("login.html");
 const SCRIPT: &str = include_str!("page.js");
 const STYLE: &str = include_str!("page.css");
+/// uPlot (vendor/README.md), for the page's charts.
+const UPLOT_SCRIPT: &str = include_str!("vendor/uPlot.iife.min.js");
+const UPLOT_STYLE: &str = include_str!("vendor/uPlot.min.css");
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 /// Most bytes of message views one list answer carries; the rest is on the
@@ -56,6 +60,7 @@ pub fn routes(state: AppState, operator_api: Router<AppState>) -> Router<AppStat
         .route("/api/replay", post(replay_matching))
         .route("/api/stats", get(stats))
         .route("/api/accounts/{id}", get(entity::account))
+        .route("/api/history", get(history::history))
         .route(
             "/api/users/{user_id}",
             get(entity::user).delete(privacy::erase_user),
@@ -82,6 +87,8 @@ pub fn routes(state: AppState, operator_api: Router<AppState>) -> Router<AppStat
         .route("/accounts/{id}", get(entity::page))
         .route("/users/{id}", get(entity::page))
         .route("/assets/entity.js", get(entity::script))
+        .route("/assets/uplot.js", get(uplot_script))
+        .route("/assets/uplot.css", get(uplot_style))
         .merge(api)
 }
 
@@ -138,6 +145,20 @@ async fn script() -> impl IntoResponse {
 
 async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+async fn uplot_script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        UPLOT_SCRIPT,
+    )
+}
+
+async fn uplot_style() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        UPLOT_STYLE,
+    )
 }
 
 #[derive(Deserialize)]
@@ -593,6 +614,8 @@ pub async fn stats(Extract(state): Extract<AdminState>) -> Result<Json<Stats>, A
     let oldest = queue
         .oldest_received_at
         .map(|t| (now_millis() - t).max(0) as f64 / 1000.0);
+    // Totango's health, with what waits for it: the whole queue, since
+    // every queued message goes to Totango.
     Ok(Json(Stats {
         outcomes,
         queue: QueueView {
@@ -600,5 +623,9 @@ pub async fn stats(Extract(state): Extract<AdminState>) -> Result<Json<Stats>, A
             oldest_pending_age_seconds: oldest,
         },
         delivery: state.delivery.stats(),
+        totango: TotangoView {
+            health: state.delivery.health(),
+            waiting: queue.depth,
+        },
     }))
 }

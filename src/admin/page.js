@@ -41,6 +41,7 @@ async function loadStats() {
   const age = s.queue.oldest_pending_age_seconds;
   $("queue").textContent = "queue: " + s.queue.depth + (age != null ? " · oldest " + age.toFixed(1) + " s" : "");
   showDelivery(s.delivery);
+  showHealth(s.totango);
 }
 function showDelivery(d) {
   if (!d) return;
@@ -157,6 +158,77 @@ async function loadAudit() {
 $("audit-older").addEventListener("click", () => { auditCursor = auditNext; loadAudit().catch((e) => notice(e.message, "error")); });
 $("audit-newest").addEventListener("click", () => { auditCursor = null; loadAudit().catch((e) => notice(e.message, "error")); });
 
+// Totango's health (GET /api/stats "totango"), the banner at the top.
+const HEALTH_LABELS = { idle: "Totango: nothing sent yet", normal: "Totango answers normally", slow: "Totango is slow",
+  refusing: "Totango refuses requests", paused: "Totango paused us (429)", unreachable: "Totango is unreachable" };
+function showHealth(t) {
+  if (!t) return;
+  const box = $("totango-health");
+  box.dataset.state = t.state;
+  box.className = "health " + t.state;
+  let label = HEALTH_LABELS[t.state] || ("Totango: " + t.state);
+  if (t.state === "paused" && t.until) label += " until " + when(t.until) + " UTC";
+  if (t.state === "unreachable" && t.since) label += " since " + when(t.since) + " UTC";
+  if (t.state === "refusing" && t.since) label += " since " + when(t.since) + " UTC";
+  $("totango-state").textContent = label;
+  const rtt = t.rtt_p50_ms != null ? "median round trip " + (t.rtt_p50_ms >= 1000 ? (t.rtt_p50_ms / 1000).toFixed(1) + " s" : t.rtt_p50_ms.toFixed(0) + " ms") : "";
+  $("totango-summary").textContent = t.last_error ? "· last error: " + t.last_error : rtt ? "· " + rtt : "";
+  box.title = t.summary || "";
+  const troubled = !["idle", "normal"].includes(t.state);
+  $("totango-waiting").textContent = troubled && t.waiting ? "· " + t.waiting + " message(s) wait for it" : "";
+}
+
+// History charts (GET /api/history, uPlot). Each chart's container keeps
+// `data-points`: the buckets with at least one value.
+const HISTORY_CHARTS = [
+  { id: "chart-throughput", axes: [{ label: "messages" }], series: [
+    ["accepted", "#3b5bdb"], ["delivered", "#2b8a3e"], ["failed", "#e8590c", "failed attempts"], ["rejected", "#c92a2a"],
+    ["duplicate", "#b35c00"], ["dead", "#862e9c"], ["filtered", "#868e96"]] },
+  { id: "chart-queue", axes: [{ label: "messages", scale: "n" }, { label: "seconds", scale: "s", side: 1 }], series: [
+    ["queue_depth", "#3b5bdb", "queue depth", "n"], ["oldest_pending_age_seconds", "#c92a2a", "oldest pending (s)", "s"]] },
+  { id: "chart-totango", axes: [{ label: "ms", scale: "ms" }, { label: "limit", scale: "n", side: 1 }], series: [
+    ["rtt_p50_ms", "#2b8a3e", "round trip p50 (ms)", "ms"], ["rtt_p99_ms", "#e8590c", "round trip p99 (ms)", "ms"],
+    ["concurrency_limit", "#3b5bdb", "concurrency limit", "n"]] },
+];
+const historyPlots = {};
+function historyOptions(chart, width) {
+  const axes = [{}].concat(chart.axes.map((a) => ({ label: a.label, scale: a.scale || "y", side: a.side ?? 3, grid: { show: !a.side } })));
+  const series = [{}].concat(chart.series.map(([key, stroke, label, scale]) => ({
+    label: label || key, stroke, scale: scale || "y", width: 1.5, spanGaps: false })));
+  const scales = { x: { time: true } };
+  for (const a of chart.axes) scales[a.scale || "y"] = { range: (u, min, max) => [0, Math.max(1, max)] };
+  return { width, height: 200, axes, series, scales, legend: { live: false } };
+}
+async function loadHistory() {
+  if (typeof uPlot === "undefined") { $("history-note").textContent = "charts unavailable"; return; }
+  const range = $("history-range").value;
+  const h = await api("/api/history?range=" + encodeURIComponent(range));
+  const s = h.series;
+  const xs = s.time.map((t) => t / 1000);
+  $("history-note").textContent = "one point per " + (h.step_seconds >= 120 ? h.step_seconds / 60 + " minutes" : "minute");
+  for (const chart of HISTORY_CHARTS) {
+    const box = $(chart.id);
+    const data = [xs].concat(chart.series.map(([key]) => s[key]));
+    box.dataset.points = String(xs.filter((_, i) => data.slice(1).some((ys) => ys[i] != null)).length);
+    box.dataset.range = range;
+    const width = Math.max(300, box.clientWidth || 600);
+    if (!historyPlots[chart.id]) historyPlots[chart.id] = new uPlot(historyOptions(chart, width), data, box);
+    else { historyPlots[chart.id].setData(data); historyPlots[chart.id].setSize({ width, height: 200 }); }
+  }
+}
+function startHistory() {
+  const load = () => loadHistory().catch((e) => notice(e.message, "error"));
+  $("history-range").addEventListener("change", load);
+  window.addEventListener("resize", () => {
+    for (const chart of HISTORY_CHARTS) {
+      const p = historyPlots[chart.id];
+      if (p) p.setSize({ width: Math.max(300, $(chart.id).clientWidth || 600), height: 200 });
+    }
+  });
+  setInterval(() => { if ($("auto").checked) load(); }, 15000);
+  load();
+}
+
 async function refresh() {
   try { await loadStats(); await loadMessages(); await loadRuns(); if (!auditCursor) await loadAudit(); }
   catch (e) { notice(e.message, "error"); }
@@ -175,3 +247,4 @@ $("replay-all").addEventListener("click", async () => {
 entitySearch();
 setInterval(() => { if ($("auto").checked && !cursor) refresh(); }, 5000);
 refresh();
+startHistory();

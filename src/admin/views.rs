@@ -2,6 +2,7 @@
 //! (`/api/openapi.json`) is generated from what is sent.
 
 use crate::delivery::ConcurrencyStats;
+use crate::delivery::health::TotangoHealth;
 use crate::storage::{
     AuditRecord, EntityAttribute, EntityKind, Erased, LastResponse, State, StoredMessage,
     Suppression,
@@ -118,6 +119,16 @@ pub struct Stats {
     pub outcomes: BTreeMap<String, u64>,
     pub queue: QueueView,
     pub delivery: ConcurrencyStats,
+    pub totango: TotangoView,
+}
+
+/// Totango's health as this replica sees it, and how many messages wait
+/// for it (the whole queue: every queued message goes to Totango).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TotangoView {
+    #[serde(flatten)]
+    pub health: TotangoHealth,
+    pub waiting: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

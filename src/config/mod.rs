@@ -87,6 +87,7 @@ impl Default for Config {
                 heartbeat_secs: 3,
                 replica_timeout_secs: 15,
                 pool_size: 8,
+                history_retention_secs: 8 * 24 * 3600,
             },
             totango: SettingsPatch::default(),
             auth: AuthConfig::default(),
@@ -315,6 +316,15 @@ impl Config {
                 format!("must be at least {min_timeout} (three times storage.heartbeat_secs)"),
             ));
         }
+        if self.storage.history_retention_secs < storage::MIN_HISTORY_RETENTION_SECS {
+            return Err(ConfigError::invalid(
+                "storage.history_retention_secs",
+                format!(
+                    "must be at least {} (an hour: the operator page's shortest chart)",
+                    storage::MIN_HISTORY_RETENTION_SECS
+                ),
+            ));
+        }
         if !(1..=1000).contains(&self.storage.pool_size) {
             return Err(ConfigError::invalid(
                 "storage.pool_size",
@@ -535,6 +545,15 @@ mod tests {
             jail.set_env("TD_LISTEN", "nowhere");
             let e = Config::load(None).unwrap().validate().unwrap_err();
             assert!(e.to_string().starts_with("listen"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TD_STORAGE__HISTORY_RETENTION_SECS", "60");
+            let e = Config::load(None).unwrap().validate().unwrap_err();
+            assert!(
+                e.to_string().starts_with("storage.history_retention_secs"),
+                "{e}"
+            );
             Ok(())
         });
         Jail::expect_with(|jail| {

@@ -39,7 +39,13 @@ pub struct StorageConfig {
     pub replica_timeout_secs: u64,
     /// Database connections each process keeps (PostgreSQL).
     pub pool_size: u32,
+    /// How long the per-minute history behind the operator page's charts
+    /// is kept; at least an hour.
+    pub history_retention_secs: u64,
 }
+
+/// The shortest `storage.history_retention_secs`: the page's shortest chart.
+pub const MIN_HISTORY_RETENTION_SECS: u64 = 3600;
 
 fn serialize_storage_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_storage_url(url))

@@ -6,11 +6,13 @@
 pub mod client;
 pub mod concurrency;
 pub mod endpoint;
+pub mod health;
 pub mod policy;
 
 use crate::config::Runtime;
 use crate::mapping::{self, Outcome, SettingsPatch, TotangoRequest};
 use crate::segment::Message;
+use crate::storage::history::Count;
 use crate::storage::{
     Claimed, Disposition, LastResponse, Millis, Report, State, Storage, now_millis,
 };
@@ -19,6 +21,7 @@ use client::TotangoClient;
 pub use concurrency::ConcurrencyStats;
 use concurrency::{AdaptiveConcurrency, Signal};
 use endpoint::{Admission, Change, EndpointState, Health, ProbePolicy};
+use health::{HealthState, HealthTracker, TotangoHealth};
 use policy::{Backoff, Verdict};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +78,9 @@ pub struct Delivery {
     stopping: CancellationToken,
     /// Results that could not be recorded are said once a minute.
     quiet_reports: telemetry::Throttle,
+    /// Totango's health as the operator sees it, and the state last
+    /// published as the `td_totango_health` metric.
+    health: Mutex<(HealthTracker, Option<HealthState>)>,
 }
 
 /// A claimed message in this process's hands. Dropped before its report was
@@ -141,6 +147,8 @@ impl Delivery {
             pauses_read: Mutex::new(None),
             stopping: CancellationToken::new(),
             quiet_reports: telemetry::Throttle::default(),
+            // Slow: a median round trip over a quarter of the timeout.
+            health: Mutex::new((HealthTracker::new(timeout / 4), None)),
         }))
     }
 
@@ -152,6 +160,25 @@ impl Delivery {
     /// The adaptive concurrency as it stands.
     pub fn stats(&self) -> ConcurrencyStats {
         self.concurrency.stats()
+    }
+
+    /// Totango's health as this process sees it now.
+    pub fn health(&self) -> TotangoHealth {
+        self.health
+            .lock()
+            .expect("health lock")
+            .0
+            .report(now_millis())
+    }
+
+    /// Sets the `td_totango_health` gauges when the state changed.
+    fn publish_health(&self) {
+        let mut health = self.health.lock().expect("health lock");
+        let state = health.0.state_at(now_millis());
+        if health.1 != Some(state) {
+            health.1 = Some(state);
+            telemetry::totango_health(state.as_str(), HealthState::ALL.map(|s| s.as_str()));
+        }
     }
 
     /// Runs until `shutdown`, then claims nothing more, gives back what it
@@ -168,6 +195,7 @@ impl Delivery {
         let mut hold: Option<(Millis, u64)> = None;
         loop {
             while tasks.try_join_next().is_some() {}
+            self.publish_health();
             let free = self.concurrency.free();
             // Claim in batches sized to the free permits: waiting until a
             // quarter of the limit is free keeps claims (commits) few.
@@ -408,6 +436,7 @@ impl Delivery {
                 .or_default()
                 .throttle(until);
         }
+        self.health.lock().expect("health lock").0.paused(until);
         self.share_pause(endpoint, until).await;
     }
 
@@ -441,7 +470,10 @@ impl Delivery {
                                 );
                             }
                         }
-                        None => endpoints.entry(key).or_default().throttle(until),
+                        None => {
+                            endpoints.entry(key).or_default().throttle(until);
+                            self.health.lock().expect("health lock").0.paused(until);
+                        }
                     }
                 }
             }
@@ -674,6 +706,21 @@ impl Delivery {
             None => "error",
         };
         metrics::counter!(telemetry::ATTEMPTS, "class" => class).increment(1);
+        let history = self.storage.history_counters();
+        history.add(Count::Attempts, 1);
+        if policy::verdict(status) != Verdict::Success {
+            history.add(Count::Failed, 1);
+        }
+        if !attempt.connect_error {
+            history.round_trip(rtt);
+        }
+        self.health.lock().expect("health lock").0.attempt(
+            now_millis(),
+            status,
+            attempt.connect_error,
+            attempt.error.as_deref(),
+            rtt,
+        );
         report.attempted = true;
         let health = Health::of(status, attempt.connect_error);
         self.record_health(

@@ -10,6 +10,8 @@ pub struct LateStorage {
     inner: OnceLock<Arc<dyn Storage>>,
     why: RwLock<StorageError>,
     notify: Arc<Notify>,
+    /// Counts made before a backend is installed (none are expected).
+    counters: HistoryCounters,
 }
 
 impl LateStorage {
@@ -19,6 +21,7 @@ impl LateStorage {
             inner: OnceLock::new(),
             why: RwLock::new(why),
             notify: Arc::new(Notify::new()),
+            counters: HistoryCounters::default(),
         }
     }
 
@@ -131,5 +134,20 @@ impl Storage for LateStorage {
         since_day: i64,
     ) -> Result<Vec<DailyActivity>, StorageError> {
         self.get()?.entity_activity(kind, id, since_day).await
+    }
+    fn history_counters(&self) -> &HistoryCounters {
+        match self.inner.get() {
+            Some(s) => s.history_counters(),
+            None => &self.counters,
+        }
+    }
+    async fn add_history(&self, rows: Vec<HistoryRow>) -> Result<(), StorageError> {
+        self.get()?.add_history(rows).await
+    }
+    async fn history(&self, query: HistoryQuery) -> Result<Vec<HistoryRow>, StorageError> {
+        self.get()?.history(query).await
+    }
+    async fn prune_history(&self, before: Millis) -> Result<u64, StorageError> {
+        self.get()?.prune_history(before).await
     }
 }

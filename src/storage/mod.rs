@@ -6,6 +6,7 @@
 
 mod entity;
 mod error;
+pub mod history;
 mod late;
 pub mod postgres;
 pub mod privacy;
@@ -13,6 +14,7 @@ mod sqlite;
 
 pub use entity::{ACTIVITY_DAYS_KEPT, DailyActivity, EntityAttribute, EntityKind, day_of};
 pub use error::{AcceptError, Cause, StorageError};
+pub use history::{HistoryCounters, HistoryQuery, HistoryRow};
 pub use late::LateStorage;
 pub use postgres::PostgresStorage;
 pub use privacy::{AuditEntry, AuditRecord, Erase, Erased, Suppression};
@@ -640,4 +642,26 @@ pub trait Storage: Send + Sync + 'static {
         id: &str,
         since_day: i64,
     ) -> Result<Vec<DailyActivity>, StorageError>;
+
+    // The per-minute history behind the operator page's charts
+    // (`history.rs`), shared by every process on this storage.
+
+    /// What this process counted for the history and has not written yet:
+    /// backends count the messages they store and the outcomes they record;
+    /// delivery adds its attempts and round trips.
+    fn history_counters(&self) -> &HistoryCounters;
+
+    /// Adds `rows` (whole minutes) into the stored history in one
+    /// transaction: counts and round-trip buckets add up, gauges keep the
+    /// highest value.
+    async fn add_history(&self, rows: Vec<HistoryRow>) -> Result<(), StorageError>;
+
+    /// The stored history of `query.from..query.to`, summed into buckets of
+    /// `query.step_ms`, oldest first; buckets with no minutes stored are
+    /// left out.
+    async fn history(&self, query: HistoryQuery) -> Result<Vec<HistoryRow>, StorageError>;
+
+    /// Deletes the history of minutes before `before`; returns how many
+    /// minutes went.
+    async fn prune_history(&self, before: Millis) -> Result<u64, StorageError>;
 }

@@ -11,6 +11,7 @@ mod browser;
 mod cli;
 mod delivery;
 mod entity;
+mod history;
 mod hostile;
 mod insights;
 mod limits;

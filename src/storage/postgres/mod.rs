@@ -10,11 +10,12 @@
 //! pruning), `queue.rs` (the queue's SQL), `reads.rs` (rows for the operator
 //! and filters), `replica.rs` (liveness and heartbeats), `listen.rs` (the
 //! work signal), `schema.rs` (versioned migrations), `text.rs` (text as
-//! PostgreSQL stores and indexes it).
+//! PostgreSQL stores and indexes it), `history.rs` (the per-minute history).
 //!
 //! PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
 
 mod entity;
+mod history;
 mod listen;
 mod privacy;
 mod queue;
@@ -55,6 +56,8 @@ pub struct PostgresStorage {
     writer_task: Mutex<Option<JoinHandle<()>>>,
     listener_task: Mutex<Option<JoinHandle<()>>>,
     heartbeat_task: Mutex<Option<JoinHandle<()>>>,
+    /// Counts for the history, not yet written.
+    counters: HistoryCounters,
 }
 
 struct Inner {
@@ -179,6 +182,7 @@ impl PostgresStorage {
             writer_task: Mutex::new(Some(writer_task)),
             listener_task: Mutex::new(Some(listener_task)),
             heartbeat_task: Mutex::new(Some(heartbeat_task)),
+            counters: HistoryCounters::default(),
         })
     }
 
@@ -362,6 +366,7 @@ impl Storage for PostgresStorage {
             return Err(StorageError::Closed.into());
         };
         let (reply, answer) = oneshot::channel();
+        let states: Vec<State> = batch.iter().map(|m| m.state).collect();
         sender
             .send(AcceptCall {
                 batch,
@@ -370,7 +375,14 @@ impl Storage for PostgresStorage {
             })
             .await
             .map_err(|_| StorageError::Closed)?;
-        answer.await.map_err(|_| StorageError::Closed)?
+        let out = answer.await.map_err(|_| StorageError::Closed)??;
+        self.counters.accepted(
+            states
+                .into_iter()
+                .zip(&out)
+                .map(|(s, a)| (s, matches!(a, Acceptance::Duplicate { .. }))),
+        );
+        Ok(out)
     }
 
     async fn claim(&self, limit: usize) -> Result<ClaimBatch, StorageError> {
@@ -383,7 +395,18 @@ impl Storage for PostgresStorage {
         if reports.is_empty() {
             return Ok(Vec::new());
         }
-        self.inner.finish(self.inner.report(reports).await)
+        let outcomes: Vec<(i64, State)> = reports
+            .iter()
+            .map(|r| (r.id, r.disposition.outcome().0))
+            .collect();
+        let stale = self.inner.finish(self.inner.report(reports).await)?;
+        for (id, state) in outcomes {
+            if let Some(c) = super::history::Count::of_state(state).filter(|_| !stale.contains(&id))
+            {
+                self.counters.add(c, 1);
+            }
+        }
+        Ok(stale)
     }
 
     fn notifier(&self) -> Arc<Notify> {
@@ -629,6 +652,32 @@ impl Storage for PostgresStorage {
             ),
         }
         self.inner.pool.close().await;
+    }
+
+    fn history_counters(&self) -> &HistoryCounters {
+        &self.counters
+    }
+
+    async fn add_history(&self, rows: Vec<HistoryRow>) -> Result<(), StorageError> {
+        self.inner.check_open()?;
+        super::history::check_rows(&rows)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .finish(history::add(&self.inner.pool, &rows).await)
+    }
+
+    async fn history(&self, query: HistoryQuery) -> Result<Vec<HistoryRow>, StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(history::read(&self.inner.pool, query).await)
+    }
+
+    async fn prune_history(&self, before: Millis) -> Result<u64, StorageError> {
+        self.inner.check_open()?;
+        self.inner
+            .finish(history::prune(&self.inner.pool, before).await)
     }
 }
 

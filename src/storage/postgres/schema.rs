@@ -193,8 +193,36 @@ CREATE INDEX td_entity_activity_day ON td_entity_activity (day);
 CREATE INDEX td_messages_account ON td_messages (md5(account_id)) WHERE account_id IS NOT NULL;
 "#;
 
+/// The per-minute history behind the operator page's charts (history.rs),
+/// one row per minute shared by every replica: counts added up, gauges the
+/// highest value sampled in the minute; Totango round trips by log bucket.
+const V5: &str = r#"
+CREATE TABLE td_history (
+    minute            bigint PRIMARY KEY,
+    accepted          bigint NOT NULL DEFAULT 0,
+    delivered         bigint NOT NULL DEFAULT 0,
+    attempts          bigint NOT NULL DEFAULT 0,
+    failed            bigint NOT NULL DEFAULT 0,
+    rejected          bigint NOT NULL DEFAULT 0,
+    duplicate         bigint NOT NULL DEFAULT 0,
+    dead              bigint NOT NULL DEFAULT 0,
+    filtered          bigint NOT NULL DEFAULT 0,
+    unsupported       bigint NOT NULL DEFAULT 0,
+    suppressed        bigint NOT NULL DEFAULT 0,
+    queue_depth       bigint,
+    oldest_pending_ms bigint,
+    concurrency_limit bigint
+);
+CREATE TABLE td_history_rtt (
+    minute bigint NOT NULL,
+    bucket integer NOT NULL,
+    count  bigint NOT NULL,
+    PRIMARY KEY (minute, bucket)
+);
+"#;
+
 /// Migrations in order; version N is `MIGRATIONS[N - 1]`.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

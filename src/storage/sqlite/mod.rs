@@ -7,6 +7,7 @@
 //! by an earlier process are released at start without stealing live ones.
 
 mod entity;
+mod history;
 mod privacy;
 mod queue;
 mod reads;
@@ -31,6 +32,10 @@ pub struct SqliteStorage {
     pauses: Mutex<HashMap<String, Millis>>,
     /// Held until closed: a second process on the same file is refused.
     lock: Mutex<Option<std::fs::File>>,
+    /// Counts for the history, not yet written.
+    counters: HistoryCounters,
+    /// The history's own connection (`history.rs`); `None` once closed.
+    history_writer: Arc<Mutex<Option<Connection>>>,
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -160,6 +165,7 @@ impl SqliteStorage {
             [],
         )?;
         let reader = schema::open(path)?;
+        let history_writer = schema::open(path)?;
         let (tx, rx) = mpsc::channel(4096);
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -181,6 +187,8 @@ impl SqliteStorage {
             notify: Arc::new(Notify::new()),
             pauses: Mutex::new(HashMap::new()),
             lock: Mutex::new(Some(file_lock)),
+            counters: HistoryCounters::default(),
+            history_writer: Arc::new(Mutex::new(Some(history_writer))),
         })
     }
 
@@ -207,6 +215,20 @@ impl SqliteStorage {
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
+    /// Runs `f` on the history's connection.
+    async fn write_history<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let conn = self.history_writer.clone();
+        tokio::task::spawn_blocking(move || match &mut *conn.lock().expect("history lock") {
+            Some(c) => f(c),
+            None => Err(StorageError::Closed),
+        })
+        .await
+        .map_err(|e| StorageError::Unavailable(Cause::of(e).context("history task")))?
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
@@ -229,6 +251,7 @@ impl Storage for SqliteStorage {
         options: AcceptOptions,
     ) -> Result<Vec<Acceptance>, AcceptError> {
         let queues = batch.iter().any(|m| m.state == State::Pending);
+        let states: Vec<State> = batch.iter().map(|m| m.state).collect();
         let out = self
             .call(|r| Op::Accept(batch, options, r))
             .await?
@@ -236,6 +259,12 @@ impl Storage for SqliteStorage {
         if queues {
             self.notify.notify_one();
         }
+        self.counters.accepted(
+            states
+                .into_iter()
+                .zip(&out)
+                .map(|(s, a)| (s, matches!(a, Acceptance::Duplicate { .. }))),
+        );
         Ok(out)
     }
 
@@ -244,9 +273,20 @@ impl Storage for SqliteStorage {
     }
 
     async fn report(&self, reports: Vec<Report>) -> Result<Vec<i64>, StorageError> {
+        let outcomes: Vec<(i64, State)> = reports
+            .iter()
+            .map(|r| (r.id, r.disposition.outcome().0))
+            .collect();
         let stale = self.call(|r| Op::Report(reports, r)).await?;
         // What waited behind these messages may be claimable now.
         self.notify.notify_one();
+        for (id, state) in outcomes {
+            if let Some(c) =
+                crate::storage::history::Count::of_state(state).filter(|_| !stale.contains(&id))
+            {
+                self.counters.add(c, 1);
+            }
+        }
         Ok(stale)
     }
 
@@ -411,7 +451,25 @@ impl Storage for SqliteStorage {
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        self.history_writer.lock().expect("history lock").take();
         // Written and closed: another process may have the file now.
         self.lock.lock().expect("lock lock").take();
+    }
+
+    fn history_counters(&self) -> &HistoryCounters {
+        &self.counters
+    }
+
+    async fn add_history(&self, rows: Vec<HistoryRow>) -> Result<(), StorageError> {
+        crate::storage::history::check_rows(&rows)?;
+        self.write_history(move |c| history::add(c, &rows)).await
+    }
+
+    async fn history(&self, query: HistoryQuery) -> Result<Vec<HistoryRow>, StorageError> {
+        self.read(move |c| history::read(c, query)).await
+    }
+
+    async fn prune_history(&self, before: Millis) -> Result<u64, StorageError> {
+        self.write_history(move |c| history::prune(c, before)).await
     }
 }

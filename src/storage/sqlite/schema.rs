@@ -119,6 +119,31 @@ CREATE TABLE IF NOT EXISTS entity_activity (
 CREATE INDEX IF NOT EXISTS entity_activity_day ON entity_activity(day);
 -- An account's messages, for its page.
 CREATE INDEX IF NOT EXISTS messages_account ON messages(account_id) WHERE account_id IS NOT NULL;
+-- The per-minute history behind the operator page's charts (history.rs):
+-- counts added up, gauges the highest value sampled in the minute.
+CREATE TABLE IF NOT EXISTS history (
+    minute            INTEGER PRIMARY KEY,
+    accepted          INTEGER NOT NULL DEFAULT 0,
+    delivered         INTEGER NOT NULL DEFAULT 0,
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    failed            INTEGER NOT NULL DEFAULT 0,
+    rejected          INTEGER NOT NULL DEFAULT 0,
+    duplicate         INTEGER NOT NULL DEFAULT 0,
+    dead              INTEGER NOT NULL DEFAULT 0,
+    filtered          INTEGER NOT NULL DEFAULT 0,
+    unsupported       INTEGER NOT NULL DEFAULT 0,
+    suppressed        INTEGER NOT NULL DEFAULT 0,
+    queue_depth       INTEGER,
+    oldest_pending_ms INTEGER,
+    concurrency_limit INTEGER
+);
+-- Totango round trips per minute, by log bucket (RttHistogram).
+CREATE TABLE IF NOT EXISTS history_rtt (
+    minute INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (minute, bucket)
+) WITHOUT ROWID;
 "#;
 
 /// Counts what the refused messages already stored take (once, when the
@@ -136,7 +161,8 @@ const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
 ///    erasures, suppressions and the audit trail; messages indexed by user.
 /// 5: per-entity views (`entity_attributes`, `entity_activity`); messages
 ///    indexed by account.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+/// 6: the per-minute history (`history`, `history_rtt`).
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Refuses a damaged database file at start (truncated, overwritten, not a
 /// database) with a message that says what to do, instead of failing later
@@ -197,7 +223,8 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
                 Cause::of(e).context(format_args!("{}: upgrading from schema 1", path.display())),
             )
         }),
-        2..=4 => {
+        // Later versions only add tables (`SCHEMA` creates what is missing).
+        2..=5 => {
             let tx = conn.unchecked_transaction()?;
             if version == 2 {
                 tx.execute_batch("ALTER TABLE queue ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;")?;

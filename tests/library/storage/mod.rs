@@ -6,6 +6,7 @@
 //! retention, damaged files, one process per file.
 
 mod entity;
+mod history;
 mod limits;
 mod postgres;
 
