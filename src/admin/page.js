@@ -194,7 +194,9 @@ const historyPlots = {};
 function historyOptions(chart, width) {
   const axes = [{}].concat(chart.axes.map((a) => ({ label: a.label, scale: a.scale || "y", side: a.side ?? 3, grid: { show: !a.side } })));
   const series = [{}].concat(chart.series.map(([key, stroke, label, scale]) => ({
-    label: label || key, stroke, scale: scale || "y", width: 1.5, spanGaps: false })));
+    label: label || key, stroke, scale: scale || "y", width: 1.5, spanGaps: false,
+    // Points too: a minute between two gaps (or the first one) shows.
+    points: { show: true, size: 5, fill: stroke } })));
   const scales = { x: { time: true } };
   for (const a of chart.axes) scales[a.scale || "y"] = { range: (u, min, max) => [0, Math.max(1, max)] };
   return { width, height: 200, axes, series, scales, legend: { live: false } };

@@ -3,4 +3,5 @@
 
 mod browser_sources;
 mod insights_widget;
+mod operator_dashboard;
 mod operator_page;
