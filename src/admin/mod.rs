@@ -468,7 +468,7 @@ pub async fn list(
             let v = view(&state, m);
             bytes += serde_json::to_string(&v).map_or(0, |t| t.len());
             if bytes > MAX_LIST_BYTES && !messages.is_empty() {
-                next = messages.last().map(|m| m.id);
+                next = messages.last().map(|m| m.summary.id);
                 break 'pages;
             }
             messages.push(v);

@@ -12,34 +12,18 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
-/// A stored message as the operator sees it: the Segment input, the Totango
-/// requests (with their URL) and Totango's last answer. Times are
-/// milliseconds since the epoch.
+/// A stored message as the operator sees it: what the list shows
+/// ([`MessageSummary`]), the Segment input and the Totango requests (with
+/// their URL). Times are milliseconds since the epoch.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MessageView {
-    pub id: i64,
-    pub message_id: String,
-    pub source: String,
-    pub call: String,
-    pub service_id: String,
-    pub user_id: Option<String>,
-    pub account_id: Option<String>,
-    pub outcome: State,
-    pub code: Option<String>,
-    pub reason: Option<String>,
-    pub warnings: Vec<String>,
+    #[serde(flatten)]
+    pub summary: MessageSummary,
     /// The Segment input as stored (`null` once its payload is dropped).
     #[schema(value_type = Object)]
     pub payload: Value,
     /// The Totango requests, once translated.
     pub requests: Option<Vec<RequestView>>,
-    /// How many of the requests Totango already took.
-    pub sent: u32,
-    pub attempts: u32,
-    pub last_response: Option<LastResponse>,
-    pub received_at: i64,
-    pub updated_at: i64,
-    pub next_attempt_at: Option<i64>,
 }
 
 /// One Totango request: its parameters in sending order, and where it goes
@@ -54,8 +38,8 @@ pub struct RequestView {
 
 impl MessageView {
     /// `base`: the Totango endpoint the message's source sends to.
-    pub fn new(m: StoredMessage, base: Option<&str>) -> MessageView {
-        let requests = m.requests.map(|r| match r {
+    pub fn new(mut m: StoredMessage, base: Option<&str>) -> MessageView {
+        let requests = m.requests.take().map(|r| match r {
             Value::Array(items) => items
                 .into_iter()
                 .map(|r| {
@@ -73,26 +57,11 @@ impl MessageView {
                 .collect(),
             _ => Vec::new(),
         });
+        let payload = std::mem::take(&mut m.payload);
         MessageView {
-            id: m.id,
-            message_id: m.message_id,
-            source: m.source,
-            call: m.call,
-            service_id: m.service_id,
-            user_id: m.user_id,
-            account_id: m.account_id,
-            outcome: m.state,
-            code: m.code,
-            reason: m.reason,
-            warnings: m.warnings,
-            payload: m.payload,
+            summary: MessageSummary::from(m),
+            payload,
             requests,
-            sent: m.sent,
-            attempts: m.attempts,
-            last_response: m.last_response,
-            received_at: m.received_at,
-            updated_at: m.updated_at,
-            next_attempt_at: m.next_attempt_at,
         }
     }
 }

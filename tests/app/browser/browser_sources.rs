@@ -93,18 +93,7 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_js_sends_from_an_allowed_origin_only() {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let ready = Path::new(&chromium).exists()
-        && browser_dir().join("node_modules/playwright-core").exists()
-        && bundle_dir().join("index.js").exists();
-    if !ready {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and `npm ci` in tests/browser"
-        );
-        eprintln!(
-            "skipped: needs {chromium} (apt-get install chromium) and `npm ci` in tests/browser"
-        );
+    if super::browser().is_none() {
         return;
     }
 

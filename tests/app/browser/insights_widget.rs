@@ -5,7 +5,6 @@
 //! except under CI.
 
 use serde_json::json;
-use std::path::Path;
 use std::process::Command;
 use totango_destination::insights::{Target, sign, sync_and_store};
 use wiremock::matchers::{method, path};
@@ -13,20 +12,9 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn widget_renders_in_a_290_px_frame() {
-    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let ready =
-        Path::new(&chromium).exists() && browser_dir.join("node_modules/playwright-core").exists();
-    if !ready {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and `npm ci` in tests/browser"
-        );
-        eprintln!(
-            "skipped: needs {chromium} (apt-get install chromium) and `npm ci` in tests/browser"
-        );
+    let Some((browser_dir, chromium)) = super::browser() else {
         return;
-    }
+    };
 
     // One account, red and online, as Totango's Search API answers it.
     let totango = MockServer::start().await;

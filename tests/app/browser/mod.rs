@@ -5,3 +5,26 @@ mod browser_sources;
 mod insights_widget;
 mod operator_dashboard;
 mod operator_page;
+
+use std::path::{Path, PathBuf};
+
+/// The node scripts' folder and the Chromium they drive; `None`, after
+/// saying why the test is skipped, when either is missing (never under CI).
+pub fn browser() -> Option<(PathBuf, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let ready = Path::new(&chromium).exists()
+        && dir.join("node_modules/playwright-core").exists()
+        && dir
+            .join("node_modules/@segment/analytics-next/dist/umd/index.js")
+            .exists();
+    if ready {
+        return Some((dir, chromium));
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must install chromium and `npm ci` in tests/browser"
+    );
+    eprintln!("skipped: needs {chromium} (apt-get install chromium) and `npm ci` in tests/browser");
+    None
+}

@@ -4,7 +4,7 @@
 //! silent (timeouts: unreachable). Screenshots are kept under
 //! `target/tmp/screenshots/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,20 +17,9 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charts_health_and_account_page_show_what_happened() {
-    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let ready =
-        Path::new(&chromium).exists() && browser_dir.join("node_modules/playwright-core").exists();
-    if !ready {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and `npm ci` in tests/browser"
-        );
-        eprintln!(
-            "skipped: needs {chromium} (apt-get install chromium) and `npm ci` in tests/browser"
-        );
+    let Some((browser_dir, chromium)) = super::browser() else {
         return;
-    }
+    };
 
     // Totango takes everything but "Broken Feature" (400) until it goes
     // silent: then every request outlives the delivery timeout.

@@ -2,7 +2,6 @@
 //! playwright-core, `tests/browser/`), against the real server. Skipped with a
 //! message when Chromium or the node module is missing, except under CI.
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,20 +44,9 @@ async fn wait_for(storage: &Arc<dyn Storage>, id: i64, state: State) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_page_shows_and_replays_messages() {
-    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let ready =
-        Path::new(&chromium).exists() && browser_dir.join("node_modules/playwright-core").exists();
-    if !ready {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and `npm ci` in tests/browser"
-        );
-        eprintln!(
-            "skipped: needs {chromium} (apt-get install chromium) and `npm ci` in tests/browser"
-        );
+    let Some((browser_dir, chromium)) = super::browser() else {
         return;
-    }
+    };
 
     let healthy = Arc::new(AtomicBool::new(false));
     let fake = flaky(healthy.clone()).await;
