@@ -164,6 +164,7 @@ impl SqliteStorage {
             "UPDATE queue SET leased_until = 0, lease = 0 WHERE lease <> 0 OR leased_until <> 0",
             [],
         )?;
+        let suppressions = privacy::any_suppressed(&conn)?;
         let reader = schema::open(path)?;
         let history_writer = schema::open(path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -176,6 +177,7 @@ impl SqliteStorage {
                     last_prune: 0,
                     lease: 0,
                     dropped_to: [0; 2],
+                    suppressions,
                 }
                 .run(rx)
             })

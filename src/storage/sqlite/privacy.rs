@@ -91,17 +91,21 @@ pub(super) fn lift(c: &Connection, user_id: &str) -> Result<bool, StorageError> 
     Ok(c.execute("DELETE FROM suppressions WHERE user_id = ?1", [user_id])? > 0)
 }
 
+/// Whether any user is suppressed.
+pub(super) fn any_suppressed(c: &Connection) -> Result<bool, StorageError> {
+    Ok(
+        c.prepare_cached("SELECT EXISTS (SELECT 1 FROM suppressions)")?
+            .query_row([], |r| r.get(0))?,
+    )
+}
+
 /// Which of these users are suppressed (none asked when the table is empty).
 pub(super) fn suppressed(
     c: &Connection,
     users: &[&str],
 ) -> Result<std::collections::HashSet<String>, StorageError> {
     let mut out = std::collections::HashSet::new();
-    if users.is_empty()
-        || !c.query_row("SELECT EXISTS (SELECT 1 FROM suppressions)", [], |r| {
-            r.get(0)
-        })?
-    {
+    if users.is_empty() || !any_suppressed(c)? {
         return Ok(out);
     }
     let mut stmt = c.prepare_cached("SELECT 1 FROM suppressions WHERE user_id = ?1")?;

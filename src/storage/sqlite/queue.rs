@@ -38,17 +38,20 @@ pub(super) fn replay(
 
 pub(super) fn accept(
     c: &Connection,
-    batch: Vec<NewMessage>,
+    batch: &[NewMessage],
     now: Millis,
     options: &StorageOptions,
+    check_suppressions: bool,
 ) -> Result<Vec<Acceptance>, StorageError> {
     let window = options.dedupe_window_ms;
     let mut refused: Option<RefusedBudget> = None;
-    let mut seen =
-        c.prepare_cached("SELECT accepted_at FROM dedupe WHERE source = ?1 AND message_id = ?2")?;
-    let mut remember = c.prepare_cached(
-        "INSERT INTO dedupe (source, message_id, accepted_at) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (source, message_id) DO UPDATE SET accepted_at = excluded.accepted_at",
+    // When this messageId was last accepted from this source: a stored
+    // message (by the messageId index; a new id costs one seek) or, once
+    // pruned inside the window, its `dedupe` entry.
+    let mut seen = c.prepare_cached(
+        "SELECT MAX(t) FROM (SELECT MAX(received_at) AS t FROM messages \
+         WHERE message_id = ?2 AND source = ?1 AND state <> 'duplicate' \
+         UNION ALL SELECT accepted_at FROM dedupe WHERE source = ?1 AND message_id = ?2)",
     )?;
     let mut insert = c.prepare_cached(
         "INSERT INTO messages (message_id, source, call, service_id, user_id, account_id, state, \
@@ -56,34 +59,47 @@ pub(super) fn accept(
          page_category) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14, ?15)",
     )?;
-    let users: Vec<&str> = batch.iter().filter_map(|m| m.user_id.as_deref()).collect();
-    let suppressed = super::privacy::suppressed(c, &users)?;
-    drop(users);
+    let suppressed = if check_suppressions {
+        let users: Vec<&str> = batch.iter().filter_map(|m| m.user_id.as_deref()).collect();
+        super::privacy::suppressed(c, &users)?
+    } else {
+        Default::default()
+    };
     let mut out = Vec::with_capacity(batch.len());
-    for mut m in batch {
-        let accepted_at: Option<Millis> = seen
-            .query_row(params![m.source, m.message_id], |r| r.get(0))
-            .optional()?;
+    for m in batch {
+        let accepted_at: Option<Millis> =
+            seen.query_row(params![m.source, m.message_id], |r| r.get(0))?;
         let duplicate = accepted_at.is_some_and(|t| t >= now - window);
         let suppress = !duplicate && m.user_id.as_ref().is_some_and(|u| suppressed.contains(u));
-        let (state, code, reason) = if duplicate {
+        let no_warnings = Vec::new();
+        let (state, code, reason, payload, settings, warnings) = if duplicate {
             (
                 State::Duplicate,
                 Some("duplicate".to_owned()),
                 Some(format!("messageId {:?} was already accepted", m.message_id)),
+                m.payload.as_str(),
+                m.settings.as_str(),
+                &m.warnings,
             )
         } else if suppress {
             // Recorded without payload, never delivered.
-            m.payload = StoredJson::empty();
-            m.settings = StoredJson::empty();
-            m.warnings.clear();
             (
                 State::Suppressed,
                 Some(privacy::SUPPRESSED.to_owned()),
                 None,
+                EMPTY_JSON,
+                EMPTY_JSON,
+                &no_warnings,
             )
         } else {
-            (m.state, m.code, m.reason)
+            (
+                m.state,
+                m.code.clone(),
+                m.reason.clone(),
+                m.payload.as_str(),
+                m.settings.as_str(),
+                &m.warnings,
+            )
         };
         // Page categories follow acceptance order: read before this
         // message's own update, after the earlier messages of the batch.
@@ -113,7 +129,7 @@ pub(super) fn accept(
             }
             _ => {}
         }
-        let mut warnings = std::borrow::Cow::Borrowed(&m.warnings);
+        let mut warnings = std::borrow::Cow::Borrowed(warnings);
         let (payload, settings) = if state.is_refused() {
             if refused.is_none() {
                 let used: i64 =
@@ -124,13 +140,13 @@ pub(super) fn accept(
             }
             let budget = refused.as_mut().expect("just set");
             budget
-                .keep(&m.payload, &m.settings, &m.message_id)
+                .keep(payload, settings, &m.message_id)
                 .unwrap_or_else(|| {
                     warnings.to_mut().push(PAYLOAD_NOT_KEPT.to_owned());
                     (EMPTY_JSON, EMPTY_JSON)
                 })
         } else {
-            (m.payload.as_str(), m.settings.as_str())
+            (payload, settings)
         };
         insert.execute(params![
             m.message_id,
@@ -154,7 +170,6 @@ pub(super) fn accept(
             out.push(Acceptance::Duplicate { id });
             continue;
         }
-        remember.execute(params![m.source, m.message_id, now])?;
         if state == State::Pending {
             enqueue(c, id, m.ordering_key.as_deref(), m.received_at.min(now))?;
         }
@@ -258,7 +273,7 @@ pub(super) fn claim(
 /// Records results whose lease is current; returns the ids of stale ones.
 pub(super) fn report(
     c: &Connection,
-    reports: Vec<Report>,
+    reports: &[Report],
     now: Millis,
 ) -> Result<Vec<i64>, StorageError> {
     let mut update = c.prepare_cached(

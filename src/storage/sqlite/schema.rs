@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS queue (
 CREATE INDEX IF NOT EXISTS queue_key ON queue(ordering_key, seq)
     WHERE ordering_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS queue_heads ON queue(next_attempt_at) WHERE head = 1;
+-- Accepted messageIds whose message was pruned inside the dedupe window.
 CREATE TABLE IF NOT EXISTS dedupe (
     source      TEXT NOT NULL,
     message_id  TEXT NOT NULL,
@@ -162,7 +163,9 @@ const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
 /// 5: per-entity views (`entity_attributes`, `entity_activity`); messages
 ///    indexed by account.
 /// 6: the per-minute history (`history`, `history_rtt`).
-pub(super) const SCHEMA_VERSION: i64 = 6;
+/// 7: dedupe looks messages up by messageId; `dedupe` keeps only the ids
+///    of messages pruned inside the window (fewer writes per message).
+pub(super) const SCHEMA_VERSION: i64 = 7;
 
 /// Refuses a damaged database file at start (truncated, overwritten, not a
 /// database) with a message that says what to do, instead of failing later
@@ -224,7 +227,7 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
             )
         }),
         // Later versions only add tables (`SCHEMA` creates what is missing).
-        2..=5 => {
+        2..=6 => {
             let tx = conn.unchecked_transaction()?;
             if version == 2 {
                 tx.execute_batch("ALTER TABLE queue ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;")?;
@@ -365,6 +368,8 @@ pub(super) fn open(path: &Path) -> Result<Connection, StorageError> {
     // FULL: the WAL is fsync'd at every commit, so a 2xx survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Statement journals (the writer's savepoints) in memory, not temp files.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Deleted and overwritten content is zeroed, so an erased payload does
     // not linger in free space (docs/privacy.md).
     conn.pragma_update(None, "secure_delete", "ON")?;

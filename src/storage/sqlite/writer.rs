@@ -3,7 +3,7 @@
 
 use super::{privacy, queue};
 use crate::storage::*;
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 /// Operations one transaction groups at most.
@@ -30,16 +30,66 @@ pub(super) enum Op {
     Audit(AuditEntry, Reply<()>),
 }
 
-/// Sends a reply once the transaction's fate is known.
-type Deferred = Box<dyn FnOnce(Option<&StorageError>) + Send>;
+/// What an operation produced, kept until the transaction's fate is known.
+enum Done {
+    Accept(Result<Vec<Acceptance>, String>),
+    Ids(Vec<i64>),
+    Claim(ClaimBatch),
+    Erase(Erased),
+    Flag(bool),
+    Unit,
+}
 
-fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StorageError>) -> Deferred {
-    Box::new(move |commit_error| {
-        let _ = reply.send(match (result, commit_error) {
+impl Op {
+    /// Whether it may add or remove suppressions.
+    fn touches_suppressions(&self) -> bool {
+        matches!(self, Op::Erase(..) | Op::Suppress(..) | Op::Lift(..))
+    }
+
+    /// Answers the caller: the operation's result, or the commit's error.
+    fn answer(self, result: Result<Done, StorageError>, commit_error: Option<&StorageError>) {
+        let result = match (result, commit_error) {
             (Ok(_), Some(e)) => Err(e.clone()),
             (r, _) => r,
-        });
-    })
+        };
+        fn send<T>(
+            r: Reply<T>,
+            result: Result<Done, StorageError>,
+            f: impl FnOnce(Done) -> Option<T>,
+        ) {
+            let _ = r.send(result.and_then(|done| {
+                f(done).ok_or_else(|| {
+                    StorageError::Unavailable("writer answered the wrong kind".into())
+                })
+            }));
+        }
+        match self {
+            Op::Accept(_, _, r) => send(r, result, |d| match d {
+                Done::Accept(v) => Some(v),
+                _ => None,
+            }),
+            Op::Replay(_, r) | Op::Report(_, r) => send(r, result, |d| match d {
+                Done::Ids(v) => Some(v),
+                _ => None,
+            }),
+            Op::Claim(_, r) => send(r, result, |d| match d {
+                Done::Claim(v) => Some(v),
+                _ => None,
+            }),
+            Op::Erase(_, r) => send(r, result, |d| match d {
+                Done::Erase(v) => Some(v),
+                _ => None,
+            }),
+            Op::Suppress(_, _, r) | Op::Lift(_, r) => send(r, result, |d| match d {
+                Done::Flag(v) => Some(v),
+                _ => None,
+            }),
+            Op::Audit(_, r) => send(r, result, |d| match d {
+                Done::Unit => Some(()),
+                _ => None,
+            }),
+        }
+    }
 }
 
 pub(super) struct Writer {
@@ -51,6 +101,9 @@ pub(super) struct Writer {
     /// Up to where (last change time) payloads were dropped by retention:
     /// delivered, refused. Restarts from 0 after a restart (one pass).
     pub dropped_to: [Millis; 2],
+    /// Whether the suppressions table may hold rows (accepts skip the
+    /// lookup while it is empty); read again after any change to it.
+    pub suppressions: bool,
 }
 
 impl Writer {
@@ -70,44 +123,70 @@ impl Writer {
     fn commit_group(&mut self, ops: Vec<Op>) {
         let now = now_millis();
         let erases = ops.iter().any(|op| matches!(op, Op::Erase(..)));
+        let suppressions_change = ops.iter().any(Op::touches_suppressions);
+        let check = Checks {
+            now,
+            suppressions: self.suppressions || suppressions_change,
+        };
         let prune = now - self.last_prune >= self.options.prune_every_ms;
-        let tx = match self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        {
-            Ok(tx) => tx,
+        // First every operation in the one transaction; only when one fails
+        // again, each in its own savepoint, so it fails alone. Savepoints
+        // cost a copy of every page an operation touches.
+        let mut lease = self.lease;
+        let options = &self.options;
+        let c = &self.conn;
+        let fast = begin(c).and_then(|()| {
+            ops.iter()
+                .map(|op| apply(c, op, &check, options, &mut lease))
+                .collect::<Result<Vec<Done>, StorageError>>()
+        });
+        let results = match fast {
+            Ok(done) => Ok(done.into_iter().map(Ok).collect::<Vec<_>>()),
+            Err(_) => {
+                rollback(c);
+                begin(c).map(|()| {
+                    ops.iter()
+                        .map(|op| in_savepoint(c, |c| apply(c, op, &check, options, &mut lease)))
+                        .collect()
+                })
+            }
+        };
+        let results = match results {
+            Ok(r) => r,
             Err(e) => {
-                let e = StorageError::from(e);
+                rollback(c);
                 for op in ops {
-                    fail(op, &e);
+                    op.answer(Err(e.clone()), None);
                 }
                 return;
             }
         };
-        let mut replies: Vec<Deferred> = Vec::with_capacity(ops.len());
-        for op in ops {
-            replies.push(apply_in_savepoint(
-                &tx,
-                op,
-                now,
-                &self.options,
-                &mut self.lease,
-            ));
-        }
         let mut caught_up = true;
         // Applied once committed.
         let mut marks = self.dropped_to;
         if prune {
-            match prune_old(&tx, now, &self.options) {
+            match prune_old(c, now, options) {
                 Ok(more) => caught_up = !more,
                 Err(e) => tracing::warn!(error = %e, "pruning old records failed"),
             }
-            match drop_payloads(&tx, now, &self.options.payload_retention, &mut marks) {
+            match drop_payloads(c, now, &options.payload_retention, &mut marks) {
                 Ok(more) => caught_up &= !more,
                 Err(e) => tracing::warn!(error = %e, "dropping old payloads failed"),
             }
         }
-        match tx.commit() {
+        let committed = c
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+            .map(|_| ())
+            .map_err(|e| {
+                rollback(c);
+                StorageError::from(e)
+            });
+        self.lease = lease;
+        if suppressions_change {
+            self.suppressions = privacy::any_suppressed(&self.conn).unwrap_or(true);
+        }
+        match committed {
             Ok(()) => {
                 if prune && caught_up {
                     self.last_prune = now;
@@ -125,15 +204,39 @@ impl Writer {
                         tracing::warn!(?done, "checkpoint after an erase did not complete");
                     }
                 }
-                replies.into_iter().for_each(|r| r(None));
+                for (op, result) in ops.into_iter().zip(results) {
+                    op.answer(result, None);
+                }
             }
             Err(e) => {
-                let e = StorageError::from(e);
                 tracing::error!(error = %e, "storage commit failed");
-                replies.into_iter().for_each(|r| r(Some(&e)));
+                for (op, result) in ops.into_iter().zip(results) {
+                    op.answer(result, Some(&e));
+                }
             }
         }
     }
+}
+
+fn begin(c: &Connection) -> Result<(), StorageError> {
+    c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    Ok(())
+}
+
+/// Ends the open transaction, if any, keeping nothing of it.
+fn rollback(c: &Connection) {
+    if !c.is_autocommit() {
+        if let Err(e) = c.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "storage rollback failed");
+        }
+    }
+}
+
+/// What every operation of a group reads besides its own input.
+struct Checks {
+    now: Millis,
+    /// Whether accepts must look users up in the suppressions table.
+    suppressions: bool,
 }
 
 /// Deletes expired dedupe entries and, in chunks, finished messages past
@@ -148,18 +251,41 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
         super::entity::prune(c, now)?;
         let mut more = false;
         // Each delete answers the bytes its refused rows counted (`usage`).
+        // Accepted messages pruned inside the dedupe window leave their
+        // messageId in `dedupe` (accepts look there after `messages`).
         let delete = |condition: &str, before: Millis| -> rusqlite::Result<bool> {
-            let sizes: Vec<i64> = c
+            let window_start = now - options.dedupe_window_ms;
+            let pruned: Vec<(i64, Option<(String, String, Millis)>)> = c
                 .prepare_cached(&format!(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
                      WHERE state NOT IN ('pending', 'dead') {condition} \
                      AND updated_at < ?1 LIMIT ?2) \
                      RETURNING CASE WHEN state IN {REFUSED_STATES} \
                      THEN length(CAST(payload AS BLOB)) + length(CAST(settings AS BLOB)) \
-                     + length(CAST(message_id AS BLOB)) ELSE 0 END"
+                     + length(CAST(message_id AS BLOB)) ELSE 0 END, \
+                     state <> 'duplicate' AND received_at >= ?3, source, message_id, received_at"
                 ))?
-                .query_map(params![before, PRUNE_CHUNK], |r| r.get(0))?
+                .query_map(params![before, PRUNE_CHUNK, window_start], |r| {
+                    let remember: bool = r.get(1)?;
+                    Ok((
+                        r.get(0)?,
+                        if remember {
+                            Some((r.get(2)?, r.get(3)?, r.get(4)?))
+                        } else {
+                            None
+                        },
+                    ))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
+            let mut remember = c.prepare_cached(
+                "INSERT INTO dedupe (source, message_id, accepted_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (source, message_id) DO UPDATE \
+                 SET accepted_at = MAX(accepted_at, excluded.accepted_at)",
+            )?;
+            for (source, message_id, at) in pruned.iter().filter_map(|(_, r)| r.as_ref()) {
+                remember.execute(params![source, message_id, at])?;
+            }
+            let sizes: Vec<i64> = pruned.iter().map(|(size, _)| *size).collect();
             let freed: i64 = sizes.iter().sum();
             if freed != 0 {
                 c.execute(
@@ -262,69 +388,60 @@ fn drop_payloads(
     }
 }
 
-fn fail(op: Op, e: &StorageError) {
-    match op {
-        Op::Accept(_, _, r) => drop(r.send(Err(e.clone()))),
-        Op::Replay(_, r) => drop(r.send(Err(e.clone()))),
-        Op::Claim(_, r) => drop(r.send(Err(e.clone()))),
-        Op::Report(_, r) => drop(r.send(Err(e.clone()))),
-        Op::Erase(_, r) => drop(r.send(Err(e.clone()))),
-        Op::Suppress(_, _, r) | Op::Lift(_, r) => drop(r.send(Err(e.clone()))),
-        Op::Audit(_, r) => drop(r.send(Err(e.clone()))),
+/// Runs `f` in a savepoint, so that a failing operation leaves the others intact.
+fn in_savepoint<T>(
+    c: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    // Cached statements: parsing these per operation showed in profiles.
+    c.prepare_cached("SAVEPOINT op")?.execute([])?;
+    match f(c) {
+        Ok(v) => {
+            c.prepare_cached("RELEASE op")?.execute([])?;
+            Ok(v)
+        }
+        Err(e) => {
+            c.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            Err(e)
+        }
     }
 }
 
-/// Runs `f` in a savepoint and defers its reply until the commit.
-fn run<T: Send + 'static>(
-    tx: &Transaction<'_>,
-    reply: Reply<T>,
-    f: impl FnOnce(&Connection) -> Result<T, StorageError>,
-) -> Deferred {
-    let result = (|| {
-        // Cached statements: parsing these per operation showed in profiles.
-        tx.prepare_cached("SAVEPOINT op")?.execute([])?;
-        match f(tx) {
-            Ok(v) => {
-                tx.prepare_cached("RELEASE op")?.execute([])?;
-                Ok(v)
-            }
-            Err(e) => {
-                tx.execute_batch("ROLLBACK TO op; RELEASE op")?;
-                Err(e)
-            }
-        }
-    })();
-    defer(reply, result)
-}
-
-/// Runs one operation in a savepoint, so a failing one leaves the others intact.
-fn apply_in_savepoint(
-    tx: &Transaction<'_>,
-    op: Op,
-    now: Millis,
+fn apply(
+    c: &Connection,
+    op: &Op,
+    check: &Checks,
     options: &StorageOptions,
     lease: &mut i64,
-) -> Deferred {
-    match op {
-        Op::Accept(batch, accept, r) => run(tx, r, |c| {
+) -> Result<Done, StorageError> {
+    let now = check.now;
+    Ok(match op {
+        Op::Accept(batch, accept, _) => {
             if accept.first_unseen {
                 // One writer: nothing can slip in between check and insert.
                 if let Some(first) = batch.first() {
                     if queue::message_id_stored(c, &first.message_id)? {
-                        return Ok(Err(first.message_id.clone()));
+                        return Ok(Done::Accept(Err(first.message_id.clone())));
                     }
                 }
             }
-            queue::accept(c, batch, now, options).map(Ok)
-        }),
-        Op::Replay(filter, r) => run(tx, r, |c| queue::replay(c, &filter, now)),
-        Op::Claim(limit, r) => run(tx, r, |c| {
-            queue::claim(c, limit, now, options.lease_ms, lease)
-        }),
-        Op::Report(reports, r) => run(tx, r, |c| queue::report(c, reports, now)),
-        Op::Erase(erase, r) => run(tx, r, |c| privacy::erase_user(c, &erase, now)),
-        Op::Suppress(user, reason, r) => run(tx, r, |c| privacy::suppress(c, &user, &reason, now)),
-        Op::Lift(user, r) => run(tx, r, |c| privacy::lift(c, &user)),
-        Op::Audit(entry, r) => run(tx, r, |c| privacy::record_audit(c, &entry, now)),
-    }
+            Done::Accept(Ok(queue::accept(
+                c,
+                batch,
+                now,
+                options,
+                check.suppressions,
+            )?))
+        }
+        Op::Replay(filter, _) => Done::Ids(queue::replay(c, filter, now)?),
+        Op::Claim(limit, _) => Done::Claim(queue::claim(c, *limit, now, options.lease_ms, lease)?),
+        Op::Report(reports, _) => Done::Ids(queue::report(c, reports, now)?),
+        Op::Erase(erase, _) => Done::Erase(privacy::erase_user(c, erase, now)?),
+        Op::Suppress(user, reason, _) => Done::Flag(privacy::suppress(c, user, reason, now)?),
+        Op::Lift(user, _) => Done::Flag(privacy::lift(c, user)?),
+        Op::Audit(entry, _) => {
+            privacy::record_audit(c, entry, now)?;
+            Done::Unit
+        }
+    })
 }
