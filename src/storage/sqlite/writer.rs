@@ -239,6 +239,10 @@ struct Checks {
     suppressions: bool,
 }
 
+/// A pruned message's source, messageId and acceptance time, kept in
+/// `dedupe` while inside the window.
+type Remembered = (String, String, Millis);
+
 /// Deletes expired dedupe entries and, in chunks, finished messages past
 /// retention. True when a full chunk went (there may be more).
 fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite::Result<bool> {
@@ -255,7 +259,7 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
         // messageId in `dedupe` (accepts look there after `messages`).
         let delete = |condition: &str, before: Millis| -> rusqlite::Result<bool> {
             let window_start = now - options.dedupe_window_ms;
-            let pruned: Vec<(i64, Option<(String, String, Millis)>)> = c
+            let pruned: Vec<(i64, Option<Remembered>)> = c
                 .prepare_cached(&format!(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
                      WHERE state NOT IN ('pending', 'dead') {condition} \
