@@ -330,14 +330,10 @@ impl Storage for SqliteStorage {
     async fn queue_stats(&self) -> Result<QueueStats, StorageError> {
         self.read(|c| {
             Ok(c.query_row(
-                "SELECT (SELECT COUNT(*) FROM queue), (SELECT m.received_at FROM queue q \
+                "SELECT COUNT(*), (SELECT m.received_at FROM queue q \
                  JOIN messages m ON m.id = q.message ORDER BY q.seq LIMIT 1), \
-                 (SELECT COALESCE(SUM(length(CAST(m.payload AS BLOB)) \
-                 + length(CAST(m.settings AS BLOB)) + length(CAST(m.message_id AS BLOB)) \
-                 + COALESCE(length(CAST(m.requests AS BLOB)), 0) \
-                 + COALESCE(length(CAST(m.last_body AS BLOB)), 0)), 0) FROM queue q \
-                 JOIN messages m ON m.id = q.message), \
-                 (SELECT bytes FROM usage WHERE name = 'refused')",
+                 COALESCE(SUM(size), 0), (SELECT bytes FROM usage WHERE name = 'refused') \
+                 FROM queue",
                 [],
                 |r| {
                     Ok(QueueStats {

@@ -1,6 +1,7 @@
 //! The queue's operations, run by the writer inside its transaction.
 
 use super::reads::where_clause;
+use super::schema::QUEUED_SIZE;
 use crate::storage::*;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -185,20 +186,12 @@ pub(super) fn accept(
 /// Queues a message behind what its key already has; it is the head when the
 /// key has nothing queued, and always when it has no key.
 fn enqueue(c: &Connection, id: i64, key: Option<&str>, due: Millis) -> Result<(), StorageError> {
-    match key {
-        Some(key) => c
-            .prepare_cached(
-                "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
-                 VALUES (?1, ?2, ?3, ?3, NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2))",
-            )?
-            .execute(params![id, key, due])?,
-        None => c
-            .prepare_cached(
-                "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
-                 VALUES (?1, NULL, ?2, ?2, 1)",
-            )?
-            .execute(params![id, due])?,
-    };
+    c.prepare_cached(&format!(
+        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head, size) \
+         SELECT ?1, ?2, ?3, ?3, ?2 IS NULL OR NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2), \
+         {QUEUED_SIZE} FROM messages WHERE id = ?1"
+    ))?
+    .execute(params![id, key, due])?;
     Ok(())
 }
 
@@ -284,9 +277,10 @@ pub(super) fn report(
          last_error = CASE WHEN ?12 THEN ?10 ELSE last_error END, \
          updated_at = ?11, settings = COALESCE(?13, settings) WHERE id = ?1",
     )?;
-    let mut reschedule = c.prepare_cached(
-        "UPDATE queue SET next_attempt_at = ?2, leased_until = 0, lease = 0 WHERE message = ?1",
-    )?;
+    let mut reschedule = c.prepare_cached(&format!(
+        "UPDATE queue SET next_attempt_at = ?2, leased_until = 0, lease = 0, \
+         size = (SELECT {QUEUED_SIZE} FROM messages WHERE id = ?1) WHERE message = ?1"
+    ))?;
     // The lease, and what was sent before (with the stored requests when
     // this report accepted more of them and does not carry them itself).
     let mut current = c.prepare_cached(

@@ -48,8 +48,11 @@ CREATE TABLE IF NOT EXISTS queue (
     -- 1 for the oldest queued message of its ordering key (the only one that
     -- may be claimed) and for every message without a key. Claims scan heads
     -- only, so a long queue behind a waiting entity costs nothing.
-    head            INTEGER NOT NULL DEFAULT 0
+    head            INTEGER NOT NULL DEFAULT 0,
+    size            INTEGER NOT NULL DEFAULT 0
 );
+-- queue.size: the message's stored bytes (QUEUED_SIZE), so the backlog's
+-- size is a sum over this table rather than over every queued payload.
 CREATE INDEX IF NOT EXISTS queue_key ON queue(ordering_key, seq)
     WHERE ordering_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS queue_heads ON queue(next_attempt_at) WHERE head = 1;
@@ -154,6 +157,19 @@ const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
     + length(CAST(message_id AS BLOB))), 0) FROM messages \
     WHERE state IN ('rejected', 'duplicate', 'filtered', 'unsupported', 'suppressed')";
 
+/// What a queued message's row stores, bytes (`queue.size`): payload,
+/// settings, messageId, translated requests and last answer.
+pub(super) const QUEUED_SIZE: &str = "length(CAST(payload AS BLOB)) \
+    + length(CAST(settings AS BLOB)) + length(CAST(message_id AS BLOB)) \
+    + COALESCE(length(CAST(requests AS BLOB)), 0) + COALESCE(length(CAST(last_body AS BLOB)), 0)";
+
+/// Fills `queue.size` of the queued messages (once, by the upgrade to 7).
+fn fill_queue_sizes(c: &Connection) -> rusqlite::Result<()> {
+    c.execute_batch(&format!(
+        "UPDATE queue SET size = (SELECT {QUEUED_SIZE} FROM messages WHERE id = queue.message)"
+    ))
+}
+
 /// The schema version this build writes (`PRAGMA user_version`).
 /// 1: every message ordered per user, page categories remembered at delivery.
 /// 2: only attribute updates ordered, page categories decided at acceptance.
@@ -164,7 +180,8 @@ const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
 ///    indexed by account.
 /// 6: the per-minute history (`history`, `history_rtt`).
 /// 7: dedupe looks messages up by messageId; `dedupe` keeps only the ids
-///    of messages pruned inside the window (fewer writes per message).
+///    of messages pruned inside the window (fewer writes per message);
+///    `queue.size`.
 pub(super) const SCHEMA_VERSION: i64 = 7;
 
 /// Refuses a damaged database file at start (truncated, overwritten, not a
@@ -231,6 +248,15 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
             let tx = conn.unchecked_transaction()?;
             if version == 2 {
                 tx.execute_batch("ALTER TABLE queue ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;")?;
+            }
+            let sized: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('queue') WHERE name = 'size')",
+                [],
+                |r| r.get(0),
+            )?;
+            if !sized {
+                tx.execute_batch("ALTER TABLE queue ADD COLUMN size INTEGER NOT NULL DEFAULT 0;")?;
+                fill_queue_sizes(&tx)?;
             }
             tx.execute_batch(SCHEMA)?;
             tx.execute_batch(COUNT_REFUSED)?;
@@ -336,6 +362,7 @@ fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
                 (SELECT MIN(seq) FROM queue k WHERE k.ordering_key = queue.ordering_key); \
              DROP TABLE queue_v1; DROP TABLE messages_v1;",
         )?;
+        fill_queue_sizes(&tx)?;
         let broken: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM pragma_foreign_key_check)",
             [],

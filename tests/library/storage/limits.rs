@@ -495,3 +495,32 @@ async fn a_schema_3_file_counts_its_refused_bytes_on_upgrade() {
     );
     storage.close().await;
 }
+
+/// A schema 6 file (before queued messages carried their size) upgrades with
+/// the backlog's bytes as they were: the sum is then read from the queue.
+#[tokio::test]
+async fn a_schema_6_file_keeps_its_backlog_bytes_on_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("td.db");
+    let storage = SqliteStorage::open_with(&db, StorageOptions::default()).unwrap();
+    storage
+        .accept(vec![
+            message("q-1", "SP-1", "ann"),
+            message("q-2", "SP-1", "bob"),
+        ])
+        .await
+        .unwrap();
+    let before = storage.queue_stats().await.unwrap();
+    storage.close().await;
+    assert_eq!(before.depth, 2);
+    assert!(before.bytes > 0);
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("ALTER TABLE queue DROP COLUMN size; PRAGMA user_version = 6;")
+            .unwrap();
+    }
+    let storage = SqliteStorage::open_with(&db, StorageOptions::default()).unwrap();
+    let after = storage.queue_stats().await.unwrap();
+    assert_eq!((after.depth, after.bytes), (before.depth, before.bytes));
+    storage.close().await;
+}
