@@ -32,7 +32,7 @@ pub(super) fn replay(
     )?;
     for (id, key) in &ids {
         requeue.execute(params![id, now])?;
-        enqueue(c, *id, key.as_deref(), now)?;
+        enqueue(c, *id, key.as_deref(), now, None)?;
     }
     Ok(ids.into_iter().map(|(id, _)| id).collect())
 }
@@ -172,7 +172,15 @@ pub(super) fn accept(
             continue;
         }
         if state == State::Pending {
-            enqueue(c, id, m.ordering_key.as_deref(), m.received_at.min(now))?;
+            // As QUEUED_SIZE counts it (no requests or answer yet).
+            let size = payload.len() + settings.len() + m.message_id.len();
+            enqueue(
+                c,
+                id,
+                m.ordering_key.as_deref(),
+                m.received_at.min(now),
+                Some(size as i64),
+            )?;
         }
         out.push(Acceptance::Stored { id });
     }
@@ -184,14 +192,28 @@ pub(super) fn accept(
 }
 
 /// Queues a message behind what its key already has; it is the head when the
-/// key has nothing queued, and always when it has no key.
-fn enqueue(c: &Connection, id: i64, key: Option<&str>, due: Millis) -> Result<(), StorageError> {
-    c.prepare_cached(&format!(
-        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head, size) \
-         SELECT ?1, ?2, ?3, ?3, ?2 IS NULL OR NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2), \
-         {QUEUED_SIZE} FROM messages WHERE id = ?1"
-    ))?
-    .execute(params![id, key, due])?;
+/// key has nothing queued, and always when it has no key. `size`: its stored
+/// bytes when the caller knows them, else read from its row.
+fn enqueue(
+    c: &Connection,
+    id: i64,
+    key: Option<&str>,
+    due: Millis,
+    size: Option<i64>,
+) -> Result<(), StorageError> {
+    let head = "?2 IS NULL OR NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2)";
+    let insert =
+        "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head, size)";
+    match size {
+        Some(size) => c
+            .prepare_cached(&format!("{insert} VALUES (?1, ?2, ?3, ?3, {head}, ?4)"))?
+            .execute(params![id, key, due, size])?,
+        None => c
+            .prepare_cached(&format!(
+                "{insert} SELECT ?1, ?2, ?3, ?3, {head}, {QUEUED_SIZE} FROM messages WHERE id = ?1"
+            ))?
+            .execute(params![id, key, due])?,
+    };
     Ok(())
 }
 
