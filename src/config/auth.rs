@@ -84,6 +84,7 @@ pub(super) fn sources(config: &Config) -> Result<(Sources, Source), ConfigError>
     let a = &config.auth;
     let default_source = Source {
         name: "default".into(),
+        resolved: config.totango.resolve().ok(),
         settings: config.totango.clone(),
         access: Access::parse(
             "auth",
@@ -150,6 +151,7 @@ pub(super) fn sources(config: &Config) -> Result<(Sources, Source), ConfigError>
             &s.write_key,
             Source {
                 name: s.name.clone(),
+                resolved: merged.resolve().ok(),
                 settings: merged,
                 access,
                 rules: super::privacy::rules_for(&config.privacy, &s.name)?,
@@ -225,9 +227,32 @@ impl Sources {
 pub struct Source {
     pub name: String,
     pub settings: SettingsPatch,
+    /// `settings` resolved once, for the requests that bring no overrides
+    /// (`None`: they cannot be resolved alone, e.g. no service ID yet).
+    pub resolved: Option<Settings>,
     pub access: Access,
     /// Event filters and PII rules (`[privacy]`), applied before storage.
     pub rules: std::sync::Arc<crate::rules::Rules>,
+}
+
+impl Source {
+    /// The settings with a request's overrides applied (resolved once when
+    /// it brings none).
+    pub fn settings_with(
+        &self,
+        overrides: &SettingsPatch,
+    ) -> Result<std::borrow::Cow<'_, Settings>, SettingsError> {
+        match &self.resolved {
+            Some(settings) if *overrides == SettingsPatch::default() => {
+                Ok(std::borrow::Cow::Borrowed(settings))
+            }
+            _ => self
+                .settings
+                .merged(overrides)
+                .resolve()
+                .map(std::borrow::Cow::Owned),
+        }
+    }
 }
 
 /// What a key may do beyond server-to-server sending: browser origins, the

@@ -174,7 +174,8 @@ impl Runtime {
             .values()
             .find(|s| s.name == name)
             .unwrap_or(&self.default_source);
-        base.settings.merged(overrides).resolve()
+        base.settings_with(overrides)
+            .map(std::borrow::Cow::into_owned)
     }
 
     /// Warnings about configured settings that are accepted but look wrong

@@ -458,8 +458,9 @@ fn prepare(
     received_at: Millis,
     invalid: Invalid,
 ) -> Result<Prepared, ApiError> {
-    let overrides = header_settings.cloned().unwrap_or_default();
-    let settings = source.settings.merged(&overrides).resolve().map_err(|e| {
+    let none = SettingsPatch::default();
+    let overrides = header_settings.unwrap_or(&none);
+    let settings = source.settings_with(overrides).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_settings",

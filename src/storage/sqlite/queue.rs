@@ -201,7 +201,11 @@ fn enqueue(
     due: Millis,
     size: Option<i64>,
 ) -> Result<(), StorageError> {
-    let head = "?2 IS NULL OR NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2)";
+    // Keyless messages are heads; a keyed one when its key has none queued.
+    let head = match key {
+        None => "1",
+        Some(_) => "NOT EXISTS (SELECT 1 FROM queue WHERE ordering_key = ?2)",
+    };
     let insert =
         "INSERT INTO queue (message, ordering_key, next_attempt_at, enqueued_at, head, size)";
     match size {
