@@ -1,10 +1,8 @@
 //! Erasing users, suppressions and the audit trail (see `storage::privacy`).
 
 use super::super::privacy::{PAYLOAD_ERASED, USER_DELETED};
-use super::super::{
-    AuditEntry, AuditRecord, Erase, Erased, NewMessage, REFUSED_STATES, StorageError, Suppression,
-};
-use super::queue::{CLOCK_MS, lock_keys, promote};
+use super::super::{AuditEntry, AuditRecord, Erase, Erased, NewMessage, StorageError, Suppression};
+use super::queue::{CLOCK_MS, lock_keys, promote, refused_size_sql};
 use super::text::{pg_text, text_key};
 use sqlx::{PgConnection, PgPool, Row};
 use std::collections::HashSet;
@@ -24,11 +22,10 @@ pub async fn erase_user(
     .fetch_all(&mut *conn)
     .await?;
     lock_keys(conn, keys).await?;
-    let sizes = "octet_length(m.payload) + octet_length(m.settings) + octet_length(m.message_id)";
+    let refused = refused_size_sql("m.", "0");
     let row = sqlx::query(&format!(
         "WITH target AS ( \
-            SELECT m.id, m.state, CASE WHEN m.state IN {REFUSED_STATES} THEN {sizes} ELSE 0 END \
-                AS before FROM td_messages m \
+            SELECT m.id, m.state, {refused} AS before FROM td_messages m \
             WHERE md5(m.user_id) = md5($1) AND m.user_id = $1 FOR UPDATE), \
          dequeued AS ( \
             DELETE FROM td_queue q USING target t WHERE q.message = t.id \
@@ -42,7 +39,7 @@ pub async fn erase_user(
                 ordering_key = NULL, user_id = NULL, updated_at = {CLOCK_MS} \
             FROM target t WHERE m.id = t.id \
             RETURNING t.state AS old, t.before, \
-                CASE WHEN m.state IN {REFUSED_STATES} THEN {sizes} ELSE 0 END AS after) \
+                {refused} AS after) \
          SELECT (SELECT count(*) FROM updated), \
             (SELECT count(*) FROM updated WHERE old IN ('pending', 'dead')), \
             (SELECT COALESCE(sum(after - before), 0) FROM updated)::bigint, \

@@ -420,6 +420,23 @@ async fn page_categories(
     Ok(stored)
 }
 
+/// SQL: what a message's row stores of its own (payload, settings,
+/// messageId in UTF-8, as `storage::refused_size` counts them); `row` is the
+/// table's alias with its dot, or "".
+pub(super) fn own_size_sql(row: &str) -> String {
+    format!(
+        "octet_length({row}payload) + octet_length({row}settings) + octet_length({row}message_id)"
+    )
+}
+
+/// SQL: what the row counts in `td_usage` when it is refused, else `otherwise`.
+pub(super) fn refused_size_sql(row: &str, otherwise: &str) -> String {
+    format!(
+        "CASE WHEN {row}state IN {REFUSED_STATES} THEN {} ELSE {otherwise} END",
+        own_size_sql(row)
+    )
+}
+
 /// Not held: never claimed, released, or claimed before replicas had ids
 /// (version 1) and run out. A replica's claim is held while the replica
 /// lives (`replica.rs` gives back the claims of gone ones).
@@ -762,13 +779,13 @@ pub async fn prune(
                     WHERE state NOT IN ('pending', 'dead') {condition} AND updated_at < $1 \
                     LIMIT $2) \
                 AND m.state NOT IN ('pending', 'dead') AND m.updated_at < $1 \
-                RETURNING CASE WHEN m.state IN {REFUSED_STATES} THEN octet_length(m.payload) \
-                    + octet_length(m.settings) + octet_length(m.message_id) ELSE 0 END AS size), \
+                RETURNING {} AS size), \
              counted AS ( \
                 UPDATE td_usage SET bytes = bytes - (SELECT COALESCE(sum(size), 0) FROM gone) \
                 WHERE name = 'refused' AND EXISTS (SELECT 1 FROM gone WHERE size <> 0) \
                 RETURNING 1) \
-             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM counted)"
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM counted)",
+            refused_size_sql("m.", "0")
         ))
         .bind(before)
         .bind(PRUNE_CHUNK)
@@ -815,7 +832,8 @@ pub async fn drop_payloads(
         .await?;
     let groups = retention.groups();
     let note = serde_json::json!([PAYLOAD_DROPPED]).to_string();
-    let sizes = "octet_length(m.payload) + octet_length(m.settings) + octet_length(m.message_id)";
+    let sizes = own_size_sql("m.");
+    let refused = refused_size_sql("", "NULL");
     let mut more = false;
     for (keep, condition, mark) in groups {
         let Some(keep) = keep else { continue };
@@ -827,9 +845,7 @@ pub async fn drop_payloads(
         };
         let row = sqlx::query(&format!(
             "WITH picked AS ( \
-                SELECT id, updated_at, CASE WHEN state IN {REFUSED_STATES} THEN \
-                    octet_length(payload) + octet_length(settings) + octet_length(message_id) \
-                    ELSE NULL END AS before \
+                SELECT id, updated_at, {refused} AS before \
                 FROM td_messages WHERE {finished} {condition} \
                     AND updated_at >= $1 AND updated_at < $2 AND payload <> '{{}}' \
                 ORDER BY updated_at LIMIT $3 FOR UPDATE), \

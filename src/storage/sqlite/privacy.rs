@@ -2,14 +2,10 @@
 //! inside its transaction (reads on the reader connection).
 
 use super::queue::dequeue;
+use super::schema::refused_size_sql;
 use crate::storage::privacy::{PAYLOAD_ERASED, USER_DELETED};
 use crate::storage::*;
 use rusqlite::{Connection, params};
-
-/// What a refused message's row counts in `usage` (see RefusedBudget).
-const REFUSED_SIZE: &str = "CASE WHEN state IN ('rejected', 'duplicate', 'filtered', \
-    'unsupported', 'suppressed') THEN length(CAST(payload AS BLOB)) \
-    + length(CAST(settings AS BLOB)) + length(CAST(message_id AS BLOB)) ELSE 0 END";
 
 pub(super) fn erase_user(
     c: &Connection,
@@ -23,7 +19,10 @@ pub(super) fn erase_user(
         .collect::<Result<_, _>>()?;
     let counted = |c: &Connection| -> rusqlite::Result<i64> {
         c.query_row(
-            &format!("SELECT COALESCE(SUM({REFUSED_SIZE}), 0) FROM messages WHERE user_id = ?1"),
+            &format!(
+                "SELECT COALESCE(SUM({}), 0) FROM messages WHERE user_id = ?1",
+                refused_size_sql("0")
+            ),
             [user],
             |r| r.get(0),
         )

@@ -1,6 +1,6 @@
 //! The SQLite schema, its versions and upgrades, and the checks at open.
 
-use crate::storage::{Cause, StorageError};
+use crate::storage::{Cause, REFUSED_STATES, StorageError};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
@@ -150,18 +150,40 @@ CREATE TABLE IF NOT EXISTS history_rtt (
 ) WITHOUT ROWID;
 "#;
 
+/// What a message's row stores of its own, bytes: payload, settings and
+/// messageId in UTF-8 (as `storage::refused_size` counts them).
+macro_rules! own_size {
+    () => {
+        "length(CAST(payload AS BLOB)) + length(CAST(settings AS BLOB)) \
+         + length(CAST(message_id AS BLOB))"
+    };
+}
+
+/// What a queued message's row stores, bytes (`queue.size`): its own bytes,
+/// translated requests and last answer.
+pub(super) const QUEUED_SIZE: &str = concat!(
+    own_size!(),
+    " + COALESCE(length(CAST(requests AS BLOB)), 0) + COALESCE(length(CAST(last_body AS BLOB)), 0)"
+);
+
+/// SQL: what a message's row counts in `usage` (see RefusedBudget) when it
+/// is refused, else `otherwise`.
+pub(super) fn refused_size_sql(otherwise: &str) -> String {
+    format!(
+        "CASE WHEN state IN {REFUSED_STATES} THEN {} ELSE {otherwise} END",
+        own_size!()
+    )
+}
+
 /// Counts what the refused messages already stored take (once, when the
 /// `usage` table is new).
-const COUNT_REFUSED: &str = "INSERT OR IGNORE INTO usage (name, bytes) \
-    SELECT 'refused', COALESCE(SUM(length(CAST(payload AS BLOB)) + length(CAST(settings AS BLOB)) \
-    + length(CAST(message_id AS BLOB))), 0) FROM messages \
-    WHERE state IN ('rejected', 'duplicate', 'filtered', 'unsupported', 'suppressed')";
-
-/// What a queued message's row stores, bytes (`queue.size`): payload,
-/// settings, messageId, translated requests and last answer.
-pub(super) const QUEUED_SIZE: &str = "length(CAST(payload AS BLOB)) \
-    + length(CAST(settings AS BLOB)) + length(CAST(message_id AS BLOB)) \
-    + COALESCE(length(CAST(requests AS BLOB)), 0) + COALESCE(length(CAST(last_body AS BLOB)), 0)";
+fn count_refused(c: &Connection) -> rusqlite::Result<()> {
+    c.execute_batch(&format!(
+        "INSERT OR IGNORE INTO usage (name, bytes) \
+         SELECT 'refused', COALESCE(SUM({}), 0) FROM messages",
+        refused_size_sql("0")
+    ))
+}
 
 /// Fills `queue.size` of the queued messages (once, by the upgrade to 7).
 fn fill_queue_sizes(c: &Connection) -> rusqlite::Result<()> {
@@ -234,7 +256,7 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
         )),
         0 => {
             conn.execute_batch(SCHEMA)?;
-            conn.execute_batch(COUNT_REFUSED)?;
+            count_refused(conn)?;
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             Ok(())
         }
@@ -259,7 +281,7 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
                 fill_queue_sizes(&tx)?;
             }
             tx.execute_batch(SCHEMA)?;
-            tx.execute_batch(COUNT_REFUSED)?;
+            count_refused(&tx)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             Ok(tx.commit()?)
         }
@@ -373,7 +395,7 @@ fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
                 "foreign key check failed after the upgrade".into(),
             ));
         }
-        tx.execute_batch(COUNT_REFUSED)?;
+        count_refused(&tx)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(tx.commit()?)
     })();

@@ -1,6 +1,7 @@
 //! The writer thread: every write runs here, in groups that share one
 //! transaction and its fsync; callers are answered after the commit.
 
+use super::schema::refused_size_sql;
 use super::{privacy, queue};
 use crate::storage::*;
 use rusqlite::{Connection, params};
@@ -264,10 +265,9 @@ fn prune_old(c: &Connection, now: Millis, options: &StorageOptions) -> rusqlite:
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
                      WHERE state NOT IN ('pending', 'dead') {condition} \
                      AND updated_at < ?1 LIMIT ?2) \
-                     RETURNING CASE WHEN state IN {REFUSED_STATES} \
-                     THEN length(CAST(payload AS BLOB)) + length(CAST(settings AS BLOB)) \
-                     + length(CAST(message_id AS BLOB)) ELSE 0 END, \
-                     state <> 'duplicate' AND received_at >= ?3, source, message_id, received_at"
+                     RETURNING {}, \
+                     state <> 'duplicate' AND received_at >= ?3, source, message_id, received_at",
+                    refused_size_sql("0")
                 ))?
                 .query_map(params![before, PRUNE_CHUNK, window_start], |r| {
                     let remember: bool = r.get(1)?;
@@ -349,12 +349,10 @@ fn drop_payloads(
             };
             let rows: Vec<(i64, Millis, i64, i64)> = c
                 .prepare_cached(&format!(
-                    "SELECT id, updated_at, length(CAST(message_id AS BLOB)), \
-                     CASE WHEN state IN {REFUSED_STATES} THEN length(CAST(payload AS BLOB)) \
-                     + length(CAST(settings AS BLOB)) + length(CAST(message_id AS BLOB)) \
-                     ELSE -1 END FROM messages \
+                    "SELECT id, updated_at, length(CAST(message_id AS BLOB)), {} FROM messages \
                      WHERE {finished} {condition} AND updated_at >= ?1 AND updated_at < ?2 \
-                     AND payload <> '{{}}' ORDER BY updated_at LIMIT ?3"
+                     AND payload <> '{{}}' ORDER BY updated_at LIMIT ?3",
+                    refused_size_sql("-1")
                 ))?
                 .query_map(params![from, now - keep, PRUNE_CHUNK], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
