@@ -417,6 +417,14 @@ pub(super) fn open(path: &Path) -> Result<Connection, StorageError> {
     // FULL: the WAL is fsync'd at every commit, so a 2xx survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Plans do not depend on bound values (the query planner stability
+    // guarantee): otherwise a statement whose table has partial indexes is
+    // prepared again whenever a parameter changes (the claim query was, at
+    // every claim).
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     // Statement journals (the writer's savepoints) in memory, not temp files.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Deleted and overwritten content is zeroed, so an erased payload does
