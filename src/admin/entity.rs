@@ -3,23 +3,22 @@
 //! what the entity sent, the last value of each attribute sent to Totango,
 //! activities per day and failures. Read only.
 
+use super::storage_error;
 use super::views::{ActivityView, DayCount, EntityView, FailuresView, MessageSummary};
-use super::{html, peer, storage_error, too_many};
 use crate::storage::{
     EntityKind, MessageFilter, State, Storage, StoredMessage, day_of, now_millis,
 };
 use crate::web::answers::ErrorBody;
-use crate::web::auth::{AdminAuth, Check};
+use crate::web::auth::AdminAuth;
 use crate::web::{AdminState, ApiError};
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State as Extract};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use std::sync::Arc;
 
 const PAGE: &str = include_str!("entity.html");
-const SCRIPT: &str = include_str!("entity.js");
+pub(super) const SCRIPT: &str = include_str!("entity.js");
 const DEFAULT_LIMIT: usize = 20;
 const MAX_LIMIT: usize = 200;
 const DEFAULT_DAYS: i64 = 30;
@@ -33,19 +32,7 @@ const PENDING_SCAN: usize = 200;
 /// `GET /accounts/{id}`, `GET /users/{id}`: the page (its data comes from
 /// the JSON API), for a signed-in operator only; otherwise the sign-in form.
 pub async fn page(Extract(admin): Extract<Arc<AdminAuth>>, req: Request) -> Response {
-    match admin.check(req.headers(), peer(&req)).await {
-        Check::Valid(_) => html(StatusCode::OK, PAGE),
-        Check::Locked(wait) => too_many(wait),
-        Check::Unavailable => html(StatusCode::SERVICE_UNAVAILABLE, super::LOGIN),
-        Check::Missing | Check::Wrong => html(StatusCode::UNAUTHORIZED, super::LOGIN),
-    }
-}
-
-pub async fn script() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        SCRIPT,
-    )
+    super::signed_in_page(&admin, req.headers(), super::peer(&req), PAGE).await
 }
 
 /// One account (Segment `groupId`): what it sent, its attributes, activity

@@ -35,6 +35,8 @@ pub const LOGIN_BODY_LIMIT: usize = 4096;
 const PAGE: &str = include_str!("page.html");
 const LOGIN: &str = include_str!("login.html");
 const SCRIPT: &str = include_str!("page.js");
+/// Helpers both pages use (`$`, `api`, `notice`, `el`, …), loaded before their own script.
+const COMMON_SCRIPT: &str = include_str!("common.js");
 const STYLE: &str = include_str!("page.css");
 /// uPlot (vendor/README.md), for the page's charts.
 const UPLOT_SCRIPT: &str = include_str!("vendor/uPlot.iife.min.js");
@@ -82,12 +84,22 @@ pub fn routes(state: AppState, operator_api: Router<AppState>) -> Router<AppStat
                 .layer(DefaultBodyLimit::max(LOGIN_BODY_LIMIT)),
         )
         .route("/logout", post(logout))
-        .route("/assets/operator.js", get(script))
+        .route(
+            "/assets/common.js",
+            get(|| async { javascript(COMMON_SCRIPT) }),
+        )
+        .route("/assets/operator.js", get(|| async { javascript(SCRIPT) }))
         .route("/assets/operator.css", get(style))
         .route("/accounts/{id}", get(entity::page))
         .route("/users/{id}", get(entity::page))
-        .route("/assets/entity.js", get(entity::script))
-        .route("/assets/uplot.js", get(uplot_script))
+        .route(
+            "/assets/entity.js",
+            get(|| async { javascript(entity::SCRIPT) }),
+        )
+        .route(
+            "/assets/uplot.js",
+            get(|| async { javascript(UPLOT_SCRIPT) }),
+        )
         .route("/assets/uplot.css", get(uplot_style))
         .merge(api)
 }
@@ -107,8 +119,18 @@ fn html(status: StatusCode, body: &'static str) -> Response {
 /// The page holds no data itself, but it is served only to a signed-in
 /// operator; anyone else gets the sign-in form.
 async fn page(Extract(admin): Extract<Arc<AdminAuth>>, req: Request) -> Response {
-    match admin.check(req.headers(), peer(&req)).await {
-        Check::Valid(_) => html(StatusCode::OK, PAGE),
+    signed_in_page(&admin, req.headers(), peer(&req), PAGE).await
+}
+
+/// `body` for a signed-in operator; the sign-in form (or `429`) otherwise.
+pub(super) async fn signed_in_page(
+    admin: &AdminAuth,
+    headers: &HeaderMap,
+    address: Option<IpAddr>,
+    body: &'static str,
+) -> Response {
+    match admin.check(headers, address).await {
+        Check::Valid(_) => html(StatusCode::OK, body),
         Check::Locked(wait) => too_many(wait),
         Check::Unavailable => html(StatusCode::SERVICE_UNAVAILABLE, LOGIN),
         Check::Missing | Check::Wrong => html(StatusCode::UNAUTHORIZED, LOGIN),
@@ -136,22 +158,16 @@ fn too_many(wait: std::time::Duration) -> Response {
     resp
 }
 
-async fn script() -> impl IntoResponse {
+fn javascript(body: &'static str) -> Response {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        SCRIPT,
+        body,
     )
+        .into_response()
 }
 
 async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
-}
-
-async fn uplot_script() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        UPLOT_SCRIPT,
-    )
 }
 
 async fn uplot_style() -> impl IntoResponse {

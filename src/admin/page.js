@@ -1,27 +1,7 @@
 "use strict";
 const OUTCOMES = ["pending","delivered","filtered","unsupported","duplicate","rejected","dead"];
 let cursor = null, next = null, selected = null;
-const $ = (id) => document.getElementById(id);
 
-async function api(path, opts = {}) {
-  // The session cookie authenticates (same origin only).
-  const resp = await fetch(path, { credentials: "same-origin", ...opts });
-  const body = await resp.json().catch(() => ({}));
-  if (resp.status === 401) { location.assign("/"); throw new Error(body.message || "signed out"); }
-  if (!resp.ok) throw new Error(body.message || ("HTTP " + resp.status));
-  return body;
-}
-function notice(text, kind) {
-  const n = $("notice"); n.textContent = text; n.className = text ? "show " + kind : "";
-}
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) { if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else e.setAttribute(k, v); }
-  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
-  return e;
-}
-const when = (ms) => ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "";
-const badge = (o) => el("span", { class: "badge " + o }, o);
 function filters() {
   const q = new URLSearchParams();
   for (const k of ["outcome", "messageId", "userId", "groupId"]) { const v = $("f-" + k).value.trim(); if (v) q.set(k, v); }
@@ -102,7 +82,6 @@ async function show(id) {
 
 // Pages per account and per user (/accounts/{id}, /users/{id}): ids are any
 // text, so they are percent-encoded; a link in a table row does not select it.
-const entityHref = (kind, id) => "/" + kind + "/" + encodeURIComponent(id);
 function entityLink(kind, id) {
   return id == null ? "" : el("a", { href: entityHref(kind, id), class: "entity", onclick: (e) => e.stopPropagation() }, id);
 }
