@@ -7,14 +7,12 @@ use crate::support::backends::Backend;
 use serde_json::{Value, json};
 use totango_destination::storage::{
     Claimed, DailyActivity, Disposition, EntityAttribute, EntityKind, Erase, NewMessage, Report,
-    State, Storage, day_of, now_millis,
+    Storage, day_of, now_millis,
 };
 
 /// A pending message of `call` for `account` and `user`, ordered by `key`.
 fn message(message_id: &str, call: &str, account: &str, user: &str) -> NewMessage {
     NewMessage {
-        source: "web".to_owned(),
-        message_id: message_id.to_owned(),
         call: call.to_owned(),
         service_id: "SP-1".to_owned(),
         user_id: Some(user.to_owned()),
@@ -27,14 +25,7 @@ fn message(message_id: &str, call: &str, account: &str, user: &str) -> NewMessag
         payload: json!({"type": call, "messageId": message_id})
             .to_string()
             .into(),
-        settings: "{}".to_owned().into(),
-        state: State::Pending,
-        code: None,
-        reason: None,
-        warnings: Vec::new(),
-        received_at: now_millis(),
-        set_page_category: None,
-        needs_page_category: false,
+        ..super::msg(message_id, "")
     }
 }
 

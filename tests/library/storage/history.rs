@@ -20,24 +20,12 @@ use totango_destination::storage::{
 
 fn message(message_id: &str, state: State) -> NewMessage {
     NewMessage {
-        source: "web".to_owned(),
-        message_id: message_id.to_owned(),
-        call: "track".to_owned(),
-        service_id: "svc".to_owned(),
-        user_id: Some("u1".to_owned()),
-        account_id: Some("acc1".to_owned()),
         ordering_key: None,
         payload: json!({"type": "track", "messageId": message_id})
             .to_string()
             .into(),
-        settings: "{}".to_owned().into(),
         state,
-        code: None,
-        reason: None,
-        warnings: Vec::new(),
-        received_at: now_millis(),
-        set_page_category: None,
-        needs_page_category: false,
+        ..super::msg(message_id, "")
     }
 }
 

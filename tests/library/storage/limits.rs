@@ -13,22 +13,12 @@ use totango_destination::storage::{
 
 fn message(message_id: &str, service: &str, user: &str) -> NewMessage {
     NewMessage {
-        source: "web".to_owned(),
-        message_id: message_id.to_owned(),
         call: "identify".to_owned(),
         service_id: service.to_owned(),
         user_id: Some(user.to_owned()),
         account_id: None,
-        ordering_key: Some(format!("user:{service}:{user}")),
         payload: r#"{"type":"identify"}"#.to_owned().into(),
-        settings: "{}".to_owned().into(),
-        state: State::Pending,
-        code: None,
-        reason: None,
-        warnings: Vec::new(),
-        received_at: totango_destination::storage::now_millis(),
-        set_page_category: None,
-        needs_page_category: false,
+        ..super::msg(message_id, &format!("user:{service}:{user}"))
     }
 }
 

@@ -36,24 +36,13 @@ async fn open(db: &TestDatabase, lease_ms: i64) -> PostgresStorage {
 
 fn msg(message_id: &str, key: Option<&str>) -> NewMessage {
     NewMessage {
-        source: "web".to_owned(),
-        message_id: message_id.to_owned(),
         call: "identify".to_owned(),
-        service_id: "svc".to_owned(),
-        user_id: Some("u1".to_owned()),
         account_id: None,
         ordering_key: key.map(str::to_owned),
         payload: json!({"type": "identify", "messageId": message_id})
             .to_string()
             .into(),
-        settings: "{}".to_owned().into(),
-        state: State::Pending,
-        code: None,
-        reason: None,
-        warnings: Vec::new(),
-        received_at: now_millis(),
-        set_page_category: None,
-        needs_page_category: false,
+        ..super::msg(message_id, "")
     }
 }
 
