@@ -5,7 +5,6 @@
 //! except under CI.
 
 use serde_json::json;
-use std::process::Command;
 use totango_destination::insights::{Target, sign, sync_and_store};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -77,23 +76,13 @@ async fn widget_renders_in_a_290_px_frame() {
     let sig = sign("widget-secret", Target::Account, "acct-2", None);
     let url = format!("{}/insights/accounts/acct-2?sig={sig}", srv.base);
     let screenshot = dir.path().join("widget.png");
-    let out = tokio::process::Command::from({
-        let mut cmd = Command::new("node");
-        cmd.arg(browser_dir.join("widget.mjs"))
-            .arg(&url)
-            .arg(&screenshot)
-            .env("CHROMIUM", &chromium);
-        cmd
-    })
-    .output()
-    .await
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = super::run_node(
+        &browser_dir,
+        &chromium,
+        "widget.mjs",
+        &[url.as_ref(), screenshot.as_os_str()],
+    )
+    .await;
     assert!(stdout.contains("widget page: ok"), "{stdout}");
     assert!(
         std::fs::metadata(&screenshot).unwrap().len() > 5_000,

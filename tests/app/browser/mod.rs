@@ -28,3 +28,28 @@ pub fn browser() -> Option<(PathBuf, String)> {
     eprintln!("skipped: needs {chromium} (apt-get install chromium) and `npm ci` in tests/browser");
     None
 }
+
+/// Runs `script` of `dir` with node, driving `chromium`; fails the test with
+/// its output unless it succeeds. Returns its stdout.
+pub async fn run_node(
+    dir: &Path,
+    chromium: &str,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> String {
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(dir.join(script))
+        .args(args)
+        .env("CHROMIUM", chromium);
+    let out = tokio::process::Command::from(cmd)
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

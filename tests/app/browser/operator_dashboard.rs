@@ -5,7 +5,6 @@
 //! `target/tmp/screenshots/`.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -148,24 +147,13 @@ async fn charts_health_and_account_page_show_what_happened() {
     let link = auth.login_link(&base);
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let out = tokio::process::Command::from({
-        let mut cmd = Command::new("node");
-        cmd.arg(browser_dir.join("dashboard.mjs"))
-            .arg(&base)
-            .arg(&link)
-            .arg(&shots)
-            .env("CHROMIUM", &chromium);
-        cmd
-    })
-    .output()
-    .await
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = super::run_node(
+        &browser_dir,
+        &chromium,
+        "dashboard.mjs",
+        &[base.as_ref(), link.as_ref(), shots.as_os_str()],
+    )
+    .await;
     assert!(stdout.contains("dashboard: ok"), "{stdout}");
     for shot in ["operator-dashboard.png", "account-page.png"] {
         let size = std::fs::metadata(shots.join(shot)).map_or(0, |m| m.len());

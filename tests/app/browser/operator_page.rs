@@ -2,7 +2,6 @@
 //! playwright-core, `tests/browser/`), against the real server. Skipped with a
 //! message when Chromium or the node module is missing, except under CI.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -81,25 +80,18 @@ async fn operator_page_shows_and_replays_messages() {
     let (auth, _) = totango_destination::web::auth::AdminAuth::load(&runtime).unwrap();
     let link = auth.login_link(&base);
     let screenshot = dir.path().join("operator.png");
-    let out = tokio::process::Command::from({
-        let mut cmd = Command::new("node");
-        cmd.arg(browser_dir.join("operator.mjs"))
-            .arg(&base)
-            .arg(&screenshot)
-            .arg(token.trim())
-            .arg(&link)
-            .env("CHROMIUM", &chromium);
-        cmd
-    })
-    .output()
-    .await
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = super::run_node(
+        &browser_dir,
+        &chromium,
+        "operator.mjs",
+        &[
+            base.as_ref(),
+            screenshot.as_os_str(),
+            token.trim().as_ref(),
+            link.as_ref(),
+        ],
+    )
+    .await;
     assert!(stdout.contains("operator page: ok"), "{stdout}");
     assert!(
         std::fs::metadata(&screenshot).unwrap().len() > 10_000,
