@@ -179,7 +179,7 @@ pub async fn run_with_storage(
     let limits = runtime.config.limits.clone();
     let insights = crate::insights::spawn(runtime.clone());
     let client_rates = Arc::new(ClientRates::new(&runtime));
-    let state = AppState {
+    let state = AppState::new(crate::web::AppParts {
         storage: storage.clone(),
         delivery,
         runtime,
@@ -187,7 +187,7 @@ pub async fn run_with_storage(
         admin: Arc::new(admin),
         backpressure: backpressure.clone(),
         client_rates,
-    };
+    });
     let transport = crate::budget::Transport::new(&limits);
     let app = router(
         state.clone(),

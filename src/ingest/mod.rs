@@ -45,7 +45,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
             post(tracking::single).options(browser::preflight),
         )
         .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state.runtime.clone(),
             browser::cors,
         ));
     let others = Router::new()
@@ -55,7 +55,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
     tracking
         .merge(others)
         .route_layer(axum::middleware::from_fn_with_state(
-            state,
+            state.runtime.clone(),
             open_mode_hosts_only,
         ))
 }

@@ -15,4 +15,4 @@ pub mod throttle;
 pub use audit::Actor;
 pub use error::ApiError;
 pub use rates::ClientRates;
-pub use state::{AdminState, AppState, IngestState, WidgetState};
+pub use state::{AdminState, AppParts, AppState, IngestState, WidgetState};
