@@ -838,6 +838,11 @@ fn warn_once(settings: &crate::mapping::Settings) {
 
 /// Parses a body that must be JSON, naming what is wrong.
 fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    // Most bodies are valid: parse without tracking the path (it costs on
+    // every value) and again with it only to name the field of an error.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();

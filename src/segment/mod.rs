@@ -194,7 +194,12 @@ impl Message {
         if !value.is_object() {
             return Err(ParseError::NotAnObject);
         }
-        let wire: Wire = serde_path_to_error::deserialize(value).map_err(|e| {
+        // Tracking the path costs on every value; it is needed only to name
+        // the field of an error, so an error parses again with it.
+        let wire = Wire::deserialize(value).or_else(|_| {
+            serde_path_to_error::deserialize::<_, Wire>(value)
+        });
+        let wire: Wire = wire.map_err(|e| {
             let field = e.path().to_string();
             ParseError::InvalidField {
                 field: if field == "." {
