@@ -983,3 +983,53 @@ mod host_tests {
         assert!(!host_allowed("td.example:9001", &allowed));
     }
 }
+
+#[cfg(test)]
+mod parse_tests {
+    use super::parse_json;
+    use serde::Deserialize;
+    use serde_json::{Map, Value};
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Body {
+        batch: Vec<Inner>,
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Inner {
+        n: u32,
+    }
+
+    #[test]
+    fn errors_name_the_field_though_valid_bodies_parse_without_the_path() {
+        let ok: Body = parse_json(br#"{"batch": [{"n": 1}, {"n": 2}]}"#).unwrap();
+        assert_eq!(ok.batch.len(), 2);
+        let e = parse_json::<Body>(br#"{"batch": [{"n": 1}, {"n": "x"}]}"#).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, "invalid_field"));
+        assert!(
+            e.message.starts_with("batch[1].n: invalid type"),
+            "{}",
+            e.message
+        );
+        let e = parse_json::<Body>(br#"{"batch": 5}"#).unwrap_err();
+        assert!(
+            e.message.starts_with("batch: invalid type"),
+            "{}",
+            e.message
+        );
+        let e = parse_json::<Map<String, Value>>(br#"{"a": 1"#).unwrap_err();
+        assert_eq!(e.code, "malformed_json", "{}", e.message);
+        let e = parse_json::<Map<String, Value>>(br#"{"a": 1} x"#).unwrap_err();
+        assert_eq!(e.code, "malformed_json", "{}", e.message);
+        assert!(e.message.contains("trailing"), "{}", e.message);
+        let e = parse_json::<Map<String, Value>>(b"[1]").unwrap_err();
+        assert_eq!(
+            (e.code, e.message.starts_with("body: ")),
+            ("invalid_field", true),
+            "{}",
+            e.message
+        );
+    }
+}

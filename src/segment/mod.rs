@@ -196,9 +196,8 @@ impl Message {
         }
         // Tracking the path costs on every value; it is needed only to name
         // the field of an error, so an error parses again with it.
-        let wire = Wire::deserialize(value).or_else(|_| {
-            serde_path_to_error::deserialize::<_, Wire>(value)
-        });
+        let wire = Wire::deserialize(value)
+            .or_else(|_| serde_path_to_error::deserialize::<_, Wire>(value));
         let wire: Wire = wire.map_err(|e| {
             let field = e.path().to_string();
             ParseError::InvalidField {
