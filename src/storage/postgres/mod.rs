@@ -31,6 +31,7 @@ use replica::{heartbeat, log_beat};
 use text::pg_text;
 use writer::{AcceptCall, PruneClock, write_loop};
 
+pub use queue::claim_sql;
 pub use schema::SCHEMA_VERSION;
 
 use super::*;

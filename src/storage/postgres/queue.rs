@@ -443,16 +443,10 @@ pub(super) fn refused_size_sql(row: &str, otherwise: &str) -> String {
 const CLAIMABLE: &str =
     "(q.lease IS NULL OR (q.replica IS NULL AND q.leased_until <= (SELECT t FROM now)))";
 
-/// Leases up to `limit` due heads on the database clock for `replica`. One
-/// statement.
-pub async fn claim(
-    conn: &mut PgConnection,
-    limit: usize,
-    lease_ms: Millis,
-    replica: i64,
-) -> Result<ClaimBatch, StorageError> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = sqlx::query(&format!(
+/// The claim statement: `$1` the most messages, `$2` the lease in ms, `$3`
+/// the replica. Public so that tests can check its plan.
+pub fn claim_sql() -> String {
+    format!(
         "WITH now AS (SELECT {CLOCK_MS} AS t), \
          picked AS ( \
             SELECT q.seq FROM td_queue q \
@@ -474,12 +468,24 @@ pub async fn claim(
                 m.attempts, m.received_at, l.enqueued_at, m.page_category \
             FROM leased l JOIN td_messages m ON m.id = l.message) c ON true \
          ORDER BY c.seq"
-    ))
-    .bind(limit)
-    .bind(lease_ms)
-    .bind(replica)
-    .fetch_all(conn)
-    .await?;
+    )
+}
+
+/// Leases up to `limit` due heads on the database clock for `replica`. One
+/// statement.
+pub async fn claim(
+    conn: &mut PgConnection,
+    limit: usize,
+    lease_ms: Millis,
+    replica: i64,
+) -> Result<ClaimBatch, StorageError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = sqlx::query(&claim_sql())
+        .bind(limit)
+        .bind(lease_ms)
+        .bind(replica)
+        .fetch_all(conn)
+        .await?;
     let mut batch = ClaimBatch::default();
     for row in rows {
         batch.next_due = row.try_get(0)?;

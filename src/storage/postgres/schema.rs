@@ -221,8 +221,17 @@ CREATE TABLE td_history_rtt (
 );
 "#;
 
+/// The heads a claim may take, without those a live replica holds: a claim
+/// scanned `td_queue_heads` past every message in flight (up to
+/// `delivery.max_concurrency` per replica) and read each one's row to skip
+/// it. The predicate is implied by the claim's `CLAIMABLE`.
+const V6: &str = r#"
+CREATE INDEX td_queue_claimable ON td_queue (next_attempt_at, seq)
+    WHERE head AND (lease IS NULL OR replica IS NULL);
+"#;
+
 /// Migrations in order; version N is `MIGRATIONS[N - 1]`.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

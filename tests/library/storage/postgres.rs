@@ -954,3 +954,42 @@ async fn a_stale_report_does_not_hide_the_current_one_behind_it() {
     assert_eq!(s.get(id).await.unwrap().unwrap().state, State::Delivered);
     s.close().await;
 }
+
+/// A claim finds the heads it may take through `td_queue_claimable`, which
+/// leaves out the messages a live replica holds: through `td_queue_heads` it
+/// read past every message in flight at each claim.
+#[tokio::test]
+async fn a_claim_reads_only_claimable_heads() {
+    let Some(db) = TestDatabase::create("claim_plan") else {
+        return;
+    };
+    let s = open(&db, 60_000).await;
+    let mut conn = s.pool().acquire().await.unwrap();
+    // The tables are empty: plan as for a long queue.
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "PREPARE claim (bigint, bigint, bigint) AS {}",
+        postgres::claim_sql()
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE claim (100, 60000, 1)")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    // The scan under the row locks is the one that picks the heads.
+    let picked = plan
+        .iter()
+        .skip_while(|line| !line.contains("LockRows"))
+        .find(|line| line.contains(" Scan "))
+        .unwrap_or_else(|| panic!("no scan under LockRows:\n{}", plan.join("\n")));
+    assert!(
+        picked.contains("td_queue_claimable"),
+        "{picked}\n{}",
+        plan.join("\n")
+    );
+}
