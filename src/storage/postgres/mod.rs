@@ -469,10 +469,7 @@ impl Storage for PostgresStorage {
                 "SELECT (SELECT count(*) FROM td_queue), \
                     (SELECT m.received_at FROM td_queue q JOIN td_messages m ON m.id = q.message \
                      ORDER BY q.seq LIMIT 1), \
-                    (SELECT COALESCE(sum(octet_length(m.payload) + octet_length(m.settings) \
-                     + octet_length(m.message_id) + COALESCE(octet_length(m.requests), 0) \
-                     + COALESCE(octet_length(m.last_body), 0)), 0)::bigint FROM td_queue q \
-                     JOIN td_messages m ON m.id = q.message), \
+                    (SELECT COALESCE(sum(size), 0)::bigint FROM td_queue), \
                     (SELECT bytes FROM td_usage WHERE name = 'refused')",
             )
             .fetch_one(&self.inner.pool)

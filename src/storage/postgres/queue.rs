@@ -259,14 +259,16 @@ pub async fn accept(
                 reason, payload, settings, received_at, received_at, ordering_key, warnings, \
                 page_category \
             FROM input ORDER BY ord \
-            RETURNING id, state, ordering_key, received_at), \
+            RETURNING id, state, ordering_key, received_at, {size} AS size), \
          queued AS ( \
-            INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+            INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head, \
+                size) \
             SELECT id, ordering_key, least(received_at, {TX_NOW_MS}), \
-                least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD} \
+                least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD}, size \
             FROM inserted i WHERE state = 'pending' ORDER BY id \
             RETURNING seq) \
-         SELECT id, (SELECT count(*) FROM queued) FROM inserted ORDER BY id"
+         SELECT id, (SELECT count(*) FROM queued) FROM inserted ORDER BY id",
+        size = queued_size_sql("")
     ))
     .bind(&message_ids)
     .bind(&sources)
@@ -426,6 +428,15 @@ async fn page_categories(
 pub(super) fn own_size_sql(row: &str) -> String {
     format!(
         "octet_length({row}payload) + octet_length({row}settings) + octet_length({row}message_id)"
+    )
+}
+
+/// SQL: what a queued message's row stores (`td_queue.size`): its own bytes,
+/// translated requests and last answer.
+pub(super) fn queued_size_sql(row: &str) -> String {
+    format!(
+        "{} + COALESCE(octet_length({row}requests), 0) + COALESCE(octet_length({row}last_body), 0)",
+        own_size_sql(row)
     )
 }
 
@@ -601,11 +612,12 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
                 updated_at = {CLOCK_MS}, settings = COALESCE(v.settings, m.settings) \
             FROM valid v WHERE m.id = v.id RETURNING m.id, v.lease, v.sent_before, \
                 CASE WHEN v.sent > v.sent_before AND v.requests IS NULL THEN m.requests END \
-                AS requests), \
+                AS requests, {size} AS size), \
          retried AS ( \
             UPDATE td_queue q SET next_attempt_at = v.next_attempt_at, leased_until = 0, \
-                lease = NULL, replica = NULL \
-            FROM valid v WHERE q.seq = v.seq AND v.next_attempt_at IS NOT NULL \
+                lease = NULL, replica = NULL, size = u.size \
+            FROM valid v JOIN updated u ON u.id = v.id \
+            WHERE q.seq = v.seq AND v.next_attempt_at IS NOT NULL \
             RETURNING q.seq), \
          dequeued AS ( \
             DELETE FROM td_queue q USING valid v \
@@ -613,7 +625,8 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
             RETURNING q.ordering_key) \
          SELECT ARRAY(SELECT id FROM updated), ARRAY(SELECT lease FROM updated), \
             ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL), \
-            ARRAY(SELECT sent_before FROM updated), ARRAY(SELECT requests FROM updated)"
+            ARRAY(SELECT sent_before FROM updated), ARRAY(SELECT requests FROM updated)",
+        size = queued_size_sql("m.")
     ))
     .bind(&ids)
     .bind(&leases)
@@ -729,10 +742,11 @@ pub async fn replay(
     let keys: Vec<Option<String>> = rows.iter().map(|r| r.1.clone()).collect();
     let due: Vec<i64> = rows.iter().map(|r| r.2).collect();
     sqlx::query(&format!(
-        "INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
-         SELECT id, ordering_key, due, due, {ENQUEUE_HEAD} \
+        "INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head, size) \
+         SELECT i.id, i.ordering_key, due, due, {ENQUEUE_HEAD}, {size} \
          FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS i(id, ordering_key, due) \
-         ORDER BY id"
+         JOIN td_messages m ON m.id = i.id ORDER BY i.id",
+        size = queued_size_sql("m.")
     ))
     .bind(&ids)
     .bind(&keys)

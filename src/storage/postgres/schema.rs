@@ -221,13 +221,22 @@ CREATE TABLE td_history_rtt (
 );
 "#;
 
-/// The heads a claim may take, without those a live replica holds: a claim
+/// The heads a claim may take, without those a live replica holds (a claim
 /// scanned `td_queue_heads` past every message in flight (up to
 /// `delivery.max_concurrency` per replica) and read each one's row to skip
-/// it. The predicate is implied by the claim's `CLAIMABLE`.
+/// it; the predicate is implied by the claim's `CLAIMABLE`), and the bytes of
+/// each queued message.
 const V6: &str = r#"
 CREATE INDEX td_queue_claimable ON td_queue (next_attempt_at, seq)
     WHERE head AND (lease IS NULL OR replica IS NULL);
+-- The queued message's stored bytes (queue::queued_size_sql), written at
+-- enqueue and at each retry: the backlog's bytes are a sum over the queue
+-- instead of a join that read every queued payload.
+ALTER TABLE td_queue ADD COLUMN size bigint NOT NULL DEFAULT 0;
+UPDATE td_queue q SET size = octet_length(m.payload) + octet_length(m.settings)
+    + octet_length(m.message_id) + COALESCE(octet_length(m.requests), 0)
+    + COALESCE(octet_length(m.last_body), 0)
+    FROM td_messages m WHERE m.id = q.message;
 "#;
 
 /// Migrations in order; version N is `MIGRATIONS[N - 1]`.

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use crate::support::backends::Backend;
 use totango_destination::storage::{
-    AcceptError, AcceptOptions, Acceptance, NewMessage, SqliteStorage, State, Storage,
-    StorageOptions,
+    AcceptError, AcceptOptions, Acceptance, Disposition, LastResponse, NewMessage, Report,
+    SqliteStorage, State, Storage, StorageOptions, now_millis,
 };
 
 fn message(message_id: &str, service: &str, user: &str) -> NewMessage {
@@ -458,9 +458,69 @@ async fn pruning_refused_messages_frees_their_bytes(b: Backend) {
     s.close().await;
 }
 
+/// The backlog's bytes are what its rows store: payload, settings and
+/// messageId at first, plus the translated requests and the last answer once
+/// a retry wrote them; a delivered message takes its bytes along.
+async fn the_backlog_counts_the_bytes_its_rows_store(b: Backend) {
+    let Some(s) = b.open(crate::support::backends::options()).await else {
+        return;
+    };
+    let (m1, m2) = (message("b-1", "svc", "ann"), message("b-2", "svc", "bob"));
+    let own = |m: &NewMessage| (m.payload.len() + m.settings.len() + m.message_id.len()) as u64;
+    let (own1, own2) = (own(&m1), own(&m2));
+    let ids: Vec<i64> = s
+        .accept(vec![m1, m2])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| match a {
+            Acceptance::Stored { id } => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let stats = s.queue_stats().await.unwrap();
+    assert_eq!((stats.depth, stats.bytes), (2, own1 + own2));
+    let claimed = s.claim(10).await.unwrap().messages;
+    let lease = |id: i64| claimed.iter().find(|c| c.id == id).expect("claimed").lease;
+    let requests = r#"[{"path":"/pixel.gif/","params":{"sdr_s":"SP-1"}}]"#;
+    let report = |id: i64, disposition: Disposition, last: Option<LastResponse>| Report {
+        id,
+        lease: lease(id),
+        requests: Some(requests.to_owned()),
+        sent: 0,
+        attempted: true,
+        disposition,
+        last,
+        settings: None,
+    };
+    s.report(vec![
+        report(
+            ids[0],
+            Disposition::Retry {
+                next_attempt_at: now_millis() + 60_000,
+            },
+            Some(LastResponse {
+                status: Some(503),
+                body: Some("busy".to_owned()),
+                error: None,
+            }),
+        ),
+        report(ids[1], Disposition::Delivered, None),
+    ])
+    .await
+    .unwrap();
+    let stats = s.queue_stats().await.unwrap();
+    assert_eq!(
+        (stats.depth, stats.bytes),
+        (1, own1 + requests.len() as u64 + "busy".len() as u64)
+    );
+    s.close().await;
+}
+
 crate::on_backends!(
     refused_messages_keep_payloads_within_their_bound,
     pruning_refused_messages_frees_their_bytes,
+    the_backlog_counts_the_bytes_its_rows_store,
 );
 
 /// A schema 3 file (before refused bytes were counted) upgrades with the

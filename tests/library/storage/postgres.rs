@@ -993,3 +993,31 @@ async fn a_claim_reads_only_claimable_heads() {
         plan.join("\n")
     );
 }
+
+/// A schema 5 database with a backlog upgrades with the bytes of its queued
+/// messages counted (`td_queue.size`, schema 6).
+#[tokio::test]
+async fn a_schema_5_database_keeps_its_backlog_bytes_on_upgrade() {
+    let Some(db) = TestDatabase::create("queue_size") else {
+        return;
+    };
+    let s = open(&db, 60_000).await;
+    s.accept(vec![msg("s-1", Some("user:1")), msg("s-2", None)])
+        .await
+        .unwrap();
+    let before = s.queue_stats().await.unwrap();
+    assert_eq!(before.depth, 2);
+    assert!(before.bytes > 0);
+    sqlx::raw_sql(
+        "DROP INDEX td_queue_claimable; ALTER TABLE td_queue DROP COLUMN size; \
+         DELETE FROM td_schema WHERE version = 6",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    s.close().await;
+    let s = open(&db, 60_000).await;
+    let after = s.queue_stats().await.unwrap();
+    assert_eq!((after.depth, after.bytes), (before.depth, before.bytes));
+    s.close().await;
+}
