@@ -413,13 +413,7 @@ pub(super) fn open(path: &Path) -> Result<Connection, StorageError> {
         other => other,
     })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    if let Ok(ps) = std::env::var("XX_PAGE_SIZE") {
-        conn.pragma_update(None, "page_size", ps)?;
-    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    if let Ok(ps) = std::env::var("XX_CKPT") {
-        conn.pragma_update(None, "wal_autocheckpoint", ps)?;
-    }
     // FULL: the WAL is fsync'd at every commit, so a 2xx survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
