@@ -380,6 +380,9 @@ fn router(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
+    // Outermost first: a request passes the layers from the top down. The
+    // `map_request`/`map_response` steps put bodies and answers back into
+    // axum's types where the next layer needs them.
     let stack = ServiceBuilder::new()
         .map_response(IntoResponse::into_response)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
