@@ -743,9 +743,10 @@ pub async fn replay(
     let due: Vec<i64> = rows.iter().map(|r| r.2).collect();
     sqlx::query(&format!(
         "INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head, size) \
-         SELECT i.id, i.ordering_key, due, due, {ENQUEUE_HEAD}, {size} \
+         SELECT id, ordering_key, due, due, {ENQUEUE_HEAD}, \
+            (SELECT {size} FROM td_messages m WHERE m.id = i.id) \
          FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS i(id, ordering_key, due) \
-         JOIN td_messages m ON m.id = i.id ORDER BY i.id",
+         ORDER BY id",
         size = queued_size_sql("m.")
     ))
     .bind(&ids)

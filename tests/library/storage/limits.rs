@@ -460,7 +460,8 @@ async fn pruning_refused_messages_frees_their_bytes(b: Backend) {
 
 /// The backlog's bytes are what its rows store: payload, settings and
 /// messageId at first, plus the translated requests and the last answer once
-/// a retry wrote them; a delivered message takes its bytes along.
+/// a retry wrote them; a dead message takes its bytes along, and brings them
+/// back when replayed.
 async fn the_backlog_counts_the_bytes_its_rows_store(b: Backend) {
     let Some(s) = b.open(crate::support::backends::options()).await else {
         return;
@@ -505,14 +506,26 @@ async fn the_backlog_counts_the_bytes_its_rows_store(b: Backend) {
                 error: None,
             }),
         ),
-        report(ids[1], Disposition::Delivered, None),
+        report(
+            ids[1],
+            Disposition::Dead {
+                code: "x".to_owned(),
+                reason: "y".to_owned(),
+            },
+            None,
+        ),
     ])
     .await
     .unwrap();
+    let first = own1 + requests.len() as u64 + "busy".len() as u64;
+    let stats = s.queue_stats().await.unwrap();
+    assert_eq!((stats.depth, stats.bytes), (1, first));
+    // Replayed, the dead one is queued again with what it stores now.
+    assert_eq!(s.replay(Default::default()).await.unwrap(), vec![ids[1]]);
     let stats = s.queue_stats().await.unwrap();
     assert_eq!(
         (stats.depth, stats.bytes),
-        (1, own1 + requests.len() as u64 + "busy".len() as u64)
+        (2, first + own2 + requests.len() as u64)
     );
     s.close().await;
 }
