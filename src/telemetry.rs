@@ -35,7 +35,13 @@ pub const DELIVERY_RTT: &str = "td_delivery_rtt_seconds";
 /// normal, slow, refusing, paused, unreachable), 0 for the others.
 pub const TOTANGO_HEALTH: &str = "td_totango_health";
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// How often histogram samples are folded into their buckets. The recorder
+/// keeps every sample until then (8 bytes or more each), so without it memory
+/// grew with every request for as long as nothing scraped `/metrics`.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The process-wide Prometheus recorder, installed on first use, with a
+/// thread that folds histogram samples into buckets every [`UPKEEP_EVERY`].
 pub fn metrics() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -48,6 +54,16 @@ pub fn metrics() -> &'static PrometheusHandle {
             .build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_ok() {
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no metrics upkeep thread: histogram samples wait for /metrics");
+            }
             metrics::describe_counter!(ACCEPTED, "Messages accepted, by interface");
             metrics::describe_counter!(ERASURES, "Users erased (Segment delete, admin API)");
             metrics::describe_counter!(OUTCOMES, "Messages by final outcome");
