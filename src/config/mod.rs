@@ -98,7 +98,7 @@ impl Default for Config {
                 max_retry_age_secs: 4 * 3600,
                 concurrency: 64,
                 min_concurrency: 4,
-                max_concurrency: 1024,
+                max_concurrency: 2048,
                 request_timeout_ms: 10_000,
             },
             limits: LimitsConfig {
@@ -440,7 +440,7 @@ mod tests {
             );
             assert_eq!(c.delivery.concurrency, 64);
             assert_eq!(c.delivery.min_concurrency, 4);
-            assert_eq!(c.delivery.max_concurrency, 1024);
+            assert_eq!(c.delivery.max_concurrency, 2048);
             assert_eq!(c.limits.max_message_bytes, 32 * 1024);
             assert_eq!(c.limits.max_body_bytes, 500 * 1024);
             assert_eq!(c.limits.max_batch_body_bytes, 4 * 1024 * 1024);
