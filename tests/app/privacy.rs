@@ -112,6 +112,24 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
         .unwrap();
     assert_eq!(r.status(), 200);
 
+    // A request of alice's already on its way to Totango when the erase was
+    // answered may still arrive (docs/privacy.md: it cannot be called back).
+    // Once nothing is in flight, any request of alice's the gate lets through
+    // would have left after the erase.
+    wait_until("no delivery in flight", || async {
+        let stats = http
+            .get(format!("{base}/api/stats"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let stats: Value = serde_json::from_str(&stats).unwrap();
+        stats["delivery"]["in_flight"] == 0
+    })
+    .await;
     open.store(true, Ordering::SeqCst);
     let sent = |user: &str| {
         let seen = seen.lock().unwrap();
