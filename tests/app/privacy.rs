@@ -116,11 +116,9 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     // answered may still arrive (docs/privacy.md: it cannot be called back).
     // Once nothing is in flight, any request of alice's the gate lets through
     // would have left after the erase.
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth(TOKEN).send();
     wait_until("no delivery in flight", || async {
-        let stats = http
-            .get(format!("{base}/api/stats"))
-            .bearer_auth(TOKEN)
-            .send()
+        let stats = admin(http.get(format!("{base}/api/stats")))
             .await
             .unwrap()
             .text()
@@ -164,7 +162,6 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     assert_eq!(states, [State::Suppressed]);
 
     // The operator sees the suppression and lifts it.
-    let admin = |req: reqwest::RequestBuilder| req.bearer_auth(TOKEN).send();
     let list: Value = admin(http.get(format!("{base}/api/suppressions")))
         .await
         .unwrap()
