@@ -215,6 +215,8 @@ impl Delivery {
                 self.refresh_pauses().await;
                 let now = now_millis();
                 let releases = self.releases.load(Ordering::SeqCst);
+                // Read before claiming: an erase after this re-checks the claims.
+                let erasures = self.storage.erasures();
                 match self.storage.claim(limit).await {
                     Ok(batch) => {
                         let full = batch.messages.len() == limit;
@@ -238,7 +240,7 @@ impl Delivery {
                                 reported: false,
                             };
                             tasks.spawn(async move {
-                                let report = this.deliver(m).await;
+                                let report = this.deliver(m, erasures).await;
                                 this.concurrency.finish();
                                 held.reported();
                                 this.queue_report(report);
@@ -534,9 +536,10 @@ impl Delivery {
     }
 
     /// Sends what is left of one message and says what became of it.
-    pub async fn deliver(&self, m: Claimed) -> Report {
+    /// `erasures` is [`Storage::erasures`] as it was before the claim.
+    pub async fn deliver(&self, m: Claimed, erasures: u64) -> Report {
         let stored = m.settings.clone();
-        let mut report = self.attempt(m).await;
+        let mut report = self.attempt(m, erasures).await;
         // A token the request brought is kept only while the message may
         // still be sent (pending, or dead and replayable).
         if !matches!(
@@ -555,10 +558,10 @@ impl Delivery {
     /// One delivery of a claimed message, in three steps: prepare (what to
     /// send, or a final outcome without sending), send (transport only) and
     /// settle (what Totango's answer means, by `policy`).
-    async fn attempt(&self, m: Claimed) -> Report {
+    async fn attempt(&self, m: Claimed, erasures: u64) -> Report {
         let report = Report::untouched(m.id, m.lease, m.sent);
         match self.prepare(&m, report) {
-            Prepared::Send(plan, report) => self.send_all(&m, &plan, report).await,
+            Prepared::Send(plan, report) => self.send_all(&m, &plan, report, erasures).await,
             Prepared::Done(report) => report,
         }
     }
@@ -630,8 +633,17 @@ impl Delivery {
 
     /// Sends the plan's requests not yet accepted, one after the other, each
     /// when its endpoint admits it; settles each answer.
-    async fn send_all(&self, m: &Claimed, plan: &Plan, mut report: Report) -> Report {
+    async fn send_all(
+        &self,
+        m: &Claimed,
+        plan: &Plan,
+        mut report: Report,
+        mut erasures: u64,
+    ) -> Report {
         let endpoint = plan.settings.base_url();
+        // Set after waiting for a probe: the claim is checked before sending
+        // even if no erase was announced (announcements can be lost).
+        let mut waited = false;
         while (report.sent as usize) < plan.requests.len() {
             // Not started yet and delivery stops, or this process may have
             // lost its claims: give the message back.
@@ -641,6 +653,17 @@ impl Delivery {
             let probe = loop {
                 // Subscribed before deciding, so no change is missed.
                 let mut changes = self.endpoint_changes.subscribe();
+                // An erase since the claim (or since the last check) may have
+                // cancelled this message: its user's data must not leave.
+                let seen = self.storage.erasures();
+                if seen != erasures || waited {
+                    match self.storage.holds_claim(m.id, m.lease).await {
+                        Ok(true) => (erasures, waited) = (seen, false),
+                        // Cancelled: the report is stale and ignored. Or it
+                        // cannot be told: not sent, given back.
+                        Ok(false) | Err(_) => return report.given_back(),
+                    }
+                }
                 match self.admit(endpoint) {
                     Admission::Send => break false,
                     Admission::Probe => break true,
@@ -656,6 +679,7 @@ impl Delivery {
                                 return report.given_back();
                             }
                         }
+                        waited = true;
                     }
                 }
             };

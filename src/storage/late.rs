@@ -65,6 +65,15 @@ impl Storage for LateStorage {
             None => self.notify.clone(),
         }
     }
+    fn holds_claims(&self) -> bool {
+        self.inner.get().is_some_and(|s| s.holds_claims())
+    }
+    fn erasures(&self) -> u64 {
+        self.inner.get().map_or(0, |s| s.erasures())
+    }
+    async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError> {
+        self.get()?.holds_claim(id, lease).await
+    }
     async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError> {
         self.get()?.pause_endpoint(endpoint, until).await
     }
@@ -149,5 +158,36 @@ impl Storage for LateStorage {
     }
     async fn prune_history(&self, before: Millis) -> Result<u64, StorageError> {
         self.get()?.prune_history(before).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Until a backend is installed no claim is held; then claims and
+    /// erasures are the backend's own (a wrapper that kept the trait's
+    /// answers would let delivery send on claims a replica may have lost).
+    #[tokio::test]
+    async fn claims_and_erasures_are_the_installed_backends() {
+        let late = LateStorage::failed(StorageError::Closed);
+        assert!(!late.holds_claims());
+        assert_eq!(late.erasures(), 0);
+        assert!(late.holds_claim(1, 1).await.is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite =
+            SqliteStorage::open_with(&dir.path().join("td.db"), StorageOptions::default()).unwrap();
+        late.install(Arc::new(sqlite));
+        assert!(late.holds_claims());
+        late.erase_user(Erase {
+            user_id: "alice".into(),
+            suppress: false,
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(late.erasures(), 1);
+        assert!(!late.holds_claim(1, 1).await.unwrap());
+        late.close().await;
     }
 }

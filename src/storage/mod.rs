@@ -561,10 +561,19 @@ pub trait Storage: Send + Sync + 'static {
     /// Whether claims this process holds are still its own. A backend shared
     /// by replicas says `false` once others may have judged this process
     /// gone (and taken its claims): delivery then sends nothing more until
-    /// it is `true` again.
-    fn holds_claims(&self) -> bool {
-        true
-    }
+    /// it is `true` again. (No default: a wrapper must pass it on.)
+    fn holds_claims(&self) -> bool;
+
+    /// Erasures this process knows of: its own, and on storage shared by
+    /// replicas the others' as they are announced. An erase cancels the
+    /// user's claimed messages too, so delivery re-checks a claim
+    /// ([`Storage::holds_claim`]) before sending when this changed since
+    /// the claim.
+    fn erasures(&self) -> u64;
+
+    /// Whether `lease` still holds message `id` (not cancelled by an erase,
+    /// not expired and taken by another claim, not reported).
+    async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError>;
 
     /// Pauses sending to a Totango endpoint until `until` (Totango answered
     /// 429), for every process sharing this storage. Extends, never shortens.

@@ -348,3 +348,115 @@ async fn the_partner_api_answers_a_delete_once_erased() {
     );
     server.stop().await;
 }
+
+/// A message claimed while the endpoint's probe is in flight waits for the
+/// probe's outcome; if its user is erased meanwhile, it is not sent when the
+/// endpoint comes back (the erase cancelled its claim).
+#[tokio::test]
+async fn a_message_waiting_for_a_probe_is_not_sent_after_its_user_is_erased() {
+    use crate::support::totango::{FakeTotango, Reply};
+    use std::sync::atomic::AtomicU8;
+    const FAILING: u8 = 0;
+    const HOLDING: u8 = 1;
+    let phase = Arc::new(AtomicU8::new(FAILING));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let fake = FakeTotango::answering({
+        let phase = phase.clone();
+        move |_, _| {
+            let phase = phase.load(Ordering::SeqCst);
+            let mut released = released.clone();
+            async move {
+                if phase == FAILING {
+                    return Reply::status(503);
+                }
+                let _ = released.wait_for(|open| *open).await;
+                Reply::ok()
+            }
+        }
+    })
+    .await;
+    let place = crate::support::place();
+    let mut c = crate::support::config(&place, &fake.uri());
+    c.admin.token = Some(TOKEN.into());
+    c.delivery.retry_base_ms = 50;
+    c.delivery.retry_max_ms = 200;
+    c.delivery.request_timeout_ms = 30_000;
+    let server = crate::support::TestApp::start(c).await;
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+    let identify_in = |id: &str, user: &str, group: &str| {
+        let mut m = identify(id, user);
+        m["context"]["groupId"] = json!(group);
+        http.post(format!("{base}/v1/identify"))
+            .header("content-type", "application/json")
+            .body(m.to_string())
+            .send()
+    };
+    let in_flight = || async {
+        let stats = http
+            .get(format!("{base}/api/stats"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str::<Value>(&stats).unwrap()["delivery"]["in_flight"].clone()
+    };
+
+    // Carol's identify fails until the endpoint is down; her next attempt is
+    // the probe, and Totango holds it.
+    assert_eq!(
+        identify_in("c-1", "carol", "other").await.unwrap().status(),
+        200
+    );
+    wait_until("the endpoint is down", || async {
+        fake.answered(503).len() >= 3
+    })
+    .await;
+    phase.store(HOLDING, Ordering::SeqCst);
+    wait_until("a probe held by Totango", || async {
+        fake.hits().iter().any(|h| h.status == 0)
+    })
+    .await;
+    // Alice's identify is claimed and waits for the probe's outcome.
+    assert_eq!(
+        identify_in("a-1", "alice", "acme").await.unwrap().status(),
+        200
+    );
+    wait_until("alice's identify is claimed", || async {
+        in_flight().await == 2
+    })
+    .await;
+    let r = http
+        .delete(format!("{base}/api/users/alice"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let erased: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(erased["erased"]["cancelled"], 1, "{erased}");
+
+    // The probe is answered: the endpoint is back and what waited goes on.
+    release.send(true).unwrap();
+    wait_until("nothing in flight", || async { in_flight().await == 0 }).await;
+    assert_eq!(fake.for_user("carol").last().map(|h| h.status), Some(200));
+    assert!(fake.for_user("alice").is_empty(), "{:?}", fake.hits());
+    let states: Vec<State> = server
+        .storage
+        .list(
+            MessageFilter {
+                message_id: Some("a-1".into()),
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.state)
+        .collect();
+    assert_eq!(states, [State::Suppressed]);
+    server.stop().await;
+}

@@ -5,6 +5,7 @@
 
 use crate::support::backends::Backend;
 use serde_json::json;
+use std::time::Duration;
 use totango_destination::storage::{
     AuditEntry, Disposition, Erase, MessageFilter, NewMessage, Report, State, Storage, now_millis,
 };
@@ -261,9 +262,107 @@ async fn the_audit_trail_keeps_actions_newest_first(b: Backend) {
     s.close().await;
 }
 
+/// An erase cancels its user's claimed messages: their claims no longer
+/// hold, and every process sharing the storage counts the erasure (so its
+/// delivery re-checks claims before sending).
+async fn an_erase_ends_the_claims_of_its_user(b: Backend) {
+    let Some(s) = b.open(crate::support::backends::options()).await else {
+        return;
+    };
+    // Another replica on the same database (PostgreSQL only).
+    let other = match &s.url {
+        Some(url) => {
+            let o = totango_destination::storage::PostgresStorage::open(
+                url,
+                crate::support::backends::options(),
+            )
+            .await
+            .unwrap();
+            // Its listener counts one when it connects (one may be missed).
+            crate::support::wait::until(
+                Duration::from_secs(10),
+                Duration::from_millis(20),
+                || async {
+                    (o.erasures() > 0)
+                        .then_some(())
+                        .ok_or("the other replica does not listen")
+                },
+            )
+            .await
+            .unwrap();
+            Some(o)
+        }
+        None => None,
+    };
+    let other_before = other.as_ref().map(|o| o.erasures());
+    s.accept(vec![
+        message("a-1", "identify", "alice", true),
+        message("b-1", "identify", "bob", true),
+    ])
+    .await
+    .unwrap();
+    let before = s.erasures();
+    let claimed = s.claim(10).await.unwrap().messages;
+    assert_eq!(claimed.len(), 2);
+    let (alice, bob) = if claimed[0].payload.contains("alice") {
+        (&claimed[0], &claimed[1])
+    } else {
+        (&claimed[1], &claimed[0])
+    };
+    assert!(s.holds_claim(alice.id, alice.lease).await.unwrap());
+    assert!(!s.holds_claim(alice.id, alice.lease + 1).await.unwrap());
+    assert_eq!(s.erasures(), before, "no erase yet");
+
+    let erased = s
+        .erase_user(Erase {
+            user_id: "alice".into(),
+            suppress: false,
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(erased.cancelled, 1);
+    assert!(s.erasures() > before);
+    assert!(!s.holds_claim(alice.id, alice.lease).await.unwrap());
+    assert!(s.holds_claim(bob.id, bob.lease).await.unwrap());
+    if let (Some(o), Some(o_before)) = (&other, other_before) {
+        crate::support::wait::until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || async {
+                (o.erasures() > o_before)
+                    .then_some(())
+                    .ok_or("the other replica did not hear of the erase")
+            },
+        )
+        .await
+        .unwrap();
+        assert!(!o.holds_claim(alice.id, alice.lease).await.unwrap());
+    }
+    // Reported: the claim is over.
+    s.report(vec![Report {
+        id: bob.id,
+        lease: bob.lease,
+        requests: None,
+        sent: 1,
+        attempted: true,
+        disposition: Disposition::Delivered,
+        last: None,
+        settings: None,
+    }])
+    .await
+    .unwrap();
+    assert!(!s.holds_claim(bob.id, bob.lease).await.unwrap());
+    if let Some(o) = other {
+        o.close().await;
+    }
+    s.close().await;
+}
+
 crate::on_backends!(
     erasing_a_user_leaves_no_payload_and_suppresses_it,
     the_audit_trail_keeps_actions_newest_first,
+    an_erase_ends_the_claims_of_its_user,
 );
 
 /// Payloads are dropped by outcome after their payload retention: the row,

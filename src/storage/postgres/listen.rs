@@ -17,11 +17,31 @@ pub(super) async fn notify_others(conn: &mut PgConnection) -> Result<(), Storage
     Ok(())
 }
 
+/// The payload that says a user was erased (delivery re-checks its claims).
+const ERASED: &str = "erase";
+
+/// Tells every replica, at commit, that a user was erased: their claimed
+/// messages of that user may be cancelled.
+pub(super) async fn announce_erase(conn: &mut PgConnection) -> Result<(), StorageError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(queue::CHANNEL)
+        .bind(ERASED)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Signals `notify` for every `NOTIFY td_work` (other replicas queued or
-/// released work) and after reconnecting (a signal may have been missed).
+/// released work) and after reconnecting (a signal may have been missed);
+/// counts announced erasures in `erasures`, and counts one after
+/// reconnecting too (an announcement may have been missed).
 /// Reconnects with a growing pause; delivery also polls, so a lost
 /// connection only delays work queued elsewhere.
-pub(super) async fn listen(pool: PgPool, notify: Arc<Notify>) {
+pub(super) async fn listen(pool: PgPool, notify: Arc<Notify>, erasures: Arc<AtomicU64>) {
+    let missed = || {
+        erasures.fetch_add(1, Ordering::AcqRel);
+        notify.notify_one();
+    };
     let mut backoff = Duration::from_secs(1);
     loop {
         let listener = async {
@@ -33,12 +53,17 @@ pub(super) async fn listen(pool: PgPool, notify: Arc<Notify>) {
         match listener {
             Ok(mut listener) => {
                 backoff = Duration::from_secs(1);
-                notify.notify_one();
+                missed();
                 loop {
                     match listener.try_recv().await {
-                        Ok(Some(_)) => notify.notify_one(),
+                        Ok(Some(n)) => {
+                            if n.payload() == ERASED {
+                                erasures.fetch_add(1, Ordering::AcqRel);
+                            }
+                            notify.notify_one()
+                        }
                         // The connection was lost; the next call reconnects.
-                        Ok(None) => notify.notify_one(),
+                        Ok(None) => missed(),
                         Err(e) => {
                             tracing::warn!(error = %e, "storage notifications interrupted");
                             break;

@@ -40,7 +40,7 @@ use sqlx::{ConnectOptions, Executor, PgConnection, PgPool, Postgres, Row};
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -74,6 +74,8 @@ struct Inner {
     /// The claims this process holds, by lease; held while claiming, so a
     /// clean-up never races a claim.
     held: tokio::sync::Mutex<HeldClaims>,
+    /// Erasures this process ran or heard announced (`listen.rs`).
+    erasures: Arc<AtomicU64>,
 }
 
 /// Leases handed out and not yet reported, and whether a claim failed in a
@@ -172,10 +174,15 @@ impl PostgresStorage {
             replica: AtomicI64::new(first.id),
             heard: Mutex::new(heard),
             held: tokio::sync::Mutex::new(HeldClaims::default()),
+            erasures: Arc::new(AtomicU64::new(0)),
         });
         let (tx, rx) = mpsc::channel(4096);
         let writer_task = tokio::spawn(write_loop(inner.clone(), rx));
-        let listener_task = tokio::spawn(listen::listen(inner.pool.clone(), inner.notify.clone()));
+        let listener_task = tokio::spawn(listen::listen(
+            inner.pool.clone(),
+            inner.notify.clone(),
+            inner.erasures.clone(),
+        ));
         let heartbeat_task = tokio::spawn(heartbeat(inner.clone()));
         Ok(PostgresStorage {
             inner,
@@ -418,6 +425,22 @@ impl Storage for PostgresStorage {
         !self.inner.closed.load(Ordering::Acquire) && self.inner.holds_claims()
     }
 
+    fn erasures(&self) -> u64 {
+        self.inner.erasures.load(Ordering::Acquire)
+    }
+
+    async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError> {
+        self.inner.check_open()?;
+        let result = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM td_queue WHERE message = $1 AND lease = $2)",
+        )
+        .bind(id)
+        .bind(lease)
+        .fetch_one(&self.inner.pool)
+        .await;
+        self.inner.finish(result.map_err(Into::into))
+    }
+
     async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError> {
         self.inner.check_open()?;
         let result = sqlx::query(
@@ -523,6 +546,7 @@ impl Storage for PostgresStorage {
                 if promoted {
                     notify_others(&mut tx).await?;
                 }
+                listen::announce_erase(&mut tx).await?;
                 tx.commit().await?;
                 Ok::<_, StorageError>((erased, promoted))
             }
@@ -532,6 +556,8 @@ impl Storage for PostgresStorage {
                 r => break r,
             }
         };
+        // Counted even when the answer is an error: it may have committed.
+        inner.erasures.fetch_add(1, Ordering::AcqRel);
         let result = result.map(|(erased, promoted)| {
             if promoted {
                 inner.notify.notify_one();

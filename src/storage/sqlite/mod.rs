@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use writer::{Op, Reply, Writer};
 
@@ -36,6 +37,8 @@ pub struct SqliteStorage {
     counters: HistoryCounters,
     /// The history's own connection (`history.rs`); `None` once closed.
     history_writer: Arc<Mutex<Option<Connection>>>,
+    /// Erasures run by this process (the only one on its file).
+    erasures: AtomicU64,
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -191,6 +194,7 @@ impl SqliteStorage {
             lock: Mutex::new(Some(file_lock)),
             counters: HistoryCounters::default(),
             history_writer: Arc::new(Mutex::new(Some(history_writer))),
+            erasures: AtomicU64::new(0),
         })
     }
 
@@ -296,6 +300,18 @@ impl Storage for SqliteStorage {
         self.notify.clone()
     }
 
+    fn holds_claims(&self) -> bool {
+        true
+    }
+
+    fn erasures(&self) -> u64 {
+        self.erasures.load(Ordering::Acquire)
+    }
+
+    async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError> {
+        self.read(move |c| queue::holds_claim(c, id, lease)).await
+    }
+
     async fn pause_endpoint(&self, endpoint: &str, until: Millis) -> Result<(), StorageError> {
         let mut pauses = self.pauses.lock().expect("pause lock");
         let entry = pauses.entry(endpoint.to_owned()).or_insert(until);
@@ -389,7 +405,10 @@ impl Storage for SqliteStorage {
     }
 
     async fn erase_user(&self, erase: Erase) -> Result<Erased, StorageError> {
-        let erased = self.call(|r| Op::Erase(erase, r)).await?;
+        let erased = self.call(|r| Op::Erase(erase, r)).await;
+        // Counted even when the answer is an error: it may have committed.
+        self.erasures.fetch_add(1, Ordering::AcqRel);
+        let erased = erased?;
         // What waited behind cancelled messages may be claimable now.
         self.notify.notify_one();
         Ok(erased)

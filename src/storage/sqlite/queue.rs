@@ -289,6 +289,14 @@ pub(super) fn claim(
     Ok(ClaimBatch { messages, next_due })
 }
 
+/// Whether `lease` is still message `id`'s claim (what a report checks).
+pub(super) fn holds_claim(c: &Connection, id: i64, lease: i64) -> Result<bool, StorageError> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM queue WHERE message = ?1 AND lease = ?2 AND lease != 0")?
+            .exists(params![id, lease])?,
+    )
+}
+
 /// Records results whose lease is current; returns the ids of stale ones.
 pub(super) fn report(
     c: &Connection,
