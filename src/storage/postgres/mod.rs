@@ -31,7 +31,7 @@ use replica::{heartbeat, log_beat};
 use text::pg_text;
 use writer::{AcceptCall, PruneClock, write_loop};
 
-pub use queue::claim_sql;
+pub use queue::{CLAIM_PLANNER, claim_sql};
 pub use schema::SCHEMA_VERSION;
 
 use super::*;
@@ -246,9 +246,11 @@ impl Inner {
         let batch = {
             let mut held = self.held.lock().await;
             let claimed = async {
-                let mut conn = self.pool.acquire().await?;
+                let mut tx = self.pool.begin().await?;
                 let me = self.replica.load(Ordering::Acquire);
-                queue::claim(&mut conn, limit, self.options.lease_ms, me).await
+                let batch = queue::claim(&mut tx, limit, self.options.lease_ms, me).await?;
+                tx.commit().await?;
+                Ok::<_, StorageError>(batch)
             }
             .await;
             match claimed {
