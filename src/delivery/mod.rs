@@ -641,8 +641,9 @@ impl Delivery {
         mut erasures: u64,
     ) -> Report {
         let endpoint = plan.settings.base_url();
-        // Set after waiting for a probe: the claim is checked before sending
-        // even if no erase was announced (announcements can be lost).
+        // Set after waiting for a probe where erasures are announced (they
+        // can be lost): the claim is checked before sending all the same.
+        let recheck_after_wait = !self.storage.erasures_are_exact();
         let mut waited = false;
         while (report.sent as usize) < plan.requests.len() {
             // Not started yet and delivery stops, or this process may have
@@ -679,7 +680,7 @@ impl Delivery {
                                 return report.given_back();
                             }
                         }
-                        waited = true;
+                        waited = recheck_after_wait;
                     }
                 }
             };

@@ -71,6 +71,9 @@ impl Storage for LateStorage {
     fn erasures(&self) -> u64 {
         self.inner.get().map_or(0, |s| s.erasures())
     }
+    fn erasures_are_exact(&self) -> bool {
+        self.inner.get().is_some_and(|s| s.erasures_are_exact())
+    }
     async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError> {
         self.get()?.holds_claim(id, lease).await
     }
@@ -173,12 +176,14 @@ mod tests {
         let late = LateStorage::failed(StorageError::Closed);
         assert!(!late.holds_claims());
         assert_eq!(late.erasures(), 0);
+        assert!(!late.erasures_are_exact());
         assert!(late.holds_claim(1, 1).await.is_err());
         let dir = tempfile::tempdir().unwrap();
         let sqlite =
             SqliteStorage::open_with(&dir.path().join("td.db"), StorageOptions::default()).unwrap();
         late.install(Arc::new(sqlite));
         assert!(late.holds_claims());
+        assert!(late.erasures_are_exact());
         late.erase_user(Erase {
             user_id: "alice".into(),
             suppress: false,

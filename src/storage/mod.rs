@@ -571,6 +571,12 @@ pub trait Storage: Send + Sync + 'static {
     /// the claim.
     fn erasures(&self) -> u64;
 
+    /// Whether [`Storage::erasures`] counts every erase that can cancel this
+    /// process's claims (one process per storage). When it cannot (replicas
+    /// learn of each other's erasures by announcements, which can be lost),
+    /// delivery also re-checks a claim after waiting for a probe.
+    fn erasures_are_exact(&self) -> bool;
+
     /// Whether `lease` still holds message `id` (not cancelled by an erase,
     /// not expired and taken by another claim, not reported).
     async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError>;

@@ -431,6 +431,10 @@ impl Storage for PostgresStorage {
         self.inner.erasures.load(Ordering::Acquire)
     }
 
+    fn erasures_are_exact(&self) -> bool {
+        false
+    }
+
     async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError> {
         self.inner.check_open()?;
         let result = sqlx::query_scalar(

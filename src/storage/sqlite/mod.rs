@@ -308,6 +308,10 @@ impl Storage for SqliteStorage {
         self.erasures.load(Ordering::Acquire)
     }
 
+    fn erasures_are_exact(&self) -> bool {
+        true
+    }
+
     async fn holds_claim(&self, id: i64, lease: i64) -> Result<bool, StorageError> {
         self.read(move |c| queue::holds_claim(c, id, lease)).await
     }
