@@ -43,6 +43,20 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: im
     }
 }
 
+/// Deliveries in flight, from the admin API's stats.
+async fn in_flight(http: &reqwest::Client, base: &str) -> Value {
+    let stats = http
+        .get(format!("{base}/api/stats"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    serde_json::from_str::<Value>(&stats).unwrap()["delivery"]["in_flight"].clone()
+}
+
 fn identify(id: &str, user: &str) -> Value {
     json!({"type": "identify", "messageId": id, "userId": user, "context": {"groupId": "acme"},
         "traits": {"note": if user == "alice" { SECRET } else { "none" }, "email": format!("{user}@example.com")}})
@@ -118,14 +132,7 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
     // would have left after the erase.
     let admin = |req: reqwest::RequestBuilder| req.bearer_auth(TOKEN).send();
     wait_until("no delivery in flight", || async {
-        let stats = admin(http.get(format!("{base}/api/stats")))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let stats: Value = serde_json::from_str(&stats).unwrap();
-        stats["delivery"]["in_flight"] == 0
+        in_flight(&http, &base).await == 0
     })
     .await;
     open.store(true, Ordering::SeqCst);
@@ -145,21 +152,10 @@ async fn a_delete_erases_and_suppresses_until_an_operator_lifts_it() {
         .unwrap();
     wait_until("bob's second identify", || async { sent("bob") > 1 }).await;
     assert_eq!(sent("alice"), 0, "{:?}", seen.lock().unwrap());
-    let states: Vec<State> = server
-        .storage
-        .list(
-            MessageFilter {
-                message_id: Some("a-2".into()),
-                ..Default::default()
-            },
-            10,
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|m| m.state)
-        .collect();
-    assert_eq!(states, [State::Suppressed]);
+    assert_eq!(
+        crate::support::state_of(server.storage.as_ref(), "a-2").await,
+        [State::Suppressed]
+    );
 
     // The operator sees the suppression and lifts it.
     let list: Value = admin(http.get(format!("{base}/api/suppressions")))
@@ -418,18 +414,6 @@ async fn waiting_for_a_probe(cancel: Cancel) {
             .body(m.to_string())
             .send()
     };
-    let in_flight = || async {
-        let stats = http
-            .get(format!("{base}/api/stats"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        serde_json::from_str::<Value>(&stats).unwrap()["delivery"]["in_flight"].clone()
-    };
 
     // Carol's identify fails until the endpoint is down; her next attempt is
     // the probe, and Totango holds it.
@@ -452,7 +436,7 @@ async fn waiting_for_a_probe(cancel: Cancel) {
         200
     );
     wait_until("alice's identify is claimed", || async {
-        in_flight().await == 2
+        in_flight(&http, &base).await == 2
     })
     .await;
     match cancel {
@@ -483,23 +467,15 @@ async fn waiting_for_a_probe(cancel: Cancel) {
 
     // The probe is answered: the endpoint is back and what waited goes on.
     release.send(true).unwrap();
-    wait_until("nothing in flight", || async { in_flight().await == 0 }).await;
+    wait_until("nothing in flight", || async {
+        in_flight(&http, &base).await == 0
+    })
+    .await;
     assert_eq!(fake.for_user("carol").last().map(|h| h.status), Some(200));
     assert!(fake.for_user("alice").is_empty(), "{:?}", fake.hits());
-    let states: Vec<State> = server
-        .storage
-        .list(
-            MessageFilter {
-                message_id: Some("a-1".into()),
-                ..Default::default()
-            },
-            10,
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|m| m.state)
-        .collect();
-    assert_eq!(states, [State::Suppressed]);
+    assert_eq!(
+        crate::support::state_of(server.storage.as_ref(), "a-1").await,
+        [State::Suppressed]
+    );
     server.stop().await;
 }

@@ -4,6 +4,7 @@
 //! until lifted; the audit trail keeps operator actions. Both backends.
 
 use crate::support::backends::Backend;
+use crate::support::state_of;
 use serde_json::json;
 use std::time::Duration;
 use totango_destination::storage::{
@@ -34,21 +35,6 @@ fn message(id: &str, call: &str, user: &str, key: bool) -> NewMessage {
         set_page_category: (call == "page").then(|| Some(SECRET.to_owned())),
         needs_page_category: false,
     }
-}
-
-async fn state_of(s: &dyn Storage, id: &str) -> Vec<State> {
-    s.list(
-        MessageFilter {
-            message_id: Some(id.to_owned()),
-            ..Default::default()
-        },
-        10,
-    )
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|m| m.state)
-    .collect()
 }
 
 /// Where the secret still is: every column of every table (SQLite also the

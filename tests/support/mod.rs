@@ -22,3 +22,21 @@ pub mod wait;
 pub use app::TestApp;
 #[allow(unused_imports)]
 pub use place::{TestPlace, config, place};
+
+use totango_destination::storage::{MessageFilter, State, Storage};
+
+/// The states of the stored messages whose `messageId` is `id`.
+pub async fn state_of(s: &dyn Storage, id: &str) -> Vec<State> {
+    s.list(
+        MessageFilter {
+            message_id: Some(id.to_owned()),
+            ..Default::default()
+        },
+        10,
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|m| m.state)
+    .collect()
+}
