@@ -154,6 +154,17 @@ impl Inner {
             Ok(tx) => tx,
             Err(e) => return all_fail(e.into()),
         };
+        // Every call's keys at once, in order, before the first savepoint: a
+        // call locking its own keys after an earlier call's would take them
+        // out of order, and deadlock with another group or replica.
+        let keys = group
+            .iter()
+            .flat_map(|c| c.batch.iter())
+            .filter_map(|m| m.ordering_key.as_deref().map(text::text_key))
+            .collect();
+        if let Err(e) = queue::lock_keys(&mut tx, keys).await {
+            return all_fail(e);
+        }
         let mut results = Vec::with_capacity(group.len());
         let mut queued = false;
         for call in group {
