@@ -453,8 +453,9 @@ async fn waiting_for_a_probe(cancel: Cancel) {
         Cancel::Unannounced => {
             let pool = sqlx::PgPool::connect(&place.storage_url()).await.unwrap();
             let gone = sqlx::query(
-                "WITH m AS (UPDATE td_messages SET state = 'suppressed' \
-                    WHERE message_id = 'a-1' RETURNING id) \
+                "WITH m AS (UPDATE td_outcomes SET state = 'suppressed' \
+                    WHERE id = (SELECT id FROM td_messages WHERE message_id = 'a-1') \
+                    RETURNING id) \
                  DELETE FROM td_queue q USING m WHERE q.message = m.id",
             )
             .execute(&pool)

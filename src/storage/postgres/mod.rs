@@ -614,7 +614,7 @@ impl Storage for PostgresStorage {
     async fn counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
         self.inner.check_open()?;
         let result = sqlx::query_as::<_, (String, i64)>(
-            "SELECT state, count(*) FROM td_messages GROUP BY state",
+            "SELECT state, count(*) FROM td_outcomes GROUP BY state",
         )
         .fetch_all(&self.inner.pool)
         .await;

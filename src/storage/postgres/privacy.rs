@@ -22,24 +22,28 @@ pub async fn erase_user(
     .fetch_all(&mut *conn)
     .await?;
     lock_keys(conn, keys).await?;
-    let refused = refused_size_sql("m.", "0");
+    let refused = refused_size_sql("m.", "m.", "0");
+    let after = refused_size_sql("o.", "m.", "0");
     let row = sqlx::query(&format!(
         "WITH target AS ( \
-            SELECT m.id, m.state, {refused} AS before FROM td_messages m \
+            SELECT m.id, m.state, {refused} AS before FROM td_message_view m \
             WHERE md5(m.user_id) = md5($1) AND m.user_id = $1 FOR UPDATE), \
          dequeued AS ( \
             DELETE FROM td_queue q USING target t WHERE q.message = t.id \
             RETURNING q.ordering_key), \
-         updated AS ( \
-            UPDATE td_messages m SET \
+         outcomes AS ( \
+            UPDATE td_outcomes o SET \
                 state = CASE WHEN t.state IN ('pending', 'dead') THEN 'suppressed' ELSE t.state END, \
-                code = CASE WHEN t.state IN ('pending', 'dead') THEN $2 ELSE m.code END, \
-                reason = $3, payload = '{{}}', settings = '{{}}', requests = NULL, \
-                last_body = NULL, last_error = NULL, warnings = NULL, page_category = NULL, \
-                ordering_key = NULL, user_id = NULL, updated_at = {CLOCK_MS} \
-            FROM target t WHERE m.id = t.id \
-            RETURNING t.state AS old, t.before, \
-                {refused} AS after) \
+                code = CASE WHEN t.state IN ('pending', 'dead') THEN $2 ELSE o.code END, \
+                reason = $3, requests = NULL, last_body = NULL, last_error = NULL, \
+                updated_at = {CLOCK_MS} \
+            FROM target t WHERE o.id = t.id \
+            RETURNING o.id, o.state), \
+         updated AS ( \
+            UPDATE td_messages m SET payload = '{{}}', settings = '{{}}', warnings = NULL, \
+                page_category = NULL, ordering_key = NULL, user_id = NULL \
+            FROM target t JOIN outcomes o ON o.id = t.id WHERE m.id = t.id \
+            RETURNING t.state AS old, t.before, {after} AS after) \
          SELECT (SELECT count(*) FROM updated), \
             (SELECT count(*) FROM updated WHERE old IN ('pending', 'dead')), \
             (SELECT COALESCE(sum(after - before), 0) FROM updated)::bigint, \

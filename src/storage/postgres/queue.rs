@@ -244,31 +244,38 @@ pub async fn accept(
         ordering_keys.push(m.ordering_key.as_deref().map(text_key));
         warnings.push((!notes.is_empty()).then(|| serde_json::json!(notes).to_string()));
     }
+    // Ids are drawn in batch order, once per message (the CTE is
+    // materialized), so one id goes to the message, its outcome and its
+    // queue row.
     let rows = sqlx::query(&format!(
-        "WITH input AS ( \
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
-                $12::bigint[], $13::text[], $14::text[], $15::text[]) WITH ORDINALITY \
-            AS t(message_id, source, call, service_id, user_id, account_id, state, code, reason, \
-                payload, settings, received_at, ordering_key, warnings, page_category, ord)), \
+        "WITH input AS MATERIALIZED ( \
+            SELECT nextval('td_messages_id_seq') AS id, t.* FROM ( \
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+                    $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                    $11::text[], $12::bigint[], $13::text[], $14::text[], $15::text[]) \
+                WITH ORDINALITY AS t(message_id, source, call, service_id, user_id, \
+                    account_id, state, code, reason, payload, settings, received_at, \
+                    ordering_key, warnings, page_category, ord) \
+                ORDER BY ord) t), \
          inserted AS ( \
-            INSERT INTO td_messages (message_id, source, call, service_id, user_id, account_id, \
-                state, code, reason, payload, settings, received_at, updated_at, ordering_key, \
-                warnings, page_category) \
-            SELECT message_id, source, call, service_id, user_id, account_id, state, code, \
-                reason, payload, settings, received_at, received_at, ordering_key, warnings, \
-                page_category \
-            FROM input ORDER BY ord \
-            RETURNING id, state, ordering_key, received_at, {size} AS size), \
+            INSERT INTO td_messages (id, message_id, source, call, service_id, user_id, \
+                account_id, payload, settings, received_at, ordering_key, warnings, \
+                page_category) \
+            SELECT id, message_id, source, call, service_id, user_id, account_id, payload, \
+                settings, received_at, ordering_key, warnings, page_category \
+            FROM input ORDER BY id), \
+         outcomes AS ( \
+            INSERT INTO td_outcomes (id, state, code, reason, updated_at) \
+            SELECT id, state, code, reason, received_at FROM input ORDER BY id), \
          queued AS ( \
             INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head, \
                 size) \
             SELECT id, ordering_key, least(received_at, {TX_NOW_MS}), \
-                least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD}, size \
-            FROM inserted i WHERE state = 'pending' ORDER BY id \
+                least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD}, {size} \
+            FROM input i WHERE state = 'pending' ORDER BY id \
             RETURNING seq) \
-         SELECT id, (SELECT count(*) FROM queued) FROM inserted ORDER BY id",
-        size = queued_size_sql("")
+         SELECT id, (SELECT count(*) FROM queued) FROM input ORDER BY ord",
+        size = own_size_sql("i.")
     ))
     .bind(&message_ids)
     .bind(&sources)
@@ -300,8 +307,7 @@ pub async fn accept(
     }
     let mut queued = false;
     let mut acceptances = Vec::with_capacity(n);
-    // Ids follow the batch order (the insert is ordered), so the i-th
-    // smallest id is the i-th message.
+    // Rows come in batch order.
     for (row, dup) in rows.iter().zip(&duplicate) {
         let id: i64 = row.try_get(0)?;
         queued |= row.try_get::<i64, _>(1)? > 0;
@@ -431,19 +437,22 @@ pub(super) fn own_size_sql(row: &str) -> String {
     )
 }
 
-/// SQL: what a queued message's row stores (`td_queue.size`): its own bytes,
-/// translated requests and last answer.
-pub(super) fn queued_size_sql(row: &str) -> String {
+/// SQL: what a queued message stores (`td_queue.size`): `own` (its own
+/// bytes, as [`own_size_sql`] counts them), translated requests and last
+/// answer; `outcome` is the outcome's alias with its dot.
+pub(super) fn queued_size_sql(own: &str, outcome: &str) -> String {
     format!(
-        "{} + COALESCE(octet_length({row}requests), 0) + COALESCE(octet_length({row}last_body), 0)",
-        own_size_sql(row)
+        "{own} + COALESCE(octet_length({outcome}requests), 0) \
+            + COALESCE(octet_length({outcome}last_body), 0)"
     )
 }
 
-/// SQL: what the row counts in `td_usage` when it is refused, else `otherwise`.
-pub(super) fn refused_size_sql(row: &str, otherwise: &str) -> String {
+/// SQL: what the row counts in `td_usage` when it is refused, else
+/// `otherwise`; `outcome` and `row` are the aliases (with their dots) of the
+/// outcome and of the message (or both of `td_message_view`).
+pub(super) fn refused_size_sql(outcome: &str, row: &str, otherwise: &str) -> String {
     format!(
-        "CASE WHEN {row}state IN {REFUSED_STATES} THEN {} ELSE {otherwise} END",
+        "CASE WHEN {outcome}state IN {REFUSED_STATES} THEN {} ELSE {otherwise} END",
         own_size_sql(row)
     )
 }
@@ -477,7 +486,7 @@ pub fn claim_sql() -> String {
          LEFT JOIN ( \
             SELECT l.seq, m.id, l.lease, m.source, m.payload, m.settings, m.requests, m.sent, \
                 m.attempts, m.received_at, l.enqueued_at, m.page_category \
-            FROM leased l JOIN td_messages m ON m.id = l.message) c ON true \
+            FROM leased l JOIN td_message_view m ON m.id = l.message) c ON true \
          ORDER BY c.seq"
     )
 }
@@ -611,16 +620,20 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
          valid AS ( \
             SELECT q.seq, q.ordering_key, s.sent AS sent_before, r.* FROM td_queue q \
             JOIN r ON q.message = r.id AND q.lease = r.lease \
-            JOIN td_messages s ON s.id = r.id FOR UPDATE OF q), \
+            JOIN td_outcomes s ON s.id = r.id FOR UPDATE OF q), \
+         kept_settings AS ( \
+            UPDATE td_messages d SET settings = v.settings \
+            FROM valid v WHERE d.id = v.id AND v.settings IS NOT NULL), \
          updated AS ( \
-            UPDATE td_messages m SET requests = COALESCE(v.requests, m.requests), \
+            UPDATE td_outcomes m SET requests = COALESCE(v.requests, m.requests), \
                 sent = v.sent, attempts = m.attempts + v.attempted, state = v.state, \
                 code = v.code, reason = v.reason, \
                 last_status = CASE WHEN v.has_last THEN v.status ELSE m.last_status END, \
                 last_body = CASE WHEN v.has_last THEN v.body ELSE m.last_body END, \
                 last_error = CASE WHEN v.has_last THEN v.error ELSE m.last_error END, \
-                updated_at = {CLOCK_MS}, settings = COALESCE(v.settings, m.settings) \
-            FROM valid v WHERE m.id = v.id RETURNING m.id, v.lease, v.sent_before, \
+                updated_at = {CLOCK_MS} \
+            FROM valid v JOIN td_messages d ON d.id = v.id \
+            WHERE m.id = v.id RETURNING m.id, v.lease, v.sent_before, \
                 CASE WHEN v.sent > v.sent_before AND v.requests IS NULL THEN m.requests END \
                 AS requests, {size} AS size), \
          retried AS ( \
@@ -636,7 +649,11 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
          SELECT ARRAY(SELECT id FROM updated), ARRAY(SELECT lease FROM updated), \
             ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL), \
             ARRAY(SELECT sent_before FROM updated), ARRAY(SELECT requests FROM updated)",
-        size = queued_size_sql("m.")
+        size = queued_size_sql(
+            "octet_length(d.payload) + octet_length(COALESCE(v.settings, d.settings)) \
+                + octet_length(d.message_id)",
+            "m."
+        )
     ))
     .bind(&ids)
     .bind(&leases)
@@ -729,11 +746,12 @@ pub async fn replay(
     let (clause, args) = where_clause(&dead, 1);
     let limit = args.len() + 1;
     let sql = format!(
-        "UPDATE td_messages m SET state = 'pending', code = NULL, reason = NULL, \
-            updated_at = {CLOCK_MS} \
-         WHERE m.id IN (SELECT m.id FROM td_messages m WHERE {clause} AND m.payload <> '{{}}' \
-            ORDER BY m.id LIMIT ${limit} FOR UPDATE) AND m.state = 'dead' \
-         RETURNING m.id, m.ordering_key, m.updated_at"
+        "UPDATE td_outcomes o SET state = 'pending', code = NULL, reason = NULL, \
+            updated_at = {CLOCK_MS} FROM td_messages d \
+         WHERE o.id IN (SELECT m.id FROM td_message_view m WHERE {clause} \
+            AND m.payload <> '{{}}' ORDER BY m.id LIMIT ${limit} FOR UPDATE) \
+            AND o.state = 'dead' AND d.id = o.id \
+         RETURNING o.id, d.ordering_key, o.updated_at"
     );
     let mut args = args;
     args.push(Arg::Int(REPLAY_MAX));
@@ -754,10 +772,10 @@ pub async fn replay(
     sqlx::query(&format!(
         "INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head, size) \
          SELECT id, ordering_key, due, due, {ENQUEUE_HEAD}, \
-            (SELECT {size} FROM td_messages m WHERE m.id = i.id) \
+            (SELECT {size} FROM td_message_view m WHERE m.id = i.id) \
          FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS i(id, ordering_key, due) \
          ORDER BY id",
-        size = queued_size_sql("m.")
+        size = queued_size_sql(&own_size_sql("m."), "m.")
     ))
     .bind(&ids)
     .bind(&keys)
@@ -805,18 +823,22 @@ pub async fn prune(
     let mut delete = async |condition: &str, before: Millis| -> Result<bool, StorageError> {
         let row = sqlx::query(&format!(
             "WITH gone AS ( \
-                DELETE FROM td_messages m WHERE m.id IN ( \
-                    SELECT id FROM td_messages \
+                DELETE FROM td_outcomes o WHERE o.id IN ( \
+                    SELECT id FROM td_outcomes \
                     WHERE state NOT IN ('pending', 'dead') {condition} AND updated_at < $1 \
                     LIMIT $2) \
-                AND m.state NOT IN ('pending', 'dead') AND m.updated_at < $1 \
+                AND o.state NOT IN ('pending', 'dead') AND o.updated_at < $1 \
+                RETURNING o.id, o.state), \
+             gone_messages AS ( \
+                DELETE FROM td_messages m USING gone o WHERE m.id = o.id \
                 RETURNING {} AS size), \
              counted AS ( \
-                UPDATE td_usage SET bytes = bytes - (SELECT COALESCE(sum(size), 0) FROM gone) \
-                WHERE name = 'refused' AND EXISTS (SELECT 1 FROM gone WHERE size <> 0) \
+                UPDATE td_usage SET bytes = bytes - \
+                    (SELECT COALESCE(sum(size), 0) FROM gone_messages) \
+                WHERE name = 'refused' AND EXISTS (SELECT 1 FROM gone_messages WHERE size <> 0) \
                 RETURNING 1) \
              SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM counted)",
-            refused_size_sql("m.", "0")
+            refused_size_sql("o.", "m.", "0")
         ))
         .bind(before)
         .bind(PRUNE_CHUNK)
@@ -829,7 +851,7 @@ pub async fn prune(
         more |= delete(&condition, now - refused).await?;
     }
     if let Some(retention) = retention_ms {
-        // The state condition matches the partial index td_messages_finished.
+        // The state condition matches the partial index td_outcomes_finished.
         more |= delete("", now - retention).await?;
     }
     sqlx::query("DELETE FROM td_paused_endpoints WHERE until < $1")
@@ -864,7 +886,7 @@ pub async fn drop_payloads(
     let groups = retention.groups();
     let note = serde_json::json!([PAYLOAD_DROPPED]).to_string();
     let sizes = own_size_sql("m.");
-    let refused = refused_size_sql("", "NULL");
+    let refused = refused_size_sql("", "", "NULL");
     let mut more = false;
     for (keep, condition, mark) in groups {
         let Some(keep) = keep else { continue };
@@ -877,12 +899,14 @@ pub async fn drop_payloads(
         let row = sqlx::query(&format!(
             "WITH picked AS ( \
                 SELECT id, updated_at, {refused} AS before \
-                FROM td_messages WHERE {finished} {condition} \
+                FROM td_message_view WHERE {finished} {condition} \
                     AND updated_at >= $1 AND updated_at < $2 AND payload <> '{{}}' \
                 ORDER BY updated_at LIMIT $3 FOR UPDATE), \
+             answers AS ( \
+                UPDATE td_outcomes o SET requests = NULL, last_body = NULL \
+                FROM picked p WHERE o.id = p.id), \
              dropped AS ( \
-                UPDATE td_messages m SET payload = '{{}}', settings = '{{}}', requests = NULL, \
-                    last_body = NULL, warnings = $4 \
+                UPDATE td_messages m SET payload = '{{}}', settings = '{{}}', warnings = $4 \
                 FROM picked p WHERE m.id = p.id \
                 RETURNING p.updated_at, p.before - ({sizes}) AS freed) \
              SELECT count(*), max(updated_at), COALESCE(sum(freed), 0)::bigint FROM dropped"

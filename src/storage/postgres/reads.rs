@@ -10,7 +10,7 @@ pub(super) const SELECT_MESSAGE: &str = "SELECT m.id, m.message_id, m.source, m.
     m.user_id, m.account_id, m.state, m.code, m.reason, m.payload, m.requests, m.sent, \
     m.attempts, m.last_status, m.last_body, m.last_error, m.received_at, m.updated_at, \
     q.next_attempt_at, m.warnings \
-    FROM td_messages m LEFT JOIN td_queue q ON q.message = m.id";
+    FROM td_message_view m LEFT JOIN td_queue q ON q.message = m.id";
 
 pub(super) fn stored_message(r: &sqlx::postgres::PgRow) -> Result<StoredMessage, StorageError> {
     let json = |i: usize| -> Result<Option<serde_json::Value>, sqlx::Error> {
@@ -73,7 +73,7 @@ pub(super) fn bind_args<'q>(
     query
 }
 
-/// SQL conditions (on `td_messages m`) for a filter, with parameters
+/// SQL conditions (on `td_message_view m`) for a filter, with parameters
 /// numbered from `$first`.
 pub(super) fn where_clause(f: &MessageFilter, first: usize) -> (String, Vec<Arg>) {
     let mut conds = vec!["true".to_owned()];

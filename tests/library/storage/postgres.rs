@@ -881,6 +881,19 @@ async fn retention_prunes_finished_messages_only() {
     assert_eq!(s.get(ids[2]).await.unwrap().unwrap().state, State::Pending);
     let counts: HashMap<State, u64> = s.counts().await.unwrap().into_iter().collect();
     assert_eq!(counts.get(&State::Filtered), None, "{counts:?}");
+    // A message and its outcome go together: no half of one is left.
+    let ids_of = |table: &str| format!("SELECT id FROM {table} ORDER BY id");
+    let messages: Vec<i64> = sqlx::query_scalar(&ids_of("td_messages"))
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    let outcomes: Vec<i64> = sqlx::query_scalar(&ids_of("td_outcomes"))
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(messages, outcomes);
+    assert!(messages.contains(&ids[1]) && messages.contains(&ids[2]));
+    assert!(!messages.contains(&ids[0]), "{messages:?}");
     s.close().await;
 }
 
@@ -956,8 +969,9 @@ async fn a_stale_report_does_not_hide_the_current_one_behind_it() {
 }
 
 /// A claim finds the heads it may take through `td_queue_claimable`, which
-/// leaves out the messages a live replica holds (through `td_queue_heads` it
-/// read past every message in flight at each claim), by an index scan in the
+/// leaves out the messages a live replica holds (through the index of all
+/// heads, dropped in version 7, it read past every message in flight at each
+/// claim), by an index scan in the
 /// index's order: a bitmap scan, what the planner picks for a table it
 /// expects to be small, read every entry of a claimed or delivered message
 /// left until a vacuum at each claim.
@@ -1011,30 +1025,80 @@ async fn a_claim_reads_only_claimable_heads() {
     );
 }
 
-/// A schema 5 database with a backlog upgrades with the bytes of its queued
-/// messages counted (`td_queue.size`, schema 6).
+/// A schema 5 database upgrades with the bytes of its queued messages counted
+/// (`td_queue.size`, schema 6) and every message's outcome where it was
+/// (`td_outcomes`, schema 7): state, counts, requests, last answer, times.
 #[tokio::test]
-async fn a_schema_5_database_keeps_its_backlog_bytes_on_upgrade() {
-    let Some(db) = TestDatabase::create("queue_size") else {
+async fn a_schema_5_database_keeps_its_backlog_bytes_and_outcomes_on_upgrade() {
+    let Some(db) = TestDatabase::create("upgrade from schema 5") else {
         return;
     };
-    let s = open(&db, 60_000).await;
-    s.accept(vec![msg("s-1", Some("user:1")), msg("s-2", None)])
+    assert_eq!(postgres::migrate_to(db.url(), 5).await.unwrap(), 5);
+    let now = now_millis();
+    let (queued_payload, delivered_payload) = (
+        json!({"type": "identify", "messageId": "q-1"}).to_string(),
+        json!({"type": "track", "messageId": "d-1"}).to_string(),
+    );
+    let requests = r#"[{"method":"GET","params":{"sdr_s":"SP-1"}}]"#;
+    let (queued, delivered) = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        let mut insert = async |id: &str, state: &str, payload: &str, done: bool| -> i64 {
+            sqlx::query_scalar(
+                "INSERT INTO td_messages (message_id, source, call, service_id, user_id, state, \
+                 code, reason, payload, settings, requests, sent, attempts, last_status, \
+                 last_body, received_at, updated_at) \
+                 VALUES ($1, 'web', 'identify', 'svc', 'alice', $2, NULL, NULL, $3, '{}', \
+                    CASE WHEN $4 THEN $5 END, $4::int, 1 + $4::int, \
+                    CASE WHEN $4 THEN 200 ELSE 503 END, 'answer', $6, $6 + 5) RETURNING id",
+            )
+            .bind(id)
+            .bind(state)
+            .bind(payload)
+            .bind(done)
+            .bind(requests)
+            .bind(now)
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+        };
+        let queued = insert("q-1", "pending", &queued_payload, false).await;
+        let delivered = insert("d-1", "delivered", &delivered_payload, true).await;
+        sqlx::query(
+            "INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head) \
+             VALUES ($1, NULL, $2, $2, true)",
+        )
+        .bind(queued)
+        .bind(now)
+        .execute(&mut c)
         .await
         .unwrap();
-    let before = s.queue_stats().await.unwrap();
-    assert_eq!(before.depth, 2);
-    assert!(before.bytes > 0);
-    sqlx::raw_sql(
-        "DROP INDEX td_queue_claimable; ALTER TABLE td_queue DROP COLUMN size; \
-         DELETE FROM td_schema WHERE version = 6",
-    )
-    .execute(s.pool())
-    .await
-    .unwrap();
-    s.close().await;
+        (queued, delivered)
+    };
     let s = open(&db, 60_000).await;
-    let after = s.queue_stats().await.unwrap();
-    assert_eq!((after.depth, after.bytes), (before.depth, before.bytes));
+    let stats = s.queue_stats().await.unwrap();
+    // payload, settings `{}`, messageId and the last answer's body.
+    let expected = queued_payload.len() + 2 + "q-1".len() + "answer".len();
+    assert_eq!((stats.depth, stats.bytes), (1, expected as u64));
+    let q = s.get(queued).await.unwrap().expect("queued message");
+    assert_eq!((q.state, q.sent, q.attempts), (State::Pending, 0, 1));
+    assert_eq!(q.last_response.as_ref().unwrap().status, Some(503));
+    assert_eq!(q.requests, None);
+    assert_eq!(q.next_attempt_at, Some(now));
+    let d = s.get(delivered).await.unwrap().expect("delivered message");
+    assert_eq!((d.state, d.sent, d.attempts), (State::Delivered, 1, 2));
+    assert_eq!(d.requests, Some(serde_json::from_str(requests).unwrap()));
+    assert_eq!(
+        d.last_response.as_ref().unwrap().body.as_deref(),
+        Some("answer")
+    );
+    assert_eq!((d.received_at, d.updated_at), (now, now + 5));
+    assert_eq!(
+        d.payload,
+        serde_json::from_str::<serde_json::Value>(&delivered_payload).unwrap()
+    );
+    let mut counts = s.counts().await.unwrap();
+    counts.sort_by_key(|c| c.0.as_str());
+    assert_eq!(counts, vec![(State::Delivered, 1), (State::Pending, 1)]);
     s.close().await;
 }
