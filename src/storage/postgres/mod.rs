@@ -31,7 +31,7 @@ use replica::{heartbeat, log_beat};
 use text::pg_text;
 use writer::{AcceptCall, PruneClock, write_loop};
 
-pub use queue::{CLAIM_PLANNER, claim_sql};
+pub use queue::{HOT_PLANNER, accept_sql, claim_sql, report_sql};
 pub use schema::SCHEMA_VERSION;
 
 use super::*;
@@ -247,6 +247,7 @@ impl Inner {
             let mut held = self.held.lock().await;
             let claimed = async {
                 let mut tx = self.pool.begin().await?;
+                queue::plan_hot(&mut tx).await?;
                 let me = self.replica.load(Ordering::Acquire);
                 let batch = queue::claim(&mut tx, limit, self.options.lease_ms, me).await?;
                 tx.commit().await?;
@@ -301,6 +302,7 @@ impl Inner {
         loop {
             let result = async {
                 let mut tx = self.pool.begin().await?;
+                queue::plan_hot(&mut tx).await?;
                 let out = queue::report(&mut tx, &reports).await?;
                 if out.promoted {
                     notify_others(&mut tx).await?;

@@ -76,6 +76,42 @@ const ENQUEUE_HEAD: &str = "ordering_key IS NULL OR (\
     row_number() OVER (PARTITION BY ordering_key ORDER BY id) = 1 \
     AND NOT EXISTS (SELECT 1 FROM td_queue q WHERE q.ordering_key = i.ordering_key))";
 
+/// The statement that stores a batch (`$1`..`$15`: one array per column,
+/// in batch order): messages, their outcomes and the queue rows of those
+/// to deliver. Public so that tests can check its plan.
+pub fn accept_sql() -> String {
+    format!(
+        "WITH input AS MATERIALIZED ( \
+            SELECT nextval('td_messages_id_seq') AS id, t.* FROM ( \
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+                    $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                    $11::text[], $12::bigint[], $13::text[], $14::text[], $15::text[]) \
+                WITH ORDINALITY AS t(message_id, source, call, service_id, user_id, \
+                    account_id, state, code, reason, payload, settings, received_at, \
+                    ordering_key, warnings, page_category, ord) \
+                ORDER BY ord) t), \
+         inserted AS ( \
+            INSERT INTO td_messages (id, message_id, source, call, service_id, user_id, \
+                account_id, payload, settings, received_at, ordering_key, warnings, \
+                page_category) \
+            SELECT id, message_id, source, call, service_id, user_id, account_id, payload, \
+                settings, received_at, ordering_key, warnings, page_category \
+            FROM input ORDER BY id), \
+         outcomes AS ( \
+            INSERT INTO td_outcomes (id, state, code, reason, updated_at) \
+            SELECT id, state, code, reason, received_at FROM input ORDER BY id), \
+         queued AS ( \
+            INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head, \
+                size) \
+            SELECT id, ordering_key, least(received_at, {TX_NOW_MS}), \
+                least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD}, {size} \
+            FROM input i WHERE state = 'pending' ORDER BY id \
+            RETURNING seq) \
+         SELECT id, (SELECT count(*) FROM queued) FROM input ORDER BY ord",
+        size = own_size_sql("i.")
+    )
+}
+
 /// Stores a batch: dedupes by (source, messageId) within `window_ms`, applies
 /// page categories in batch order and queues `Pending` messages.
 pub async fn accept(
@@ -247,53 +283,24 @@ pub async fn accept(
     // Ids are drawn in batch order, once per message (the CTE is
     // materialized), so one id goes to the message, its outcome and its
     // queue row.
-    let rows = sqlx::query(&format!(
-        "WITH input AS MATERIALIZED ( \
-            SELECT nextval('td_messages_id_seq') AS id, t.* FROM ( \
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-                    $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
-                    $11::text[], $12::bigint[], $13::text[], $14::text[], $15::text[]) \
-                WITH ORDINALITY AS t(message_id, source, call, service_id, user_id, \
-                    account_id, state, code, reason, payload, settings, received_at, \
-                    ordering_key, warnings, page_category, ord) \
-                ORDER BY ord) t), \
-         inserted AS ( \
-            INSERT INTO td_messages (id, message_id, source, call, service_id, user_id, \
-                account_id, payload, settings, received_at, ordering_key, warnings, \
-                page_category) \
-            SELECT id, message_id, source, call, service_id, user_id, account_id, payload, \
-                settings, received_at, ordering_key, warnings, page_category \
-            FROM input ORDER BY id), \
-         outcomes AS ( \
-            INSERT INTO td_outcomes (id, state, code, reason, updated_at) \
-            SELECT id, state, code, reason, received_at FROM input ORDER BY id), \
-         queued AS ( \
-            INSERT INTO td_queue (message, ordering_key, next_attempt_at, enqueued_at, head, \
-                size) \
-            SELECT id, ordering_key, least(received_at, {TX_NOW_MS}), \
-                least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD}, {size} \
-            FROM input i WHERE state = 'pending' ORDER BY id \
-            RETURNING seq) \
-         SELECT id, (SELECT count(*) FROM queued) FROM input ORDER BY ord",
-        size = own_size_sql("i.")
-    ))
-    .bind(&message_ids)
-    .bind(&sources)
-    .bind(&calls)
-    .bind(&services)
-    .bind(&users)
-    .bind(&accounts)
-    .bind(&states)
-    .bind(&codes)
-    .bind(&reasons)
-    .bind(&payloads)
-    .bind(&settings)
-    .bind(&received)
-    .bind(&ordering_keys)
-    .bind(&warnings)
-    .bind(&page_categories)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query(&accept_sql())
+        .bind(&message_ids)
+        .bind(&sources)
+        .bind(&calls)
+        .bind(&services)
+        .bind(&users)
+        .bind(&accounts)
+        .bind(&states)
+        .bind(&codes)
+        .bind(&reasons)
+        .bind(&payloads)
+        .bind(&settings)
+        .bind(&received)
+        .bind(&ordering_keys)
+        .bind(&warnings)
+        .bind(&page_categories)
+        .fetch_all(&mut *conn)
+        .await?;
     if rows.len() != n {
         return Err(StorageError::Corrupt(
             format!("stored {} of {n} messages", rows.len()).into(),
@@ -491,17 +498,30 @@ pub fn claim_sql() -> String {
     )
 }
 
-/// How the claim is planned, set in its transaction: an index scan of
-/// `td_queue_claimable` in its order, which stops at the limit and marks the
-/// entries of rows already claimed or delivered as dead for the next scan. A
-/// bitmap scan (what the planner picks when it expects few rows) reads every
-/// entry up to now, and every row version they point to, at each claim: until
-/// a vacuum, each message claimed since leaves one (27,000 entries, 6 of a
-/// claim's 8 ms, ten seconds into a load).
-pub const CLAIM_PLANNER: &str = "SET LOCAL enable_bitmapscan = off";
+/// How the statements of the busy transactions (accept, claim, report) are
+/// planned, set at the start of each: planned once per connection and kept
+/// (planning each call was ~30% of their statement time, more than the
+/// claim's execution), and only with index lookups and nested loops, the
+/// right shape for a batch of keys against tables of any size, so that a plan
+/// made while the tables are small stays right when they are large (the
+/// connections otherwise plan every call: `force_custom_plan`). No bitmap
+/// scans: the claim must read `td_queue_claimable` in its order, which stops
+/// at the limit and marks the entries of rows already claimed or delivered as
+/// dead for the next scan, where a bitmap scan reads every entry up to now,
+/// and every row version they point to, at each claim (27,000 entries, 6 of a
+/// claim's 8 ms, ten seconds into a load). One statement.
+pub const HOT_PLANNER: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), \
+    set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), \
+    set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)";
+
+/// Sets [`HOT_PLANNER`] for the rest of the caller's transaction.
+pub async fn plan_hot(conn: &mut PgConnection) -> Result<(), StorageError> {
+    sqlx::query(HOT_PLANNER).execute(conn).await?;
+    Ok(())
+}
 
 /// Leases up to `limit` due heads on the database clock for `replica`. One
-/// statement, after [`CLAIM_PLANNER`]; the caller's transaction commits it.
+/// statement, in a transaction set with [`HOT_PLANNER`], which commits it.
 pub async fn claim(
     conn: &mut PgConnection,
     limit: usize,
@@ -509,7 +529,6 @@ pub async fn claim(
     replica: i64,
 ) -> Result<ClaimBatch, StorageError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    sqlx::query(CLAIM_PLANNER).execute(&mut *conn).await?;
     let rows = sqlx::query(&claim_sql())
         .bind(limit)
         .bind(lease_ms)
@@ -549,6 +568,56 @@ pub struct Reported {
     pub stale: Vec<i64>,
     /// A key's next message became claimable (other replicas care).
     pub promoted: bool,
+}
+
+/// The statement that records a batch of reports (`$1`..`$14`: one array
+/// per field) whose lease is current. Public so that tests can check its plan.
+pub fn report_sql() -> String {
+    format!(
+        "WITH r AS ( \
+            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
+                $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::int[], \
+                $11::text[], $12::text[], $13::text[], $14::bigint[]) \
+            AS r(id, lease, requests, sent, attempted, state, code, reason, has_last, status, \
+                body, error, settings, next_attempt_at)), \
+         valid AS ( \
+            SELECT q.seq, q.ordering_key, s.sent AS sent_before, r.* FROM td_queue q \
+            JOIN r ON q.message = r.id AND q.lease = r.lease \
+            JOIN td_outcomes s ON s.id = r.id FOR UPDATE OF q), \
+         kept_settings AS ( \
+            UPDATE td_messages d SET settings = v.settings \
+            FROM valid v WHERE d.id = v.id AND v.settings IS NOT NULL), \
+         updated AS ( \
+            UPDATE td_outcomes m SET requests = COALESCE(v.requests, m.requests), \
+                sent = v.sent, attempts = m.attempts + v.attempted, state = v.state, \
+                code = v.code, reason = v.reason, \
+                last_status = CASE WHEN v.has_last THEN v.status ELSE m.last_status END, \
+                last_body = CASE WHEN v.has_last THEN v.body ELSE m.last_body END, \
+                last_error = CASE WHEN v.has_last THEN v.error ELSE m.last_error END, \
+                updated_at = {CLOCK_MS} \
+            FROM valid v JOIN td_messages d ON d.id = v.id \
+            WHERE m.id = v.id RETURNING m.id, v.lease, v.sent_before, \
+                CASE WHEN v.sent > v.sent_before AND v.requests IS NULL THEN m.requests END \
+                AS requests, {size} AS size), \
+         retried AS ( \
+            UPDATE td_queue q SET next_attempt_at = v.next_attempt_at, leased_until = 0, \
+                lease = NULL, replica = NULL, size = u.size \
+            FROM valid v JOIN updated u ON u.id = v.id \
+            WHERE q.seq = v.seq AND v.next_attempt_at IS NOT NULL \
+            RETURNING q.seq), \
+         dequeued AS ( \
+            DELETE FROM td_queue q USING valid v \
+            WHERE q.seq = v.seq AND v.next_attempt_at IS NULL \
+            RETURNING q.ordering_key) \
+         SELECT ARRAY(SELECT id FROM updated), ARRAY(SELECT lease FROM updated), \
+            ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL), \
+            ARRAY(SELECT sent_before FROM updated), ARRAY(SELECT requests FROM updated)",
+        size = queued_size_sql(
+            "octet_length(d.payload) + octet_length(COALESCE(v.settings, d.settings)) \
+                + octet_length(d.message_id)",
+            "m."
+        )
+    )
 }
 
 /// Records results of the reports whose lease is current, in at most three
@@ -610,67 +679,23 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
         .await?;
         lock_keys(conn, keys).await?;
     }
-    let row = sqlx::query(&format!(
-        "WITH r AS ( \
-            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
-                $5::bigint[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::int[], \
-                $11::text[], $12::text[], $13::text[], $14::bigint[]) \
-            AS r(id, lease, requests, sent, attempted, state, code, reason, has_last, status, \
-                body, error, settings, next_attempt_at)), \
-         valid AS ( \
-            SELECT q.seq, q.ordering_key, s.sent AS sent_before, r.* FROM td_queue q \
-            JOIN r ON q.message = r.id AND q.lease = r.lease \
-            JOIN td_outcomes s ON s.id = r.id FOR UPDATE OF q), \
-         kept_settings AS ( \
-            UPDATE td_messages d SET settings = v.settings \
-            FROM valid v WHERE d.id = v.id AND v.settings IS NOT NULL), \
-         updated AS ( \
-            UPDATE td_outcomes m SET requests = COALESCE(v.requests, m.requests), \
-                sent = v.sent, attempts = m.attempts + v.attempted, state = v.state, \
-                code = v.code, reason = v.reason, \
-                last_status = CASE WHEN v.has_last THEN v.status ELSE m.last_status END, \
-                last_body = CASE WHEN v.has_last THEN v.body ELSE m.last_body END, \
-                last_error = CASE WHEN v.has_last THEN v.error ELSE m.last_error END, \
-                updated_at = {CLOCK_MS} \
-            FROM valid v JOIN td_messages d ON d.id = v.id \
-            WHERE m.id = v.id RETURNING m.id, v.lease, v.sent_before, \
-                CASE WHEN v.sent > v.sent_before AND v.requests IS NULL THEN m.requests END \
-                AS requests, {size} AS size), \
-         retried AS ( \
-            UPDATE td_queue q SET next_attempt_at = v.next_attempt_at, leased_until = 0, \
-                lease = NULL, replica = NULL, size = u.size \
-            FROM valid v JOIN updated u ON u.id = v.id \
-            WHERE q.seq = v.seq AND v.next_attempt_at IS NOT NULL \
-            RETURNING q.seq), \
-         dequeued AS ( \
-            DELETE FROM td_queue q USING valid v \
-            WHERE q.seq = v.seq AND v.next_attempt_at IS NULL \
-            RETURNING q.ordering_key) \
-         SELECT ARRAY(SELECT id FROM updated), ARRAY(SELECT lease FROM updated), \
-            ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL), \
-            ARRAY(SELECT sent_before FROM updated), ARRAY(SELECT requests FROM updated)",
-        size = queued_size_sql(
-            "octet_length(d.payload) + octet_length(COALESCE(v.settings, d.settings)) \
-                + octet_length(d.message_id)",
-            "m."
-        )
-    ))
-    .bind(&ids)
-    .bind(&leases)
-    .bind(&requests)
-    .bind(&sent)
-    .bind(&attempted)
-    .bind(&states)
-    .bind(&codes)
-    .bind(&reasons)
-    .bind(&has_last)
-    .bind(&statuses)
-    .bind(&bodies)
-    .bind(&errors)
-    .bind(&settings)
-    .bind(&next)
-    .fetch_one(&mut *conn)
-    .await?;
+    let row = sqlx::query(&report_sql())
+        .bind(&ids)
+        .bind(&leases)
+        .bind(&requests)
+        .bind(&sent)
+        .bind(&attempted)
+        .bind(&states)
+        .bind(&codes)
+        .bind(&reasons)
+        .bind(&has_last)
+        .bind(&statuses)
+        .bind(&bodies)
+        .bind(&errors)
+        .bind(&settings)
+        .bind(&next)
+        .fetch_one(&mut *conn)
+        .await?;
     let applied_ids: Vec<i64> = row.try_get(0)?;
     let applied_leases: Vec<i64> = row.try_get(1)?;
     let dequeued_keys: Vec<String> = row.try_get(2)?;

@@ -125,6 +125,7 @@ impl Inner {
         batch: &[&NewMessage],
     ) -> Result<Vec<Acceptance>, StorageError> {
         let mut tx = self.pool.begin().await?;
+        queue::plan_hot(&mut tx).await?;
         let out = queue::accept(
             &mut tx,
             batch,
@@ -154,6 +155,9 @@ impl Inner {
             Ok(tx) => tx,
             Err(e) => return all_fail(e.into()),
         };
+        if let Err(e) = queue::plan_hot(&mut tx).await {
+            return all_fail(e);
+        }
         // Every call's keys at once, in order, before the first savepoint: a
         // call locking its own keys after an earlier call's would take them
         // out of order, and deadlock with another group or replica.

@@ -33,9 +33,13 @@ async fn duplicate_message_id_is_delivered_once() {
 async fn a_retry_holds_back_only_its_own_users_attribute_updates() {
     let failed = Arc::new(AtomicBool::new(false));
     let f = failed.clone();
-    // 503 (retry after 1 s) to the first request for user A only.
+    // 503 (retry after 1 s) to the first attribute update for user A only
+    // (A's activity has no order to keep and may reach the fake first).
     let fake = Fake::with(move |_, p| {
-        if p.get("sdr_u").map(String::as_str) == Some("A") && !f.swap(true, Ordering::SeqCst) {
+        if p.get("sdr_u").map(String::as_str) == Some("A")
+            && p.contains_key("sdr_u.n")
+            && !f.swap(true, Ordering::SeqCst)
+        {
             Reply::status(503).header("Retry-After", "1")
         } else {
             reply(200)

@@ -997,7 +997,7 @@ async fn a_claim_reads_only_claimable_heads() {
     }
     let mut conn = s.pool().acquire().await.unwrap();
     // Planned in a transaction set as the claim's is.
-    sqlx::raw_sql(&format!("BEGIN; {}", postgres::CLAIM_PLANNER))
+    sqlx::raw_sql(&format!("BEGIN; {}", postgres::HOT_PLANNER))
         .execute(&mut *conn)
         .await
         .unwrap();
@@ -1023,6 +1023,55 @@ async fn a_claim_reads_only_claimable_heads() {
         "{picked}\n{}",
         plan.join("\n")
     );
+}
+
+/// The busy statements (accept, claim, report) keep one plan per connection
+/// (`HOT_PLANNER`), so a plan made on empty tables must stay right on large
+/// ones: made on a fresh database, each reads the tables only by index, in
+/// nested loops, without bitmap scans.
+#[tokio::test]
+async fn busy_statements_planned_on_empty_tables_read_only_by_index() {
+    let Some(db) = TestDatabase::create("hot_plans") else {
+        return;
+    };
+    let s = open(&db, 60_000).await;
+    let mut conn = s.pool().acquire().await.unwrap();
+    sqlx::raw_sql(&format!("BEGIN; {}", postgres::HOT_PLANNER))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let text = |n: usize| vec!["'{}'::text[]"; n].join(", ");
+    let statements = [
+        (
+            "accept",
+            postgres::accept_sql(),
+            format!("{}, '{{}}'::bigint[], {}", text(11), text(3)),
+        ),
+        ("claim", postgres::claim_sql(), "100, 60000, 1".to_owned()),
+        (
+            "report",
+            postgres::report_sql(),
+            "'{}'::bigint[], '{}'::bigint[], '{}'::text[], '{}'::bigint[], '{}'::bigint[], \
+             '{}'::text[], '{}'::text[], '{}'::text[], '{}'::bool[], '{}'::int[], \
+             '{}'::text[], '{}'::text[], '{}'::text[], '{}'::bigint[]"
+                .to_owned(),
+        ),
+    ];
+    for (name, sql, args) in statements {
+        sqlx::raw_sql(&format!("PREPARE {name} AS {sql}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name} ({args})"))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains(" Scan using td_"), "{name}:\n{plan}");
+        for shape in ["Seq Scan on td_", "Bitmap", "Hash Join", "Merge Join"] {
+            assert!(!plan.contains(shape), "{name} plans a {shape}:\n{plan}");
+        }
+    }
 }
 
 /// A schema 5 database upgrades with the bytes of its queued messages counted
