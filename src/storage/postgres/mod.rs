@@ -31,7 +31,7 @@ use replica::{heartbeat, log_beat};
 use text::pg_text;
 use writer::{AcceptCall, PruneClock, write_loop};
 
-pub use queue::{HOT_PLANNER, accept_sql, claim_sql, report_sql};
+pub use queue::{BEGIN_HOT, accept_sql, claim_sql, report_sql};
 pub use schema::SCHEMA_VERSION;
 
 use super::*;
@@ -137,7 +137,9 @@ impl PostgresStorage {
                     // Plans fit the tables as they are now: a statement
                     // prepared while the queue was empty must not keep
                     // scanning it whole once it is long (generic plans are
-                    // only replanned after an ANALYZE). JIT only slows down
+                    // only replanned after an ANALYZE). The busy
+                    // transactions set their own (`queue::BEGIN_HOT`:
+                    // kept plans of a shape right at any size). JIT only slows down
                     // statements this short. Set here rather than as startup
                     // options, which poolers such as PgBouncer refuse.
                     // The server drops a connection whose client vanished
@@ -246,8 +248,7 @@ impl Inner {
         let batch = {
             let mut held = self.held.lock().await;
             let claimed = async {
-                let mut tx = self.pool.begin().await?;
-                queue::plan_hot(&mut tx).await?;
+                let mut tx = queue::begin_hot(&self.pool).await?;
                 let me = self.replica.load(Ordering::Acquire);
                 let batch = queue::claim(&mut tx, limit, self.options.lease_ms, me).await?;
                 tx.commit().await?;
@@ -301,8 +302,7 @@ impl Inner {
         let mut retried = false;
         loop {
             let result = async {
-                let mut tx = self.pool.begin().await?;
-                queue::plan_hot(&mut tx).await?;
+                let mut tx = queue::begin_hot(&self.pool).await?;
                 let out = queue::report(&mut tx, &reports).await?;
                 if out.promoted {
                     notify_others(&mut tx).await?;

@@ -25,7 +25,7 @@ use super::super::{
 };
 use super::reads::{Arg, bind_args, where_clause};
 use super::text::{pg_text, pg_text_opt, text_key};
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -498,8 +498,8 @@ pub fn claim_sql() -> String {
     )
 }
 
-/// How the statements of the busy transactions (accept, claim, report) are
-/// planned, set at the start of each: planned once per connection and kept
+/// Begins the busy transactions (accept, claim, report) with how their
+/// statements are planned: planned once per connection and kept
 /// (planning each call was ~30% of their statement time, more than the
 /// claim's execution), and only with index lookups and nested loops, the
 /// right shape for a batch of keys against tables of any size, so that a plan
@@ -509,19 +509,18 @@ pub fn claim_sql() -> String {
 /// at the limit and marks the entries of rows already claimed or delivered as
 /// dead for the next scan, where a bitmap scan reads every entry up to now,
 /// and every row version they point to, at each claim (27,000 entries, 6 of a
-/// claim's 8 ms, ten seconds into a load). One statement.
-pub const HOT_PLANNER: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), \
-    set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), \
-    set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)";
+/// claim's 8 ms, ten seconds into a load).
+pub const BEGIN_HOT: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+    SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+    SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;";
 
-/// Sets [`HOT_PLANNER`] for the rest of the caller's transaction.
-pub async fn plan_hot(conn: &mut PgConnection) -> Result<(), StorageError> {
-    sqlx::query(HOT_PLANNER).execute(conn).await?;
-    Ok(())
+/// Begins a busy transaction ([`BEGIN_HOT`], one round trip).
+pub async fn begin_hot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StorageError> {
+    Ok(pool.begin_with(BEGIN_HOT).await?)
 }
 
 /// Leases up to `limit` due heads on the database clock for `replica`. One
-/// statement, in a transaction set with [`HOT_PLANNER`], which commits it.
+/// statement, in a transaction begun with [`BEGIN_HOT`], which commits it.
 pub async fn claim(
     conn: &mut PgConnection,
     limit: usize,

@@ -124,8 +124,7 @@ impl Inner {
         &self,
         batch: &[&NewMessage],
     ) -> Result<Vec<Acceptance>, StorageError> {
-        let mut tx = self.pool.begin().await?;
-        queue::plan_hot(&mut tx).await?;
+        let mut tx = queue::begin_hot(&self.pool).await?;
         let out = queue::accept(
             &mut tx,
             batch,
@@ -151,13 +150,10 @@ impl Inner {
                 .map(|_| Err(AcceptError::from(e.clone())))
                 .collect()
         };
-        let mut tx = match self.pool.begin().await {
+        let mut tx = match queue::begin_hot(&self.pool).await {
             Ok(tx) => tx,
-            Err(e) => return all_fail(e.into()),
+            Err(e) => return all_fail(e),
         };
-        if let Err(e) = queue::plan_hot(&mut tx).await {
-            return all_fail(e);
-        }
         // Every call's keys at once, in order, before the first savepoint: a
         // call locking its own keys after an earlier call's would take them
         // out of order, and deadlock with another group or replica.

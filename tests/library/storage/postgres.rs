@@ -997,7 +997,7 @@ async fn a_claim_reads_only_claimable_heads() {
     }
     let mut conn = s.pool().acquire().await.unwrap();
     // Planned in a transaction set as the claim's is.
-    sqlx::raw_sql(&format!("BEGIN; {}", postgres::HOT_PLANNER))
+    sqlx::raw_sql(postgres::BEGIN_HOT)
         .execute(&mut *conn)
         .await
         .unwrap();
@@ -1026,7 +1026,7 @@ async fn a_claim_reads_only_claimable_heads() {
 }
 
 /// The busy statements (accept, claim, report) keep one plan per connection
-/// (`HOT_PLANNER`), so a plan made on empty tables must stay right on large
+/// (`BEGIN_HOT`), so a plan made on empty tables must stay right on large
 /// ones: made on a fresh database, each reads the tables only by index, in
 /// nested loops, without bitmap scans.
 #[tokio::test]
@@ -1036,7 +1036,7 @@ async fn busy_statements_planned_on_empty_tables_read_only_by_index() {
     };
     let s = open(&db, 60_000).await;
     let mut conn = s.pool().acquire().await.unwrap();
-    sqlx::raw_sql(&format!("BEGIN; {}", postgres::HOT_PLANNER))
+    sqlx::raw_sql(postgres::BEGIN_HOT)
         .execute(&mut *conn)
         .await
         .unwrap();
