@@ -596,9 +596,7 @@ impl Delivery {
                 }
             },
             None => {
-                let msg = serde_json::from_str(&m.payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| Message::from_value(&v).map_err(|e| e.to_string()));
+                let msg = Message::from_json(&m.payload).map_err(|e| e.to_string());
                 let msg = match msg {
                     Ok(msg) => msg,
                     Err(e) => {

@@ -209,6 +209,28 @@ impl Message {
                 reason: e.into_inner().to_string(),
             }
         })?;
+        Message::from_wire(wire)
+    }
+
+    /// Parses one message from JSON text, as [`Message::from_value`] parses
+    /// its value, without building the value first (delivery parses every
+    /// stored message this way). Errors are those of `from_value`.
+    pub fn from_json(text: &str) -> Result<Message, ParseError> {
+        // A struct also deserializes from an array: objects only here.
+        let object = text.trim_start().starts_with('{');
+        match serde_json::from_str::<Wire>(text).ok().filter(|_| object) {
+            Some(wire) => Message::from_wire(wire),
+            None => match serde_json::from_str::<Value>(text) {
+                Ok(value) => Message::from_value(&value),
+                Err(e) => Err(ParseError::InvalidField {
+                    field: "message".into(),
+                    reason: e.to_string(),
+                }),
+            },
+        }
+    }
+
+    fn from_wire(wire: Wire) -> Result<Message, ParseError> {
         for (field, id) in [
             ("messageId", &wire.message_id),
             ("userId", &wire.user_id),
@@ -331,6 +353,34 @@ pub fn number_text(n: &serde_json::Number) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Parsing the text directly gives what parsing its value gives, for
+    /// messages and for each kind of error.
+    #[test]
+    fn from_json_is_from_value() {
+        let cases = [
+            r#"{"type":"track","userId":7,"event":"E","properties":{"a":[1,{"b":null}]},
+                "context":{"groupId":"g"},"messageId":"m","timestamp":"2026-01-01T00:00:00Z"}"#,
+            r#"{"type":"identify","userId":"u","traits":{"plan":"Pro"},"userId":"v"}"#,
+            r#"[{"type":"track"}]"#,
+            r#"{"userId":"u"}"#,
+            r#"{"type":"nope"}"#,
+            r#"{"type":"track","event":{"x":1}}"#,
+            r#"{"type":"track","traits":"not an object"}"#,
+            r#"{"type":"track""#,
+        ];
+        for text in cases {
+            let direct = Message::from_json(text).map_err(|e| e.to_string());
+            let via_value = serde_json::from_str::<Value>(text)
+                .map_err(|e| format!("message: {e}"))
+                .and_then(|v| Message::from_value(&v).map_err(|e| e.to_string()));
+            assert_eq!(
+                format!("{direct:?}"),
+                format!("{via_value:?}"),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn parses_ids_from_strings_and_numbers() {
