@@ -374,11 +374,7 @@ mod tests {
             let via_value = serde_json::from_str::<Value>(text)
                 .map_err(|e| format!("message: {e}"))
                 .and_then(|v| Message::from_value(&v).map_err(|e| e.to_string()));
-            assert_eq!(
-                format!("{direct:?}"),
-                format!("{via_value:?}"),
-                "{text}"
-            );
+            assert_eq!(format!("{direct:?}"), format!("{via_value:?}"), "{text}");
         }
     }
 
