@@ -7,7 +7,7 @@
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use totango_destination::storage::{MessageFilter, State};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -36,11 +36,13 @@ impl Respond for Gate {
 }
 
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let check = || {
+        let done = f();
+        async move { if done.await { Ok(()) } else { Err(()) } }
+    };
+    crate::support::wait::until(Duration::from_secs(20), Duration::from_millis(50), check)
+        .await
+        .unwrap_or_else(|()| panic!("timed out waiting for {what}"));
 }
 
 /// Deliveries in flight, from the admin API's stats.

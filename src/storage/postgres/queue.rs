@@ -439,9 +439,12 @@ async fn page_categories(
 /// messageId in UTF-8, as `storage::refused_size` counts them); `row` is the
 /// table's alias with its dot, or "".
 pub(super) fn own_size_sql(row: &str) -> String {
-    format!(
-        "octet_length({row}payload) + octet_length({row}settings) + octet_length({row}message_id)"
-    )
+    own_size_of(&format!("{row}settings"), row)
+}
+
+/// [`own_size_sql`] with the settings given as an SQL expression.
+fn own_size_of(settings: &str, row: &str) -> String {
+    format!("octet_length({row}payload) + octet_length({settings}) + octet_length({row}message_id)")
 }
 
 /// SQL: what a queued message stores (`td_queue.size`): `own` (its own
@@ -611,11 +614,8 @@ pub fn report_sql() -> String {
          SELECT ARRAY(SELECT id FROM updated), ARRAY(SELECT lease FROM updated), \
             ARRAY(SELECT DISTINCT ordering_key FROM dequeued WHERE ordering_key IS NOT NULL), \
             ARRAY(SELECT sent_before FROM updated), ARRAY(SELECT requests FROM updated)",
-        size = queued_size_sql(
-            "octet_length(d.payload) + octet_length(COALESCE(v.settings, d.settings)) \
-                + octet_length(d.message_id)",
-            "m."
-        )
+        // The settings this report keeps, if any, count instead of the old ones.
+        size = queued_size_sql(&own_size_of("COALESCE(v.settings, d.settings)", "d."), "m.")
     )
 }
 
