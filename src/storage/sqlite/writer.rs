@@ -1,7 +1,9 @@
 //! The writer thread: every write runs here, in groups that share one
-//! transaction and its fsync; callers are answered after the commit.
+//! transaction; callers are answered once the commit is on disk
+//! (`settle.rs` syncs the WAL while the next group runs).
 
 use super::schema::refused_size_sql;
+use super::settle::{Committed, Failed};
 use super::{privacy, queue};
 use crate::storage::*;
 use rusqlite::{Connection, params};
@@ -32,7 +34,7 @@ pub(super) enum Op {
 }
 
 /// What an operation produced, kept until the transaction's fate is known.
-enum Done {
+pub(super) enum Done {
     Accept(Result<Vec<Acceptance>, String>),
     Ids(Vec<i64>),
     Claim(ClaimBatch),
@@ -48,7 +50,11 @@ impl Op {
     }
 
     /// Answers the caller: the operation's result, or the commit's error.
-    fn answer(self, result: Result<Done, StorageError>, commit_error: Option<&StorageError>) {
+    pub(super) fn answer(
+        self,
+        result: Result<Done, StorageError>,
+        commit_error: Option<&StorageError>,
+    ) {
         let result = match (result, commit_error) {
             (Ok(_), Some(e)) => Err(e.clone()),
             (r, _) => r,
@@ -105,6 +111,11 @@ pub(super) struct Writer {
     /// Whether the suppressions table may hold rows (accepts skip the
     /// lookup while it is empty); read again after any change to it.
     pub suppressions: bool,
+    /// Committed groups go here to be answered once on disk; `None` once
+    /// the writer has stopped.
+    pub settle: Option<std::sync::mpsc::SyncSender<Committed>>,
+    pub settle_thread: Option<std::thread::JoinHandle<()>>,
+    pub failed: Failed,
 }
 
 impl Writer {
@@ -119,9 +130,30 @@ impl Writer {
             }
             self.commit_group(ops);
         }
+        // The sync thread answers what it holds, then ends.
+        self.settle.take();
+        if let Some(t) = self.settle_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Hands a committed group to the sync thread, which answers it.
+    fn settle(&self, ops: Vec<Op>, results: Vec<Result<Done, StorageError>>) {
+        let Some(settle) = &self.settle else { return };
+        if let Err(std::sync::mpsc::SendError(group)) = settle.send(Committed { ops, results }) {
+            for (op, result) in group.ops.into_iter().zip(group.results) {
+                op.answer(result, Some(&Failed::error()));
+            }
+        }
     }
 
     fn commit_group(&mut self, ops: Vec<Op>) {
+        if self.failed.is_set() {
+            for op in ops {
+                op.answer(Err(Failed::error()), None);
+            }
+            return;
+        }
         let now = now_millis();
         let erases = ops.iter().any(|op| matches!(op, Op::Erase(..)));
         let suppressions_change = ops.iter().any(Op::touches_suppressions);
@@ -205,9 +237,7 @@ impl Writer {
                         tracing::warn!(?done, "checkpoint after an erase did not complete");
                     }
                 }
-                for (op, result) in ops.into_iter().zip(results) {
-                    op.answer(result, None);
-                }
+                self.settle(ops, results);
             }
             Err(e) => {
                 tracing::error!(error = %e, "storage commit failed");

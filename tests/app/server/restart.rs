@@ -95,3 +95,87 @@ async fn queued_messages_use_the_endpoint_configured_at_restart() {
     assert_eq!(sent, ["1", "2"]);
     srv.stop().await;
 }
+
+/// A `2xx` means stored: a server killed (SIGKILL) in the middle of a load
+/// keeps every message it answered, whatever was in flight. SQLite: commits
+/// are answered only once the WAL holding them is synced, while the next
+/// group runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_answered_before_a_kill_is_in_the_file() {
+    use crate::support::binary::{Served, serve};
+    use std::sync::atomic::AtomicUsize;
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("td.db");
+    let mut cmd = serve();
+    cmd.env("TD_STORAGE__URL", format!("sqlite://{}", db.display()))
+        .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
+        .env(
+            "TD_TOTANGO__ENDPOINT",
+            format!("http://127.0.0.1:{closed_port}"),
+        );
+    let served = tokio::task::block_in_place(|| Served::start(cmd));
+    let http = reqwest::Client::new();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..16)
+        .map(|t| {
+            let (http, url, answered) = (http.clone(), served.url("/v1/track"), answered.clone());
+            tokio::spawn(async move {
+                let mut kept = Vec::new();
+                for n in 0.. {
+                    let id = format!("kill-{t}-{n}");
+                    let body = json!({"userId": format!("u{t}"), "event": "Clicked",
+                        "messageId": id, "context": {"groupId": "acct-1"}});
+                    match http.post(&url).body(body.to_string()).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            kept.push(id);
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Refused or cut off by the kill: not answered.
+                        _ => break,
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    wait::until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        async || match answered.load(Ordering::Relaxed) {
+            n if n >= 2_000 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await
+    .unwrap_or_else(|n| panic!("only {n} answered\n{}", served.tail(20)));
+    tokio::task::block_in_place(|| served.kill());
+    let mut acknowledged = Vec::new();
+    for s in senders {
+        acknowledged.extend(s.await.unwrap());
+    }
+    assert!(acknowledged.len() >= 2_000, "{}", acknowledged.len());
+
+    // Opening the file recovers it from its WAL, as the next start would.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt = conn.prepare("SELECT message_id FROM messages").unwrap();
+    let stored: std::collections::HashSet<String> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} answered messages lost, e.g. {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
