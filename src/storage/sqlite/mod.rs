@@ -1,10 +1,8 @@
-//! Embedded storage: one SQLite file in WAL mode.
+//! Embedded storage: one SQLite file in WAL mode with `synchronous=FULL`.
 //!
 //! All writes go through one writer thread that commits in groups: every
-//! operation waiting when a transaction starts shares it. Callers are
-//! answered only once the commit is on disk: a second thread syncs the WAL
-//! (`settle.rs`), covering every group committed before the sync, while the
-//! writer runs the next group. Reads use their own connection.
+//! operation waiting when a transaction starts shares it, and its fsync.
+//! Callers are answered only after the commit. Reads use their own connection.
 //! One process uses a file at a time (a lock file says so), so leases left
 //! by an earlier process are released at start without stealing live ones.
 
@@ -14,7 +12,6 @@ mod privacy;
 mod queue;
 mod reads;
 mod schema;
-mod settle;
 mod writer;
 
 use crate::storage::*;
@@ -42,8 +39,6 @@ pub struct SqliteStorage {
     history_writer: Arc<Mutex<Option<Connection>>>,
     /// Erasures run by this process (the only one on its file).
     erasures: AtomicU64,
-    /// Set when a sync of the WAL failed: writes stop until a restart.
-    failed: settle::Failed,
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -148,16 +143,6 @@ impl SqliteStorage {
 
     /// Opens (creating when needed) the database file and starts the writer.
     pub fn open_with(path: &Path, options: StorageOptions) -> Result<SqliteStorage, StorageError> {
-        Self::open_syncing(path, options, settle::wal_sync)
-    }
-
-    /// As `open_with`, with `sync` making the WAL durable (tests stand in
-    /// for the disk).
-    fn open_syncing(
-        path: &Path,
-        options: StorageOptions,
-        sync: impl FnOnce(&Path) -> Result<settle::SyncFn, StorageError>,
-    ) -> Result<SqliteStorage, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StorageError::Unavailable(
@@ -185,13 +170,7 @@ impl SqliteStorage {
         let suppressions = privacy::any_suppressed(&conn)?;
         let reader = schema::open(path)?;
         let history_writer = schema::open(path)?;
-        // Commits write the WAL without waiting for the disk; the sync
-        // thread makes them durable before anyone is answered.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let failed = settle::Failed::default();
-        let (settle, settle_thread) = settle::start(sync(path)?, failed.clone())?;
         let (tx, rx) = mpsc::channel(4096);
-        let writer_failed = failed.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
@@ -202,9 +181,6 @@ impl SqliteStorage {
                     lease: 0,
                     dropped_to: [0; 2],
                     suppressions,
-                    settle: Some(settle),
-                    settle_thread: Some(settle_thread),
-                    failed: writer_failed,
                 }
                 .run(rx)
             })
@@ -219,7 +195,6 @@ impl SqliteStorage {
             counters: HistoryCounters::default(),
             history_writer: Arc::new(Mutex::new(Some(history_writer))),
             erasures: AtomicU64::new(0),
-            failed,
         })
     }
 
@@ -356,9 +331,6 @@ impl Storage for SqliteStorage {
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        if self.failed.is_set() {
-            return Err(settle::Failed::error());
-        }
         self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
             .await
     }

@@ -1,9 +1,7 @@
 //! The writer thread: every write runs here, in groups that share one
-//! transaction; callers are answered once the commit is on disk
-//! (`settle.rs` syncs the WAL while the next group runs).
+//! transaction and its fsync; callers are answered after the commit.
 
 use super::schema::refused_size_sql;
-use super::settle::{Committed, Failed};
 use super::{privacy, queue};
 use crate::storage::*;
 use rusqlite::{Connection, params};
@@ -34,7 +32,7 @@ pub(super) enum Op {
 }
 
 /// What an operation produced, kept until the transaction's fate is known.
-pub(super) enum Done {
+enum Done {
     Accept(Result<Vec<Acceptance>, String>),
     Ids(Vec<i64>),
     Claim(ClaimBatch),
@@ -50,11 +48,7 @@ impl Op {
     }
 
     /// Answers the caller: the operation's result, or the commit's error.
-    pub(super) fn answer(
-        self,
-        result: Result<Done, StorageError>,
-        commit_error: Option<&StorageError>,
-    ) {
+    fn answer(self, result: Result<Done, StorageError>, commit_error: Option<&StorageError>) {
         let result = match (result, commit_error) {
             (Ok(_), Some(e)) => Err(e.clone()),
             (r, _) => r,
@@ -111,11 +105,6 @@ pub(super) struct Writer {
     /// Whether the suppressions table may hold rows (accepts skip the
     /// lookup while it is empty); read again after any change to it.
     pub suppressions: bool,
-    /// Committed groups go here to be answered once on disk; `None` once
-    /// the writer has stopped.
-    pub settle: Option<std::sync::mpsc::SyncSender<Committed>>,
-    pub settle_thread: Option<std::thread::JoinHandle<()>>,
-    pub failed: Failed,
 }
 
 impl Writer {
@@ -130,30 +119,9 @@ impl Writer {
             }
             self.commit_group(ops);
         }
-        // The sync thread answers what it holds, then ends.
-        self.settle.take();
-        if let Some(t) = self.settle_thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    /// Hands a committed group to the sync thread, which answers it.
-    fn settle(&self, ops: Vec<Op>, results: Vec<Result<Done, StorageError>>) {
-        let Some(settle) = &self.settle else { return };
-        if let Err(std::sync::mpsc::SendError(group)) = settle.send(Committed { ops, results }) {
-            for (op, result) in group.ops.into_iter().zip(group.results) {
-                op.answer(result, Some(&Failed::error()));
-            }
-        }
     }
 
     fn commit_group(&mut self, ops: Vec<Op>) {
-        if self.failed.is_set() {
-            for op in ops {
-                op.answer(Err(Failed::error()), None);
-            }
-            return;
-        }
         let now = now_millis();
         let erases = ops.iter().any(|op| matches!(op, Op::Erase(..)));
         let suppressions_change = ops.iter().any(Op::touches_suppressions);
@@ -237,7 +205,9 @@ impl Writer {
                         tracing::warn!(?done, "checkpoint after an erase did not complete");
                     }
                 }
-                self.settle(ops, results);
+                for (op, result) in ops.into_iter().zip(results) {
+                    op.answer(result, None);
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "storage commit failed");

@@ -97,9 +97,8 @@ async fn queued_messages_use_the_endpoint_configured_at_restart() {
 }
 
 /// A `2xx` means stored: a server killed (SIGKILL) in the middle of a load
-/// keeps every message it answered, whatever was in flight. SQLite: commits
-/// are answered only once the WAL holding them is synced, while the next
-/// group runs.
+/// keeps every message it answered, whatever was in flight (SQLite: each
+/// commit group is answered after its commit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_answered_before_a_kill_is_in_the_file() {
     use crate::support::binary::{Served, serve};
