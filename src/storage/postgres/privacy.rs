@@ -121,27 +121,16 @@ pub async fn lift(pool: &PgPool, user_id: &str) -> Result<bool, StorageError> {
     Ok(removed > 0)
 }
 
-/// Which users of this batch are suppressed (as stored text).
-pub async fn suppressed(
-    conn: &mut PgConnection,
-    batch: &[&NewMessage],
-) -> Result<HashSet<String>, StorageError> {
-    let keys: Vec<String> = batch
+/// The keys of this batch's users, to look up in `td_suppressions`
+/// (`user_key`); the accept's dedupe statement reads which are suppressed.
+pub fn user_keys(batch: &[&NewMessage]) -> Vec<String> {
+    batch
         .iter()
         .filter_map(|m| m.user_id.as_deref())
         .map(text_key)
         .collect::<HashSet<_>>()
         .into_iter()
-        .collect();
-    if keys.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let users: Vec<String> =
-        sqlx::query_scalar("SELECT user_id FROM td_suppressions WHERE user_key = ANY($1::text[])")
-            .bind(&keys)
-            .fetch_all(conn)
-            .await?;
-    Ok(users.into_iter().collect())
+        .collect()
 }
 
 pub async fn suppressions(pool: &PgPool) -> Result<Vec<Suppression>, StorageError> {

@@ -78,7 +78,10 @@ const ENQUEUE_HEAD: &str = "ordering_key IS NULL OR (\
 
 /// The statement that stores a batch (`$1`..`$15`: one array per column,
 /// in batch order): messages, their outcomes and the queue rows of those
-/// to deliver. Public so that tests can check its plan.
+/// to deliver; when it queued any, it also tells the other replicas
+/// (`NOTIFY`, sent at commit and dropped with a rolled-back savepoint), so
+/// no round trip of its own is needed. Public so that tests can check its
+/// plan.
 pub fn accept_sql() -> String {
     format!(
         "WITH input AS MATERIALIZED ( \
@@ -107,7 +110,9 @@ pub fn accept_sql() -> String {
                 least(received_at, {TX_NOW_MS}), {ENQUEUE_HEAD}, {size} \
             FROM input i WHERE state = 'pending' ORDER BY id \
             RETURNING seq) \
-         SELECT id, (SELECT count(*) FROM queued) FROM input ORDER BY ord",
+         SELECT id, (SELECT count(*) FROM queued), \
+            (SELECT count(*) FROM (SELECT pg_notify('{CHANNEL}', '') FROM queued LIMIT 1) n) \
+         FROM input ORDER BY ord",
         size = own_size_sql("i.")
     )
 }
@@ -147,33 +152,47 @@ pub async fn accept(
     let (first_sources, first_ids): (Vec<&str>, Vec<&str>) = first_of.keys().copied().unzip();
     // New, or accepted longer ago than the window: (re)remembered now. The
     // insert is sorted so concurrent batches lock dedupe rows in one order.
-    let fresh: HashSet<usize> = sqlx::query(&format!(
-        "INSERT INTO td_dedupe (source, message_key, accepted_at) \
-         SELECT s, m, {TX_NOW_MS} FROM unnest($1::text[], $2::text[]) AS t(s, m) ORDER BY s, m \
-         ON CONFLICT (source, message_key) DO UPDATE SET accepted_at = EXCLUDED.accepted_at \
-         WHERE td_dedupe.accepted_at < EXCLUDED.accepted_at - $3 \
-         RETURNING source, message_key"
+    // The same round trip reads which of the batch's users are suppressed
+    // (rows without a source).
+    let user_keys = super::privacy::user_keys(batch);
+    let mut fresh: HashSet<usize> = HashSet::new();
+    let mut suppressed: HashSet<String> = HashSet::new();
+    let rows = sqlx::query(&format!(
+        "WITH fresh AS ( \
+            INSERT INTO td_dedupe (source, message_key, accepted_at) \
+            SELECT s, m, {TX_NOW_MS} FROM unnest($1::text[], $2::text[]) AS t(s, m) \
+            ORDER BY s, m \
+            ON CONFLICT (source, message_key) DO UPDATE SET accepted_at = EXCLUDED.accepted_at \
+            WHERE td_dedupe.accepted_at < EXCLUDED.accepted_at - $3 \
+            RETURNING source, message_key) \
+         SELECT source, message_key FROM fresh \
+         UNION ALL \
+         SELECT NULL, user_id FROM td_suppressions WHERE user_key = ANY($4::text[])"
     ))
     .bind(&first_sources)
     .bind(&first_ids)
     .bind(window_ms)
+    .bind(&user_keys)
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|r| {
-        let source: String = r.try_get(0)?;
-        let message_key: String = r.try_get(1)?;
-        Ok(first_of
-            .get(&(source.as_str(), message_key.as_str()))
-            .copied())
-    })
-    .filter_map(Result::transpose)
-    .collect::<Result<_, sqlx::Error>>()?;
+    .await?;
+    for r in rows {
+        let source: Option<String> = r.try_get(0)?;
+        let value: String = r.try_get(1)?;
+        match source {
+            Some(source) => {
+                if let Some(&i) = first_of.get(&(source.as_str(), value.as_str())) {
+                    fresh.insert(i);
+                }
+            }
+            None => {
+                suppressed.insert(value);
+            }
+        }
+    }
     let duplicate: Vec<bool> = (0..batch.len())
         .map(|i| later[i] || !fresh.contains(&i))
         .collect();
     // Messages of suppressed users are recorded without payload, not queued.
-    let suppressed = super::privacy::suppressed(conn, batch).await?;
     let suppress: Vec<bool> = (0..batch.len())
         .map(|i| {
             !duplicate[i]

@@ -132,9 +132,7 @@ impl Inner {
             self.options.max_refused_bytes,
         )
         .await?;
-        if out.queued {
-            notify_others(&mut tx).await?;
-        }
+        // The accept statement itself told the other replicas.
         tx.commit().await?;
         if out.queued {
             self.notify.notify_one();
@@ -205,14 +203,8 @@ impl Inner {
                 Err(e) => return all_fail(e.into()),
             }
         }
-        let committed = async {
-            if queued {
-                notify_others(&mut tx).await?;
-            }
-            tx.commit().await?;
-            Ok::<_, StorageError>(())
-        }
-        .await;
+        // Each accept statement told the other replicas of what it queued.
+        let committed = tx.commit().await.map_err(StorageError::from);
         match committed {
             Ok(()) => {
                 if queued {
