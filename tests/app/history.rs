@@ -204,21 +204,11 @@ async fn history_counts_deliveries_then_refusals_and_survives_a_restart() {
 /// own metrics recorder).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_totango_is_said_in_stats_and_metrics() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = binary::serve();
-    cmd.env(
-        "TD_STORAGE__URL",
-        format!("sqlite://{}", dir.path().join("td.db").display()),
-    )
-    .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
-    .env("TD_TOTANGO__ENDPOINT", format!("http://127.0.0.1:{port}"))
-    .env("TD_ADMIN__TOKEN", ADMIN)
-    .env("TD_DELIVERY__RETRY_BASE_MS", "50")
-    .env("TD_DELIVERY__RETRY_MAX_MS", "200");
+    let mut cmd = binary::serve_sqlite_totango_down(&dir.path().join("td.db"));
+    cmd.env("TD_ADMIN__TOKEN", ADMIN)
+        .env("TD_DELIVERY__RETRY_BASE_MS", "50")
+        .env("TD_DELIVERY__RETRY_MAX_MS", "200");
     let served = tokio::task::block_in_place(|| Served::start(cmd));
     let http = reqwest::Client::new();
     for user in ["u1", "u2"] {

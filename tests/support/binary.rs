@@ -29,6 +29,23 @@ pub fn serve() -> Command {
     cmd
 }
 
+/// [`serve`] on the SQLite file `db`, for service `SP-1234-01`, with
+/// Totango at a local port nothing listens on (every attempt is refused).
+pub fn serve_sqlite_totango_down(db: &std::path::Path) -> Command {
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cmd = serve();
+    cmd.env("TD_STORAGE__URL", format!("sqlite://{}", db.display()))
+        .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
+        .env(
+            "TD_TOTANGO__ENDPOINT",
+            format!("http://127.0.0.1:{closed_port}"),
+        );
+    cmd
+}
+
 #[derive(Default)]
 struct Lines {
     stdout: Vec<String>,

@@ -29,6 +29,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 /// The database clock in milliseconds since the Unix epoch.
 pub const CLOCK_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
@@ -36,6 +37,29 @@ pub const CLOCK_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000):
 const TX_NOW_MS: &str = "floor(extract(epoch FROM now()) * 1000)::bigint";
 /// The `LISTEN/NOTIFY` channel of "work may be claimable".
 pub const CHANNEL: &str = "td_work";
+
+// The busy statements' text, built once (sqlx finds its prepared statement
+// by this text at every call).
+static ACCEPT_SQL: LazyLock<String> = LazyLock::new(accept_sql);
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(claim_sql);
+static REPORT_SQL: LazyLock<String> = LazyLock::new(report_sql);
+/// Remembers a batch's new (source, messageId digest) pairs, as
+/// `INSERT … RETURNING`, and in the same round trip reads which of its
+/// users are suppressed (rows without a source).
+static DEDUPE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH fresh AS ( \
+            INSERT INTO td_dedupe (source, message_key, accepted_at) \
+            SELECT s, m, {TX_NOW_MS} FROM unnest($1::text[], $2::text[]) AS t(s, m) \
+            ORDER BY s, m \
+            ON CONFLICT (source, message_key) DO UPDATE SET accepted_at = EXCLUDED.accepted_at \
+            WHERE td_dedupe.accepted_at < EXCLUDED.accepted_at - $3 \
+            RETURNING source, message_key) \
+         SELECT source, message_key FROM fresh \
+         UNION ALL \
+         SELECT NULL, user_id FROM td_suppressions WHERE user_key = ANY($4::text[])"
+    )
+});
 /// Most dead messages one replay call queues again (keeps the transaction short).
 const REPLAY_MAX: i64 = 10_000;
 /// Most old messages deleted by one prune, to keep each transaction short.
@@ -152,29 +176,16 @@ pub async fn accept(
     let (first_sources, first_ids): (Vec<&str>, Vec<&str>) = first_of.keys().copied().unzip();
     // New, or accepted longer ago than the window: (re)remembered now. The
     // insert is sorted so concurrent batches lock dedupe rows in one order.
-    // The same round trip reads which of the batch's users are suppressed
-    // (rows without a source).
     let user_keys = super::privacy::user_keys(batch);
     let mut fresh: HashSet<usize> = HashSet::new();
     let mut suppressed: HashSet<String> = HashSet::new();
-    let rows = sqlx::query(&format!(
-        "WITH fresh AS ( \
-            INSERT INTO td_dedupe (source, message_key, accepted_at) \
-            SELECT s, m, {TX_NOW_MS} FROM unnest($1::text[], $2::text[]) AS t(s, m) \
-            ORDER BY s, m \
-            ON CONFLICT (source, message_key) DO UPDATE SET accepted_at = EXCLUDED.accepted_at \
-            WHERE td_dedupe.accepted_at < EXCLUDED.accepted_at - $3 \
-            RETURNING source, message_key) \
-         SELECT source, message_key FROM fresh \
-         UNION ALL \
-         SELECT NULL, user_id FROM td_suppressions WHERE user_key = ANY($4::text[])"
-    ))
-    .bind(&first_sources)
-    .bind(&first_ids)
-    .bind(window_ms)
-    .bind(&user_keys)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query(&DEDUPE_SQL)
+        .bind(&first_sources)
+        .bind(&first_ids)
+        .bind(window_ms)
+        .bind(&user_keys)
+        .fetch_all(&mut *conn)
+        .await?;
     for r in rows {
         let source: Option<String> = r.try_get(0)?;
         let value: String = r.try_get(1)?;
@@ -302,7 +313,7 @@ pub async fn accept(
     // Ids are drawn in batch order, once per message (the CTE is
     // materialized), so one id goes to the message, its outcome and its
     // queue row.
-    let rows = sqlx::query(&accept_sql())
+    let rows = sqlx::query(&ACCEPT_SQL)
         .bind(&message_ids)
         .bind(&sources)
         .bind(&calls)
@@ -550,7 +561,7 @@ pub async fn claim(
     replica: i64,
 ) -> Result<ClaimBatch, StorageError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = sqlx::query(&claim_sql())
+    let rows = sqlx::query(&CLAIM_SQL)
         .bind(limit)
         .bind(lease_ms)
         .bind(replica)
@@ -697,7 +708,7 @@ pub async fn report(conn: &mut PgConnection, all: &[Report]) -> Result<Reported,
         .await?;
         lock_keys(conn, keys).await?;
     }
-    let row = sqlx::query(&report_sql())
+    let row = sqlx::query(&REPORT_SQL)
         .bind(&ids)
         .bind(&leases)
         .bind(&requests)

@@ -101,21 +101,11 @@ async fn queued_messages_use_the_endpoint_configured_at_restart() {
 /// commit group is answered after its commit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_answered_before_a_kill_is_in_the_file() {
-    use crate::support::binary::{Served, serve};
+    use crate::support::binary::{Served, serve_sqlite_totango_down};
     use std::sync::atomic::AtomicUsize;
-    let closed_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("td.db");
-    let mut cmd = serve();
-    cmd.env("TD_STORAGE__URL", format!("sqlite://{}", db.display()))
-        .env("TD_TOTANGO__SERVICE_ID", "SP-1234-01")
-        .env(
-            "TD_TOTANGO__ENDPOINT",
-            format!("http://127.0.0.1:{closed_port}"),
-        );
+    let cmd = serve_sqlite_totango_down(&db);
     let served = tokio::task::block_in_place(|| Served::start(cmd));
     let http = reqwest::Client::new();
     let answered = Arc::new(AtomicUsize::new(0));
