@@ -63,6 +63,7 @@ pub fn storage_options(runtime: &Runtime) -> StorageOptions {
         refused_retention_ms: (storage.refused_retention_secs > 0)
             .then(|| secs(storage.refused_retention_secs)),
         prune_every_ms: 60_000,
+        index_every_ms: crate::storage::StorageOptions::default().index_every_ms,
         lease_ms: secs(storage.lease_secs),
         heartbeat_ms: secs(storage.heartbeat_secs),
         replica_timeout_ms: secs(storage.replica_timeout_secs),

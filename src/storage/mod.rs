@@ -67,6 +67,10 @@ pub struct StorageOptions {
     pub refused_retention_ms: Option<Millis>,
     /// How often pruning runs.
     pub prune_every_ms: Millis,
+    /// SQLite: how often the messages accepted since the last time are
+    /// added to the by-user and by-account tables (a filter or erasure scans
+    /// the newer ones). PostgreSQL ignores it.
+    pub index_every_ms: Millis,
     /// How long a claim holds a message; a live holder's heartbeat renews
     /// it. The backstop for a holder that vanished unnoticed.
     pub lease_ms: Millis,
@@ -123,6 +127,7 @@ impl Default for StorageOptions {
             retention_ms: Some(7 * 24 * 3600 * 1000),
             refused_retention_ms: Some(24 * 3600 * 1000),
             prune_every_ms: 60 * 1000,
+            index_every_ms: 500,
             lease_ms: 10 * 60 * 1000,
             heartbeat_ms: 3 * 1000,
             replica_timeout_ms: 15 * 1000,

@@ -7,6 +7,7 @@
 //! by an earlier process are released at start without stealing live ones.
 
 mod entity;
+mod entity_index;
 mod history;
 mod privacy;
 mod queue;
@@ -168,6 +169,7 @@ impl SqliteStorage {
             [],
         )?;
         let suppressions = privacy::any_suppressed(&conn)?;
+        let tail = entity_index::Tail::load(&conn)?;
         let reader = schema::open(path)?;
         let history_writer = schema::open(path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -178,6 +180,8 @@ impl SqliteStorage {
                     conn,
                     options,
                     last_prune: 0,
+                    last_index: 0,
+                    tail,
                     lease: 0,
                     dropped_to: [0; 2],
                     suppressions,

@@ -1,6 +1,7 @@
 //! Erasing users, suppressions and the audit trail, run by the writer
 //! inside its transaction (reads on the reader connection).
 
+use super::entity_index::{By, ids};
 use super::queue::dequeue;
 use super::schema::refused_size_sql;
 use crate::storage::privacy::{PAYLOAD_ERASED, USER_DELETED};
@@ -13,14 +14,18 @@ pub(super) fn erase_user(
     now: Millis,
 ) -> Result<Erased, StorageError> {
     let user = erase.user_id.as_str();
+    // The user's messages: `WHERE id IN ({mine})`, `?1` the user.
+    let mine = ids(By::User, "?1");
     let ids: Vec<(i64, String)> = c
-        .prepare_cached("SELECT id, state FROM messages WHERE user_id = ?1")?
+        .prepare_cached(&format!(
+            "SELECT id, state FROM messages WHERE id IN ({mine})"
+        ))?
         .query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let counted = |c: &Connection| -> rusqlite::Result<i64> {
         c.query_row(
             &format!(
-                "SELECT COALESCE(SUM({}), 0) FROM messages WHERE user_id = ?1",
+                "SELECT COALESCE(SUM({}), 0) FROM messages WHERE id IN ({mine})",
                 refused_size_sql("0")
             ),
             [user],
@@ -36,19 +41,22 @@ pub(super) fn erase_user(
         }
     }
     c.execute(
-        "UPDATE messages SET \
-            state = CASE WHEN state IN ('pending', 'dead') THEN 'suppressed' ELSE state END, \
-            code = CASE WHEN state IN ('pending', 'dead') THEN ?2 ELSE code END, \
-            reason = ?3, payload = '{}', settings = '{}', requests = NULL, last_body = NULL, \
-            last_error = NULL, warnings = NULL, page_category = NULL, ordering_key = NULL, \
-            updated_at = ?4 \
-         WHERE user_id = ?1",
+        &format!(
+            "UPDATE messages SET \
+                state = CASE WHEN state IN ('pending', 'dead') THEN 'suppressed' ELSE state END, \
+                code = CASE WHEN state IN ('pending', 'dead') THEN ?2 ELSE code END, \
+                reason = ?3, payload = '{{}}', settings = '{{}}', requests = NULL, \
+                last_body = NULL, last_error = NULL, warnings = NULL, page_category = NULL, \
+                ordering_key = NULL, updated_at = ?4 \
+             WHERE id IN ({mine})"
+        ),
         params![user, USER_DELETED, PAYLOAD_ERASED, now],
     )?;
     let after = counted(c)?;
     // The user's id goes too; the rows keep their outcome and counts.
+    // The trigger `messages_unindex_user` takes its `user_messages` entries.
     c.execute(
-        "UPDATE messages SET user_id = NULL WHERE user_id = ?1",
+        &format!("UPDATE messages SET user_id = NULL WHERE id IN ({mine})"),
         [user],
     )?;
     if after != before {

@@ -1,5 +1,6 @@
 //! The queue's operations, run by the writer inside its transaction.
 
+use super::entity_index::Tail;
 use super::reads::where_clause;
 use super::schema::QUEUED_SIZE;
 use crate::storage::*;
@@ -43,15 +44,18 @@ pub(super) fn accept(
     now: Millis,
     options: &StorageOptions,
     check_suppressions: bool,
+    tail: &mut Tail,
 ) -> Result<Vec<Acceptance>, StorageError> {
     let window = options.dedupe_window_ms;
     let mut refused: Option<RefusedBudget> = None;
     // When this messageId was last accepted from this source: a stored
-    // message (by the messageId index; a new id costs one seek) or, once
-    // pruned inside the window, its `dedupe` entry.
+    // message (by `message_ids`, or the writer's memory of the newer tail; a
+    // new id costs one seek) or, once pruned inside the window, its
+    // `dedupe` entry.
     let mut seen = c.prepare_cached(
-        "SELECT MAX(t) FROM (SELECT MAX(received_at) AS t FROM messages \
-         WHERE message_id = ?2 AND source = ?1 AND state <> 'duplicate' \
+        "SELECT MAX(t) FROM (SELECT MAX(m.received_at) AS t FROM message_ids x \
+         JOIN messages m ON m.id = x.id \
+         WHERE x.message_id = ?2 AND m.source = ?1 AND m.state <> 'duplicate' \
          UNION ALL SELECT accepted_at FROM dedupe WHERE source = ?1 AND message_id = ?2)",
     )?;
     let mut insert = c.prepare_cached(
@@ -68,8 +72,11 @@ pub(super) fn accept(
     };
     let mut out = Vec::with_capacity(batch.len());
     for m in batch {
-        let accepted_at: Option<Millis> =
-            seen.query_row(params![m.source, m.message_id], |r| r.get(0))?;
+        let accepted_at: Option<Millis> = seen
+            .query_row(params![m.source, m.message_id], |r| {
+                r.get::<_, Option<Millis>>(0)
+            })?
+            .max(tail.accepted_at(c, &m.source, &m.message_id)?);
         let duplicate = accepted_at.is_some_and(|t| t >= now - window);
         let suppress = !duplicate && m.user_id.as_ref().is_some_and(|u| suppressed.contains(u));
         let no_warnings = Vec::new();
@@ -167,6 +174,7 @@ pub(super) fn accept(
             page_category,
         ])?;
         let id = c.last_insert_rowid();
+        tail.add(&m.message_id, id, duplicate);
         if duplicate {
             out.push(Acceptance::Duplicate { id });
             continue;
@@ -372,9 +380,13 @@ pub(super) fn report(
 }
 
 /// Whether any message with this `messageId` is stored (any source, any state).
-pub(super) fn message_id_stored(c: &Connection, message_id: &str) -> Result<bool, StorageError> {
-    Ok(
-        c.prepare_cached("SELECT EXISTS(SELECT 1 FROM messages WHERE message_id = ?1)")?
-            .query_row([message_id], |r| r.get(0))?,
-    )
+pub(super) fn message_id_stored(
+    c: &Connection,
+    message_id: &str,
+    tail: &Tail,
+) -> Result<bool, StorageError> {
+    let indexed: bool = c
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM message_ids WHERE message_id = ?1)")?
+        .query_row([message_id], |r| r.get(0))?;
+    Ok(indexed || tail.holds(c, message_id)?)
 }

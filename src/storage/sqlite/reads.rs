@@ -1,5 +1,6 @@
 //! Reads (operator view, stats), on their own connection beside the writer.
 
+use super::entity_index::{By, ids};
 use crate::storage::*;
 
 pub(super) const SELECT_MESSAGE: &str = "SELECT m.id, m.message_id, m.source, m.call, m.service_id, m.user_id, \
@@ -62,17 +63,20 @@ pub(super) fn where_clause(f: &MessageFilter) -> (String, Vec<Box<dyn rusqlite::
     if let Some(s) = f.state {
         add("m.state = ?", Box::new(s.as_str()));
     }
-    if let Some(v) = &f.message_id {
-        add("m.message_id = ?", Box::new(v.clone()));
-    }
-    if let Some(v) = &f.user_id {
-        add("m.user_id = ?", Box::new(v.clone()));
-    }
-    if let Some(v) = &f.account_id {
-        add("m.account_id = ?", Box::new(v.clone()));
-    }
     if let Some(before) = f.before {
         add("m.id < ?", Box::new(before));
+    }
+    // `ids` names the entity twice: bound twice.
+    for (by, v) in [
+        (By::MessageId, &f.message_id),
+        (By::User, &f.user_id),
+        (By::Account, &f.account_id),
+    ] {
+        if let Some(v) = v {
+            conds.push(format!("m.id IN ({})", ids(by, "?")));
+            args.push(Box::new(v.clone()));
+            args.push(Box::new(v.clone()));
+        }
     }
     (conds.join(" AND "), args)
 }

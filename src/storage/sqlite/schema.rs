@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS messages (
     updated_at    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages(state, id);
-CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(updated_at)
     WHERE state NOT IN ('pending', 'dead');
 CREATE TABLE IF NOT EXISTS queue (
@@ -70,8 +69,6 @@ CREATE TABLE IF NOT EXISTS page_categories (
     category   TEXT NOT NULL,
     PRIMARY KEY (service_id, user_id)
 ) WITHOUT ROWID;
--- A user's messages, for erasing them and for the operator's per-user view.
-CREATE INDEX IF NOT EXISTS messages_user ON messages(user_id) WHERE user_id IS NOT NULL;
 -- Users whose later messages are recorded without payload, never delivered.
 CREATE TABLE IF NOT EXISTS suppressions (
     user_id TEXT PRIMARY KEY,
@@ -121,8 +118,46 @@ CREATE TABLE IF NOT EXISTS entity_activity (
     PRIMARY KEY (kind, entity_id, day)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entity_activity_day ON entity_activity(day);
--- An account's messages, for its page.
-CREATE INDEX IF NOT EXISTS messages_account ON messages(account_id) WHERE account_id IS NOT NULL;
+-- Messages by messageId (deduplication, lookups), by user (erasure, the
+-- per-user view) and by account (its page), indexed in bulk up to
+-- `entity_index.upto` (entity_index.rs); newer messages are found by a scan
+-- of that short tail, or by the writer's memory of it. Indexes on the
+-- columns cost each accepted message a page written at a random place per
+-- index.
+CREATE TABLE IF NOT EXISTS message_ids (
+    message_id TEXT NOT NULL,
+    id         INTEGER NOT NULL,
+    PRIMARY KEY (message_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_messages (
+    user_id TEXT NOT NULL,
+    id      INTEGER NOT NULL,
+    PRIMARY KEY (user_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account_messages (
+    account_id TEXT NOT NULL,
+    id         INTEGER NOT NULL,
+    PRIMARY KEY (account_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entity_index (
+    one  INTEGER PRIMARY KEY CHECK (one = 1),
+    upto INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO entity_index (one, upto) VALUES (1, 0);
+-- Entries leave with their message or its ids (pruning, erasure).
+CREATE TRIGGER IF NOT EXISTS messages_unindex AFTER DELETE ON messages BEGIN
+    DELETE FROM message_ids WHERE message_id = OLD.message_id AND id = OLD.id;
+    DELETE FROM user_messages WHERE user_id = OLD.user_id AND id = OLD.id;
+    DELETE FROM account_messages WHERE account_id = OLD.account_id AND id = OLD.id;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_unindex_user AFTER UPDATE OF user_id ON messages
+    WHEN OLD.user_id IS NOT NEW.user_id BEGIN
+    DELETE FROM user_messages WHERE user_id = OLD.user_id AND id = OLD.id;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_unindex_account AFTER UPDATE OF account_id ON messages
+    WHEN OLD.account_id IS NOT NEW.account_id BEGIN
+    DELETE FROM account_messages WHERE account_id = OLD.account_id AND id = OLD.id;
+END;
 -- The per-minute history behind the operator page's charts (history.rs):
 -- counts added up, gauges the highest value sampled in the minute.
 CREATE TABLE IF NOT EXISTS history (
@@ -204,7 +239,10 @@ fn fill_queue_sizes(c: &Connection) -> rusqlite::Result<()> {
 /// 7: dedupe looks messages up by messageId; `dedupe` keeps only the ids
 ///    of messages pruned inside the window (fewer writes per message);
 ///    `queue.size`.
-pub(super) const SCHEMA_VERSION: i64 = 7;
+/// 8: messages by messageId, user and account in tables filled in bulk
+///    (`message_ids`, `user_messages`, `account_messages`) instead of
+///    indexes.
+pub(super) const SCHEMA_VERSION: i64 = 8;
 
 /// Refuses a damaged database file at start (truncated, overwritten, not a
 /// database) with a message that says what to do, instead of failing later
@@ -266,7 +304,7 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
             )
         }),
         // Later versions only add tables (`SCHEMA` creates what is missing).
-        2..=6 => {
+        2..=7 => {
             let tx = conn.unchecked_transaction()?;
             if version == 2 {
                 tx.execute_batch("ALTER TABLE queue ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;")?;
@@ -282,6 +320,12 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
             }
             tx.execute_batch(SCHEMA)?;
             count_refused(&tx)?;
+            // Version 8: the tables replace three indexes.
+            tx.execute_batch(
+                "DROP INDEX IF EXISTS messages_user; DROP INDEX IF EXISTS messages_account; \
+                 DROP INDEX IF EXISTS messages_message_id;",
+            )?;
+            super::entity_index::catch_up(&tx)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             Ok(tx.commit()?)
         }
@@ -385,6 +429,7 @@ fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
              DROP TABLE queue_v1; DROP TABLE messages_v1;",
         )?;
         fill_queue_sizes(&tx)?;
+        super::entity_index::catch_up(&tx)?;
         let broken: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM pragma_foreign_key_check)",
             [],

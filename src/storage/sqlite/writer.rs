@@ -1,6 +1,7 @@
 //! The writer thread: every write runs here, in groups that share one
 //! transaction and its fsync; callers are answered after the commit.
 
+use super::entity_index::{self, Tail};
 use super::schema::refused_size_sql;
 use super::{privacy, queue};
 use crate::storage::*;
@@ -97,6 +98,10 @@ pub(super) struct Writer {
     pub conn: Connection,
     pub options: StorageOptions,
     pub last_prune: Millis,
+    /// When `entity_index::catch_up` last committed.
+    pub last_index: Millis,
+    /// The messages accepted since, by messageId.
+    pub tail: Tail,
     /// The last lease token handed out (tokens only grow).
     pub lease: i64,
     /// Up to where (last change time) payloads were dropped by retention:
@@ -136,9 +141,10 @@ impl Writer {
         let mut lease = self.lease;
         let options = &self.options;
         let c = &self.conn;
+        let tail = &mut self.tail;
         let fast = begin(c).and_then(|()| {
             ops.iter()
-                .map(|op| apply(c, op, &check, options, &mut lease))
+                .map(|op| apply(c, op, &check, options, &mut lease, tail))
                 .collect::<Result<Vec<Done>, StorageError>>()
         });
         let results = match fast {
@@ -147,7 +153,9 @@ impl Writer {
                 rollback(c);
                 begin(c).map(|()| {
                     ops.iter()
-                        .map(|op| in_savepoint(c, |c| apply(c, op, &check, options, &mut lease)))
+                        .map(|op| {
+                            in_savepoint(c, |c| apply(c, op, &check, options, &mut lease, tail))
+                        })
                         .collect()
                 })
             }
@@ -175,14 +183,21 @@ impl Writer {
                 Err(e) => tracing::warn!(error = %e, "dropping old payloads failed"),
             }
         }
-        let committed = c
-            .prepare_cached("COMMIT")
-            .and_then(|mut s| s.execute([]))
-            .map(|_| ())
-            .map_err(|e| {
-                rollback(c);
-                StorageError::from(e)
-            });
+        // Messages by user and account, in bulk; also after every prune,
+        // which may take the newest ids (entity_index.rs).
+        // A failure fails the group: a message left out of them would be
+        // missed by its user's erasure.
+        let index = prune || now - self.last_index >= self.options.index_every_ms;
+        let committed = (if index {
+            entity_index::catch_up(c).map(|_| ())
+        } else {
+            Ok(())
+        })
+        .and_then(|()| c.prepare_cached("COMMIT")?.execute([]).map(|_| ()))
+        .map_err(|e| {
+            rollback(c);
+            StorageError::from(e)
+        });
         self.lease = lease;
         if suppressions_change {
             self.suppressions = privacy::any_suppressed(&self.conn).unwrap_or(true);
@@ -191,6 +206,11 @@ impl Writer {
             Ok(()) => {
                 if prune && caught_up {
                     self.last_prune = now;
+                }
+                if index {
+                    self.last_index = now;
+                    // The tables hold every message now.
+                    self.tail.clear();
                 }
                 self.dropped_to = marks;
                 if erases {
@@ -415,6 +435,7 @@ fn apply(
     check: &Checks,
     options: &StorageOptions,
     lease: &mut i64,
+    tail: &mut Tail,
 ) -> Result<Done, StorageError> {
     let now = check.now;
     Ok(match op {
@@ -422,7 +443,7 @@ fn apply(
             if accept.first_unseen {
                 // One writer: nothing can slip in between check and insert.
                 if let Some(first) = batch.first() {
-                    if queue::message_id_stored(c, &first.message_id)? {
+                    if queue::message_id_stored(c, &first.message_id, tail)? {
                         return Ok(Done::Accept(Err(first.message_id.clone())));
                     }
                 }
@@ -433,6 +454,7 @@ fn apply(
                 now,
                 options,
                 check.suppressions,
+                tail,
             )?))
         }
         Op::Replay(filter, _) => Done::Ids(queue::replay(c, filter, now)?),

@@ -6,6 +6,7 @@
 //! retention, damaged files, one process per file.
 
 mod entity;
+mod entity_index;
 mod history;
 mod limits;
 mod postgres;
