@@ -6,8 +6,8 @@
 //! One process uses a file at a time (a lock file says so), so leases left
 //! by an earlier process are released at start without stealing live ones.
 
+mod bulk_index;
 mod entity;
-mod entity_index;
 mod history;
 mod privacy;
 mod queue;
@@ -169,7 +169,7 @@ impl SqliteStorage {
             [],
         )?;
         let suppressions = privacy::any_suppressed(&conn)?;
-        let tail = entity_index::Tail::load(&conn)?;
+        let tail = bulk_index::Tail::load(&conn)?;
         let reader = schema::open(path)?;
         let history_writer = schema::open(path)?;
         let (tx, rx) = mpsc::channel(4096);

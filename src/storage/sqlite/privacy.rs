@@ -1,7 +1,7 @@
 //! Erasing users, suppressions and the audit trail, run by the writer
 //! inside its transaction (reads on the reader connection).
 
-use super::entity_index::{By, ids};
+use super::bulk_index::{By, ids};
 use super::queue::dequeue;
 use super::schema::refused_size_sql;
 use crate::storage::privacy::{PAYLOAD_ERASED, USER_DELETED};

@@ -1,6 +1,6 @@
 //! The queue's operations, run by the writer inside its transaction.
 
-use super::entity_index::Tail;
+use super::bulk_index::Tail;
 use super::reads::where_clause;
 use super::schema::QUEUED_SIZE;
 use crate::storage::*;

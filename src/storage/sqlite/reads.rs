@@ -1,6 +1,6 @@
 //! Reads (operator view, stats), on their own connection beside the writer.
 
-use super::entity_index::{By, ids};
+use super::bulk_index::{By, ids};
 use crate::storage::*;
 
 pub(super) const SELECT_MESSAGE: &str = "SELECT m.id, m.message_id, m.source, m.call, m.service_id, m.user_id, \

@@ -120,7 +120,7 @@ CREATE TABLE IF NOT EXISTS entity_activity (
 CREATE INDEX IF NOT EXISTS entity_activity_day ON entity_activity(day);
 -- Messages by messageId (deduplication, lookups), by user (erasure, the
 -- per-user view) and by account (its page), indexed in bulk up to
--- `entity_index.upto` (entity_index.rs); newer messages are found by a scan
+-- `bulk_index.upto` (bulk_index.rs); newer messages are found by a scan
 -- of that short tail, or by the writer's memory of it. Indexes on the
 -- columns cost each accepted message a page written at a random place per
 -- index.
@@ -139,11 +139,11 @@ CREATE TABLE IF NOT EXISTS account_messages (
     id         INTEGER NOT NULL,
     PRIMARY KEY (account_id, id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS entity_index (
+CREATE TABLE IF NOT EXISTS bulk_index (
     one  INTEGER PRIMARY KEY CHECK (one = 1),
     upto INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO entity_index (one, upto) VALUES (1, 0);
+INSERT OR IGNORE INTO bulk_index (one, upto) VALUES (1, 0);
 -- Entries leave with their message or its ids (pruning, erasure).
 CREATE TRIGGER IF NOT EXISTS messages_unindex AFTER DELETE ON messages BEGIN
     DELETE FROM message_ids WHERE message_id = OLD.message_id AND id = OLD.id;
@@ -325,7 +325,7 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StorageError
                 "DROP INDEX IF EXISTS messages_user; DROP INDEX IF EXISTS messages_account; \
                  DROP INDEX IF EXISTS messages_message_id;",
             )?;
-            super::entity_index::catch_up(&tx)?;
+            super::bulk_index::catch_up(&tx)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             Ok(tx.commit()?)
         }
@@ -429,7 +429,7 @@ fn migrate_v1(conn: &Connection) -> Result<(), StorageError> {
              DROP TABLE queue_v1; DROP TABLE messages_v1;",
         )?;
         fill_queue_sizes(&tx)?;
-        super::entity_index::catch_up(&tx)?;
+        super::bulk_index::catch_up(&tx)?;
         let broken: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM pragma_foreign_key_check)",
             [],

@@ -1,7 +1,7 @@
 //! The writer thread: every write runs here, in groups that share one
 //! transaction and its fsync; callers are answered after the commit.
 
-use super::entity_index::{self, Tail};
+use super::bulk_index::{self, Tail};
 use super::schema::refused_size_sql;
 use super::{privacy, queue};
 use crate::storage::*;
@@ -98,7 +98,7 @@ pub(super) struct Writer {
     pub conn: Connection,
     pub options: StorageOptions,
     pub last_prune: Millis,
-    /// When `entity_index::catch_up` last committed.
+    /// When `bulk_index::catch_up` last committed.
     pub last_index: Millis,
     /// The messages accepted since, by messageId.
     pub tail: Tail,
@@ -184,12 +184,12 @@ impl Writer {
             }
         }
         // Messages by user and account, in bulk; also after every prune,
-        // which may take the newest ids (entity_index.rs).
+        // which may take the newest ids (bulk_index.rs).
         // A failure fails the group: a message left out of them would be
         // missed by its user's erasure.
         let index = prune || now - self.last_index >= self.options.index_every_ms;
         let committed = (if index {
-            entity_index::catch_up(c).map(|_| ())
+            bulk_index::catch_up(c).map(|_| ())
         } else {
             Ok(())
         })

@@ -5,8 +5,8 @@
 //! SQLite's own cases follow: restart recovery, the upgrade from schema 1,
 //! retention, damaged files, one process per file.
 
+mod bulk_index;
 mod entity;
-mod entity_index;
 mod history;
 mod limits;
 mod postgres;

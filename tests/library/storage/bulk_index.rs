@@ -1,6 +1,7 @@
-//! SQLite finds a user's or an account's messages through tables filled in
-//! bulk (`user_messages`, `account_messages`) up to `entity_index.upto`, and
-//! by a scan of the newer tail: every filter and erasure must see both.
+//! SQLite finds messages by messageId, user and account through tables
+//! filled in bulk (`message_ids`, `user_messages`, `account_messages`) up to
+//! `bulk_index.upto`, and by the newer tail: every lookup, filter, erasure
+//! and deduplication must see both.
 
 use std::path::Path;
 use std::time::Duration;
@@ -306,7 +307,7 @@ async fn a_schema_7_file_gets_its_messages_by_user_and_account() {
         c.execute_batch(
             "DROP TRIGGER messages_unindex; DROP TRIGGER messages_unindex_user; \
              DROP TRIGGER messages_unindex_account; DROP TABLE user_messages; \
-             DROP TABLE account_messages; DROP TABLE message_ids; DROP TABLE entity_index; \
+             DROP TABLE account_messages; DROP TABLE message_ids; DROP TABLE bulk_index; \
              CREATE INDEX messages_message_id ON messages(message_id); \
              CREATE INDEX messages_user ON messages(user_id) WHERE user_id IS NOT NULL; \
              CREATE INDEX messages_account ON messages(account_id) WHERE account_id IS NOT NULL; \

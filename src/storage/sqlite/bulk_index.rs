@@ -6,7 +6,7 @@
 //! users, accounts) cost every accepted message a page written at a random
 //! place of each index: three of the four WAL frames an accepted track
 //! wrote. A bulk insert in key order writes each page once for all the
-//! messages it gains. Messages after `entity_index.upto` (the tail: about
+//! messages it gains. Messages after `bulk_index.upto` (the tail: about
 //! `StorageOptions::index_every_ms` of traffic, 500 ms) are found by a scan
 //! of that id range, and by the writer through [`Tail`].
 //!
@@ -35,7 +35,7 @@ pub(super) fn ids(by: By, param: &str) -> String {
     };
     format!(
         "SELECT id FROM {table} WHERE {column} = {param} UNION ALL \
-         SELECT id FROM messages WHERE id > (SELECT upto FROM entity_index) \
+         SELECT id FROM messages WHERE id > (SELECT upto FROM bulk_index) \
          AND {column} = {param}"
     )
 }
@@ -46,7 +46,7 @@ pub(super) fn ids(by: By, param: &str) -> String {
 /// Returns how many ids were indexed.
 pub(super) fn catch_up(c: &Connection) -> rusqlite::Result<i64> {
     let upto: i64 = c
-        .prepare_cached("SELECT upto FROM entity_index")?
+        .prepare_cached("SELECT upto FROM bulk_index")?
         .query_row([], |r| r.get(0))?;
     let newest: i64 = c
         .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM messages")?
@@ -65,7 +65,7 @@ pub(super) fn catch_up(c: &Connection) -> rusqlite::Result<i64> {
         }
     }
     if newest != upto {
-        c.prepare_cached("UPDATE entity_index SET upto = ?1")?
+        c.prepare_cached("UPDATE bulk_index SET upto = ?1")?
             .execute([newest])?;
     }
     Ok((newest - upto).max(0))
@@ -97,7 +97,7 @@ impl Tail {
         let mut tail = Tail::default();
         let mut stmt = c.prepare(
             "SELECT id, message_id, state = 'duplicate' FROM messages \
-             WHERE id > (SELECT upto FROM entity_index)",
+             WHERE id > (SELECT upto FROM bulk_index)",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?))
