@@ -36,6 +36,16 @@ async fn listed(s: &SqliteStorage, filter: MessageFilter) -> Vec<i64> {
     ids
 }
 
+async fn erase(s: &SqliteStorage, user: &str) -> totango_destination::storage::Erased {
+    s.erase_user(Erase {
+        user_id: user.into(),
+        suppress: false,
+        reason: "test".into(),
+    })
+    .await
+    .unwrap()
+}
+
 fn by_user(user: &str) -> MessageFilter {
     MessageFilter {
         user_id: Some(user.to_owned()),
@@ -103,14 +113,7 @@ async fn filters_and_erasure_find_indexed_and_tail_messages() {
     };
     assert_eq!(listed(&s, both).await, vec![second[1]]);
 
-    let erased = s
-        .erase_user(Erase {
-            user_id: "ann".into(),
-            suppress: false,
-            reason: "test".into(),
-        })
-        .await
-        .unwrap();
+    let erased = erase(&s, "ann").await;
     assert_eq!(erased.messages, 3);
     assert_eq!(erased.cancelled, 3);
     assert!(listed(&s, by_user("ann")).await.is_empty());
@@ -273,14 +276,7 @@ async fn ids_handed_out_again_after_pruning_are_still_found() {
     assert_eq!(new, vec![old[0]], "SQLite gave the pruned id out again");
     assert_eq!(listed(&s, by_user("ann")).await, new);
     assert_eq!(listed(&s, by_account("acme")).await, new);
-    let erased = s
-        .erase_user(Erase {
-            user_id: "ann".into(),
-            suppress: false,
-            reason: "test".into(),
-        })
-        .await
-        .unwrap();
+    let erased = erase(&s, "ann").await;
     assert_eq!(erased.messages, 1);
     s.close().await;
 }
