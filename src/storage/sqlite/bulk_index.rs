@@ -121,6 +121,15 @@ impl Tail {
         }
     }
 
+    /// How many ids it holds.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.ids
+            .values()
+            .map(|i| i.kept.len() + i.duplicates.len())
+            .sum()
+    }
+
     pub fn clear(&mut self) {
         // Shrinks after a burst instead of keeping its capacity.
         self.ids = HashMap::new();

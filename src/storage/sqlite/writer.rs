@@ -164,6 +164,7 @@ impl Writer {
             Ok(r) => r,
             Err(e) => {
                 rollback(c);
+                self.forget_rolled_back();
                 for op in ops {
                     op.answer(Err(e.clone()), None);
                 }
@@ -183,10 +184,9 @@ impl Writer {
                 Err(e) => tracing::warn!(error = %e, "dropping old payloads failed"),
             }
         }
-        // Messages by user and account, in bulk; also after every prune,
-        // which may take the newest ids (bulk_index.rs).
-        // A failure fails the group: a message left out of them would be
-        // missed by its user's erasure.
+        // Messages by messageId, user and account, in bulk; also after every
+        // prune, which may take the newest ids (bulk_index.rs). A failure
+        // fails the group: a message left out would escape its user's erasure.
         let index = prune || now - self.last_index >= self.options.index_every_ms;
         let committed = (if index {
             bulk_index::catch_up(c).map(|_| ())
@@ -231,10 +231,24 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "storage commit failed");
+                self.forget_rolled_back();
                 for (op, result) in ops.into_iter().zip(results) {
                     op.answer(result, Some(&e));
                 }
             }
+        }
+    }
+}
+
+impl Writer {
+    /// After a rolled-back group: the tail's memory as the file holds it,
+    /// without the ids the group added. Lookups would tell those apart
+    /// anyway; this keeps the memory bounded while every commit fails
+    /// (a full disk with clients retrying). Kept as it is if the file
+    /// cannot be read.
+    fn forget_rolled_back(&mut self) {
+        if let Ok(tail) = Tail::load(&self.conn) {
+            self.tail = tail;
         }
     }
 }
@@ -468,4 +482,81 @@ fn apply(
             Done::Unit
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(message_id: &str) -> NewMessage {
+        NewMessage {
+            source: "web".into(),
+            message_id: message_id.into(),
+            call: "track".into(),
+            service_id: "svc".into(),
+            user_id: Some("ann".into()),
+            account_id: None,
+            ordering_key: None,
+            payload: r#"{"type":"track"}"#.to_owned().into(),
+            settings: "{}".to_owned().into(),
+            state: State::Pending,
+            code: None,
+            reason: None,
+            warnings: Vec::new(),
+            received_at: now_millis(),
+            set_page_category: None,
+            needs_page_category: false,
+        }
+    }
+
+    /// Runs one commit group of one accept; whether it was stored.
+    fn accept(w: &mut Writer, message_id: &str) -> bool {
+        let (tx, mut rx) = oneshot::channel();
+        w.commit_group(vec![Op::Accept(
+            vec![track(message_id)],
+            AcceptOptions::default(),
+            tx,
+        )]);
+        matches!(rx.try_recv(), Ok(Ok(Ok(v))) if matches!(v[..], [Acceptance::Stored { .. }]))
+    }
+
+    #[test]
+    fn failed_groups_leave_no_ids_in_the_tail_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("td.db");
+        let conn = super::super::schema::open(&path).unwrap();
+        super::super::schema::migrate(&conn, &path).unwrap();
+        let mut w = Writer {
+            conn,
+            options: StorageOptions {
+                index_every_ms: 0,
+                ..StorageOptions::default()
+            },
+            last_prune: now_millis(),
+            last_index: 0,
+            tail: Tail::default(),
+            lease: 0,
+            dropped_to: [0; 2],
+            suppressions: false,
+        };
+        // Every indexing pass fails, so every group rolls back.
+        w.conn
+            .execute_batch(
+                "CREATE TRIGGER test_fail BEFORE UPDATE ON bulk_index \
+                 BEGIN SELECT RAISE(ABORT, 'failing'); END;",
+            )
+            .unwrap();
+        for i in 0..5 {
+            assert!(!accept(&mut w, &format!("m{i}")), "the group failed");
+            assert_eq!(w.tail.len(), 0, "rolled-back ids forgotten");
+        }
+        w.conn.execute_batch("DROP TRIGGER test_fail").unwrap();
+        // Held in the tail: the next group does not index.
+        w.options.index_every_ms = i64::MAX;
+        assert!(
+            accept(&mut w, "m0"),
+            "not a duplicate of a rolled-back message"
+        );
+        assert_eq!(w.tail.len(), 1);
+    }
 }
