@@ -68,8 +68,8 @@ pub struct StorageOptions {
     /// How often pruning runs.
     pub prune_every_ms: Millis,
     /// SQLite: how often the messages accepted since the last time are
-    /// added to the by-user and by-account tables (a filter or erasure scans
-    /// the newer ones). PostgreSQL ignores it.
+    /// added to the tables by messageId, user and account (lookups scan the
+    /// newer ones; deduplication keeps them in memory). PostgreSQL ignores it.
     pub index_every_ms: Millis,
     /// How long a claim holds a message; a live holder's heartbeat renews
     /// it. The backstop for a holder that vanished unnoticed.

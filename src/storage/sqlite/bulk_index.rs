@@ -24,15 +24,24 @@ pub(super) enum By {
     Account,
 }
 
+impl By {
+    const ALL: [By; 3] = [By::MessageId, By::User, By::Account];
+
+    /// The table and the column of `messages` it holds.
+    fn table_column(self) -> (&'static str, &'static str) {
+        match self {
+            By::MessageId => ("message_ids", "message_id"),
+            By::User => ("user_messages", "user_id"),
+            By::Account => ("account_messages", "account_id"),
+        }
+    }
+}
+
 /// SQL selecting the ids of the messages whose column equals `param`
 /// (indexed and tail), for `id IN (…)`; `param` is written twice (bind it
 /// twice when it is an anonymous `?`).
 pub(super) fn ids(by: By, param: &str) -> String {
-    let (table, column) = match by {
-        By::MessageId => ("message_ids", "message_id"),
-        By::User => ("user_messages", "user_id"),
-        By::Account => ("account_messages", "account_id"),
-    };
+    let (table, column) = by.table_column();
     format!(
         "SELECT id FROM {table} WHERE {column} = {param} UNION ALL \
          SELECT id FROM messages WHERE id > (SELECT upto FROM bulk_index) \
@@ -43,8 +52,7 @@ pub(super) fn ids(by: By, param: &str) -> String {
 /// Indexes the messages after `upto`, in key order, and moves `upto` to the
 /// newest message. When pruning took the newest messages, `upto` comes down
 /// to the newest left, so ids SQLite hands out again count as the tail.
-/// Returns how many ids were indexed.
-pub(super) fn catch_up(c: &Connection) -> rusqlite::Result<i64> {
+pub(super) fn catch_up(c: &Connection) -> rusqlite::Result<()> {
     let upto: i64 = c
         .prepare_cached("SELECT upto FROM bulk_index")?
         .query_row([], |r| r.get(0))?;
@@ -52,11 +60,7 @@ pub(super) fn catch_up(c: &Connection) -> rusqlite::Result<i64> {
         .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM messages")?
         .query_row([], |r| r.get(0))?;
     if newest > upto {
-        for (table, column) in [
-            ("message_ids", "message_id"),
-            ("user_messages", "user_id"),
-            ("account_messages", "account_id"),
-        ] {
+        for (table, column) in By::ALL.map(By::table_column) {
             c.prepare_cached(&format!(
                 "INSERT OR IGNORE INTO {table} ({column}, id) SELECT {column}, id FROM messages \
                  WHERE id > ?1 AND id <= ?2 AND {column} IS NOT NULL ORDER BY {column}, id"
@@ -68,7 +72,7 @@ pub(super) fn catch_up(c: &Connection) -> rusqlite::Result<i64> {
         c.prepare_cached("UPDATE bulk_index SET upto = ?1")?
             .execute([newest])?;
     }
-    Ok((newest - upto).max(0))
+    Ok(())
 }
 
 /// The writer's memory of the tail by messageId: deduplication looks every

@@ -189,7 +189,7 @@ impl Writer {
         // fails the group: a message left out would escape its user's erasure.
         let index = prune || now - self.last_index >= self.options.index_every_ms;
         let committed = (if index {
-            bulk_index::catch_up(c).map(|_| ())
+            bulk_index::catch_up(c)
         } else {
             Ok(())
         })
@@ -238,9 +238,7 @@ impl Writer {
             }
         }
     }
-}
 
-impl Writer {
     /// After a rolled-back group: the tail's memory as the file holds it,
     /// without the ids the group added. Lookups would tell those apart
     /// anyway; this keeps the memory bounded while every commit fails
